@@ -1,0 +1,32 @@
+# cloudpass: the documented entry points. `make` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+# Go-built Kubernetes tools (kube-apiserver, etcd, kubectl, helm) live in a cache outside
+# the repository; override with CLOUDPASS_TOOLS_DIR.
+TOOLS_BIN = $(shell e2e/tools/build.sh --print)
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: tools
+tools: ## Build kube-apiserver, etcd, kubectl and helm into the cache (minutes the first time, instant after)
+	@e2e/tools/build.sh >/dev/null
+
+.PHONY: crds
+crds: ## Regenerate crds/ from the Rust types in api/
+	$(CARGO) run -q -p cloudpass-api --example crdgen -- crds
+
+.PHONY: lint
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: test
+test: tools ## Build the tools if needed, then run every unit and end-to-end test
+	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" $(CARGO) test --workspace --locked --no-fail-fast
+
+.PHONY: tools-go-mod
+tools-go-mod: ## Regenerate e2e/tools/go.mod after changing e2e/tools/versions.env
+	e2e/tools/gen-go-mod.sh

@@ -1,0 +1,282 @@
+//! `AccessPolicy`: one client workload to one server, verified one way, credentialed another.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    common::{HOST_PATTERN, LocalObjectReference, OBJECT_NAME_PATTERN, Status},
+    duration::Duration,
+};
+
+/// Lets the pods selected by `client` reach `server` with credentials from
+/// `credentialProvider`, after every one of `trustProviders` has verified the caller.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cloudpass.dev",
+    version = "v1alpha1",
+    kind = "AccessPolicy",
+    namespaced,
+    status = "AccessPolicyStatus",
+    shortname = "ap",
+    category = "cloudpass",
+    derive = "PartialEq",
+    doc = "AccessPolicy lets the pods it selects reach a server (AWS, Azure, GCP or any HTTP API) with short-lived credentials from a CredentialProvider, after every listed TrustProvider has verified the calling workload.",
+    printcolumn = r#"{"name":"Server","type":"string","description":"Kind of server reached","jsonPath":".spec.server.kind"}"#,
+    printcolumn = r#"{"name":"Hosts","type":"string","description":"Host patterns of the server","jsonPath":".spec.server.hosts"}"#,
+    printcolumn = r#"{"name":"Credential","type":"string","description":"CredentialProvider used","jsonPath":".spec.credentialProvider.name"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.delivery.sdkEndpoint) || self.server.kind != 'http'", "message": "delivery sdkEndpoint serves cloud SDKs and needs server kind aws, azure or gcp; use httpHeader for an http server"},
+    {"rule": "!has(self.delivery.awsSigV4) || self.server.kind == 'aws'", "message": "delivery awsSigV4 needs server kind aws"},
+    {"rule": "has(self.delivery.sdkEndpoint) || (has(self.server.hosts) && size(self.server.hosts) > 0)", "message": "server.hosts is required for the httpHeader and awsSigV4 deliveries: the agent's proxy serves only those hosts"}
+]))]
+pub struct AccessPolicySpec {
+    /// Which pods of this namespace receive the credential.
+    pub client: ClientSelector,
+    /// TrustProviders (in this namespace) that verify the caller; **all** must accept it.
+    #[schemars(length(min = 1, max = 8))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub trust_providers: Vec<LocalObjectReference>,
+    /// What the workload reaches.
+    pub server: Server,
+    /// CredentialProvider (in this namespace) that obtains the credential.
+    pub credential_provider: LocalObjectReference,
+    /// How the workload receives the credential. Default: `sdkEndpoint`.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Further conditions checked on every credential request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<AccessConditions>,
+}
+
+/// The pods a policy applies to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSelector {
+    /// Label selector over the pods of this namespace; `{}` selects every pod.
+    pub pod_selector: LabelSelector,
+    /// Only pods running as this service account. Default: any service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub service_account_name: Option<String>,
+    /// Containers that receive the credential settings (environment variables).
+    /// Default: every container of the pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub containers: Vec<String>,
+}
+
+/// Kind of server a policy reaches; it decides which SDK endpoint the agent serves.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerKind {
+    /// An AWS service (S3, DynamoDB, ...).
+    Aws,
+    /// An Azure service (Blob Storage, Key Vault, ...).
+    Azure,
+    /// A Google Cloud service (GCS, BigQuery, ...).
+    Gcp,
+    /// Any HTTP API.
+    Http,
+}
+
+impl ServerKind {
+    /// The name as written in YAML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Aws => "aws",
+            Self::Azure => "azure",
+            Self::Gcp => "gcp",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// The server side of a policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.kind != 'azure' || has(self.resource)", "message": "resource is required for kind azure (e.g. https://storage.azure.com/)"},
+    {"rule": "self.kind == 'azure' || !has(self.resource)", "message": "resource applies only to kind azure"},
+    {"rule": "self.kind == 'gcp' || !has(self.scopes) || size(self.scopes) == 0", "message": "scopes apply only to kind gcp"}
+]))]
+pub struct Server {
+    /// `aws`, `azure`, `gcp` or `http`.
+    pub kind: ServerKind,
+    /// Host names the workload calls; a leading `*.` matches any subdomain
+    /// (`*.blob.core.windows.net`). Required for the proxy deliveries, which serve only
+    /// these hosts; informational for `sdkEndpoint`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253), regex(pattern = HOST_PATTERN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub hosts: Vec<String>,
+    /// TCP port of the server. Default: 443.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Azure resource (audience) the token is for, e.g. `https://storage.azure.com/`;
+    /// the agent answers the SDK's managed-identity request for this resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[^\s]+$"))]
+    pub resource: Option<String>,
+    /// Google OAuth scopes the token is for. Default:
+    /// `https://www.googleapis.com/auth/cloud-platform`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 1, max = 256), regex(pattern = r"^https://www\.googleapis\.com/auth/[a-z0-9._/-]+$"))
+    )]
+    pub scopes: Vec<String>,
+}
+
+/// How the workload receives its credential. Exactly one is set; default `sdkEndpoint`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.sdkEndpoint) ? 1 : 0) + (has(self.httpHeader) ? 1 : 0) + (has(self.awsSigV4) ? 1 : 0) == 1",
+    "message": "exactly one of sdkEndpoint, httpHeader or awsSigV4 must be set"
+}]))]
+pub struct Delivery {
+    /// The cloud SDK's own credential endpoint, served by the agent on loopback: the AWS
+    /// container-credentials endpoint, the Azure managed-identity endpoint or the GCP
+    /// metadata server. No code change in the workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdk_endpoint: Option<SdkEndpointDelivery>,
+    /// An HTTP proxy on loopback that adds a header to requests for the server's hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_header: Option<HttpHeaderDelivery>,
+    /// An HTTP proxy on loopback that signs requests for the server's hosts with AWS SigV4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_sig_v4: Option<AwsSigV4Delivery>,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self { sdk_endpoint: Some(SdkEndpointDelivery {}), http_header: None, aws_sig_v4: None }
+    }
+}
+
+/// Settings of the SDK-endpoint delivery (none yet).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct SdkEndpointDelivery {}
+
+fn default_header_name() -> String {
+    "Authorization".to_owned()
+}
+
+fn default_header_format() -> String {
+    "Bearer {token}".to_owned()
+}
+
+/// A header the agent's proxy sets (replacing any the workload sent).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpHeaderDelivery {
+    /// Header name. Default: `Authorization`.
+    #[serde(default = "default_header_name")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
+    pub name: String,
+    /// Header value with placeholders: `{token}` (access token or API key) or `{basic}`
+    /// (base64 of `username:password`). Default: `Bearer {token}`.
+    #[serde(default = "default_header_format")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[^\r\n]+$"))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.contains('{token}') || self.contains('{basic}')", "message": "format must contain {token} or {basic}"}]))]
+    pub format: String,
+}
+
+/// AWS SigV4 signing by the agent's proxy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsSigV4Delivery {
+    /// Signing name of the service (`s3`, `execute-api`, ...). Default: derived from the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub service: Option<String>,
+    /// Signing region. Default: derived from the host, else the CredentialProvider's region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
+    pub region: Option<String>,
+}
+
+/// Conditions checked by the broker on every credential request.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessConditions {
+    /// Access is allowed only inside one of these windows. Default: always.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub time_windows: Vec<TimeWindow>,
+    /// Upper bound on the lifetime of a credential handed out, from 5m to 12h; shorter
+    /// lifetimes make revocation faster. Default: what the provider issues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "duration(self) >= duration('5m') && duration(self) <= duration('12h')", "message": "maxCredentialLifetime must be between 5m and 12h"}]))]
+    pub max_credential_lifetime: Option<Duration>,
+}
+
+/// Day of the week.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+pub enum Weekday {
+    /// Monday.
+    Monday,
+    /// Tuesday.
+    Tuesday,
+    /// Wednesday.
+    Wednesday,
+    /// Thursday.
+    Thursday,
+    /// Friday.
+    Friday,
+    /// Saturday.
+    Saturday,
+    /// Sunday.
+    Sunday,
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_owned()
+}
+
+/// A daily window of local time on some days of the week, e.g. office hours.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "self.start < self.end", "message": "start must be before end; split a window that crosses midnight into two"}]))]
+pub struct TimeWindow {
+    /// IANA time zone the times are in (`Europe/Berlin`). Default: `UTC`. The operator
+    /// checks that the zone exists.
+    #[serde(default = "default_time_zone")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2}$"))]
+    pub time_zone: String,
+    /// Days on which the window applies. Default: every day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub days: Vec<Weekday>,
+    /// Start, inclusive, as `HH:MM` (24-hour clock).
+    #[schemars(length(min = 5, max = 5), regex(pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub start: String,
+    /// End, exclusive, as `HH:MM`; `24:00` is the end of the day.
+    #[schemars(length(min = 5, max = 5), regex(pattern = r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$"))]
+    pub end: String,
+}
+
+/// Observed state of an AccessPolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicyStatus {
+    /// Conditions and observed generation.
+    #[serde(flatten)]
+    pub status: Status,
+    /// Content hash of the compiled namespace config this policy is part of, once Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+}
