@@ -1,0 +1,136 @@
+//! Server processes (etcd, kube-apiserver, later the cloudpass binaries) that cannot
+//! outlive the test process that started them.
+//!
+//! Each server runs under a small `sh` wrapper whose standard input is a pipe from the
+//! test process. The wrapper stops the server (TERM, then KILL after 5 s) as soon as that
+//! pipe closes: when the [`ManagedProcess`] is dropped, including while a test panics,
+//! and when the test process exits or is killed, because the kernel closes the pipe then.
+//! No `unsafe` (no `prctl`), no orphaned etcd.
+
+use std::{
+    fs::{self, File},
+    io::{Read, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+// $1: pid file; the rest: the server command. fd 3 keeps the pipe for the watchdog,
+// because a background job's stdin is /dev/null in a non-interactive shell.
+const WRAPPER: &str = r#"
+pid_file=$1; shift
+exec 3<&0
+"$@" </dev/null 3<&- &
+pid=$!
+echo "$pid" > "$pid_file"
+{ cat <&3 >/dev/null; kill -TERM "$pid" 2>/dev/null; sleep 5; kill -KILL "$pid" 2>/dev/null; } &
+wait "$pid"
+"#;
+
+/// A server process tied to the life of the test process.
+pub struct ManagedProcess {
+    name: String,
+    wrapper: Child,
+    stdin: Option<ChildStdin>,
+    pid_file: PathBuf,
+    log_path: PathBuf,
+}
+
+impl ManagedProcess {
+    /// Starts `program args...` with stdout and stderr appended to `log_path`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log_path: &Path, envs: &[(&str, &str)]) -> Result<Self> {
+        let log = File::options().create(true).append(true).open(log_path)?;
+        let pid_file = log_path.with_extension("pid");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(WRAPPER)
+            .arg("cloudpass-e2e-wrapper")
+            .arg(&pid_file)
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut wrapper = cmd.spawn().with_context(|| format!("starting {name} ({})", program.display()))?;
+        let stdin = wrapper.stdin.take();
+        let process = Self { name: name.to_owned(), wrapper, stdin, pid_file, log_path: log_path.to_path_buf() };
+        // Wait until the wrapper has written the pid, so pid() is always meaningful.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while process.pid().is_none() {
+            if Instant::now() > deadline {
+                bail!("{name} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(process)
+    }
+
+    /// Name given at spawn.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Process ID of the server itself (not of its wrapper).
+    pub fn pid(&self) -> Option<u32> {
+        fs::read_to_string(&self.pid_file).ok()?.trim().parse().ok()
+    }
+
+    /// Whether the server has exited.
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.wrapper.try_wait(), Ok(None))
+    }
+
+    /// Path of the log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last `max_bytes` of the log.
+    pub fn log_tail(&self, max_bytes: u64) -> String {
+        let Ok(mut file) = File::open(&self.log_path) else { return String::new() };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)));
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        text
+    }
+
+    /// Stops the server and waits for it (at most ~6 s).
+    pub fn stop(&mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            if !matches!(self.wrapper.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.wrapper.kill();
+        let _ = self.wrapper.wait();
+    }
+}
+
+impl Drop for ManagedProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether a process with this ID is still running (not a zombie).
+pub fn is_running(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
