@@ -106,6 +106,7 @@ impl ControlPlane {
         let bin = tools_bin()?;
         let dir = tempfile::Builder::new().prefix("cloudpass-cp-").tempdir()?;
         let path = dir.path().to_path_buf();
+        let cleanup = DirCleanup::spawn(&path)?;
 
         let ca = TestCa::new("cloudpass-e2e-ca")?;
         let serving = ca.issue_server(&[])?;
@@ -196,7 +197,7 @@ impl ControlPlane {
         let plane = Self {
             apiserver: Mutex::new(apiserver),
             etcd: Mutex::new(etcd),
-            _cleanup: DirCleanup::spawn(dir.path())?,
+            _cleanup: cleanup,
             dir,
             server,
             ca_pem: ca.cert_pem(),
