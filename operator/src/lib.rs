@@ -1,0 +1,25 @@
+//! The cloudpass operator: reconciles TrustProviders, CredentialProviders and
+//! AccessPolicies into `status` and a compiled config per namespace, which the webhook
+//! and broker consume.
+#![forbid(unsafe_code)]
+
+pub mod evaluate;
+pub mod reconcile;
+
+/// Everything that can fail in the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the Kubernetes API failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(_)) => "api_status",
+            Self::Kube(_) => "api_transport",
+        }
+    }
+}

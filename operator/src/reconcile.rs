@@ -1,0 +1,393 @@
+//! The namespace reconciler: one pass evaluates every cloudpass object of a namespace
+//! together (readiness of a policy depends on its providers, conflicts and the compiled
+//! config on all policies), then writes only what changed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use cloudpass_api::{
+    AccessPolicy, CONFIG_DATA_KEY, CONFIG_HASH_ANNOTATION, CONFIG_NAMESPACE_LABEL, CredentialProvider, Status,
+    TrustProvider,
+    common::{CONDITION_READY, ProviderStatus},
+    policy::AccessPolicyStatus,
+};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Namespace, Secret},
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ObjectMeta, PartialObjectMeta, Patch, PatchParams},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tracing::{info, warn};
+
+use crate::{
+    Error,
+    evaluate::{Outcome, Snapshot, evaluate},
+};
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "cloudpass-operator";
+/// How often every namespace is re-evaluated without a change (Secrets are read, not
+/// watched, so this bounds how long a deleted Secret key goes unnoticed).
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Shared state of the reconciler.
+pub struct Context {
+    client: Client,
+    trust: Store<TrustProvider>,
+    credential: Store<CredentialProvider>,
+    policies: Store<AccessPolicy>,
+    configs: Store<ConfigMap>,
+    recorder: Recorder,
+    /// Namespace the operator runs in; compiled configs are stored there.
+    pub operator_namespace: String,
+    /// API writes issued (status patches, ConfigMap writes and deletes).
+    pub writes: AtomicU64,
+}
+
+/// Name of the ConfigMap holding a namespace's compiled config.
+pub fn config_map_name(namespace: &str) -> String {
+    format!("cloudpass-config-{namespace}")
+}
+
+fn in_namespace<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, namespace: &str) -> Vec<Arc<K>> {
+    let mut objects: Vec<_> =
+        store.state().into_iter().filter(|o| o.namespace().as_deref() == Some(namespace)).collect();
+    objects.sort_by_key(|o| o.name_any());
+    objects
+}
+
+/// Reconciles one namespace.
+pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = ns.name_any();
+    let trust = in_namespace(&ctx.trust, &namespace);
+    let credential = in_namespace(&ctx.credential, &namespace);
+    let policies = in_namespace(&ctx.policies, &namespace);
+
+    // Only the Secrets that providers reference are read, and only their key names kept.
+    let wanted: BTreeSet<String> = credential.iter().flat_map(|c| c.spec.secret_refs()).map(|r| r.name).collect();
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut secrets = BTreeMap::new();
+    for name in wanted {
+        if let Some(secret) = secrets_api.get_opt(&name).await? {
+            secrets.insert(name, secret.data.unwrap_or_default().into_keys().collect());
+        }
+    }
+
+    let snapshot = Snapshot {
+        namespace: &namespace,
+        trust: trust.iter().map(AsRef::as_ref).collect(),
+        credential: credential.iter().map(AsRef::as_ref).collect(),
+        policies: policies.iter().map(AsRef::as_ref).collect(),
+        secrets,
+    };
+    let evaluation = evaluate(&snapshot);
+    let config_hash = evaluation.config.as_ref().map(|c| c.hash.clone());
+    ctx.write_config(&namespace, evaluation.config).await?;
+
+    for object in &trust {
+        let outcome = &evaluation.trust[&object.name_any()];
+        let status = object.status.clone().unwrap_or_default();
+        let desired = ProviderStatus {
+            status: desired_status(&status.status, object.meta().generation, outcome),
+            provider_kind: object.spec.kind_name().map(str::to_owned),
+        };
+        ctx.write_status(object.as_ref(), &status.status, &status, desired, outcome).await?;
+    }
+    for object in &credential {
+        let outcome = &evaluation.credential[&object.name_any()];
+        let status = object.status.clone().unwrap_or_default();
+        let desired = ProviderStatus {
+            status: desired_status(&status.status, object.meta().generation, outcome),
+            provider_kind: object.spec.kind_name().map(str::to_owned),
+        };
+        ctx.write_status(object.as_ref(), &status.status, &status, desired, outcome).await?;
+    }
+    for object in &policies {
+        let outcome = &evaluation.policies[&object.name_any()];
+        let status = object.status.clone().unwrap_or_default();
+        let desired = AccessPolicyStatus {
+            status: desired_status(&status.status, object.meta().generation, outcome),
+            config_hash: if outcome.ready { config_hash.clone() } else { None },
+        };
+        ctx.write_status(object.as_ref(), &status.status, &status, desired, outcome).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The status an object should have: its `Ready` condition from the outcome, keeping the
+/// transition time while the condition's status stays the same.
+fn desired_status(current: &Status, generation: Option<i64>, outcome: &Outcome) -> Status {
+    let previous = current.condition(CONDITION_READY);
+    let status = if outcome.ready { "True" } else { "False" };
+    let last_transition_time = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Time(jiff::Timestamp::now()),
+    };
+    let mut conditions: Vec<Condition> =
+        current.conditions.iter().filter(|c| c.type_ != CONDITION_READY).cloned().collect();
+    conditions.push(Condition {
+        type_: CONDITION_READY.into(),
+        status: status.into(),
+        reason: outcome.reason.into(),
+        message: outcome.message.clone(),
+        observed_generation: generation,
+        last_transition_time,
+    });
+    conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    Status { conditions, observed_generation: generation }
+}
+
+impl Context {
+    /// Patches the status subresource when it differs, and records an Event when the
+    /// `Ready` condition changed.
+    async fn write_status<K, S>(
+        &self,
+        object: &K,
+        current: &Status,
+        full_current: &S,
+        desired: S,
+        outcome: &Outcome,
+    ) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+        S: Serialize + PartialEq,
+    {
+        if *full_current == desired {
+            return Ok(());
+        }
+        let namespace = object.namespace().unwrap_or_default();
+        let api: Api<K> = Api::namespaced(self.client.clone(), &namespace);
+        let patch = serde_json::json!({ "status": merge_patch(full_current, &desired) });
+        api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+
+        let before = current.condition(CONDITION_READY);
+        let changed = before.is_none_or(|c| c.reason != outcome.reason || (c.status == "True") != outcome.ready);
+        if changed {
+            let event = Event {
+                type_: if outcome.ready { EventType::Normal } else { EventType::Warning },
+                reason: outcome.reason.into(),
+                note: Some(outcome.message.chars().take(1000).collect()),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+                warn!(error = %e, object = %object.name_any(), "could not record an Event");
+            }
+            info!(kind = %K::kind(&()), namespace, name = %object.name_any(), ready = outcome.ready, reason = outcome.reason, message = %outcome.message, "Ready changed");
+        }
+        Ok(())
+    }
+
+    /// Creates, updates or deletes the namespace's compiled-config ConfigMap, writing only
+    /// when the content hash changed.
+    async fn write_config(
+        &self,
+        namespace: &str,
+        config: Option<cloudpass_api::config::NamespaceConfig>,
+    ) -> Result<(), Error> {
+        let name = config_map_name(namespace);
+        let existing = self.configs.get(&ObjectRef::new(&name).within(&self.operator_namespace));
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.operator_namespace);
+        match config {
+            Some(config) => {
+                let current_hash =
+                    existing.as_ref().and_then(|cm| cm.annotations().get(CONFIG_HASH_ANNOTATION).cloned());
+                if current_hash.as_deref() == Some(config.hash.as_str()) {
+                    return Ok(());
+                }
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(self.operator_namespace.clone()),
+                        labels: Some(
+                            [
+                                (CONFIG_NAMESPACE_LABEL.to_owned(), namespace.to_owned()),
+                                ("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned()),
+                            ]
+                            .into(),
+                        ),
+                        annotations: Some([(CONFIG_HASH_ANNOTATION.to_owned(), config.hash.clone())].into()),
+                        ..Default::default()
+                    },
+                    data: Some([(CONFIG_DATA_KEY.to_owned(), config.to_json())].into()),
+                    ..Default::default()
+                };
+                api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm)).await?;
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                info!(namespace, hash = %config.hash, policies = config.policies.len(), "compiled config written");
+            }
+            None if existing.is_some() => {
+                api.delete(&name, &DeleteParams::default()).await?;
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                info!(namespace, "no Ready policy left; compiled config deleted");
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// A JSON merge patch from `current` to `desired`: fields that `desired` drops are set
+/// to `null`, which is how a merge patch removes them.
+fn merge_patch<S: Serialize>(current: &S, desired: &S) -> serde_json::Value {
+    let mut patch = serde_json::to_value(desired).unwrap_or_default();
+    if let (Some(old), Some(new)) = (serde_json::to_value(current).ok(), patch.as_object_mut()) {
+        for key in old.as_object().into_iter().flat_map(|o| o.keys()) {
+            new.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    patch
+}
+
+fn error_policy(ns: Arc<Namespace>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(namespace = %ns.name_any(), error = %error, reason = error.metric_label(), "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Settings of the controller.
+pub struct Settings {
+    /// Namespace the operator runs in.
+    pub operator_namespace: String,
+    /// Name reported on Events (the pod name in a cluster).
+    pub instance: Option<String>,
+    /// Namespaces reconciled at once.
+    pub concurrency: u16,
+}
+
+fn namespace_of<K: Resource>(object: K) -> Option<ObjectRef<Namespace>> {
+    object.meta().namespace.as_deref().map(ObjectRef::new)
+}
+
+/// Runs the controller until SIGTERM/SIGINT. Returns the shared context (for counters)
+/// through `on_context` once the caches are warm.
+pub async fn run(client: Client, settings: Settings, on_context: impl FnOnce(Arc<Context>)) -> Result<(), Error> {
+    let cfg = watcher::Config::default();
+    let (trust, trust_w) = reflector::store();
+    let (credential, credential_w) = reflector::store();
+    let (policies, policies_w) = reflector::store();
+    let (configs, configs_w) = reflector::store();
+    let trust_stream = reflector::reflector(trust_w, watcher(Api::<TrustProvider>::all(client.clone()), cfg.clone()))
+        .default_backoff()
+        .touched_objects();
+    let credential_stream =
+        reflector::reflector(credential_w, watcher(Api::<CredentialProvider>::all(client.clone()), cfg.clone()))
+            .default_backoff()
+            .touched_objects();
+    let policy_stream =
+        reflector::reflector(policies_w, watcher(Api::<AccessPolicy>::all(client.clone()), cfg.clone()))
+            .default_backoff()
+            .touched_objects();
+    let config_cfg = watcher::Config::default().labels(CONFIG_NAMESPACE_LABEL);
+    let config_stream = reflector::reflector(
+        configs_w,
+        watcher(Api::<ConfigMap>::namespaced(client.clone(), &settings.operator_namespace), config_cfg),
+    )
+    .default_backoff()
+    .touched_objects();
+    // Secrets are only watched by metadata, as a trigger; their keys are read on demand.
+    let secret_stream =
+        watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), cfg.clone()).default_backoff().touched_objects();
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        trust: trust.clone(),
+        credential: credential.clone(),
+        policies: policies.clone(),
+        configs: configs.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: FIELD_MANAGER.into(), instance: settings.instance.clone() },
+        ),
+        operator_namespace: settings.operator_namespace.clone(),
+        writes: AtomicU64::new(0),
+    });
+
+    let controller = Controller::new(Api::<Namespace>::all(client.clone()), cfg)
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(settings.concurrency)
+                .debounce(Duration::from_millis(200)),
+        )
+        .watches_stream(trust_stream, namespace_of)
+        .watches_stream(credential_stream, namespace_of)
+        .watches_stream(policy_stream, namespace_of)
+        .watches_stream(secret_stream, namespace_of)
+        .watches_stream(config_stream, |cm: ConfigMap| {
+            cm.labels().get(CONFIG_NAMESPACE_LABEL).map(|ns| ObjectRef::new(ns))
+        })
+        .shutdown_on_signal();
+
+    // Reconciling before the caches are complete would, for example, delete the config of
+    // a namespace whose policies have not been listed yet: wait for every cache first.
+    let warm = {
+        let (trust, credential, policies, configs) =
+            (trust.clone(), credential.clone(), policies.clone(), configs.clone());
+        let ctx = ctx.clone();
+        async move {
+            let _ = futures::join!(
+                trust.wait_until_ready(),
+                credential.wait_until_ready(),
+                policies.wait_until_ready(),
+                configs.wait_until_ready()
+            );
+            info!("caches warm; reconciling");
+            on_context(ctx);
+        }
+    };
+    let run = controller.run(reconcile, error_policy, ctx).for_each(|result| async move {
+        if let Err(e) = result {
+            warn!(error = %e, "controller stream error");
+        }
+    });
+    let (_, _) = futures::join!(warm, run);
+    Ok(())
+}
+
+/// Deletes compiled configs whose namespace no longer exists (the controller does not
+/// reconcile a namespace that is gone).
+pub async fn collect_orphaned_configs(client: &Client, operator_namespace: &str) -> Result<usize, Error> {
+    let namespaces: BTreeSet<String> = Api::<Namespace>::all(client.clone())
+        .list_metadata(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|n| n.name_any())
+        .collect();
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), operator_namespace);
+    let stale: Vec<String> = api
+        .list_metadata(&kube::api::ListParams::default().labels(CONFIG_NAMESPACE_LABEL))
+        .await?
+        .items
+        .into_iter()
+        .filter(|cm| cm.labels().get(CONFIG_NAMESPACE_LABEL).is_some_and(|ns| !namespaces.contains(ns)))
+        .map(|cm| cm.name_any())
+        .collect();
+    let params = DeleteParams::default();
+    futures::stream::iter(stale.iter())
+        .map(|name| api.delete(name, &params))
+        .buffer_unordered(4)
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(stale.len())
+}

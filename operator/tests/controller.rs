@@ -1,0 +1,304 @@
+//! The operator against the real local kube-apiserver: the real binary reconciles real
+//! objects, and the tests read back status, Events and the compiled ConfigMap.
+
+use std::time::{Duration, Instant};
+
+use cloudpass_api::{CONFIG_DATA_KEY, CONFIG_HASH_ANNOTATION, config::NamespaceConfig};
+use cloudpass_e2e::{ControlPlane, process::ManagedProcess, repo_root};
+use serde_json::Value;
+use tokio::sync::{Mutex, MutexGuard};
+
+const OPERATOR_NS: &str = "cloudpass-system";
+
+/// Tests share one control plane and one operator; they run one at a time because the
+/// restart test replaces the operator.
+static OPERATOR: Mutex<Option<ManagedProcess>> = Mutex::const_new(None);
+
+fn start_operator(cp: &ControlPlane) -> ManagedProcess {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let log = cp.dir().join(format!("operator-{stamp}.log"));
+    let kubeconfig = cp.kubeconfig.to_string_lossy().to_string();
+    ManagedProcess::spawn(
+        "cloudpass-operator",
+        std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator")),
+        &["--namespace".into(), OPERATOR_NS.into(), "--log-format".into(), "text".into()],
+        &log,
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    )
+    .expect("operator starts")
+}
+
+async fn setup() -> (&'static ControlPlane, MutexGuard<'static, Option<ManagedProcess>>) {
+    let cp = ControlPlane::shared();
+    let mut guard = OPERATOR.lock().await;
+    if guard.is_none() {
+        cp.apply_path(None, &repo_root().join("crds")).unwrap();
+        cp.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/accesspolicies.cloudpass.dev"])
+            .unwrap();
+        cp.invalidate_discovery_cache();
+        cp.create_namespace(OPERATOR_NS, &[]).await.unwrap();
+        *guard = Some(start_operator(cp));
+    }
+    (cp, guard)
+}
+
+fn get_json(cp: &ControlPlane, args: &[&str]) -> Option<Value> {
+    let mut full = vec!["get"];
+    full.extend_from_slice(args);
+    full.extend(["-o", "json"]);
+    cp.kubectl_ok(&full).ok().map(|t| serde_json::from_str(&t).unwrap())
+}
+
+fn ready(object: &Value) -> (String, String, String) {
+    let cond = object["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready"));
+    let s = |k: &str| cond.and_then(|c| c[k].as_str()).unwrap_or_default().to_owned();
+    (s("status"), s("reason"), s("message"))
+}
+
+/// Waits until `kind/name` in `ns` has Ready with this status and reason.
+async fn wait_ready(cp: &ControlPlane, ns: &str, kind: &str, name: &str, status: &str, reason: &str) -> Value {
+    wait_ready_saying(cp, ns, kind, name, status, reason, "").await
+}
+
+/// Waits until `kind/name` in `ns` has Ready with this status and reason, and a message
+/// containing `text`.
+async fn wait_ready_saying(
+    cp: &ControlPlane,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    status: &str,
+    reason: &str,
+    text: &str,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let obj = get_json(cp, &[kind, name, "-n", ns]);
+        if let Some(obj) = &obj {
+            let (s, r, m) = ready(obj);
+            if s == status && r == reason && m.contains(text) {
+                return obj.clone();
+            }
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{kind} {ns}/{name}: wanted Ready={status}/{reason}, last: {obj:?}\noperator log:\n{}",
+                operator_log(cp)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The tail of the newest operator log.
+fn operator_log(cp: &ControlPlane) -> String {
+    let mut logs: Vec<_> = std::fs::read_dir(cp.dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("operator-")))
+        .collect();
+    logs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    let text = logs.last().map(|p| std::fs::read_to_string(p).unwrap_or_default()).unwrap_or_default();
+    text[text.len().saturating_sub(4000)..].to_owned()
+}
+
+fn config_map(cp: &ControlPlane, ns: &str) -> Option<Value> {
+    get_json(cp, &["configmap", &format!("cloudpass-config-{ns}"), "-n", OPERATOR_NS])
+}
+
+async fn wait_config_gone(cp: &ControlPlane, ns: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while config_map(cp, ns).is_some() {
+        assert!(Instant::now() < deadline, "compiled config of {ns} was not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn happy_path_provider_deletion_and_policy_deletion() {
+    let (cp, _operator) = setup().await;
+    let _logs = cp.logs_on_panic();
+    cp.create_namespace("team-happy", &[]).await.unwrap();
+    cp.apply_path(Some("team-happy"), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
+
+    let policy = wait_ready(cp, "team-happy", "accesspolicy", "orders-to-s3", "True", "Ready").await;
+    let tp = wait_ready(cp, "team-happy", "trustprovider", "this-cluster", "True", "Ready").await;
+    assert_eq!(tp["status"]["providerKind"], "kubernetesServiceAccount");
+    assert_eq!(policy["status"]["observedGeneration"], policy["metadata"]["generation"]);
+    let cm = config_map(cp, "team-happy").expect("compiled config exists");
+    let hash = cm["metadata"]["annotations"][CONFIG_HASH_ANNOTATION].as_str().unwrap().to_owned();
+    assert_eq!(policy["status"]["configHash"], hash.as_str(), "the policy records its config hash");
+    let config = NamespaceConfig::from_json(cm["data"][CONFIG_DATA_KEY].as_str().unwrap()).unwrap();
+    assert_eq!(config.namespace, "team-happy");
+    assert_eq!(config.policies.len(), 1);
+    assert_eq!(config.policies[0].credential_provider.name, "orders-s3");
+    assert_eq!(config.policies[0].trust_providers[0].name, "this-cluster");
+
+    // The transition to Ready was recorded as an Event.
+    let events = cp.kubectl_ok(&["get", "events", "-n", "team-happy", "-o", "json"]).unwrap();
+    assert!(events.contains("orders-to-s3") && events.contains("\"reason\": \"Ready\""), "{events}");
+
+    // `kubectl get` shows the columns from real reconciles.
+    let table = cp.kubectl_ok(&["get", "accesspolicy", "-n", "team-happy"]).unwrap();
+    assert!(table.contains("True") && table.contains("Ready"), "{table}");
+
+    cp.kubectl_ok(&["delete", "credentialprovider", "orders-s3", "-n", "team-happy"]).unwrap();
+    let policy = wait_ready(cp, "team-happy", "accesspolicy", "orders-to-s3", "False", "ProviderNotFound").await;
+    assert!(ready(&policy).2.contains("CredentialProvider orders-s3 not found"));
+    assert!(policy["status"].get("configHash").is_none());
+    wait_config_gone(cp, "team-happy").await;
+
+    cp.apply_path(Some("team-happy"), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
+    wait_ready(cp, "team-happy", "accesspolicy", "orders-to-s3", "True", "Ready").await;
+    let again = config_map(cp, "team-happy").expect("config recreated");
+    assert_eq!(again["metadata"]["annotations"][CONFIG_HASH_ANNOTATION], hash.as_str(), "same content, same hash");
+
+    cp.kubectl_ok(&["delete", "accesspolicy", "orders-to-s3", "-n", "team-happy"]).unwrap();
+    wait_config_gone(cp, "team-happy").await;
+}
+
+#[tokio::test]
+async fn validation_errors_name_their_cause_and_fixing_them_recovers() {
+    let (cp, _operator) = setup().await;
+    let _logs = cp.logs_on_panic();
+    let ns = "team-invalid";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    cp.apply_path(Some(ns), &repo_root().join("examples/http-api-key.yaml")).unwrap();
+
+    // The Secret does not exist yet.
+    let cp_obj = wait_ready(cp, ns, "credentialprovider", "weather-api-key", "False", "SecretNotFound").await;
+    assert!(ready(&cp_obj).2.contains("Secret weather-api not found"), "{:?}", ready(&cp_obj));
+    let policy = wait_ready(cp, ns, "accesspolicy", "forecaster-to-weather-api", "False", "ProviderNotReady").await;
+    assert!(ready(&policy).2.contains("CredentialProvider weather-api-key is not Ready"));
+
+    // Wrong key, then the right one: the Secret change is noticed without touching the provider.
+    cp.kubectl_ok(&["create", "secret", "generic", "weather-api", "-n", ns, "--from-literal=wrong=x"]).unwrap();
+    wait_ready_saying(
+        cp,
+        ns,
+        "credentialprovider",
+        "weather-api-key",
+        "False",
+        "SecretNotFound",
+        "has no key \"api-key\"",
+    )
+    .await;
+    let secret =
+        r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"weather-api"},"stringData":{"api-key":"k"}}"#;
+    cp.apply_yaml(Some(ns), secret).unwrap();
+    wait_ready(cp, ns, "credentialprovider", "weather-api-key", "True", "Ready").await;
+    wait_ready(cp, ns, "accesspolicy", "forecaster-to-weather-api", "True", "Ready").await;
+
+    // A time zone the schema cannot judge, then a real one.
+    let patch = |zone: &str| {
+        format!(
+            r#"{{"spec":{{"conditions":{{"timeWindows":[{{"timeZone":"{zone}","start":"00:00","end":"24:00"}}]}}}}}}"#
+        )
+    };
+    cp.kubectl_ok(&[
+        "patch",
+        "accesspolicy",
+        "forecaster-to-weather-api",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        &patch("Europe/Atlantis"),
+    ])
+    .unwrap();
+    let policy = wait_ready(cp, ns, "accesspolicy", "forecaster-to-weather-api", "False", "InvalidSpec").await;
+    assert!(ready(&policy).2.contains("Europe/Atlantis"));
+    cp.kubectl_ok(&[
+        "patch",
+        "accesspolicy",
+        "forecaster-to-weather-api",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        &patch("Europe/Berlin"),
+    ])
+    .unwrap();
+    let policy = wait_ready(cp, ns, "accesspolicy", "forecaster-to-weather-api", "True", "Ready").await;
+    assert_eq!(policy["status"]["observedGeneration"], policy["metadata"]["generation"]);
+}
+
+#[tokio::test]
+async fn policies_sharing_an_endpoint_both_report_the_conflict() {
+    let (cp, _operator) = setup().await;
+    let _logs = cp.logs_on_panic();
+    let ns = "team-conflict";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    cp.apply_path(Some(ns), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
+    wait_ready(cp, ns, "accesspolicy", "orders-to-s3", "True", "Ready").await;
+    let second = r#"
+apiVersion: cloudpass.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: orders-to-s3-archive}
+spec:
+  client: {podSelector: {matchLabels: {app: orders}}}
+  trustProviders: [{name: this-cluster}]
+  server: {kind: aws}
+  credentialProvider: {name: orders-s3}
+"#;
+    cp.apply_yaml(Some(ns), second).unwrap();
+    let a = wait_ready(cp, ns, "accesspolicy", "orders-to-s3", "False", "Conflict").await;
+    let b = wait_ready(cp, ns, "accesspolicy", "orders-to-s3-archive", "False", "Conflict").await;
+    assert!(ready(&a).2.contains("AccessPolicy orders-to-s3-archive"), "{:?}", ready(&a));
+    assert!(ready(&b).2.contains("AccessPolicy orders-to-s3"), "{:?}", ready(&b));
+    wait_config_gone(cp, ns).await;
+    cp.kubectl_ok(&["delete", "accesspolicy", "orders-to-s3-archive", "-n", ns]).unwrap();
+    wait_ready(cp, ns, "accesspolicy", "orders-to-s3", "True", "Ready").await;
+}
+
+/// resourceVersion of every cloudpass object and compiled config in `ns`.
+fn versions(cp: &ControlPlane, ns: &str) -> Vec<(String, String)> {
+    let list = get_json(cp, &["cloudpass", "-n", ns]).unwrap();
+    let mut out: Vec<(String, String)> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                format!("{}/{}", o["kind"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap()),
+                o["metadata"]["resourceVersion"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let cm = config_map(cp, ns).unwrap();
+    out.push(("ConfigMap".into(), cm["metadata"]["resourceVersion"].as_str().unwrap().to_owned()));
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_restart_with_nothing_changed_writes_nothing() {
+    let (cp, mut operator) = setup().await;
+    let _logs = cp.logs_on_panic();
+    let ns = "team-steady";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    for example in ["aks-to-s3.yaml", "any-to-gcs.yaml", "eks-to-azure-blob.yaml"] {
+        cp.apply_path(Some(ns), &repo_root().join("examples").join(example)).unwrap();
+    }
+    for policy in ["orders-to-s3", "dashboards-to-gcs", "report-uploader-to-blob"] {
+        wait_ready(cp, ns, "accesspolicy", policy, "True", "Ready").await;
+    }
+    // Let the last writes settle, then take the picture.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = versions(cp, ns);
+
+    // A restart re-lists everything and reconciles every namespace: a full resync.
+    let old = operator.take().unwrap();
+    drop(old);
+    let new = start_operator(cp);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !new.log_tail(100_000).contains("caches warm") {
+        assert!(Instant::now() < deadline, "restarted operator never warmed up:\n{}", new.log_tail(4000));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Give the resync time to run (debounce 200 ms, a handful of namespaces).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    *operator = Some(new);
+    let after = versions(cp, ns);
+    assert_eq!(before, after, "a resync of unchanged objects wrote something");
+}
