@@ -101,23 +101,13 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
     let config_hash = evaluation.config.as_ref().map(|c| c.hash.clone());
     ctx.write_config(&namespace, evaluation.config).await?;
 
-    for object in &trust {
-        let outcome = &evaluation.trust[&object.name_any()];
-        let status = object.status.clone().unwrap_or_default();
-        let desired = ProviderStatus {
-            status: desired_status(&status.status, object.meta().generation, outcome),
-            provider_kind: object.spec.kind_name().map(str::to_owned),
-        };
-        ctx.write_status(object.as_ref(), &status.status, &status, desired, outcome).await?;
+    let trust_kinds = trust.iter().map(|o| (o.as_ref(), o.status.clone(), o.spec.kind_name()));
+    let credential_kinds = credential.iter().map(|o| (o.as_ref(), o.status.clone(), o.spec.kind_name()));
+    for (object, status, kind) in trust_kinds {
+        ctx.write_provider_status(object, status, kind, &evaluation.trust[&object.name_any()]).await?;
     }
-    for object in &credential {
-        let outcome = &evaluation.credential[&object.name_any()];
-        let status = object.status.clone().unwrap_or_default();
-        let desired = ProviderStatus {
-            status: desired_status(&status.status, object.meta().generation, outcome),
-            provider_kind: object.spec.kind_name().map(str::to_owned),
-        };
-        ctx.write_status(object.as_ref(), &status.status, &status, desired, outcome).await?;
+    for (object, status, kind) in credential_kinds {
+        ctx.write_provider_status(object, status, kind, &evaluation.credential[&object.name_any()]).await?;
     }
     for object in &policies {
         let outcome = &evaluation.policies[&object.name_any()];
@@ -154,10 +144,40 @@ fn desired_status(current: &Status, generation: Option<i64>, outcome: &Outcome) 
     Status { conditions, observed_generation: generation }
 }
 
+/// A namespaced cloudpass object whose status the reconciler writes.
+trait NamespacedObject:
+    Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug
+{
+}
+
+impl<K> NamespacedObject for K where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 impl Context {
+    /// Writes a TrustProvider's or CredentialProvider's status when it changed.
+    async fn write_provider_status<K: NamespacedObject>(
+        &self,
+        object: &K,
+        current: Option<ProviderStatus>,
+        kind: Option<&str>,
+        outcome: &Outcome,
+    ) -> Result<(), Error> {
+        let current = current.unwrap_or_default();
+        let desired = ProviderStatus {
+            status: desired_status(&current.status, object.meta().generation, outcome),
+            provider_kind: kind.map(str::to_owned),
+        };
+        self.write_status(object, &current.status, &current, desired, outcome).await
+    }
+
     /// Patches the status subresource when it differs, and records an Event when the
     /// `Ready` condition changed.
-    async fn write_status<K, S>(
+    async fn write_status<K: NamespacedObject, S>(
         &self,
         object: &K,
         current: &Status,
@@ -166,10 +186,6 @@ impl Context {
         outcome: &Outcome,
     ) -> Result<(), Error>
     where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug,
         S: Serialize + PartialEq,
     {
         if *full_current == desired {

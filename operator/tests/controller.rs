@@ -190,35 +190,17 @@ async fn validation_errors_name_their_cause_and_fixing_them_recovers() {
     wait_ready(cp, ns, "accesspolicy", "forecaster-to-weather-api", "True", "Ready").await;
 
     // A time zone the schema cannot judge, then a real one.
-    let patch = |zone: &str| {
-        format!(
+    let set_zone = |zone: &str| {
+        let patch = format!(
             r#"{{"spec":{{"conditions":{{"timeWindows":[{{"timeZone":"{zone}","start":"00:00","end":"24:00"}}]}}}}}}"#
-        )
+        );
+        let args = ["patch", "accesspolicy", "forecaster-to-weather-api", "-n", ns, "--type=merge", "-p", &patch];
+        cp.kubectl_ok(&args).unwrap();
     };
-    cp.kubectl_ok(&[
-        "patch",
-        "accesspolicy",
-        "forecaster-to-weather-api",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        &patch("Europe/Atlantis"),
-    ])
-    .unwrap();
+    set_zone("Europe/Atlantis");
     let policy = wait_ready(cp, ns, "accesspolicy", "forecaster-to-weather-api", "False", "InvalidSpec").await;
     assert!(ready(&policy).2.contains("Europe/Atlantis"));
-    cp.kubectl_ok(&[
-        "patch",
-        "accesspolicy",
-        "forecaster-to-weather-api",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        &patch("Europe/Berlin"),
-    ])
-    .unwrap();
+    set_zone("Europe/Berlin");
     let policy = wait_ready(cp, ns, "accesspolicy", "forecaster-to-weather-api", "True", "Ready").await;
     assert_eq!(policy["status"]["observedGeneration"], policy["metadata"]["generation"]);
 }
