@@ -100,6 +100,15 @@ impl ManagedProcess {
         text
     }
 
+    /// Kills the server with SIGKILL (no chance to clean up), as a crash or an OOM kill
+    /// would, and waits for it.
+    pub fn kill_hard(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+        self.stop();
+    }
+
     /// Stops the server and waits for it (at most ~6 s).
     pub fn stop(&mut self) {
         drop(self.stdin.take());

@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod evaluate;
+pub mod metrics;
 pub mod reconcile;
+pub mod server;
 
 /// Everything that can fail in the operator.
 #[derive(Debug, thiserror::Error)]

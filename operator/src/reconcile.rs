@@ -4,11 +4,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use cloudpass_api::{
@@ -38,7 +36,8 @@ use tracing::{info, warn};
 
 use crate::{
     Error,
-    evaluate::{Outcome, Snapshot, evaluate},
+    evaluate::{Evaluation, Outcome, Snapshot, evaluate},
+    metrics::{Metrics, ObjectLabels},
 };
 
 /// Field manager of every write the operator makes.
@@ -57,8 +56,7 @@ pub struct Context {
     recorder: Recorder,
     /// Namespace the operator runs in; compiled configs are stored there.
     pub operator_namespace: String,
-    /// API writes issued (status patches, ConfigMap writes and deletes).
-    pub writes: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 /// Name of the ConfigMap holding a namespace's compiled config.
@@ -73,9 +71,33 @@ fn in_namespace<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, namespa
     objects
 }
 
-/// Reconciles one namespace.
+/// Reconciles one namespace, recording its duration and outcome.
 pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = ns.name_any();
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_namespace(&ns.name_any(), &ctx).await;
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+fn object_counts(evaluation: &Evaluation) -> BTreeMap<ObjectLabels, i64> {
+    let mut counts = BTreeMap::new();
+    for (kind, outcomes) in [
+        ("TrustProvider", &evaluation.trust),
+        ("CredentialProvider", &evaluation.credential),
+        ("AccessPolicy", &evaluation.policies),
+    ] {
+        for o in outcomes.values() {
+            let labels =
+                ObjectLabels { kind: kind.to_owned(), ready: o.ready.to_string(), reason: o.reason.to_owned() };
+            *counts.entry(labels).or_default() += 1;
+        }
+    }
+    counts
+}
+
+async fn reconcile_namespace(namespace: &str, ctx: &Context) -> Result<Action, Error> {
+    let namespace = namespace.to_owned();
     let trust = in_namespace(&ctx.trust, &namespace);
     let credential = in_namespace(&ctx.credential, &namespace);
     let policies = in_namespace(&ctx.policies, &namespace);
@@ -98,6 +120,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
         secrets,
     };
     let evaluation = evaluate(&snapshot);
+    ctx.metrics.record_namespace(&namespace, object_counts(&evaluation));
     let config_hash = evaluation.config.as_ref().map(|c| c.hash.clone());
     ctx.write_config(&namespace, evaluation.config).await?;
 
@@ -195,7 +218,7 @@ impl Context {
         let api: Api<K> = Api::namespaced(self.client.clone(), &namespace);
         let patch = serde_json::json!({ "status": merge_patch(full_current, &desired) });
         api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.write("status");
 
         let before = current.condition(CONDITION_READY);
         let changed = before.is_none_or(|c| c.reason != outcome.reason || (c.status == "True") != outcome.ready);
@@ -250,12 +273,12 @@ impl Context {
                     ..Default::default()
                 };
                 api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm)).await?;
-                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.metrics.write("configmap_apply");
                 info!(namespace, hash = %config.hash, policies = config.policies.len(), "compiled config written");
             }
             None if existing.is_some() => {
                 api.delete(&name, &DeleteParams::default()).await?;
-                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.metrics.write("configmap_delete");
                 info!(namespace, "no Ready policy left; compiled config deleted");
             }
             None => {}
@@ -276,7 +299,11 @@ fn merge_patch<S: Serialize>(current: &S, desired: &S) -> serde_json::Value {
     patch
 }
 
-fn error_policy(ns: Arc<Namespace>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(ns: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ReasonLabels { reason: error.metric_label().into() })
+        .inc();
     warn!(namespace = %ns.name_any(), error = %error, reason = error.metric_label(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -295,9 +322,15 @@ fn namespace_of<K: Resource>(object: K) -> Option<ObjectRef<Namespace>> {
     object.meta().namespace.as_deref().map(ObjectRef::new)
 }
 
-/// Runs the controller until SIGTERM/SIGINT. Returns the shared context (for counters)
-/// through `on_context` once the caches are warm.
-pub async fn run(client: Client, settings: Settings, on_context: impl FnOnce(Arc<Context>)) -> Result<(), Error> {
+/// Runs the controller until `shutdown` completes; calls `on_warm` once every cache is
+/// filled and reconciling starts.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    on_warm: impl FnOnce(),
+) {
     let cfg = watcher::Config::default();
     let (trust, trust_w) = reflector::store();
     let (credential, credential_w) = reflector::store();
@@ -336,7 +369,7 @@ pub async fn run(client: Client, settings: Settings, on_context: impl FnOnce(Arc
             Reporter { controller: FIELD_MANAGER.into(), instance: settings.instance.clone() },
         ),
         operator_namespace: settings.operator_namespace.clone(),
-        writes: AtomicU64::new(0),
+        metrics,
     });
 
     let controller = Controller::new(Api::<Namespace>::all(client.clone()), cfg)
@@ -352,14 +385,13 @@ pub async fn run(client: Client, settings: Settings, on_context: impl FnOnce(Arc
         .watches_stream(config_stream, |cm: ConfigMap| {
             cm.labels().get(CONFIG_NAMESPACE_LABEL).map(|ns| ObjectRef::new(ns))
         })
-        .shutdown_on_signal();
+        .graceful_shutdown_on(shutdown);
 
     // Reconciling before the caches are complete would, for example, delete the config of
     // a namespace whose policies have not been listed yet: wait for every cache first.
     let warm = {
         let (trust, credential, policies, configs) =
             (trust.clone(), credential.clone(), policies.clone(), configs.clone());
-        let ctx = ctx.clone();
         async move {
             let _ = futures::join!(
                 trust.wait_until_ready(),
@@ -368,7 +400,7 @@ pub async fn run(client: Client, settings: Settings, on_context: impl FnOnce(Arc
                 configs.wait_until_ready()
             );
             info!("caches warm; reconciling");
-            on_context(ctx);
+            on_warm();
         }
     };
     let run = controller.run(reconcile, error_policy, ctx).for_each(|result| async move {
@@ -376,8 +408,7 @@ pub async fn run(client: Client, settings: Settings, on_context: impl FnOnce(Arc
             warn!(error = %e, "controller stream error");
         }
     });
-    let (_, _) = futures::join!(warm, run);
-    Ok(())
+    futures::join!(warm, run);
 }
 
 /// Deletes compiled configs whose namespace no longer exists (the controller does not

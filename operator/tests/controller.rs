@@ -10,25 +10,76 @@ use tokio::sync::{Mutex, MutexGuard};
 
 const OPERATOR_NS: &str = "cloudpass-system";
 
-/// Tests share one control plane and one operator; they run one at a time because the
-/// restart test replaces the operator.
-static OPERATOR: Mutex<Option<ManagedProcess>> = Mutex::const_new(None);
+/// Tests share one control plane and one operator; they run one at a time because some
+/// replace the operator.
+static OPERATOR: Mutex<Option<Operator>> = Mutex::const_new(None);
 
-fn start_operator(cp: &ControlPlane) -> ManagedProcess {
+/// A running `cloudpass-operator` process and the port of its metrics endpoint.
+struct Operator {
+    process: ManagedProcess,
+    metrics_port: u16,
+}
+
+impl Operator {
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
+        let response = reqwest::get(url).await.ok()?;
+        Some((response.status().as_u16(), response.text().await.ok()?))
+    }
+
+    /// Value of an unlabelled metric, if exposed.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, text) = self.get("/metrics").await?;
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    }
+
+    fn log(&self) -> String {
+        self.process.log_tail(100_000)
+    }
+}
+
+fn start_operator(cp: &ControlPlane) -> Operator {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let log = cp.dir().join(format!("operator-{stamp}.log"));
     let kubeconfig = cp.kubeconfig.to_string_lossy().to_string();
-    ManagedProcess::spawn(
+    let metrics_port = cloudpass_e2e::process::free_port().unwrap();
+    let args: Vec<String> = [
+        "--namespace",
+        OPERATOR_NS,
+        "--log-format",
+        "text",
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--lease-duration",
+        "6",
+        "--lease-renew-grace",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let process = ManagedProcess::spawn(
         "cloudpass-operator",
         std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator")),
-        &["--namespace".into(), OPERATOR_NS.into(), "--log-format".into(), "text".into()],
+        &args,
         &log,
         &[("KUBECONFIG", kubeconfig.as_str())],
     )
-    .expect("operator starts")
+    .expect("operator starts");
+    Operator { process, metrics_port }
 }
 
-async fn setup() -> (&'static ControlPlane, MutexGuard<'static, Option<ManagedProcess>>) {
+/// Waits until the operator holds the lease and its caches are warm.
+async fn wait_leading(op: &Operator, within: Duration) {
+    let deadline = Instant::now() + within;
+    while op.metric("cloudpass_operator_leader").await != Some(1.0) || op.get("/readyz").await.map(|r| r.0) != Some(200)
+    {
+        assert!(Instant::now() < deadline, "operator did not become a ready leader:\n{}", op.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn setup() -> (&'static ControlPlane, MutexGuard<'static, Option<Operator>>) {
     let cp = ControlPlane::shared();
     let mut guard = OPERATOR.lock().await;
     if guard.is_none() {
@@ -37,7 +88,9 @@ async fn setup() -> (&'static ControlPlane, MutexGuard<'static, Option<ManagedPr
             .unwrap();
         cp.invalidate_discovery_cache();
         cp.create_namespace(OPERATOR_NS, &[]).await.unwrap();
-        *guard = Some(start_operator(cp));
+        let operator = start_operator(cp);
+        wait_leading(&operator, Duration::from_secs(30)).await;
+        *guard = Some(operator);
     }
     (cp, guard)
 }
@@ -270,17 +323,81 @@ async fn a_restart_with_nothing_changed_writes_nothing() {
     let before = versions(cp, ns);
 
     // A restart re-lists everything and reconciles every namespace: a full resync.
-    let old = operator.take().unwrap();
-    drop(old);
+    drop(operator.take());
     let new = start_operator(cp);
+    // The old instance released the lease on SIGTERM, so the new one leads at once.
+    wait_leading(&new, Duration::from_secs(20)).await;
+    // Wait until the resync has reconciled every namespace at least once.
+    let namespaces = cp.kubectl_ok(&["get", "namespaces", "-o", "name"]).unwrap().lines().count() as f64;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !new.log_tail(100_000).contains("caches warm") {
-        assert!(Instant::now() < deadline, "restarted operator never warmed up:\n{}", new.log_tail(4000));
+    while new.metric("cloudpass_operator_reconciles_total").await.unwrap_or(0.0) < namespaces {
+        assert!(Instant::now() < deadline, "the resync did not finish:\n{}", new.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Give the resync time to run (debounce 200 ms, a handful of namespaces).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    *operator = Some(new);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let after = versions(cp, ns);
     assert_eq!(before, after, "a resync of unchanged objects wrote something");
+    let (_, text) = new.get("/metrics").await.unwrap();
+    assert!(!text.contains("cloudpass_operator_api_writes_total{"), "no write at all after a restart:\n{text}");
+    *operator = Some(new);
+}
+
+#[tokio::test]
+async fn health_and_metrics_are_served() {
+    let (cp, operator) = setup().await;
+    let _logs = cp.logs_on_panic();
+    let ns = "team-metrics";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    cp.apply_path(Some(ns), &repo_root().join("examples/oauth2-client-credentials.yaml")).unwrap();
+    wait_ready(cp, ns, "credentialprovider", "partner-api", "False", "SecretNotFound").await;
+    let op = operator.as_ref().unwrap();
+    assert_eq!(op.get("/healthz").await, Some((200, "ok".into())));
+    assert_eq!(op.get("/readyz").await.map(|r| r.0), Some(200));
+    let (_, text) = op.get("/metrics").await.unwrap();
+    for wanted in [
+        "cloudpass_operator_reconciles_total ",
+        "cloudpass_operator_reconcile_duration_seconds_bucket{le=",
+        "cloudpass_operator_leader 1",
+        r#"cloudpass_operator_api_writes_total{target="status"}"#,
+        r#"cloudpass_operator_objects{kind="CredentialProvider",ready="false",reason="SecretNotFound"}"#,
+        r#"cloudpass_operator_objects{kind="AccessPolicy",ready="false",reason="ProviderNotReady"}"#,
+    ] {
+        assert!(text.contains(wanted), "/metrics lacks {wanted}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over() {
+    let (cp, mut shared) = setup().await;
+    let _logs = cp.logs_on_panic();
+    drop(shared.take()); // SIGTERM: releases the lease
+    let first = start_operator(cp);
+    wait_leading(&first, Duration::from_secs(20)).await;
+    let second = start_operator(cp);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while second.get("/readyz").await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "standby never became ready:\n{}", second.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let ns = "team-leader";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    cp.apply_path(Some(ns), &repo_root().join("examples/gke-to-s3.yaml")).unwrap();
+    wait_ready(cp, ns, "accesspolicy", "exporter-to-s3", "True", "Ready").await;
+    assert_eq!(second.metric("cloudpass_operator_leader").await, Some(0.0));
+    assert_eq!(second.metric("cloudpass_operator_reconciles_total").await, Some(0.0), "the standby reconciled");
+    assert!(second.log().contains("standing by for leadership"));
+
+    // The leader crashes without releasing its lease; the standby takes over once the
+    // lease expires (6 s in this test, 15 s by default).
+    let mut first = first;
+    let killed = Instant::now();
+    first.process.kill_hard();
+    wait_leading(&second, Duration::from_secs(30)).await;
+    let takeover = killed.elapsed();
+    cp.kubectl_ok(&["delete", "credentialprovider", "exporter-s3", "-n", ns]).unwrap();
+    wait_ready(cp, ns, "accesspolicy", "exporter-to-s3", "False", "ProviderNotFound").await;
+    eprintln!("leader takeover after SIGKILL: {:.1}s (lease duration 6s)", takeover.as_secs_f64());
+    assert!(second.metric("cloudpass_operator_reconciles_total").await.unwrap_or(0.0) > 0.0);
+    *shared = Some(second);
 }

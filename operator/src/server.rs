@@ -1,0 +1,60 @@
+//! `/healthz`, `/readyz` and `/metrics`, served by every replica.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+
+use crate::metrics::Metrics;
+
+/// What the probes and the scrape read.
+#[derive(Clone)]
+pub struct Health {
+    /// The metrics to serve.
+    pub metrics: Arc<Metrics>,
+    /// Set once the instance can do its job: a standby as soon as it takes part in the
+    /// election, the leader once its caches are warm.
+    pub ready: Arc<AtomicBool>,
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    if health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics(State(health): State<Health>) -> impl IntoResponse {
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], health.metrics.encode())
+}
+
+/// The router of the health and metrics endpoints.
+pub fn router(health: Health) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health)
+}
+
+/// Binds `addr` and serves the endpoints in the background; returns the bound address.
+pub async fn spawn(addr: SocketAddr, health: Health) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(health)).await {
+            tracing::error!(error = %e, "health/metrics server stopped");
+        }
+    });
+    Ok(bound)
+}
