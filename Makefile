@@ -27,6 +27,10 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 test: tools ## Build the tools if needed, then run every unit and end-to-end test
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" $(CARGO) test --workspace --locked --no-fail-fast
 
+.PHONY: bench
+bench: tools ## Run the benchmarks against the real local apiserver and print their figures
+	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" $(CARGO) bench --locked -p cloudpass-operator --bench converge
+
 .PHONY: tools-go-mod
 tools-go-mod: ## Regenerate e2e/tools/go.mod after changing e2e/tools/versions.env
 	e2e/tools/gen-go-mod.sh

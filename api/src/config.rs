@@ -2,9 +2,13 @@
 //! providers resolved, as the operator publishes it (in a ConfigMap in its own namespace)
 //! for the webhook and the broker.
 //!
-//! The document is deterministic: policies are sorted by name and the hash covers the
-//! exact bytes of the content, so an operator restart or a resync of unchanged objects
-//! produces the same hash and no write. It holds no secret values, only references.
+//! The document is deterministic: policies are sorted by name, providers are keyed by
+//! name, and the hash covers the exact bytes of the content, so an operator restart or a
+//! resync of unchanged objects produces the same hash and no write. Each provider is
+//! stored once, however many policies use it (1,000 policies fit in about a third of the
+//! 1 MiB object limit). It holds no secret values, only references.
+
+use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -27,13 +31,17 @@ pub struct NamespaceConfig {
     pub format_version: u32,
     /// Namespace the policies live in.
     pub namespace: String,
-    /// `sha256:<hex>` over the canonical JSON of `namespace` and `policies`.
+    /// `sha256:<hex>` over the canonical JSON of namespace, providers and policies.
     pub hash: String,
+    /// Specs of the TrustProviders the policies use, by name.
+    pub trust_providers: BTreeMap<String, TrustProviderSpec>,
+    /// Specs of the CredentialProviders the policies use, by name.
+    pub credential_providers: BTreeMap<String, CredentialProviderSpec>,
     /// Ready policies, sorted by name.
     pub policies: Vec<CompiledPolicy>,
 }
 
-/// One Ready AccessPolicy with its providers resolved.
+/// One Ready AccessPolicy; its providers are in the document's provider maps.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CompiledPolicy {
@@ -41,35 +49,17 @@ pub struct CompiledPolicy {
     pub name: String,
     /// Which pods the policy selects.
     pub client: ClientSelector,
-    /// The trust providers, in the order the policy lists them; all must pass.
-    pub trust_providers: Vec<NamedTrustProvider>,
+    /// Names of the trust providers, in the order the policy lists them; all must pass.
+    pub trust_providers: Vec<String>,
     /// What is reached.
     pub server: Server,
-    /// The credential provider.
-    pub credential_provider: NamedCredentialProvider,
+    /// Name of the credential provider.
+    pub credential_provider: String,
     /// How the workload receives the credential.
     pub delivery: Delivery,
     /// Conditions checked on every request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<AccessConditions>,
-}
-
-/// A TrustProvider's name and spec.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-pub struct NamedTrustProvider {
-    /// Name of the TrustProvider.
-    pub name: String,
-    /// Its spec at compile time.
-    pub spec: TrustProviderSpec,
-}
-
-/// A CredentialProvider's name and spec.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-pub struct NamedCredentialProvider {
-    /// Name of the CredentialProvider.
-    pub name: String,
-    /// Its spec at compile time.
-    pub spec: CredentialProviderSpec,
 }
 
 /// Why a config document was refused.
@@ -83,6 +73,16 @@ pub enum ConfigError {
     UnsupportedVersion {
         /// The version in the document.
         found: u32,
+    },
+    /// A policy names a provider the document does not hold.
+    #[error("config for namespace {namespace}: policy {policy} uses {provider}, which the document does not hold")]
+    DanglingReference {
+        /// Namespace of the document.
+        namespace: String,
+        /// The policy.
+        policy: String,
+        /// The missing provider.
+        provider: String,
     },
     /// The content does not match its hash: truncated or edited by hand.
     #[error("config hash mismatch for namespace {namespace}: document says {stated}, content hashes to {actual}")]
@@ -103,6 +103,7 @@ impl ConfigError {
             Self::Malformed(_) => "malformed",
             Self::UnsupportedVersion { .. } => "unsupported_version",
             Self::HashMismatch { .. } => "hash_mismatch",
+            Self::DanglingReference { .. } => "dangling_reference",
         }
     }
 }
@@ -110,23 +111,46 @@ impl ConfigError {
 #[derive(Serialize)]
 struct HashedContent<'a> {
     namespace: &'a str,
+    trust_providers: &'a BTreeMap<String, TrustProviderSpec>,
+    credential_providers: &'a BTreeMap<String, CredentialProviderSpec>,
     policies: &'a [CompiledPolicy],
 }
 
-fn content_hash(namespace: &str, policies: &[CompiledPolicy]) -> String {
-    let bytes = serde_json::to_vec(&HashedContent { namespace, policies }).expect("config content serializes");
+fn content_hash(config: &NamespaceConfig) -> String {
+    let content = HashedContent {
+        namespace: &config.namespace,
+        trust_providers: &config.trust_providers,
+        credential_providers: &config.credential_providers,
+        policies: &config.policies,
+    };
+    let bytes = serde_json::to_vec(&content).expect("config content serializes");
     let digest = Sha256::digest(&bytes);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
 }
 
 impl NamespaceConfig {
-    /// Builds the document for a namespace: sorts the policies by name and hashes them.
-    pub fn new(namespace: impl Into<String>, mut policies: Vec<CompiledPolicy>) -> Self {
-        let namespace = namespace.into();
+    /// Builds the document for a namespace: keeps the providers the policies use, sorts
+    /// the policies by name and hashes everything.
+    pub fn new(
+        namespace: impl Into<String>,
+        mut trust_providers: BTreeMap<String, TrustProviderSpec>,
+        mut credential_providers: BTreeMap<String, CredentialProviderSpec>,
+        mut policies: Vec<CompiledPolicy>,
+    ) -> Self {
         policies.sort_by(|a, b| a.name.cmp(&b.name));
-        let hash = content_hash(&namespace, &policies);
-        Self { format_version: CONFIG_FORMAT_VERSION, namespace, hash, policies }
+        trust_providers.retain(|name, _| policies.iter().any(|p| p.trust_providers.contains(name)));
+        credential_providers.retain(|name, _| policies.iter().any(|p| &p.credential_provider == name));
+        let mut config = Self {
+            format_version: CONFIG_FORMAT_VERSION,
+            namespace: namespace.into(),
+            hash: String::new(),
+            trust_providers,
+            credential_providers,
+            policies,
+        };
+        config.hash = content_hash(&config);
+        config
     }
 
     /// The document as JSON, as stored in the ConfigMap.
@@ -147,9 +171,27 @@ impl NamespaceConfig {
             return Err(ConfigError::UnsupportedVersion { found: version.format_version });
         }
         let config: Self = serde_json::from_str(text)?;
-        let actual = content_hash(&config.namespace, &config.policies);
+        let actual = content_hash(&config);
         if actual != config.hash {
             return Err(ConfigError::HashMismatch { namespace: config.namespace, stated: config.hash, actual });
+        }
+        for policy in &config.policies {
+            let missing = policy
+                .trust_providers
+                .iter()
+                .find(|t| !config.trust_providers.contains_key(*t))
+                .map(|t| format!("TrustProvider {t}"))
+                .or_else(|| {
+                    (!config.credential_providers.contains_key(&policy.credential_provider))
+                        .then(|| format!("CredentialProvider {}", policy.credential_provider))
+                });
+            if let Some(provider) = missing {
+                return Err(ConfigError::DanglingReference {
+                    namespace: config.namespace.clone(),
+                    policy: policy.name.clone(),
+                    provider,
+                });
+            }
         }
         Ok(config)
     }
@@ -166,27 +208,38 @@ mod tests {
     use crate::{credential::CredentialProviderSpec, trust::TrustProviderSpec};
 
     fn policy(name: &str) -> CompiledPolicy {
+        CompiledPolicy {
+            name: name.into(),
+            client: serde_json::from_value(serde_json::json!({"podSelector": {"matchLabels": {"app": name}}})).unwrap(),
+            trust_providers: vec!["k8s".into()],
+            server: serde_json::from_value(serde_json::json!({"kind": "aws"})).unwrap(),
+            credential_provider: "s3".into(),
+            delivery: Delivery::default(),
+            conditions: None,
+        }
+    }
+
+    fn config(namespace: &str, policies: Vec<CompiledPolicy>) -> NamespaceConfig {
         let trust: TrustProviderSpec =
             serde_json::from_value(serde_json::json!({"kubernetesServiceAccount": {}})).unwrap();
         let cred: CredentialProviderSpec = serde_json::from_value(serde_json::json!({
             "awsSts": {"roleArn": "arn:aws:iam::123456789012:role/reader"}
         }))
         .unwrap();
-        CompiledPolicy {
-            name: name.into(),
-            client: serde_json::from_value(serde_json::json!({"podSelector": {"matchLabels": {"app": name}}})).unwrap(),
-            trust_providers: vec![NamedTrustProvider { name: "k8s".into(), spec: trust }],
-            server: serde_json::from_value(serde_json::json!({"kind": "aws"})).unwrap(),
-            credential_provider: NamedCredentialProvider { name: "s3".into(), spec: cred },
-            delivery: Delivery::default(),
-            conditions: None,
-        }
+        let unused = trust.clone();
+        NamespaceConfig::new(
+            namespace,
+            [("k8s".to_owned(), trust), ("unused".to_owned(), unused)].into(),
+            [("s3".to_owned(), cred)].into(),
+            policies,
+        )
     }
 
     #[test]
     fn round_trip_and_hash_are_stable() {
-        let a = NamespaceConfig::new("team-a", vec![policy("b"), policy("a")]);
-        let b = NamespaceConfig::new("team-a", vec![policy("a"), policy("b")]);
+        let a = config("team-a", vec![policy("b"), policy("a")]);
+        let b = config("team-a", vec![policy("a"), policy("b")]);
+        assert_eq!(a.trust_providers.keys().collect::<Vec<_>>(), ["k8s"], "unused providers are dropped");
         assert_eq!(a.hash, b.hash, "input order does not matter");
         assert_eq!(a.policies[0].name, "a");
         assert!(a.hash.starts_with("sha256:") && a.hash.len() == 7 + 64);
@@ -194,13 +247,13 @@ mod tests {
         assert_eq!(parsed, a);
         assert_eq!(parsed.policy("b").map(|p| p.name.as_str()), Some("b"));
         assert!(parsed.policy("c").is_none());
-        let other_ns = NamespaceConfig::new("team-b", vec![policy("a"), policy("b")]);
+        let other_ns = config("team-b", vec![policy("a"), policy("b")]);
         assert_ne!(a.hash, other_ns.hash, "the namespace is part of the hash");
     }
 
     #[test]
     fn tampered_or_foreign_documents_are_refused() {
-        let doc = NamespaceConfig::new("team-a", vec![policy("a")]).to_json();
+        let doc = config("team-a", vec![policy("a")]).to_json();
         let tampered = doc.replace("reader", "admin");
         assert_eq!(NamespaceConfig::from_json(&tampered).unwrap_err().metric_label(), "hash_mismatch");
         let newer = doc.replace("\"formatVersion\":1", "\"formatVersion\":2");
@@ -208,5 +261,10 @@ mod tests {
         assert_eq!(err.metric_label(), "unsupported_version", "{err}");
         assert_eq!(NamespaceConfig::from_json("{not json").unwrap_err().metric_label(), "malformed");
         assert_eq!(NamespaceConfig::from_json("").unwrap_err().metric_label(), "malformed");
+        let mut dangling = config("team-a", vec![policy("a")]);
+        dangling.credential_providers.clear();
+        dangling.hash = content_hash(&dangling);
+        let err = NamespaceConfig::from_json(&dangling.to_json()).unwrap_err();
+        assert_eq!(err.metric_label(), "dangling_reference", "{err}");
     }
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use cloudpass_api::{
     AccessPolicy, CredentialProvider, CredentialProviderSpec, TrustProvider,
     common::reasons,
-    config::{CompiledPolicy, NamedCredentialProvider, NamedTrustProvider, NamespaceConfig},
+    config::{CompiledPolicy, NamespaceConfig},
     policy::{ClientSelector, ServerKind},
     selector::host_matches,
 };
@@ -85,9 +85,16 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> Evaluation {
         .policies
         .iter()
         .filter(|p| policies.get(&p.name_any()).is_some_and(|o| o.ready))
-        .map(|p| compile(p, snapshot))
+        .map(|p| compile(p))
         .collect();
-    let config = (!compiled.is_empty()).then(|| NamespaceConfig::new(snapshot.namespace, compiled));
+    let config = (!compiled.is_empty()).then(|| {
+        NamespaceConfig::new(
+            snapshot.namespace,
+            snapshot.trust.iter().map(|t| (t.name_any(), t.spec.clone())).collect(),
+            snapshot.credential.iter().map(|c| (c.name_any(), c.spec.clone())).collect(),
+            compiled,
+        )
+    });
     Evaluation { trust, credential, policies, config }
 }
 
@@ -320,25 +327,14 @@ fn conflicts(policies: &[&AccessPolicy]) -> BTreeMap<String, String> {
     found
 }
 
-fn compile(policy: &AccessPolicy, snapshot: &Snapshot<'_>) -> CompiledPolicy {
+fn compile(policy: &AccessPolicy) -> CompiledPolicy {
     let spec = &policy.spec;
-    let trust_providers = spec
-        .trust_providers
-        .iter()
-        .filter_map(|r| snapshot.trust.iter().find(|t| t.name_any() == r.name))
-        .map(|t| NamedTrustProvider { name: t.name_any(), spec: t.spec.clone() })
-        .collect();
-    let cred = snapshot
-        .credential
-        .iter()
-        .find(|c| c.name_any() == spec.credential_provider.name)
-        .expect("a Ready policy's provider exists");
     CompiledPolicy {
         name: policy.name_any(),
         client: spec.client.clone(),
-        trust_providers,
+        trust_providers: spec.trust_providers.iter().map(|r| r.name.clone()).collect(),
         server: spec.server.clone(),
-        credential_provider: NamedCredentialProvider { name: cred.name_any(), spec: cred.spec.clone() },
+        credential_provider: spec.credential_provider.name.clone(),
         delivery: spec.delivery.clone(),
         conditions: spec.conditions.clone(),
     }
@@ -396,7 +392,7 @@ mod tests {
         assert!(e.policies.values().all(|o| o.ready), "{:?}", e.policies);
         let config = e.config.unwrap();
         assert_eq!(config.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(config.policies[0].credential_provider.spec.kind_name(), Some("awsSts"));
+        assert_eq!(config.credential_providers[&config.policies[0].credential_provider].kind_name(), Some("awsSts"));
     }
 
     #[test]

@@ -184,8 +184,10 @@ async fn happy_path_provider_deletion_and_policy_deletion() {
     let config = NamespaceConfig::from_json(cm["data"][CONFIG_DATA_KEY].as_str().unwrap()).unwrap();
     assert_eq!(config.namespace, "team-happy");
     assert_eq!(config.policies.len(), 1);
-    assert_eq!(config.policies[0].credential_provider.name, "orders-s3");
-    assert_eq!(config.policies[0].trust_providers[0].name, "this-cluster");
+    assert_eq!(config.policies[0].credential_provider, "orders-s3");
+    assert_eq!(config.policies[0].trust_providers, ["this-cluster"]);
+    assert!(config.credential_providers["orders-s3"].aws_sts.is_some());
+    assert!(config.trust_providers["this-cluster"].kubernetes_service_account.is_some());
 
     // The transition to Ready was recorded as an Event.
     let events = cp.kubectl_ok(&["get", "events", "-n", "team-happy", "-o", "json"]).unwrap();
