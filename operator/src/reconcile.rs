@@ -57,6 +57,8 @@ pub struct Context {
     /// Namespace the operator runs in; compiled configs are stored there.
     pub operator_namespace: String,
     metrics: Arc<Metrics>,
+    /// Consecutive failures per namespace, for exponential backoff.
+    failures: std::sync::Mutex<BTreeMap<String, u32>>,
 }
 
 /// Name of the ConfigMap holding a namespace's compiled config.
@@ -75,8 +77,12 @@ fn in_namespace<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, namespa
 pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
-    let result = reconcile_namespace(&ns.name_any(), &ctx).await;
+    let name = ns.name_any();
+    let result = reconcile_namespace(&name, &ctx).await;
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+    }
     result
 }
 
@@ -299,13 +305,24 @@ fn merge_patch<S: Serialize>(current: &S, desired: &S) -> serde_json::Value {
     patch
 }
 
+/// Delay before retrying a namespace after `failures` consecutive failures: 1 s doubling
+/// to at most 256 s.
+pub fn retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(8)).min(RESYNC)
+}
+
 fn error_policy(ns: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ReasonLabels { reason: error.metric_label().into() })
-        .inc();
-    warn!(namespace = %ns.name_any(), error = %error, reason = error.metric_label(), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    let reason = error.metric_label();
+    ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ReasonLabels { reason: reason.into() }).inc();
+    let failures = {
+        let mut all = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = all.entry(ns.name_any()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = retry_delay(failures);
+    warn!(namespace = %ns.name_any(), error = %error, reason, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
 }
 
 /// Settings of the controller.
@@ -370,6 +387,7 @@ pub async fn run(
         ),
         operator_namespace: settings.operator_namespace.clone(),
         metrics,
+        failures: Default::default(),
     });
 
     let controller = Controller::new(Api::<Namespace>::all(client.clone()), cfg)
@@ -437,4 +455,23 @@ pub async fn collect_orphaned_configs(client: &Client, operator_namespace: &str)
         .try_collect::<Vec<_>>()
         .await?;
     Ok(stale.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_resync() {
+        let delays: Vec<u64> = [1, 2, 3, 4, 9, 10, 1000].iter().map(|&n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 256, 256, 256]);
+        assert!(retry_delay(u32::MAX) <= RESYNC);
+    }
+
+    #[test]
+    fn merge_patch_removes_dropped_fields() {
+        let current = AccessPolicyStatus { config_hash: Some("sha256:x".into()), ..Default::default() };
+        let patch = merge_patch(&current, &AccessPolicyStatus::default());
+        assert_eq!(patch["configHash"], serde_json::Value::Null);
+    }
 }
