@@ -9,6 +9,7 @@
 //! `status.conditions`. Design notes live in `docs/api.md`.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod broker;
 pub mod common;
 pub mod config;

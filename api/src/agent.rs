@@ -1,0 +1,140 @@
+//! The contract between the webhook and the agent it injects: the agent's configuration
+//! (one JSON document in the agent container's environment) and the fixed paths and
+//! environment variables both sides use.
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the injected agent container (a native sidecar in `initContainers`).
+pub const AGENT_CONTAINER: &str = "cloudpass-agent";
+/// Environment variable holding the agent's [`AgentConfig`] as JSON.
+pub const AGENT_CONFIG_ENV: &str = "CLOUDPASS_AGENT_CONFIG";
+/// Environment variable holding the broker's CA certificate (PEM).
+pub const BROKER_CA_ENV: &str = "CLOUDPASS_BROKER_CA";
+/// Directory of the projected service-account token (audience `cloudpass`), agent only.
+pub const TOKEN_DIR: &str = "/var/run/secrets/cloudpass.dev/serviceaccount";
+/// File name of the projected token inside [`TOKEN_DIR`].
+pub const TOKEN_FILE: &str = "token";
+/// In-memory directory shared with the app containers (read-only for them).
+pub const SHARED_DIR: &str = "/var/run/cloudpass.dev/shared";
+/// File in [`SHARED_DIR`] holding the AWS container-credentials authorization token.
+pub const AWS_TOKEN_FILE: &str = "aws-container-authorization-token";
+/// Path of the agent's readiness endpoint (all credentials fetched) on its health port.
+pub const READY_PATH: &str = "/ready";
+/// Path of the AWS container-credentials endpoint.
+pub const AWS_CREDENTIALS_PATH: &str = "/v1/aws/credentials";
+/// Path of the Azure App Service managed-identity endpoint.
+pub const AZURE_TOKEN_PATH: &str = "/msi/token";
+
+/// Pod annotation recording the injected agent version.
+pub const INJECTED_ANNOTATION: &str = "cloudpass.dev/injected";
+/// Pod annotation listing the policies the agent serves.
+pub const POLICIES_ANNOTATION: &str = "cloudpass.dev/policies";
+/// Pod annotation explaining what was not injected and why.
+pub const SKIPPED_ANNOTATION: &str = "cloudpass.dev/injection-skipped";
+
+/// Everything the agent needs, written by the webhook.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Base URL of the broker (`https://...`).
+    pub broker_url: String,
+    /// Port of `/ready`, `/healthz` and `/metrics` on loopback.
+    pub health_port: u16,
+    /// What to serve, one entry per policy.
+    pub deliveries: Vec<AgentDelivery>,
+}
+
+/// One policy and how its credential reaches the app.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentDelivery {
+    /// Name of the AccessPolicy.
+    pub policy: String,
+    /// The endpoint serving it.
+    pub endpoint: AgentEndpoint,
+}
+
+/// An endpoint the agent serves on loopback.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase", deny_unknown_fields)]
+pub enum AgentEndpoint {
+    /// AWS container credentials (`AWS_CONTAINER_CREDENTIALS_FULL_URI`); the agent writes a
+    /// random authorization token to [`SHARED_DIR`]/[`AWS_TOKEN_FILE`].
+    AwsContainerCredentials {
+        /// Port.
+        port: u16,
+    },
+    /// Azure managed identity (`IDENTITY_ENDPOINT`); the proof is the agent's own
+    /// `IDENTITY_HEADER` variable. Several policies may share the port, one per resource.
+    AzureManagedIdentity {
+        /// Port.
+        port: u16,
+        /// Resource the token is for.
+        resource: String,
+    },
+    /// GCP metadata server (`GCE_METADATA_HOST`).
+    GcpMetadata {
+        /// Port.
+        port: u16,
+        /// OAuth scopes the token is for.
+        scopes: Vec<String>,
+    },
+    /// HTTP proxy adding a header for the given hosts.
+    HttpHeader {
+        /// Port (shared by every proxy delivery).
+        port: u16,
+        /// Host patterns served.
+        hosts: Vec<String>,
+        /// Upstream port.
+        upstream_port: u16,
+        /// Header name.
+        name: String,
+        /// Header value with `{token}` or `{basic}`.
+        format: String,
+    },
+    /// HTTP proxy signing requests for the given hosts with AWS SigV4.
+    AwsSigV4 {
+        /// Port (shared by every proxy delivery).
+        port: u16,
+        /// Host patterns served.
+        hosts: Vec<String>,
+        /// Upstream port.
+        upstream_port: u16,
+        /// Signing name, if not derived from the host.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+        /// Signing region, if not derived from the host.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_and_refuses_unknown_fields() {
+        let config = AgentConfig {
+            broker_url: "https://cloudpass-broker.cloudpass-system.svc:8443".into(),
+            health_port: 15020,
+            deliveries: vec![
+                AgentDelivery { policy: "s3".into(), endpoint: AgentEndpoint::AwsContainerCredentials { port: 15021 } },
+                AgentDelivery {
+                    policy: "api".into(),
+                    endpoint: AgentEndpoint::HttpHeader {
+                        port: 15024,
+                        hosts: vec!["api.example.com".into()],
+                        upstream_port: 443,
+                        name: "Authorization".into(),
+                        format: "Bearer {token}".into(),
+                    },
+                },
+            ],
+        };
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(json.contains(r#""type":"awsContainerCredentials""#), "{json}");
+        assert_eq!(serde_json::from_str::<AgentConfig>(&json).unwrap(), config);
+        assert!(serde_json::from_str::<AgentConfig>(&json.replace("healthPort", "helthPort")).is_err());
+    }
+}

@@ -1,0 +1,375 @@
+//! Self-managed serving certificate: a CA and a serving certificate kept in one Secret
+//! shared by every replica, the `caBundle` of the MutatingWebhookConfiguration kept in
+//! sync, and rotation well before expiry.
+//!
+//! Rotation never breaks admission: a new CA is added to the `caBundle` (next to the old
+//! one) before any serving certificate signed by it is used, and the old CA stays in the
+//! bundle until it expires. A serving certificate is renewed from the current CA when a
+//! third of its lifetime is left; the CA likewise. The Secret is the source of truth and
+//! is written with optimistic concurrency, so replicas racing to rotate cannot both win.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    ByteString,
+    api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use tracing::{info, warn};
+
+use crate::{Error, metrics::Metrics, tls::ReloadableCert};
+
+const CA_CERT: &str = "ca.crt";
+const CA_KEY: &str = "ca.key";
+const BUNDLE: &str = "ca-bundle.crt";
+const TLS_CERT: &str = "tls.crt";
+const TLS_KEY: &str = "tls.key";
+const CA_NOT_AFTER: &str = "cloudpass.dev/ca-not-after";
+const CA_NAME: &str = "cloudpass.dev/ca-name";
+const CERT_NOT_AFTER: &str = "cloudpass.dev/cert-not-after";
+const PREVIOUS_CA_NOT_AFTER: &str = "cloudpass.dev/previous-ca-not-after";
+
+/// Where and how long.
+#[derive(Clone, Debug)]
+pub struct CertSettings {
+    /// Namespace of the webhook (and of the Secret).
+    pub namespace: String,
+    /// Name of the Secret holding the CA and serving certificate.
+    pub secret_name: String,
+    /// MutatingWebhookConfiguration whose `caBundle` is kept in sync, if any.
+    pub webhook_config_name: Option<String>,
+    /// Names (DNS or IP) the serving certificate is valid for.
+    pub names: Vec<String>,
+    /// Lifetime of a CA.
+    pub ca_validity: Duration,
+    /// Lifetime of a serving certificate.
+    pub cert_validity: Duration,
+}
+
+/// The material in the Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Material {
+    ca_cert: String,
+    ca_key: String,
+    ca_name: String,
+    ca_not_after: i64,
+    bundle: String,
+    previous_ca_not_after: Option<i64>,
+    tls_cert: String,
+    tls_key: String,
+    cert_not_after: i64,
+}
+
+fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+fn offset(unix: i64) -> Result<time::OffsetDateTime, Error> {
+    time::OffsetDateTime::from_unix_timestamp(unix).map_err(|e| Error::Certificate(e.to_string()))
+}
+
+fn rcgen_err(e: rcgen::Error) -> Error {
+    Error::Certificate(e.to_string())
+}
+
+fn ca_params(name: &str, not_after: i64) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rcgen_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.not_before = offset(now() - 300)?;
+    params.not_after = offset(not_after)?;
+    Ok(params)
+}
+
+fn new_ca(settings: &CertSettings) -> Result<(String, String, String, i64), Error> {
+    let key = KeyPair::generate().map_err(rcgen_err)?;
+    let not_after = now() + settings.ca_validity.as_secs() as i64;
+    // A unique name per CA, so that the old and the new CA are told apart during overlap.
+    let name = format!("cloudpass-webhook-ca-{}", crate::random_proof().get(..12).unwrap_or("0"));
+    let cert = ca_params(&name, not_after)?.self_signed(&key).map_err(rcgen_err)?;
+    Ok((cert.pem(), key.serialize_pem(), name, not_after))
+}
+
+fn issue_serving(settings: &CertSettings, ca_name: &str, ca_key_pem: &str, ca_not_after: i64) -> Result<(String, String, i64), Error> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(rcgen_err)?;
+    // The issuer is rebuilt from the CA's name and key: all a signature needs.
+    let issuer = Issuer::new(ca_params(ca_name, ca_not_after)?, ca_key);
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rcgen_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, settings.names.first().cloned().unwrap_or_else(|| "cloudpass-webhook".into()));
+    params.distinguished_name = dn;
+    params.subject_alt_names = settings
+        .names
+        .iter()
+        .map(|n| match n.parse() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => n.clone().try_into().map(SanType::DnsName).map_err(rcgen_err),
+        })
+        .collect::<Result<_, _>>()?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Never outlive the CA that signs it.
+    let not_after = (now() + settings.cert_validity.as_secs() as i64).min(ca_not_after);
+    params.not_before = offset(now() - 300)?;
+    params.not_after = offset(not_after)?;
+    let key = KeyPair::generate().map_err(rcgen_err)?;
+    let cert = params.signed_by(&key, &issuer).map_err(rcgen_err)?;
+    Ok((cert.pem(), key.serialize_pem(), not_after))
+}
+
+/// Renew when a third of the lifetime is left.
+fn due(not_after: i64, validity: Duration) -> bool {
+    not_after - now() < validity.as_secs() as i64 / 3
+}
+
+impl Material {
+    fn fresh(settings: &CertSettings) -> Result<Self, Error> {
+        let (ca_cert, ca_key, ca_name, ca_not_after) = new_ca(settings)?;
+        let (tls_cert, tls_key, cert_not_after) = issue_serving(settings, &ca_name, &ca_key, ca_not_after)?;
+        Ok(Self {
+            bundle: ca_cert.clone(),
+            ca_cert,
+            ca_key,
+            ca_name,
+            ca_not_after,
+            previous_ca_not_after: None,
+            tls_cert,
+            tls_key,
+            cert_not_after,
+        })
+    }
+
+    fn from_secret(secret: &Secret) -> Option<Self> {
+        let data = secret.data.as_ref()?;
+        let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok());
+        let ann = secret.annotations();
+        let num = |k: &str| ann.get(k).and_then(|v| v.parse::<i64>().ok());
+        Some(Self {
+            ca_cert: text(CA_CERT)?,
+            ca_key: text(CA_KEY)?,
+            ca_name: ann.get(CA_NAME)?.clone(),
+            ca_not_after: num(CA_NOT_AFTER)?,
+            bundle: text(BUNDLE)?,
+            previous_ca_not_after: num(PREVIOUS_CA_NOT_AFTER),
+            tls_cert: text(TLS_CERT)?,
+            tls_key: text(TLS_KEY)?,
+            cert_not_after: num(CERT_NOT_AFTER)?,
+        })
+    }
+
+    fn apply_to(&self, secret: &mut Secret) {
+        let data = [
+            (CA_CERT, &self.ca_cert),
+            (CA_KEY, &self.ca_key),
+            (BUNDLE, &self.bundle),
+            (TLS_CERT, &self.tls_cert),
+            (TLS_KEY, &self.tls_key),
+        ];
+        secret.data = Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect());
+        let ann = secret.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        ann.insert(CA_NAME.into(), self.ca_name.clone());
+        ann.insert(CA_NOT_AFTER.into(), self.ca_not_after.to_string());
+        ann.insert(CERT_NOT_AFTER.into(), self.cert_not_after.to_string());
+        match self.previous_ca_not_after {
+            Some(t) => ann.insert(PREVIOUS_CA_NOT_AFTER.into(), t.to_string()),
+            None => ann.remove(PREVIOUS_CA_NOT_AFTER),
+        };
+    }
+
+    /// The next material, or `None` when nothing is due.
+    fn rotated(&self, settings: &CertSettings) -> Result<Option<Self>, Error> {
+        let mut next = self.clone();
+        if next.previous_ca_not_after.is_some_and(|t| t <= now()) {
+            // The old CA has expired: nothing it signed can be valid any more.
+            next.bundle = next.ca_cert.clone();
+            next.previous_ca_not_after = None;
+        }
+        if due(self.ca_not_after, settings.ca_validity) {
+            let (ca_cert, ca_key, ca_name, ca_not_after) = new_ca(settings)?;
+            next.bundle = format!("{ca_cert}{}", self.ca_cert);
+            next.previous_ca_not_after = Some(self.ca_not_after);
+            next.ca_cert = ca_cert;
+            next.ca_key = ca_key;
+            next.ca_name = ca_name;
+            next.ca_not_after = ca_not_after;
+            info!(ca = %next.ca_name, "CA rotated; the previous CA stays trusted until it expires");
+        }
+        if next.ca_name != self.ca_name || due(self.cert_not_after, settings.cert_validity) {
+            let (tls_cert, tls_key, cert_not_after) =
+                issue_serving(settings, &next.ca_name, &next.ca_key, next.ca_not_after)?;
+            next.tls_cert = tls_cert;
+            next.tls_key = tls_key;
+            next.cert_not_after = cert_not_after;
+            info!(ca = %next.ca_name, "serving certificate renewed");
+        }
+        Ok((next != *self).then_some(next))
+    }
+}
+
+/// Keeps the Secret, the `caBundle` and the in-process serving certificate in step.
+pub struct CertManager {
+    client: Client,
+    settings: CertSettings,
+    cert: Arc<ReloadableCert>,
+    metrics: Arc<Metrics>,
+    loaded: std::sync::Mutex<Option<(String, String)>>,
+}
+
+impl CertManager {
+    /// A manager for these settings; nothing happens until [`CertManager::sync`].
+    pub fn new(client: Client, settings: CertSettings, cert: Arc<ReloadableCert>, metrics: Arc<Metrics>) -> Self {
+        Self { client, settings, cert, metrics, loaded: Default::default() }
+    }
+
+    /// One round: create or rotate the Secret as due, sync the `caBundle`, reload.
+    pub async fn sync(&self) -> Result<(), Error> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.settings.namespace);
+        let material = loop {
+            match api.get_opt(&self.settings.secret_name).await? {
+                None => {
+                    let material = Material::fresh(&self.settings)?;
+                    let mut secret = Secret {
+                        metadata: ObjectMeta {
+                            name: Some(self.settings.secret_name.clone()),
+                            labels: Some([("app.kubernetes.io/managed-by".into(), "cloudpass-webhook".into())].into()),
+                            ..Default::default()
+                        },
+                        type_: Some("Opaque".into()),
+                        ..Default::default()
+                    };
+                    material.apply_to(&mut secret);
+                    match api.create(&PostParams::default(), &secret).await {
+                        Ok(_) => {
+                            info!(secret = %self.settings.secret_name, "created CA and serving certificate");
+                            break material;
+                        }
+                        // Another replica created it first: use theirs.
+                        Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(mut secret) => {
+                    let Some(current) = Material::from_secret(&secret) else {
+                        return Err(Error::Certificate(format!(
+                            "Secret {} exists but is not a cloudpass webhook certificate; delete it or name another with --cert-secret",
+                            self.settings.secret_name
+                        )));
+                    };
+                    let Some(next) = current.rotated(&self.settings)? else { break current };
+                    // Trust the new CA before anything it signed is served.
+                    self.sync_bundle(&format!("{}{}", next.bundle, current.bundle)).await?;
+                    next.apply_to(&mut secret);
+                    match api.replace(&self.settings.secret_name, &PostParams::default(), &secret).await {
+                        Ok(_) => break next,
+                        // Another replica rotated first (resourceVersion changed): start over.
+                        Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        };
+        self.sync_bundle(&material.bundle).await?;
+        let pair = (material.tls_cert.clone(), material.tls_key.clone());
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.as_ref() != Some(&pair) {
+            self.cert.set(&pair.0, &pair.1)?;
+            self.metrics.cert_reloads.inc();
+            info!(not_after = material.cert_not_after, "serving certificate loaded");
+            *loaded = Some(pair);
+        }
+        Ok(())
+    }
+
+    /// Sets the `caBundle` of every webhook of the configuration, if it differs.
+    async fn sync_bundle(&self, bundle: &str) -> Result<(), Error> {
+        let Some(name) = &self.settings.webhook_config_name else { return Ok(()) };
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let Some(config) = api.get_opt(name).await? else {
+            warn!(name, "MutatingWebhookConfiguration not found; caBundle not synced");
+            return Ok(());
+        };
+        let webhooks = config.webhooks.unwrap_or_default();
+        let wanted = ByteString(bundle.as_bytes().to_vec());
+        if webhooks.iter().all(|w| w.client_config.ca_bundle.as_ref() == Some(&wanted)) {
+            return Ok(());
+        }
+        // A JSON patch per webhook entry keeps everything else (owned by Helm or GitOps) as is.
+        let ops: Vec<serde_json::Value> = (0..webhooks.len())
+            .map(|i| {
+                serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                    "value": wanted})
+            })
+            .collect();
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+            .map_err(|e| Error::Certificate(e.to_string()))?;
+        api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
+        info!(name, "caBundle updated");
+        Ok(())
+    }
+
+    /// Runs [`CertManager::sync`] every `interval` forever, logging failures.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(e) = self.sync().await {
+                warn!(error = %e, reason = e.metric_label(), "certificate sync failed; retrying");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(ca: u64, cert: u64) -> CertSettings {
+        CertSettings {
+            namespace: "ns".into(),
+            secret_name: "s".into(),
+            webhook_config_name: None,
+            names: vec!["cloudpass-webhook.ns.svc".into(), "127.0.0.1".into()],
+            ca_validity: Duration::from_secs(ca),
+            cert_validity: Duration::from_secs(cert),
+        }
+    }
+
+    #[test]
+    fn fresh_material_is_not_due_and_round_trips_through_a_secret() {
+        let s = settings(3 * 86400, 86400);
+        let m = Material::fresh(&s).unwrap();
+        assert!(m.rotated(&s).unwrap().is_none(), "nothing is due right after creation");
+        let mut secret = Secret::default();
+        m.apply_to(&mut secret);
+        assert_eq!(Material::from_secret(&secret), Some(m));
+    }
+
+    #[test]
+    fn a_due_ca_is_rotated_with_overlap() {
+        let long = settings(3 * 86400, 86400);
+        let m = Material::fresh(&long).unwrap();
+        // With a validity far longer than what is left, everything is due.
+        let short = settings(100 * 86400, 100 * 86400);
+        let next = m.rotated(&short).unwrap().expect("rotation due");
+        assert_ne!(next.ca_name, m.ca_name);
+        assert_ne!(next.tls_cert, m.tls_cert);
+        assert!(next.bundle.contains(&m.ca_cert) && next.bundle.contains(&next.ca_cert), "both CAs trusted");
+        assert_eq!(next.previous_ca_not_after, Some(m.ca_not_after));
+    }
+
+    #[test]
+    fn serving_certificates_never_outlive_their_ca() {
+        let s = settings(3600, 86400);
+        let m = Material::fresh(&s).unwrap();
+        assert!(m.cert_not_after <= m.ca_not_after);
+    }
+}

@@ -1,0 +1,477 @@
+//! The injection decision and mutation: a pure function from a pod as submitted and its
+//! namespace's compiled config to the mutated pod, warnings and an outcome. No I/O, so it
+//! is tested table-driven and benchmarked in process.
+
+use std::collections::BTreeMap;
+
+use cloudpass_api::{
+    INJECT_ANNOTATION,
+    agent::{
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AWS_CREDENTIALS_PATH, AWS_TOKEN_FILE, AZURE_TOKEN_PATH, AgentConfig,
+        AgentDelivery, AgentEndpoint, BROKER_CA_ENV, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR,
+        SKIPPED_ANNOTATION, TOKEN_DIR, TOKEN_FILE,
+    },
+    config::{CompiledPolicy, NamespaceConfig},
+    policy::ServerKind,
+    selector::selector_matches,
+};
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, Container, EmptyDirVolumeSource, EnvVar, ExecAction, Pod, Probe, ProjectedVolumeSource,
+        ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+        VolumeProjection,
+    },
+    apimachinery::pkg::api::resource::Quantity,
+};
+
+/// Names of the volumes the webhook adds.
+const TOKEN_VOLUME: &str = "cloudpass-token";
+const SHARED_VOLUME: &str = "cloudpass-shared";
+
+/// Loopback ports of the agent's endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ports {
+    /// `/ready`, `/healthz`, `/metrics`.
+    pub health: u16,
+    /// AWS container credentials.
+    pub aws: u16,
+    /// Azure managed identity.
+    pub azure: u16,
+    /// GCP metadata server.
+    pub gcp: u16,
+    /// HTTP proxy (header and SigV4 deliveries).
+    pub proxy: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self { health: 15020, aws: 15021, azure: 15022, gcp: 15023, proxy: 15024 }
+    }
+}
+
+/// How the agent is injected; set by the webhook's flags.
+#[derive(Clone, Debug)]
+pub struct InjectSettings {
+    /// Agent image.
+    pub image: String,
+    /// Agent image pull policy.
+    pub pull_policy: String,
+    /// Path of the agent binary in its image (for the exec startup probe).
+    pub agent_path: String,
+    /// Broker base URL.
+    pub broker_url: String,
+    /// Broker CA certificate, PEM.
+    pub broker_ca_pem: String,
+    /// Agent ports.
+    pub ports: Ports,
+    /// Lifetime of the projected token, seconds (the kubelet rotates it at 80%).
+    pub token_seconds: i64,
+    /// Version recorded in the `cloudpass.dev/injected` annotation.
+    pub version: String,
+}
+
+/// Why a pod was left without an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// The pod says `cloudpass.dev/inject: "false"`.
+    OptedOut,
+    /// The pod already has the agent (reinvocation or re-admission).
+    AlreadyInjected,
+    /// No Ready policy of the namespace selects the pod.
+    NoPolicy,
+    /// `hostNetwork: true`: loopback would be the node's, shared with other pods.
+    HostNetwork,
+    /// A Windows pod: the agent is a Linux container.
+    Windows,
+    /// Policies select the pod but none of their containers exist, or every delivery
+    /// conflicted with variables the containers already set.
+    NothingToDeliver,
+}
+
+impl Skip {
+    /// Stable label for metrics and annotations.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::OptedOut => "opted_out",
+            Self::AlreadyInjected => "already_injected",
+            Self::NoPolicy => "no_policy",
+            Self::HostNetwork => "host_network",
+            Self::Windows => "windows",
+            Self::NothingToDeliver => "nothing_to_deliver",
+        }
+    }
+}
+
+/// The result of looking at one pod.
+#[derive(Debug)]
+pub struct Decision {
+    /// The pod to store (`None`: unchanged).
+    pub mutated: Option<Pod>,
+    /// Warnings for the admission response (shown by `kubectl`).
+    pub warnings: Vec<String>,
+    /// Policies served when injected.
+    pub policies: Vec<String>,
+    /// Why nothing was injected, if so.
+    pub skipped: Option<Skip>,
+}
+
+impl Decision {
+    fn skip(reason: Skip, warnings: Vec<String>) -> Self {
+        Self { mutated: None, warnings, policies: Vec::new(), skipped: Some(reason) }
+    }
+}
+
+/// Environment variables an SDK prefers over (or that would be overwritten by) each
+/// delivery; a container setting one of them keeps its own setup and gets a warning.
+fn conflicting_vars(kind: &DeliveryKind) -> &'static [&'static str] {
+    match kind {
+        DeliveryKind::Aws => &[
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_ACCESS_KEY_ID",
+        ],
+        DeliveryKind::Azure => &[
+            "IDENTITY_ENDPOINT",
+            "IDENTITY_HEADER",
+            "MSI_ENDPOINT",
+            "MSI_SECRET",
+            "AZURE_FEDERATED_TOKEN_FILE",
+            "AZURE_CLIENT_SECRET",
+            "AZURE_CLIENT_CERTIFICATE_PATH",
+        ],
+        DeliveryKind::Gcp => &["GCE_METADATA_HOST", "GCE_METADATA_IP", "GOOGLE_APPLICATION_CREDENTIALS"],
+        DeliveryKind::Proxy => &["HTTP_PROXY", "http_proxy"],
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum DeliveryKind {
+    Aws,
+    Azure,
+    Gcp,
+    Proxy,
+}
+
+fn delivery_kind(policy: &CompiledPolicy) -> Option<DeliveryKind> {
+    if policy.delivery.sdk_endpoint.is_some() {
+        return match policy.server.kind {
+            ServerKind::Aws => Some(DeliveryKind::Aws),
+            ServerKind::Azure => Some(DeliveryKind::Azure),
+            ServerKind::Gcp => Some(DeliveryKind::Gcp),
+            ServerKind::Http => None,
+        };
+    }
+    Some(DeliveryKind::Proxy)
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+}
+
+fn app_env(kind: DeliveryKind, ports: &Ports, identity_header: &str, existing: &[EnvVar]) -> Vec<EnvVar> {
+    let local = |port: u16| format!("127.0.0.1:{port}");
+    match kind {
+        DeliveryKind::Aws => vec![
+            env("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("http://{}{AWS_CREDENTIALS_PATH}", local(ports.aws))),
+            env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", format!("{SHARED_DIR}/{AWS_TOKEN_FILE}")),
+        ],
+        DeliveryKind::Azure => vec![
+            env("IDENTITY_ENDPOINT", format!("http://{}{AZURE_TOKEN_PATH}", local(ports.azure))),
+            env("IDENTITY_HEADER", identity_header),
+        ],
+        DeliveryKind::Gcp => vec![env("GCE_METADATA_HOST", local(ports.gcp)), env("GCE_METADATA_IP", local(ports.gcp))],
+        DeliveryKind::Proxy => {
+            let proxy = format!("http://{}", local(ports.proxy));
+            let mut vars = vec![env("HTTP_PROXY", proxy.clone()), env("http_proxy", proxy)];
+            // Keep in-cluster and loopback traffic off the proxy, unless the app decided.
+            if !existing.iter().any(|e| e.name == "NO_PROXY" || e.name == "no_proxy") {
+                let no_proxy = "localhost,127.0.0.1,::1,.svc,.cluster.local";
+                vars.push(env("NO_PROXY", no_proxy));
+                vars.push(env("no_proxy", no_proxy));
+            }
+            vars
+        }
+    }
+}
+
+fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> AgentEndpoint {
+    let upstream_port = policy.server.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(443);
+    match kind {
+        DeliveryKind::Aws => AgentEndpoint::AwsContainerCredentials { port: ports.aws },
+        DeliveryKind::Azure => AgentEndpoint::AzureManagedIdentity {
+            port: ports.azure,
+            resource: policy.server.resource.clone().unwrap_or_default(),
+        },
+        DeliveryKind::Gcp => AgentEndpoint::GcpMetadata {
+            port: ports.gcp,
+            scopes: if policy.server.scopes.is_empty() {
+                vec!["https://www.googleapis.com/auth/cloud-platform".into()]
+            } else {
+                policy.server.scopes.clone()
+            },
+        },
+        DeliveryKind::Proxy => match (&policy.delivery.http_header, &policy.delivery.aws_sig_v4) {
+            (Some(h), _) => AgentEndpoint::HttpHeader {
+                port: ports.proxy,
+                hosts: policy.server.hosts.clone(),
+                upstream_port,
+                name: h.name.clone(),
+                format: h.format.clone(),
+            },
+            (None, sig) => AgentEndpoint::AwsSigV4 {
+                port: ports.proxy,
+                hosts: policy.server.hosts.clone(),
+                upstream_port,
+                service: sig.as_ref().and_then(|s| s.service.clone()),
+                region: sig.as_ref().and_then(|s| s.region.clone()),
+            },
+        },
+    }
+}
+
+/// Decides whether and how to inject the agent into `pod`.
+///
+/// `identity_header` is a fresh random value for this pod (the Azure endpoint's proof);
+/// the caller generates it so that this function stays deterministic.
+pub fn decide(pod: &Pod, config: Option<&NamespaceConfig>, settings: &InjectSettings, identity_header: &str) -> Decision {
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let forced = annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("true");
+    if annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("false") {
+        return Decision::skip(Skip::OptedOut, vec![]);
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        return Decision::skip(Skip::NoPolicy, vec!["pod has no spec".into()]);
+    };
+    let has_agent = spec.init_containers.iter().flatten().chain(&spec.containers).any(|c| c.name == AGENT_CONTAINER);
+    if has_agent || annotations.contains_key(INJECTED_ANNOTATION) {
+        return Decision::skip(Skip::AlreadyInjected, vec![]);
+    }
+
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let service_account = spec.service_account_name.as_deref().unwrap_or("default");
+    let selected: Vec<&CompiledPolicy> = config
+        .map(|c| {
+            c.policies
+                .iter()
+                .filter(|p| selector_matches(&p.client.pod_selector, &labels))
+                .filter(|p| p.client.service_account_name.as_deref().is_none_or(|sa| sa == service_account))
+                .collect()
+        })
+        .unwrap_or_default();
+    if selected.is_empty() {
+        let warnings = if forced {
+            vec![format!(
+                "cloudpass: {INJECT_ANNOTATION}=true but no Ready AccessPolicy of this namespace selects the pod; nothing injected"
+            )]
+        } else {
+            vec![]
+        };
+        return Decision::skip(Skip::NoPolicy, warnings);
+    }
+    let policy_names = || selected.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ");
+    if spec.host_network == Some(true) {
+        return Decision::skip(
+            Skip::HostNetwork,
+            vec![format!(
+                "cloudpass: not injected although AccessPolicy {} selects this pod: hostNetwork pods share the node's loopback, where the agent's endpoints would be reachable by other workloads",
+                policy_names()
+            )],
+        );
+    }
+    let windows = spec.node_selector.as_ref().and_then(|s| s.get("kubernetes.io/os")).map(String::as_str)
+        == Some("windows")
+        || spec.os.as_ref().is_some_and(|os| os.name == "windows");
+    if windows {
+        return Decision::skip(
+            Skip::Windows,
+            vec![format!(
+                "cloudpass: not injected although AccessPolicy {} selects this pod: the agent runs on Linux nodes only",
+                policy_names()
+            )],
+        );
+    }
+
+    let mut warnings = Vec::new();
+    let mut mutated = pod.clone();
+    let mut deliveries: Vec<AgentDelivery> = Vec::new();
+    let mut served: Vec<String> = Vec::new();
+    let mut needs_shared = false;
+    let mut uses_azure = false;
+    // Per container: the delivery kinds already given, to give each single-valued endpoint once.
+    let mut given: BTreeMap<String, Vec<DeliveryKind>> = BTreeMap::new();
+    let containers = mutated.spec.as_mut().expect("checked").containers.as_mut_slice();
+
+    for policy in &selected {
+        let Some(kind) = delivery_kind(policy) else { continue };
+        let targets: Vec<usize> = containers
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| policy.client.containers.is_empty() || policy.client.containers.contains(&c.name))
+            .map(|(i, _)| i)
+            .collect();
+        if targets.is_empty() {
+            warnings.push(format!(
+                "cloudpass: AccessPolicy {} names containers [{}], none of which is in this pod",
+                policy.name,
+                policy.client.containers.join(", ")
+            ));
+            continue;
+        }
+        let mut delivered = false;
+        for i in targets {
+            let container = &mut containers[i];
+            let existing = container.env.clone().unwrap_or_default();
+            let kinds = given.entry(container.name.clone()).or_default();
+            if kinds.contains(&kind) {
+                // Azure (per resource) and the proxy (per host) share one endpoint.
+                if matches!(kind, DeliveryKind::Azure | DeliveryKind::Proxy) {
+                    delivered = true;
+                } else {
+                    warnings.push(format!(
+                        "cloudpass: container {} already receives {kind:?} credentials from another policy; AccessPolicy {} skipped for it",
+                        container.name, policy.name
+                    ));
+                }
+                continue;
+            }
+            if let Some(var) = conflicting_vars(&kind).iter().find(|v| existing.iter().any(|e| &e.name == *v)) {
+                warnings.push(format!(
+                    "cloudpass: container {} sets {var}, which the SDK would use instead of (or which would override) the credentials of AccessPolicy {}; left unchanged",
+                    container.name, policy.name
+                ));
+                continue;
+            }
+            let mut new_env = existing.clone();
+            new_env.extend(app_env(kind, &settings.ports, identity_header, &existing));
+            container.env = Some(new_env);
+            if kind == DeliveryKind::Aws {
+                container.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
+                    name: SHARED_VOLUME.into(),
+                    mount_path: SHARED_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                });
+                needs_shared = true;
+            }
+            uses_azure |= kind == DeliveryKind::Azure;
+            kinds.push(kind);
+            delivered = true;
+        }
+        if delivered {
+            deliveries.push(AgentDelivery { policy: policy.name.clone(), endpoint: endpoint(policy, kind, &settings.ports) });
+            served.push(policy.name.clone());
+        }
+    }
+
+    if deliveries.is_empty() {
+        warnings.push(format!(
+            "cloudpass: AccessPolicy {} selects this pod but no container could receive its credentials; agent not injected",
+            policy_names()
+        ));
+        return Decision::skip(Skip::NothingToDeliver, warnings);
+    }
+
+    let agent_config = AgentConfig {
+        broker_url: settings.broker_url.clone(),
+        health_port: settings.ports.health,
+        deliveries,
+    };
+    let mut agent_env = vec![
+        env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes")),
+        env(BROKER_CA_ENV, settings.broker_ca_pem.clone()),
+    ];
+    if uses_azure {
+        agent_env.push(env("IDENTITY_HEADER", identity_header));
+    }
+    let mut agent_mounts = vec![VolumeMount {
+        name: TOKEN_VOLUME.into(),
+        mount_path: TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if needs_shared {
+        agent_mounts.push(VolumeMount { name: SHARED_VOLUME.into(), mount_path: SHARED_DIR.into(), ..Default::default() });
+    }
+    let agent = agent_container(settings, agent_env, agent_mounts);
+
+    let spec = mutated.spec.as_mut().expect("checked");
+    spec.init_containers.get_or_insert_with(Vec::new).insert(0, agent);
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    volumes.push(Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(cloudpass_api::BROKER_AUDIENCE.into()),
+                    expiration_seconds: Some(settings.token_seconds),
+                    path: TOKEN_FILE.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    if needs_shared {
+        volumes.push(Volume {
+            name: SHARED_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("1Mi".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let annotations = mutated.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.insert(INJECTED_ANNOTATION.into(), settings.version.clone());
+    annotations.insert(POLICIES_ANNOTATION.into(), served.join(","));
+    if !warnings.is_empty() {
+        annotations.insert(SKIPPED_ANNOTATION.into(), warnings.join("; "));
+    }
+    Decision { mutated: Some(mutated), warnings, policies: served, skipped: None }
+}
+
+fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: Vec<VolumeMount>) -> Container {
+    let quantity = |q: &str| Quantity(q.into());
+    Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: Some(settings.pull_policy.clone()),
+        // A native sidecar: started before the app containers, stopped after them, and
+        // it does not keep a Job from completing.
+        restart_policy: Some("Always".into()),
+        env: Some(env),
+        volume_mounts: Some(volume_mounts),
+        // The agent's endpoints listen on loopback only, so the kubelet cannot reach them
+        // over HTTP; the probe runs inside the container.
+        startup_probe: Some(Probe {
+            exec: Some(ExecAction { command: Some(vec![settings.agent_path.clone(), "probe".into()]) }),
+            period_seconds: Some(1),
+            timeout_seconds: Some(2),
+            failure_threshold: Some(120),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some([("cpu".to_owned(), quantity("10m")), ("memory".to_owned(), quantity("16Mi"))].into()),
+            limits: Some([("memory".to_owned(), quantity("64Mi"))].into()),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,228 @@
+//! `cloudpass-webhook`: the mutating admission webhook that injects the cloudpass agent.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use cloudpass_api::duration::Duration as TextDuration;
+use cloudpass_webhook::{
+    admission::Admission,
+    certs::{CertManager, CertSettings},
+    config::{self, Configs},
+    inject::{InjectSettings, Ports},
+    metrics::Metrics,
+    server::{self, AppState},
+    tls::{self, ReloadableCert},
+};
+use tracing::{error, info, warn};
+
+/// Injects the cloudpass agent into pods that a Ready AccessPolicy selects, in namespaces
+/// labelled cloudpass.dev/injection=enabled.
+#[derive(Parser, Debug)]
+#[command(name = "cloudpass-webhook", version)]
+struct Args {
+    /// Namespace the webhook runs in (its certificate Secret lives there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "cloudpass-system")]
+    namespace: String,
+    /// Namespace of the operator's compiled configs. Default: `--namespace`.
+    #[arg(long, env = "CLOUDPASS_CONFIG_NAMESPACE")]
+    config_namespace: Option<String>,
+    /// HTTPS address serving `/mutate`, `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "CLOUDPASS_LISTEN_ADDR", default_value = "0.0.0.0:9443")]
+    listen_addr: SocketAddr,
+    /// Agent image injected into pods.
+    #[arg(long, env = "CLOUDPASS_AGENT_IMAGE", default_value = concat!("ghcr.io/cloudpass-dev/cloudpass-agent:", env!("CARGO_PKG_VERSION")))]
+    agent_image: String,
+    /// Pull policy of the agent image.
+    #[arg(long, env = "CLOUDPASS_AGENT_PULL_POLICY", default_value = "IfNotPresent")]
+    agent_pull_policy: String,
+    /// Path of the agent binary inside its image (runs the startup probe).
+    #[arg(long, env = "CLOUDPASS_AGENT_PATH", default_value = "/usr/local/bin/cloudpass-agent")]
+    agent_path: String,
+    /// Broker URL the agent calls. Default: `https://cloudpass-broker.<namespace>.svc:8443`.
+    #[arg(long, env = "CLOUDPASS_BROKER_URL")]
+    broker_url: Option<String>,
+    /// PEM file with the broker's CA, handed to the agent.
+    #[arg(long, env = "CLOUDPASS_BROKER_CA_FILE")]
+    broker_ca_file: Option<PathBuf>,
+    /// Lifetime of the projected token mounted into the agent (the kubelet renews it at 80%).
+    #[arg(long, env = "CLOUDPASS_TOKEN_LIFETIME", default_value = "1h")]
+    token_lifetime: TextDuration,
+    /// Who provides the serving certificate.
+    #[arg(long, env = "CLOUDPASS_CERT_MODE", value_enum, default_value_t = CertMode::SelfManaged)]
+    cert_mode: CertMode,
+    /// Serving certificate file (`--cert-mode files`, e.g. from cert-manager); re-read when it changes.
+    #[arg(long, env = "CLOUDPASS_TLS_CERT_FILE", default_value = "/etc/cloudpass/tls/tls.crt")]
+    tls_cert_file: PathBuf,
+    /// Serving key file (`--cert-mode files`).
+    #[arg(long, env = "CLOUDPASS_TLS_KEY_FILE", default_value = "/etc/cloudpass/tls/tls.key")]
+    tls_key_file: PathBuf,
+    /// Secret holding the self-managed CA and serving certificate.
+    #[arg(long, env = "CLOUDPASS_CERT_SECRET", default_value = "cloudpass-webhook-tls")]
+    cert_secret: String,
+    /// MutatingWebhookConfiguration whose caBundle the webhook keeps in sync (self-managed mode).
+    #[arg(long, env = "CLOUDPASS_WEBHOOK_CONFIG", default_value = "cloudpass-webhook")]
+    webhook_config_name: String,
+    /// Service name, for the serving certificate's DNS names.
+    #[arg(long, env = "CLOUDPASS_SERVICE_NAME", default_value = "cloudpass-webhook")]
+    service_name: String,
+    /// Further names (DNS or IP) for the serving certificate; repeatable.
+    #[arg(long = "extra-san", env = "CLOUDPASS_EXTRA_SANS", value_delimiter = ',')]
+    extra_sans: Vec<String>,
+    /// Lifetime of the self-managed CA; it is rotated when a third is left.
+    #[arg(long, env = "CLOUDPASS_CA_VALIDITY", default_value = "43800h")]
+    ca_validity: TextDuration,
+    /// Lifetime of a serving certificate; it is renewed when a third is left.
+    #[arg(long, env = "CLOUDPASS_CERT_VALIDITY", default_value = "2160h")]
+    cert_validity: TextDuration,
+    /// How often certificates are checked (and files re-read).
+    #[arg(long, env = "CLOUDPASS_CERT_CHECK_INTERVAL", default_value = "1m")]
+    cert_check_interval: TextDuration,
+    /// Log format.
+    #[arg(long, env = "CLOUDPASS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    /// Log filter.
+    #[arg(long, env = "CLOUDPASS_LOG", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CertMode {
+    /// The webhook creates and rotates its own CA and certificate and patches the caBundle.
+    SelfManaged,
+    /// Certificate files provided by cert-manager or the chart; re-read when they change.
+    Files,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// Loads the certificate files when their content changed; `Ok(true)` when reloaded.
+fn reload_files(
+    cert: &ReloadableCert,
+    files: &(PathBuf, PathBuf),
+    last: &mut Option<(String, String)>,
+) -> Result<bool, String> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let pair = (read(&files.0)?, read(&files.1)?);
+    if last.as_ref() == Some(&pair) {
+        return Ok(false);
+    }
+    cert.set(&pair.0, &pair.1).map_err(|e| e.to_string())?;
+    *last = Some(pair);
+    Ok(true)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "no Kubernetes client configuration (in-cluster or KUBECONFIG)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let broker_ca_pem = match &args.broker_ca_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot read the broker CA");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => String::new(),
+    };
+    let metrics = Metrics::new();
+    let configs = Arc::new(Configs::default());
+    let config_namespace = args.config_namespace.clone().unwrap_or_else(|| args.namespace.clone());
+    tokio::spawn(config::watch(client.clone(), config_namespace.clone(), configs.clone()));
+
+    let settings = InjectSettings {
+        image: args.agent_image.clone(),
+        pull_policy: args.agent_pull_policy.clone(),
+        agent_path: args.agent_path.clone(),
+        broker_url: args.broker_url.clone().unwrap_or_else(|| format!("https://cloudpass-broker.{}.svc:8443", args.namespace)),
+        broker_ca_pem,
+        ports: Ports::default(),
+        token_seconds: args.token_lifetime.as_secs().max(600) as i64,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let cert = Arc::new(ReloadableCert::default());
+    let interval = Duration::from_secs(args.cert_check_interval.as_secs().max(1));
+    match args.cert_mode {
+        CertMode::SelfManaged => {
+            let mut names = vec![
+                format!("{}.{}.svc", args.service_name, args.namespace),
+                format!("{}.{}.svc.cluster.local", args.service_name, args.namespace),
+            ];
+            names.extend(args.extra_sans.iter().cloned());
+            let manager = Arc::new(CertManager::new(
+                client.clone(),
+                CertSettings {
+                    namespace: args.namespace.clone(),
+                    secret_name: args.cert_secret.clone(),
+                    webhook_config_name: Some(args.webhook_config_name.clone()),
+                    names,
+                    ca_validity: args.ca_validity.as_std(),
+                    cert_validity: args.cert_validity.as_std(),
+                },
+                cert.clone(),
+                metrics.clone(),
+            ));
+            if let Err(e) = manager.sync().await {
+                // Keep running: /readyz reports it, and the loop retries.
+                warn!(error = %e, "initial certificate sync failed");
+            }
+            tokio::spawn(manager.run(interval));
+        }
+        CertMode::Files => {
+            let mut last = None;
+            let files = (args.tls_cert_file.clone(), args.tls_key_file.clone());
+            if let Err(e) = reload_files(&cert, &files, &mut last) {
+                warn!(error = %e, "serving certificate files not readable yet");
+            }
+            let (cert, metrics) = (cert.clone(), metrics.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    match reload_files(&cert, &files, &mut last) {
+                        Ok(true) => {
+                            metrics.cert_reloads.inc();
+                            info!("serving certificate reloaded from files");
+                        }
+                        Ok(false) => {}
+                        Err(e) => warn!(error = %e, "serving certificate files not readable"),
+                    }
+                }
+            });
+        }
+    }
+
+    let admission = Arc::new(Admission { configs, settings, metrics });
+    let router = server::router(AppState { admission, cert: cert.clone() });
+    match tls::serve(args.listen_addr, router, cert).await {
+        Ok(addr) => info!(%addr, config_namespace, "cloudpass-webhook serving"),
+        Err(e) => {
+            error!(error = %e, "cannot serve");
+            return ExitCode::FAILURE;
+        }
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("cloudpass-webhook stopping");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,72 @@
+//! Prometheus metrics of the webhook.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Label naming a result or reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Label {
+    /// The value.
+    pub value: String,
+}
+
+/// The webhook's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Admission requests by result (`injected`, `skipped`, `allowed`, `error`).
+    pub requests: Family<Label, Counter>,
+    /// Admission latency in seconds (in process, from body to answer).
+    pub latency: Histogram,
+    /// Pods injected.
+    pub injections: Counter,
+    /// Pods not injected, by reason.
+    pub skips: Family<Label, Counter>,
+    /// Serving certificate reloads.
+    pub cert_reloads: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("cloudpass_webhook");
+        let requests = Family::<Label, Counter>::default();
+        let latency = Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1]);
+        let injections = Counter::default();
+        let skips = Family::<Label, Counter>::default();
+        let cert_reloads = Counter::default();
+        registry.register("requests", "Admission requests by result", requests.clone());
+        registry.register("latency_seconds", "Time to answer an admission request", latency.clone());
+        registry.register("injections", "Pods injected with the agent", injections.clone());
+        registry.register("skips", "Pods not injected, by reason", skips.clone());
+        registry.register("certificate_reloads", "Serving certificate reloads", cert_reloads.clone());
+        Self { registry, requests, latency, injections, skips, cert_reloads }
+    }
+}
+
+impl Metrics {
+    /// New metrics, shared.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Counts a request result.
+    pub fn request(&self, result: &str) {
+        self.requests.get_or_create(&Label { value: result.into() }).inc();
+    }
+
+    /// Counts a skip reason.
+    pub fn skip(&self, reason: &str) {
+        self.skips.get_or_create(&Label { value: reason.into() }).inc();
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("encoding into a String cannot fail");
+        out
+    }
+}

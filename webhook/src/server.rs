@@ -1,0 +1,64 @@
+//! The webhook's HTTP routes.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+
+use crate::{
+    admission::{Admission, MAX_BODY_BYTES},
+    tls::ReloadableCert,
+};
+
+/// Shared state of the routes.
+#[derive(Clone)]
+pub struct AppState {
+    /// The admission handler.
+    pub admission: Arc<Admission>,
+    /// The serving certificate (for readiness).
+    pub cert: Arc<ReloadableCert>,
+}
+
+async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+    match state.admission.review(&body) {
+        Ok(review) => axum::Json(review).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match (state.admission.configs.loaded(), state.cert.is_loaded()) {
+        (true, true) => (StatusCode::OK, "ready").into_response(),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "compiled configs not loaded yet").into_response(),
+        (_, false) => (StatusCode::SERVICE_UNAVAILABLE, "serving certificate not loaded yet").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.admission.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// All routes: `POST /mutate`, `/healthz`, `/readyz`, `/metrics`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

@@ -1,0 +1,90 @@
+//! HTTPS with a serving certificate that can be replaced at run time: new handshakes get
+//! the new certificate, open connections are not dropped.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use rustls::{
+    crypto::aws_lc_rs,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::Error;
+
+/// The current serving certificate, swappable.
+#[derive(Default)]
+pub struct ReloadableCert {
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+}
+
+impl fmt::Debug for ReloadableCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReloadableCert")
+    }
+}
+
+impl ReloadableCert {
+    /// Installs a certificate chain and key (PEM).
+    pub fn set(&self, cert_pem: &str, key_pem: &str) -> Result<(), Error> {
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Certificate(format!("serving certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| Error::Certificate(format!("serving key: {e}")))?;
+        let signing = aws_lc_rs::sign::any_supported_type(&key).map_err(|e| Error::Certificate(e.to_string()))?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(CertifiedKey::new(certs, signing)));
+        Ok(())
+    }
+
+    /// Whether a certificate is installed.
+    pub fn is_loaded(&self) -> bool {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Serves `router` over HTTPS on `addr` with the certificate in `cert`, until the
+/// process ends. Returns the bound address.
+pub async fn serve(addr: SocketAddr, router: axum::Router, cert: Arc<ReloadableCert>) -> Result<SocketAddr, Error> {
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Certificate(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            let service = TowerToHyperService::new(router.clone());
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await;
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
