@@ -109,3 +109,130 @@ impl Admission {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::inject::Ports;
+
+    fn admission() -> Admission {
+        let configs = Arc::new(Configs::default());
+        let policy = json!({
+            "name": "s3", "client": {"podSelector": {}}, "trustProviders": ["k8s"],
+            "server": {"kind": "aws"}, "credentialProvider": "cred", "delivery": {"sdkEndpoint": {}},
+        });
+        configs.insert(cloudpass_api::config::NamespaceConfig::new(
+            "team",
+            [("k8s".into(), serde_json::from_value(json!({"kubernetesServiceAccount": {}})).unwrap())].into(),
+            [(
+                "cred".into(),
+                serde_json::from_value(json!({"awsSts": {"roleArn": "arn:aws:iam::123456789012:role/r"}})).unwrap(),
+            )]
+            .into(),
+            vec![serde_json::from_value(policy).unwrap()],
+        ));
+        Admission {
+            configs,
+            settings: InjectSettings {
+                image: "agent:1".into(),
+                pull_policy: "IfNotPresent".into(),
+                agent_path: "/agent".into(),
+                broker_url: "https://broker".into(),
+                broker_ca_pem: String::new(),
+                ports: Ports::default(),
+                token_seconds: 3600,
+                version: "test".into(),
+            },
+            metrics: Metrics::new(),
+        }
+    }
+
+    fn review(kind: &str, group: &str, operation: &str, object: Option<Value>) -> Vec<u8> {
+        let mut request = json!({
+            "uid": "7f0b2b1c-0000-4000-8000-000000000001",
+            "kind": {"group": group, "version": "v1", "kind": kind},
+            "resource": {"group": group, "version": "v1", "resource": format!("{}s", kind.to_lowercase())},
+            "requestKind": {"group": group, "version": "v1", "kind": kind},
+            "requestResource": {"group": group, "version": "v1", "resource": format!("{}s", kind.to_lowercase())},
+            "namespace": "team", "operation": operation,
+            "userInfo": {"username": "alice"}, "dryRun": false,
+        });
+        if let Some(o) = object {
+            request["object"] = o;
+        }
+        serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}))
+            .unwrap()
+    }
+
+    fn pod() -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "team"},
+               "spec": {"containers": [{"name": "web", "image": "web:1"}]}})
+    }
+
+    #[test]
+    fn a_selected_pod_gets_a_patch_that_applies_to_what_was_sent() {
+        let a = admission();
+        let answer = serde_json::to_value(a.review(&review("Pod", "", "CREATE", Some(pod()))).unwrap()).unwrap();
+        let response = &answer["response"];
+        assert_eq!(response["uid"], "7f0b2b1c-0000-4000-8000-000000000001");
+        assert_eq!(response["allowed"], true);
+        assert_eq!(response["patchType"], "JSONPatch");
+        // kube serializes the patch bytes as a JSON array (Go's []byte accepts both forms).
+        let bytes: Vec<u8> = match &response["patch"] {
+            Value::String(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap(),
+            other => serde_json::from_value(other.clone()).unwrap(),
+        };
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let mut sent = pod();
+        json_patch::patch(&mut sent, &patch).unwrap();
+        assert_eq!(sent["spec"]["initContainers"][0]["name"], "cloudpass-agent");
+        assert_eq!(sent["spec"]["containers"][0]["name"], "web");
+        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{value="injected"} 1"#));
+    }
+
+    #[test]
+    fn other_objects_and_operations_pass_unchanged() {
+        let a = admission();
+        for body in [
+            review(
+                "ConfigMap",
+                "",
+                "CREATE",
+                Some(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})),
+            ),
+            review("Pod", "", "UPDATE", Some(pod())),
+            review(
+                "Deployment",
+                "apps",
+                "CREATE",
+                Some(json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}})),
+            ),
+        ] {
+            let answer = serde_json::to_value(a.review(&body).unwrap()).unwrap();
+            assert_eq!(answer["response"]["allowed"], true);
+            assert!(answer["response"].get("patch").is_none(), "{answer}");
+        }
+    }
+
+    #[test]
+    fn bad_input_gets_a_precise_error() {
+        let a = admission();
+        let err = a.review(b"{not json").unwrap_err().to_string();
+        assert!(err.starts_with("malformed AdmissionReview"), "{err}");
+        let err =
+            a.review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#).unwrap_err().to_string();
+        assert_eq!(err, "AdmissionReview has no request");
+        let answer = serde_json::to_value(a.review(&review("Pod", "", "CREATE", None)).unwrap()).unwrap();
+        assert_eq!(answer["response"]["allowed"], false);
+        assert!(answer["response"]["status"]["message"].as_str().unwrap().contains("without an object"));
+        let broken =
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": "not a list"}});
+        let answer = serde_json::to_value(a.review(&review("Pod", "", "CREATE", Some(broken))).unwrap()).unwrap();
+        assert_eq!(answer["response"]["allowed"], false);
+        assert!(answer["response"]["status"]["message"].as_str().unwrap().contains("cannot read the pod"));
+        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{value="bad_request"} 2"#));
+    }
+}

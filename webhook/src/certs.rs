@@ -100,7 +100,12 @@ fn new_ca(settings: &CertSettings) -> Result<(String, String, String, i64), Erro
     Ok((cert.pem(), key.serialize_pem(), name, not_after))
 }
 
-fn issue_serving(settings: &CertSettings, ca_name: &str, ca_key_pem: &str, ca_not_after: i64) -> Result<(String, String, i64), Error> {
+fn issue_serving(
+    settings: &CertSettings,
+    ca_name: &str,
+    ca_key_pem: &str,
+    ca_not_after: i64,
+) -> Result<(String, String, i64), Error> {
     let ca_key = KeyPair::from_pem(ca_key_pem).map_err(rcgen_err)?;
     // The issuer is rebuilt from the CA's name and key: all a signature needs.
     let issuer = Issuer::new(ca_params(ca_name, ca_not_after)?, ca_key);
@@ -310,8 +315,8 @@ impl CertManager {
                     "value": wanted})
             })
             .collect();
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
-            .map_err(|e| Error::Certificate(e.to_string()))?;
+        let patch: json_patch::Patch =
+            serde_json::from_value(serde_json::Value::Array(ops)).map_err(|e| Error::Certificate(e.to_string()))?;
         api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
         info!(name, "caBundle updated");
         Ok(())

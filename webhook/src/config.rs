@@ -48,9 +48,13 @@ impl Configs {
                 info!(namespace, hash = %config.hash, policies = config.policies.len(), "config loaded");
                 self.by_namespace.write().unwrap_or_else(|e| e.into_inner()).insert(namespace, Arc::new(config));
             }
-            Ok(config) => warn!(configmap = %cm.name_any(), label = namespace, document = config.namespace, "config namespace does not match its label; ignored"),
+            Ok(config) => {
+                warn!(configmap = %cm.name_any(), label = namespace, document = config.namespace, "config namespace does not match its label; ignored")
+            }
             // Keep serving the last good config: a broken document must not uninject pods.
-            Err(e) => warn!(configmap = %cm.name_any(), error = %e, reason = e.metric_label(), "config refused; keeping the previous one"),
+            Err(e) => {
+                warn!(configmap = %cm.name_any(), error = %e, reason = e.metric_label(), "config refused; keeping the previous one")
+            }
         }
     }
 

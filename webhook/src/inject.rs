@@ -236,7 +236,12 @@ fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> Agent
 ///
 /// `identity_header` is a fresh random value for this pod (the Azure endpoint's proof);
 /// the caller generates it so that this function stays deterministic.
-pub fn decide(pod: &Pod, config: Option<&NamespaceConfig>, settings: &InjectSettings, identity_header: &str) -> Decision {
+pub fn decide(
+    pod: &Pod,
+    config: Option<&NamespaceConfig>,
+    settings: &InjectSettings,
+    identity_header: &str,
+) -> Decision {
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let forced = annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("true");
     if annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("false") {
@@ -361,7 +366,8 @@ pub fn decide(pod: &Pod, config: Option<&NamespaceConfig>, settings: &InjectSett
             delivered = true;
         }
         if delivered {
-            deliveries.push(AgentDelivery { policy: policy.name.clone(), endpoint: endpoint(policy, kind, &settings.ports) });
+            deliveries
+                .push(AgentDelivery { policy: policy.name.clone(), endpoint: endpoint(policy, kind, &settings.ports) });
             served.push(policy.name.clone());
         }
     }
@@ -374,11 +380,8 @@ pub fn decide(pod: &Pod, config: Option<&NamespaceConfig>, settings: &InjectSett
         return Decision::skip(Skip::NothingToDeliver, warnings);
     }
 
-    let agent_config = AgentConfig {
-        broker_url: settings.broker_url.clone(),
-        health_port: settings.ports.health,
-        deliveries,
-    };
+    let agent_config =
+        AgentConfig { broker_url: settings.broker_url.clone(), health_port: settings.ports.health, deliveries };
     let mut agent_env = vec![
         env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes")),
         env(BROKER_CA_ENV, settings.broker_ca_pem.clone()),
@@ -393,7 +396,11 @@ pub fn decide(pod: &Pod, config: Option<&NamespaceConfig>, settings: &InjectSett
         ..Default::default()
     }];
     if needs_shared {
-        agent_mounts.push(VolumeMount { name: SHARED_VOLUME.into(), mount_path: SHARED_DIR.into(), ..Default::default() });
+        agent_mounts.push(VolumeMount {
+            name: SHARED_VOLUME.into(),
+            mount_path: SHARED_DIR.into(),
+            ..Default::default()
+        });
     }
     let agent = agent_container(settings, agent_env, agent_mounts);
 
@@ -473,5 +480,270 @@ fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: V
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cloudpass_api::config::NamespaceConfig;
+    use serde_json::json;
+
+    use super::*;
+
+    fn settings() -> InjectSettings {
+        InjectSettings {
+            image: "ghcr.io/cloudpass-dev/cloudpass-agent:test".into(),
+            pull_policy: "IfNotPresent".into(),
+            agent_path: "/usr/local/bin/cloudpass-agent".into(),
+            broker_url: "https://broker".into(),
+            broker_ca_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            ports: Ports::default(),
+            token_seconds: 3600,
+            version: "0.1.0".into(),
+        }
+    }
+
+    /// A config with the given policies (JSON specs of CompiledPolicy).
+    fn config(policies: serde_json::Value) -> NamespaceConfig {
+        let policies: Vec<CompiledPolicy> = serde_json::from_value(policies).unwrap();
+        let trust =
+            [("k8s".to_owned(), serde_json::from_value(json!({"kubernetesServiceAccount": {}})).unwrap())].into();
+        let cred = [(
+            "cred".to_owned(),
+            serde_json::from_value(json!({"awsSts": {"roleArn": "arn:aws:iam::123456789012:role/r"}})).unwrap(),
+        )]
+        .into();
+        NamespaceConfig::new("team", trust, cred, policies)
+    }
+
+    fn policy(name: &str, server: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+        let mut p = json!({
+            "name": name,
+            "client": {"podSelector": {"matchLabels": {"app": "web"}}},
+            "trustProviders": ["k8s"],
+            "server": server,
+            "credentialProvider": "cred",
+            "delivery": {"sdkEndpoint": {}},
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        p
+    }
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "web-", "labels": {"app": "web"}},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn app(name: &str) -> serde_json::Value {
+        json!({"name": name, "image": "app:1"})
+    }
+
+    fn env_of(pod: &Pod, container: &str) -> BTreeMap<String, String> {
+        pod.spec
+            .as_ref()
+            .unwrap()
+            .containers
+            .iter()
+            .find(|c| c.name == container)
+            .unwrap()
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    fn aws() -> serde_json::Value {
+        json!({"kind": "aws"})
+    }
+
+    #[test]
+    fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
+        let cfg = config(json!([policy("s3", aws(), json!({}))]));
+        let submitted =
+            pod(json!({"initContainers": [{"name": "migrate", "image": "m:1"}], "containers": [app("web")]}));
+        let d = decide(&submitted, Some(&cfg), &settings(), "proof");
+        assert!(d.skipped.is_none() && d.warnings.is_empty(), "{d:?}");
+        let p = d.mutated.unwrap();
+        let spec = p.spec.as_ref().unwrap();
+        let init = spec.init_containers.as_ref().unwrap();
+        assert_eq!(init[0].name, AGENT_CONTAINER, "the agent starts before other init containers");
+        assert_eq!(init[1].name, "migrate");
+        let agent = &init[0];
+        assert_eq!(agent.restart_policy.as_deref(), Some("Always"));
+        let sc = agent.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert!(agent.startup_probe.is_some());
+        let agent_env: BTreeMap<_, _> =
+            agent.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap())).collect();
+        let agent_config: AgentConfig = serde_json::from_str(&agent_env[AGENT_CONFIG_ENV]).unwrap();
+        assert_eq!(agent_config.deliveries[0].policy, "s3");
+        assert_eq!(agent_config.deliveries[0].endpoint, AgentEndpoint::AwsContainerCredentials { port: 15021 });
+        // The token volume is the agent's alone.
+        let token_mounts: Vec<_> = spec
+            .containers
+            .iter()
+            .chain(init.iter())
+            .filter(|c| c.volume_mounts.iter().flatten().any(|m| m.name == TOKEN_VOLUME))
+            .map(|c| c.name.clone())
+            .collect();
+        assert_eq!(token_mounts, [AGENT_CONTAINER]);
+        let token = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
+        let projection =
+            token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone().unwrap();
+        assert_eq!(projection.audience.as_deref(), Some("cloudpass"));
+        let env = env_of(&p, "web");
+        assert_eq!(env["AWS_CONTAINER_CREDENTIALS_FULL_URI"], "http://127.0.0.1:15021/v1/aws/credentials");
+        assert_eq!(env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"], format!("{SHARED_DIR}/{AWS_TOKEN_FILE}"));
+        let ann = p.metadata.annotations.unwrap();
+        assert_eq!(ann[INJECTED_ANNOTATION], "0.1.0");
+        assert_eq!(ann[POLICIES_ANNOTATION], "s3");
+    }
+
+    #[test]
+    fn each_cloud_gets_its_sdk_variables() {
+        let cfg = config(json!([
+            policy("blob", json!({"kind": "azure", "resource": "https://storage.azure.com/"}), json!({})),
+            policy("gcs", json!({"kind": "gcp"}), json!({})),
+            policy(
+                "api",
+                json!({"kind": "http", "hosts": ["api.example.com"]}),
+                json!({"delivery": {"httpHeader": {"name": "X-Key", "format": "{token}"}}})
+            ),
+        ]));
+        let d = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "per-pod-proof");
+        let p = d.mutated.unwrap();
+        let env = env_of(&p, "web");
+        assert_eq!(env["IDENTITY_ENDPOINT"], "http://127.0.0.1:15022/msi/token");
+        assert_eq!(env["IDENTITY_HEADER"], "per-pod-proof");
+        assert_eq!(env["GCE_METADATA_HOST"], "127.0.0.1:15023");
+        assert_eq!(env["GCE_METADATA_IP"], "127.0.0.1:15023");
+        assert_eq!(env["HTTP_PROXY"], "http://127.0.0.1:15024");
+        assert!(env["NO_PROXY"].contains(".svc"));
+        assert!(!env.contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
+        let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        assert!(
+            agent
+                .env
+                .iter()
+                .flatten()
+                .any(|e| e.name == "IDENTITY_HEADER" && e.value.as_deref() == Some("per-pod-proof"))
+        );
+        assert_eq!(d.policies, ["api", "blob", "gcs"], "in the config's order: by name");
+    }
+
+    #[test]
+    fn pods_left_alone_say_why() {
+        let cfg = config(json!([policy("s3", aws(), json!({}))]));
+        let cases: Vec<(Pod, Option<&NamespaceConfig>, Skip, &str)> = vec![
+            (pod(json!({"containers": [app("web")]})), None, Skip::NoPolicy, ""),
+            (
+                serde_json::from_value(json!({"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [app("db")]}})).unwrap(),
+                Some(&cfg),
+                Skip::NoPolicy,
+                "",
+            ),
+            (
+                serde_json::from_value(json!({"metadata": {"labels": {"app": "db"}, "annotations": {"cloudpass.dev/inject": "true"}}, "spec": {"containers": [app("db")]}})).unwrap(),
+                Some(&cfg),
+                Skip::NoPolicy,
+                "no Ready AccessPolicy",
+            ),
+            (
+                serde_json::from_value(json!({"metadata": {"labels": {"app": "web"}, "annotations": {"cloudpass.dev/inject": "false"}}, "spec": {"containers": [app("web")]}})).unwrap(),
+                Some(&cfg),
+                Skip::OptedOut,
+                "",
+            ),
+            (pod(json!({"hostNetwork": true, "containers": [app("web")]})), Some(&cfg), Skip::HostNetwork, "hostNetwork"),
+            (pod(json!({"nodeSelector": {"kubernetes.io/os": "windows"}, "containers": [app("web")]})), Some(&cfg), Skip::Windows, "Linux"),
+            (pod(json!({"os": {"name": "windows"}, "containers": [app("web")]})), Some(&cfg), Skip::Windows, "Linux"),
+            (
+                pod(json!({"containers": [{"name": "web", "image": "a", "env": [{"name": "AWS_WEB_IDENTITY_TOKEN_FILE", "value": "/irsa"}]}]})),
+                Some(&cfg),
+                Skip::NothingToDeliver,
+                "sets AWS_WEB_IDENTITY_TOKEN_FILE",
+            ),
+        ];
+        for (p, c, skip, text) in cases {
+            let d = decide(&p, c, &settings(), "x");
+            assert_eq!(d.skipped, Some(skip), "{d:?}");
+            assert!(d.mutated.is_none());
+            if !text.is_empty() {
+                assert!(d.warnings.iter().any(|w| w.contains(text)), "{text}: {:?}", d.warnings);
+            }
+        }
+        // Service account must match when the policy names one.
+        let cfg = config(json!([policy(
+            "s3",
+            aws(),
+            json!({"client": {"podSelector": {}, "serviceAccountName": "reader"}})
+        )]));
+        assert_eq!(
+            decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").skipped,
+            Some(Skip::NoPolicy)
+        );
+        let d = decide(
+            &pod(json!({"serviceAccountName": "reader", "containers": [app("web")]})),
+            Some(&cfg),
+            &settings(),
+            "x",
+        );
+        assert!(d.mutated.is_some());
+    }
+
+    #[test]
+    fn reinjection_is_a_no_op() {
+        let cfg = config(json!([policy("s3", aws(), json!({}))]));
+        let once = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").mutated.unwrap();
+        let twice = decide(&once, Some(&cfg), &settings(), "y");
+        assert_eq!(twice.skipped, Some(Skip::AlreadyInjected));
+        assert!(twice.mutated.is_none());
+    }
+
+    #[test]
+    fn only_named_containers_receive_credentials_and_existing_settings_win() {
+        let cfg =
+            config(json!([policy("s3", aws(), json!({"client": {"podSelector": {}, "containers": ["worker"]}}))]));
+        let submitted = pod(json!({"containers": [
+            {"name": "web", "image": "w", "env": [{"name": "LOG", "value": "1"}]},
+            {"name": "worker", "image": "w", "env": [{"name": "LOG", "value": "2"}]},
+        ]}));
+        let d = decide(&submitted, Some(&cfg), &settings(), "x");
+        let p = d.mutated.unwrap();
+        assert!(!env_of(&p, "web").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
+        let worker = env_of(&p, "worker");
+        assert_eq!(worker["LOG"], "2", "existing variables are kept");
+        assert!(worker.contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
+
+        // A conflicting variable in one container: that container is skipped with a
+        // warning and an annotation, the others are served.
+        let cfg = config(json!([policy("s3", aws(), json!({}))]));
+        let submitted = pod(json!({"containers": [
+            {"name": "web", "image": "w"},
+            {"name": "legacy", "image": "l", "env": [{"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://169.254.170.2/x"}]},
+        ]}));
+        let d = decide(&submitted, Some(&cfg), &settings(), "x");
+        assert!(d.warnings.iter().any(|w| w.contains("legacy") && w.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI")));
+        let p = d.mutated.unwrap();
+        assert_eq!(env_of(&p, "legacy")["AWS_CONTAINER_CREDENTIALS_FULL_URI"], "http://169.254.170.2/x");
+        assert!(env_of(&p, "web").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
+        assert!(p.metadata.annotations.unwrap()[SKIPPED_ANNOTATION].contains("legacy"));
+
+        let cfg =
+            config(json!([policy("s3", aws(), json!({"client": {"podSelector": {}, "containers": ["missing"]}}))]));
+        let d = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x");
+        assert_eq!(d.skipped, Some(Skip::NothingToDeliver));
+        assert!(d.warnings.iter().any(|w| w.contains("names containers [missing]")));
     }
 }

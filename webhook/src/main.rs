@@ -152,7 +152,10 @@ async fn main() -> ExitCode {
         image: args.agent_image.clone(),
         pull_policy: args.agent_pull_policy.clone(),
         agent_path: args.agent_path.clone(),
-        broker_url: args.broker_url.clone().unwrap_or_else(|| format!("https://cloudpass-broker.{}.svc:8443", args.namespace)),
+        broker_url: args
+            .broker_url
+            .clone()
+            .unwrap_or_else(|| format!("https://cloudpass-broker.{}.svc:8443", args.namespace)),
         broker_ca_pem,
         ports: Ports::default(),
         token_seconds: args.token_lifetime.as_secs().max(600) as i64,

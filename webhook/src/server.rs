@@ -45,10 +45,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.admission.metrics.encode(),
-    )
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.admission.metrics.encode())
         .into_response()
 }
 
