@@ -27,6 +27,9 @@ use k8s_openapi::{
 /// Names of the volumes the webhook adds.
 const TOKEN_VOLUME: &str = "cloudpass-token";
 const SHARED_VOLUME: &str = "cloudpass-shared";
+const NO_API_TOKEN_VOLUME: &str = "cloudpass-no-kube-api-token";
+/// Where the kubelet would mount the pod's Kubernetes API token.
+const KUBE_API_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// Loopback ports of the agent's endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -389,12 +392,23 @@ pub fn decide(
     if uses_azure {
         agent_env.push(env("IDENTITY_HEADER", identity_header));
     }
-    let mut agent_mounts = vec![VolumeMount {
-        name: TOKEN_VOLUME.into(),
-        mount_path: TOKEN_DIR.into(),
-        read_only: Some(true),
-        ..Default::default()
-    }];
+    let mut agent_mounts = vec![
+        VolumeMount {
+            name: TOKEN_VOLUME.into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        // An empty directory over the default service-account mount: the agent needs no
+        // Kubernetes API token (least privilege), and the ServiceAccount admission plugin
+        // then leaves the agent alone, so the apiserver does not call the webhook twice.
+        VolumeMount {
+            name: NO_API_TOKEN_VOLUME.into(),
+            mount_path: KUBE_API_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
     if needs_shared {
         agent_mounts.push(VolumeMount {
             name: SHARED_VOLUME.into(),
@@ -420,6 +434,15 @@ pub fn decide(
                 ..Default::default()
             }]),
             default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: NO_API_TOKEN_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity("1Ki".into())),
             ..Default::default()
         }),
         ..Default::default()
@@ -598,6 +621,8 @@ mod tests {
             .map(|c| c.name.clone())
             .collect();
         assert_eq!(token_mounts, [AGENT_CONTAINER]);
+        let shadowed = agent.volume_mounts.iter().flatten().find(|m| m.mount_path == KUBE_API_TOKEN_DIR).unwrap();
+        assert_eq!(shadowed.name, NO_API_TOKEN_VOLUME, "the agent gets no Kubernetes API token");
         let token = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
         let projection =
             token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone().unwrap();

@@ -223,6 +223,12 @@ async fn selected_pods_are_injected_and_no_others() {
     }
     let volumes: Vec<_> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
     assert!(volumes.contains(&"cloudpass-token") && volumes.contains(&"cloudpass-shared"), "{volumes:?}");
+    // The ServiceAccount admission plugin mounted the API token into the app containers
+    // but not into the agent, which has an empty directory there instead.
+    let agent_mounts: Vec<_> =
+        spec.init_containers.as_ref().unwrap()[0].volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
+    assert!(!agent_mounts.iter().any(|m| m.starts_with("kube-api-access")), "{agent_mounts:?}");
+    assert!(spec.containers[0].volume_mounts.iter().flatten().any(|m| m.name.starts_with("kube-api-access")));
     let ann = stored.metadata.annotations.unwrap();
     assert_eq!(ann["cloudpass.dev/policies"], "orders-to-s3");
     assert!(ann.contains_key("cloudpass.dev/injected"));
@@ -279,6 +285,9 @@ async fn selected_pods_are_injected_and_no_others() {
         .unwrap();
     assert_eq!(ca_bundle, bundle);
     assert!(webhook.metric("cloudpass_webhook_injections_total").await >= 2.0);
+    // One call per pod: nothing modified the pod after the webhook, so no reinvocation.
+    let (_, metrics) = webhook.get("/metrics").await.unwrap();
+    assert!(!metrics.contains(r#"cloudpass_webhook_skips_total{value="already_injected"}"#), "{metrics}");
 }
 
 #[tokio::test]

@@ -1,0 +1,245 @@
+//! `make bench`: the webhook's cost.
+//!
+//! (a) Pod-create latency through the real apiserver, p50/p99 over 500 creates, into a
+//!     namespace where the webhook injects versus one it is not called for (baseline),
+//!     in the same run.
+//! (b) AdmissionReviews answered per second in process on one core, against parsing the
+//!     same AdmissionReview alone (baseline).
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use cloudpass_e2e::{ControlPlane, WebhookRegistration, certs::TestCa, process::ManagedProcess, repo_root};
+use cloudpass_webhook::{
+    admission::Admission,
+    config::Configs,
+    inject::{InjectSettings, Ports},
+    metrics::Metrics,
+};
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::LabelSelector};
+use kube::{
+    Api,
+    api::PostParams,
+    core::{DynamicObject, admission::AdmissionReview},
+};
+use serde_json::json;
+
+const CREATES: usize = 500;
+
+fn review_body(policies: usize) -> (Admission, Vec<u8>) {
+    let configs = std::sync::Arc::new(Configs::default());
+    let compiled = (0..policies)
+        .map(|i| {
+            serde_json::from_value(json!({
+                "name": format!("p{i:03}"),
+                "client": {"podSelector": {"matchLabels": {"app": format!("svc-{i}")}}},
+                "trustProviders": ["k8s"], "server": {"kind": "aws"}, "credentialProvider": "s3",
+                "delivery": {"sdkEndpoint": {}},
+            }))
+            .unwrap()
+        })
+        .collect();
+    configs.insert(cloudpass_api::config::NamespaceConfig::new(
+        "team",
+        [("k8s".into(), serde_json::from_value(json!({"kubernetesServiceAccount": {}})).unwrap())].into(),
+        [(
+            "s3".into(),
+            serde_json::from_value(json!({"awsSts": {"roleArn": "arn:aws:iam::123456789012:role/r"}})).unwrap(),
+        )]
+        .into(),
+        compiled,
+    ));
+    let admission = Admission {
+        configs,
+        settings: InjectSettings {
+            image: "agent:1".into(),
+            pull_policy: "IfNotPresent".into(),
+            agent_path: "/usr/local/bin/cloudpass-agent".into(),
+            broker_url: "https://cloudpass-broker.cloudpass-system.svc:8443".into(),
+            broker_ca_pem: TestCa::new("broker").unwrap().cert_pem(),
+            ports: Ports::default(),
+            token_seconds: 3600,
+            version: "bench".into(),
+        },
+        metrics: Metrics::new(),
+    };
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "svc-7-", "namespace": "team", "labels": {"app": "svc-7", "version": "v3"}},
+        "spec": {"serviceAccountName": "default", "containers": [
+            {"name": "app", "image": "app:1", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+            {"name": "log", "image": "log:1"}]}});
+    let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "7f0b2b1c-0000-4000-8000-000000000001",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "namespace": "team", "operation": "CREATE", "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+        "object": pod, "dryRun": false}});
+    (admission, serde_json::to_vec(&body).unwrap())
+}
+
+fn in_process() {
+    let (admission, body) = review_body(50);
+    let answer = serde_json::to_value(admission.review(&body).unwrap()).unwrap();
+    assert!(
+        answer["response"]["patch"].is_array() || answer["response"]["patch"].is_string(),
+        "the bench pod is injected"
+    );
+    let n = 20_000;
+    let started = Instant::now();
+    for _ in 0..n {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_slice(std::hint::black_box(&body)).unwrap();
+        std::hint::black_box(review);
+    }
+    let parse_rate = n as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for _ in 0..n {
+        let answer = admission.review(std::hint::black_box(&body)).unwrap();
+        std::hint::black_box(serde_json::to_vec(&answer).unwrap());
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    println!("in-process admission (one core, 50 policies in the namespace, injecting):");
+    println!("  parse only (baseline):      {parse_rate:>10.0} reviews/s");
+    println!("  full review + answer:       {rate:>10.0} reviews/s  ({:.2}x the baseline cost)", parse_rate / rate);
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+}
+
+async fn creates(pods: &Api<Pod>, labels: serde_json::Value) -> Vec<Duration> {
+    let pod: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "orders-", "labels": labels},
+        "spec": {"serviceAccountName": "orders", "containers": [{"name": "api", "image": "orders:3"}]}}))
+    .unwrap();
+    let mut times = Vec::with_capacity(CREATES);
+    for _ in 0..CREATES {
+        let started = Instant::now();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times
+}
+
+async fn through_apiserver() {
+    let cp = ControlPlane::start().await.unwrap();
+    cp.apply_path(None, &repo_root().join("crds")).unwrap();
+    cp.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/accesspolicies.cloudpass.dev"])
+        .unwrap();
+    cp.create_namespace("cloudpass-system", &[]).await.unwrap();
+    let client = cp.client().await.unwrap();
+    let operator_client = client.clone();
+    tokio::spawn(async move {
+        let settings = cloudpass_operator::reconcile::Settings {
+            operator_namespace: "cloudpass-system".into(),
+            instance: None,
+            concurrency: 4,
+        };
+        cloudpass_operator::reconcile::run(
+            operator_client,
+            settings,
+            cloudpass_operator::metrics::Metrics::new(),
+            std::future::pending(),
+            || {},
+        )
+        .await;
+    });
+    for (ns, labels) in
+        [("bench-on", vec![(cloudpass_api::INJECTION_LABEL, cloudpass_api::INJECTION_ENABLED)]), ("bench-off", vec![])]
+    {
+        cp.create_namespace(ns, &labels).await.unwrap();
+        cp.apply_path(Some(ns), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
+        cp.wait_for_condition("accesspolicy", ns, "orders-to-s3", "Ready", "True", Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    let port = cloudpass_e2e::process::free_port().unwrap();
+    let kubeconfig = cp.kubeconfig.to_string_lossy().to_string();
+    let _webhook = ManagedProcess::spawn(
+        "cloudpass-webhook",
+        Path::new(env!("CARGO_BIN_EXE_cloudpass-webhook")),
+        &[
+            "--namespace",
+            "cloudpass-system",
+            "--listen-addr",
+            &format!("127.0.0.1:{port}"),
+            "--extra-san",
+            "127.0.0.1",
+            "--log-level",
+            "warn",
+        ]
+        .map(String::from),
+        &cp.dir().join("webhook.log"),
+        &[("KUBECONFIG", kubeconfig.as_str())],
+    )
+    .unwrap();
+    let placeholder = TestCa::new("placeholder").unwrap().cert_pem();
+    cp.register_pod_webhook(&WebhookRegistration {
+        name: "cloudpass-webhook",
+        url: &format!("https://127.0.0.1:{port}/mutate"),
+        ca_pem: &placeholder,
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(
+                [(cloudpass_api::INJECTION_LABEL.to_owned(), cloudpass_api::INJECTION_ENABLED.to_owned())].into(),
+            ),
+            ..Default::default()
+        }),
+        failure_policy: "Fail",
+    })
+    .await
+    .unwrap();
+    let on: Api<Pod> = Api::namespaced(client.clone(), "bench-on");
+    let off: Api<Pod> = Api::namespaced(client.clone(), "bench-off");
+    // Wait until the apiserver calls the webhook with the right caBundle.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let probe: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "probe-", "labels": {"app": "orders"}},
+            "spec": {"serviceAccountName": "orders", "containers": [{"name": "api", "image": "orders:3"}]}}))
+        .unwrap();
+        if let Ok(p) = on.create(&PostParams::default(), &probe).await
+            && p.spec.unwrap().init_containers.is_some()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "webhook never called");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Warm both paths, then measure them interleaved in halves to share any drift.
+    creates(&off, json!({"app": "orders"})).await;
+    let baseline = creates(&off, json!({"app": "orders"})).await;
+    let injected = creates(&on, json!({"app": "orders"})).await;
+    let (b50, b99) = (percentile(&baseline, 0.5), percentile(&baseline, 0.99));
+    let (i50, i99) = (percentile(&injected, 0.5), percentile(&injected, 0.99));
+    println!("pod create through the real apiserver ({CREATES} creates each, sequential):");
+    println!("  webhook not called (baseline): p50 {b50:>6.2} ms   p99 {b99:>6.2} ms");
+    println!("  webhook injecting:             p50 {i50:>6.2} ms   p99 {i99:>6.2} ms");
+    println!("  added by the webhook:          p50 {:>6.2} ms   p99 {:>6.2} ms", i50 - b50, i99 - b99);
+    let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let text = http.get(format!("https://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let (sum, count) =
+        (value("cloudpass_webhook_latency_seconds_sum"), value("cloudpass_webhook_latency_seconds_count"));
+    println!(
+        "  webhook's own time per review: {:.3} ms mean over {count} reviews ({} injected, {} skipped)",
+        sum / count.max(1.0) * 1000.0,
+        value("cloudpass_webhook_requests_total{value=\"injected\"}"),
+        value("cloudpass_webhook_requests_total{value=\"skipped\"}")
+    );
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --benches`: only check that the in-process path works.
+        let (admission, body) = review_body(5);
+        assert!(admission.review(&body).is_ok());
+        return;
+    }
+    in_process();
+    tokio::runtime::Runtime::new().unwrap().block_on(through_apiserver());
+}
