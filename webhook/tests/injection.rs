@@ -285,6 +285,15 @@ async fn selected_pods_are_injected_and_no_others() {
         .unwrap();
     assert_eq!(ca_bundle, bundle);
     assert!(webhook.metric("cloudpass_webhook_injections_total").await >= 2.0);
+    // Hostile input gets a precise error and the server keeps serving.
+    let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let url = format!("https://127.0.0.1:{}/mutate", webhook.port);
+    let bad = http.post(&url).body("{\"request\": [").send().await.unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    assert!(bad.text().await.unwrap().starts_with("malformed AdmissionReview"));
+    let huge = http.post(&url).body(vec![b' '; 5 * 1024 * 1024]).send().await.unwrap();
+    assert_eq!(huge.status().as_u16(), 413, "bodies over 4 MiB are refused");
+    assert_eq!(webhook.get("/healthz").await, Some((200, "ok".into())));
     // One call per pod: nothing modified the pod after the webhook, so no reinvocation.
     let (_, metrics) = webhook.get("/metrics").await.unwrap();
     assert!(!metrics.contains(r#"cloudpass_webhook_skips_total{value="already_injected"}"#), "{metrics}");
