@@ -9,7 +9,8 @@ use std::{
     sync::{Arc, atomic::AtomicBool, atomic::Ordering},
 };
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use cloudpass_cli::{LogArgs, kube_client, termination};
 use cloudpass_operator::{
     metrics::Metrics,
     reconcile::{self, Settings},
@@ -52,49 +53,21 @@ struct Args {
     /// Namespaces reconciled concurrently.
     #[arg(long, env = "CLOUDPASS_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     concurrency: u16,
-    /// Log format.
-    #[arg(long, env = "CLOUDPASS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
-    log_format: LogFormat,
-    /// Log filter (`info`, `debug`, `cloudpass_operator=debug,kube=warn`, ...).
-    #[arg(long, env = "CLOUDPASS_LOG", default_value = "info")]
-    log_level: String,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn termination() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received; shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received; shutting down"),
-    }
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into());
-    match args.log_format {
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-    }
+    args.log.init();
     if args.lease_renew_grace >= args.lease_duration {
         error!("--lease-renew-grace must be shorter than --lease-duration");
         return ExitCode::FAILURE;
     }
-    let client = match kube::Client::try_default().await {
+    let client = match kube_client().await {
         Ok(c) => c,
-        Err(e) => {
-            error!(error = %e, "no Kubernetes client configuration (in-cluster or KUBECONFIG)");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use clap::{Parser, ValueEnum};
 use cloudpass_api::duration::Duration as TextDuration;
+use cloudpass_cli::{LogArgs, kube_client, termination};
 use cloudpass_webhook::{
     admission::Admission,
     certs::{CertManager, CertSettings},
@@ -78,12 +79,8 @@ struct Args {
     /// How often certificates are checked (and files re-read).
     #[arg(long, env = "CLOUDPASS_CERT_CHECK_INTERVAL", default_value = "1m")]
     cert_check_interval: TextDuration,
-    /// Log format.
-    #[arg(long, env = "CLOUDPASS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
-    log_format: LogFormat,
-    /// Log filter.
-    #[arg(long, env = "CLOUDPASS_LOG", default_value = "info")]
-    log_level: String,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -92,14 +89,6 @@ enum CertMode {
     SelfManaged,
     /// Certificate files provided by cert-manager or the chart; re-read when they change.
     Files,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
 }
 
 /// Loads the certificate files when their content changed; `Ok(true)` when reloaded.
@@ -121,17 +110,10 @@ fn reload_files(
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into());
-    match args.log_format {
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-    }
-    let client = match kube::Client::try_default().await {
+    args.log.init();
+    let client = match kube_client().await {
         Ok(c) => c,
-        Err(e) => {
-            error!(error = %e, "no Kubernetes client configuration (in-cluster or KUBECONFIG)");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let broker_ca_pem = match &args.broker_ca_file {
         Some(path) => match std::fs::read_to_string(path) {
@@ -221,11 +203,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    termination().await;
     info!("cloudpass-webhook stopping");
     ExitCode::SUCCESS
 }
