@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod evaluate;
+pub mod issuer;
 pub mod metrics;
 pub mod reconcile;
 pub mod server;

@@ -5,6 +5,7 @@
 
 use std::{
     net::SocketAddr,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, atomic::AtomicBool, atomic::Ordering},
 };
@@ -12,6 +13,7 @@ use std::{
 use clap::Parser;
 use cloudpass_cli::{LogArgs, kube_client, termination};
 use cloudpass_operator::{
+    issuer,
     metrics::Metrics,
     reconcile::{self, Settings},
     server::{self, Health},
@@ -25,6 +27,8 @@ use tracing::{error, info, warn};
 #[derive(Parser, Debug)]
 #[command(name = "cloudpass-operator", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Namespace the operator runs in; compiled configs and the leader Lease live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "cloudpass-system")]
     namespace: String,
@@ -57,6 +61,52 @@ struct Args {
     log: LogArgs,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Write the OIDC issuer's discovery document and JWKS into a folder, for static
+    /// hosting (a bucket or an Ingress), creating or rotating the signing keys as due.
+    /// The files mirror the URL paths: `.well-known/openid-configuration` and
+    /// `openid/v1/jwks`.
+    ExportIssuer {
+        /// Public issuer URL (https), the `iss` of every broker-signed token.
+        #[arg(long, env = "CLOUDPASS_ISSUER_URL")]
+        issuer_url: String,
+        /// Folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Secret (in `--namespace`) holding the signing keys.
+        #[arg(long, env = "CLOUDPASS_ISSUER_KEYS_SECRET", default_value = "cloudpass-issuer-keys")]
+        keys_secret: String,
+    },
+}
+
+/// Runs `export-issuer`.
+async fn export_issuer(
+    client: &kube::Client,
+    namespace: &str,
+    issuer_url: &str,
+    out: &Path,
+    secret: &str,
+) -> Result<(), String> {
+    if !issuer_url.starts_with("https://") {
+        return Err(format!("--issuer-url must be an https URL, got {issuer_url:?}"));
+    }
+    let keys = issuer::sync_keys(client, namespace, secret, &issuer::RotationPolicy::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let write = |relative: &str, value: serde_json::Value| -> Result<(), String> {
+        let path = out.join(relative.trim_start_matches('/'));
+        std::fs::create_dir_all(path.parent().expect("a path with a parent"))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&value).expect("JSON serializes"))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        info!(path = %path.display(), "written");
+        Ok(())
+    };
+    write(issuer::DISCOVERY_PATH, issuer::discovery(issuer_url))?;
+    write(issuer::JWKS_PATH, keys.jwks())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -69,6 +119,15 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some(Command::ExportIssuer { issuer_url, out, keys_secret }) = &args.command {
+        return match export_issuer(&client, &args.namespace, issuer_url, out, keys_secret).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!(error = %e, "export failed");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
     match server::spawn(args.metrics_addr, Health { metrics: metrics.clone(), ready: ready.clone() }).await {
