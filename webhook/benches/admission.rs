@@ -254,6 +254,7 @@ async fn through_apiserver() {
         value("cloudpass_webhook_requests_total{value=\"injected\"}"),
         value("cloudpass_webhook_requests_total{value=\"skipped\"}")
     );
+    println!("  TLS connections accepted:      {}", value("cloudpass_webhook_connections_total"));
 }
 
 fn main() {

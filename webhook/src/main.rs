@@ -194,9 +194,9 @@ async fn main() -> ExitCode {
         }
     }
 
-    let admission = Arc::new(Admission { configs, settings, metrics });
+    let admission = Arc::new(Admission { configs, settings, metrics: metrics.clone() });
     let router = server::router(AppState { admission, cert: cert.clone() });
-    match tls::serve(args.listen_addr, router, cert).await {
+    match tls::serve(args.listen_addr, router, cert, metrics).await {
         Ok(addr) => info!(%addr, config_namespace, "cloudpass-webhook serving"),
         Err(e) => {
             error!(error = %e, "cannot serve");

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub skips: Family<Label, Counter>,
     /// Serving certificate reloads.
     pub cert_reloads: Counter,
+    /// TLS connections accepted (the apiserver keeps them open; a count close to the
+    /// request count means connections are not reused).
+    pub connections: Counter,
 }
 
 impl Default for Metrics {
@@ -38,12 +41,14 @@ impl Default for Metrics {
         let injections = Counter::default();
         let skips = Family::<Label, Counter>::default();
         let cert_reloads = Counter::default();
+        let connections = Counter::default();
         registry.register("requests", "Admission requests by result", requests.clone());
         registry.register("latency_seconds", "Time to answer an admission request", latency.clone());
         registry.register("injections", "Pods injected with the agent", injections.clone());
         registry.register("skips", "Pods not injected, by reason", skips.clone());
         registry.register("certificate_reloads", "Serving certificate reloads", cert_reloads.clone());
-        Self { registry, requests, latency, injections, skips, cert_reloads }
+        registry.register("connections", "TLS connections accepted", connections.clone());
+        Self { registry, requests, latency, injections, skips, cert_reloads, connections }
     }
 }
 

@@ -62,7 +62,12 @@ impl ResolvesServerCert for ReloadableCert {
 
 /// Serves `router` over HTTPS on `addr` with the certificate in `cert`, until the
 /// process ends. Returns the bound address.
-pub async fn serve(addr: SocketAddr, router: axum::Router, cert: Arc<ReloadableCert>) -> Result<SocketAddr, Error> {
+pub async fn serve(
+    addr: SocketAddr,
+    router: axum::Router,
+    cert: Arc<ReloadableCert>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<SocketAddr, Error> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -76,6 +81,7 @@ pub async fn serve(addr: SocketAddr, router: axum::Router, cert: Arc<ReloadableC
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
+            metrics.connections.inc();
             let acceptor = acceptor.clone();
             let service = TowerToHyperService::new(router.clone());
             tokio::spawn(async move {

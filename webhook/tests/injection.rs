@@ -285,6 +285,13 @@ async fn selected_pods_are_injected_and_no_others() {
         .unwrap();
     assert_eq!(ca_bundle, bundle);
     assert!(webhook.metric("cloudpass_webhook_injections_total").await >= 2.0);
+    // The apiserver keeps its connection to the webhook: no TLS handshake per pod.
+    let before = webhook.metric("cloudpass_webhook_connections_total").await;
+    for _ in 0..10 {
+        assert!(injected(&pods.create(&PostParams::default(), &orders_pod(json!({}))).await.unwrap()));
+    }
+    let opened = webhook.metric("cloudpass_webhook_connections_total").await - before - 1.0;
+    assert!(opened <= 1.0, "the apiserver opened {opened} connections for 10 pods");
     // Hostile input gets a precise error and the server keeps serving.
     let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
     let url = format!("https://127.0.0.1:{}/mutate", webhook.port);
