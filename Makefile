@@ -15,8 +15,9 @@ tools: ## Build kube-apiserver, etcd, kubectl and helm into the cache (minutes t
 	@e2e/tools/build.sh >/dev/null
 
 .PHONY: crds
-crds: ## Regenerate crds/ from the Rust types in api/
+crds: ## Regenerate crds/ (and the chart's copy) from the Rust types in api/
 	$(CARGO) run -q -p cloudpass-api --example crdgen -- crds
+	cp crds/*.yaml charts/cloudpass/crds/
 
 .PHONY: lint
 lint: ## cargo fmt --check and clippy with warnings as errors
