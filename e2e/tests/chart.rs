@@ -194,3 +194,34 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
     let out = helm(cp, &["uninstall", RELEASE, "-n", NS]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn kustomize_base_is_the_rendered_chart_and_builds() {
+    let cp = ControlPlane::shared();
+    let rendered = helm(cp, &["template", "cloudpass", &chart(), "-n", "cloudpass-system", "--include-crds"]);
+    assert!(rendered.status.success());
+    let path = repo_root().join("deploy/kustomize/base/cloudpass.yaml");
+    if std::env::var_os("CLOUDPASS_UPDATE_GENERATED").is_some() {
+        fs::write(&path, &rendered.stdout).unwrap();
+    }
+    assert!(
+        fs::read(&path).unwrap() == rendered.stdout,
+        "deploy/kustomize/base/cloudpass.yaml is out of date with the chart; regenerate with: CLOUDPASS_UPDATE_GENERATED=1 cargo test -p cloudpass-e2e --test chart"
+    );
+    let base = repo_root().join("deploy/kustomize/base");
+    let built = cp.kubectl_ok(&["kustomize", &base.to_string_lossy()]).unwrap();
+    for kind in ["CustomResourceDefinition", "Deployment", "MutatingWebhookConfiguration", "Namespace"] {
+        assert!(built.contains(&format!("kind: {kind}")), "{kind} missing from the kustomize build");
+    }
+}
+
+#[test]
+fn flux_example_installs_this_chart() {
+    let text = fs::read_to_string(repo_root().join("deploy/flux/helmrelease.yaml")).unwrap();
+    let docs: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let release = docs.iter().find(|d| d["kind"] == "HelmRelease").expect("a HelmRelease");
+    assert_eq!(release["spec"]["chart"]["spec"]["chart"], "./charts/cloudpass");
+    assert!(repo_root().join("charts/cloudpass/Chart.yaml").exists());
+    assert_eq!(release["spec"]["install"]["crds"], "CreateReplace", "CRDs are installed and upgraded");
+}
