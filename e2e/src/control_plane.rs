@@ -385,6 +385,24 @@ impl ControlPlane {
         answer.status.and_then(|s| s.token).ok_or_else(|| anyhow!("TokenRequest answered without a token"))
     }
 
+    /// Writes a kubeconfig that authenticates as a service account (a TokenRequest token
+    /// valid for an hour), to run a component with exactly the rights its RBAC grants.
+    pub async fn kubeconfig_for(&self, namespace: &str, service_account: &str) -> Result<PathBuf> {
+        let options = TokenOptions { audiences: vec![], expiration_seconds: 3600, bound_pod: None };
+        let token = self.token(namespace, service_account, &options).await?;
+        let doc = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "cloudpass-e2e", "cluster": {"server": self.server, "certificate-authority-data": B64.encode(&self.ca_pem)}}],
+            "users": [{"name": service_account, "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "cloudpass-e2e", "user": service_account, "namespace": namespace}}],
+            "current-context": "sa",
+        });
+        let path = self.dir().join(format!("kubeconfig-{namespace}-{service_account}"));
+        fs::write(&path, serde_yaml::to_string(&doc)?)?;
+        Ok(path)
+    }
+
     /// The issuer's discovery document and JWKS, fetched anonymously over HTTPS as a
     /// cloud would.
     pub async fn issuer_documents(&self) -> Result<(Value, Value)> {

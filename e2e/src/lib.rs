@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod chart;
 pub mod control_plane;
 pub mod process;
 pub mod tls;

@@ -1,0 +1,66 @@
+//! The Helm chart as rendered by the real helm, and the container specs in it, so tests
+//! can run the real binaries exactly as a Deployment would (there is no kubelet).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_yaml::Value;
+
+use crate::{ControlPlane, repo_root};
+
+/// The documents of `helm template <release> charts/cloudpass -n <namespace> <extra>`.
+pub fn render(cp: &ControlPlane, release: &str, namespace: &str, extra: &[&str]) -> Result<Vec<Value>> {
+    let chart = repo_root().join("charts/cloudpass");
+    let out = cp.helm().args(["template", release]).arg(&chart).args(["-n", namespace]).args(extra).output()?;
+    if !out.status.success() {
+        bail!("helm template failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8(out.stdout)?;
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|v: &Value| !v.is_null())
+        .collect())
+}
+
+/// The object of this kind and name among rendered documents.
+pub fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .ok_or_else(|| anyhow!("{kind} {name} not rendered"))
+}
+
+/// The arguments and environment of a Deployment's container, with `fieldRef`s resolved
+/// as the kubelet would for a pod named `pod_name` in `namespace`.
+pub fn container_command(
+    deployment: &Value,
+    container: &str,
+    namespace: &str,
+    pod_name: &str,
+) -> Result<(Vec<String>, Vec<(String, String)>)> {
+    let containers = deployment["spec"]["template"]["spec"]["containers"].as_sequence().context("containers")?;
+    let c = containers.iter().find(|c| c["name"] == container).ok_or_else(|| anyhow!("no container {container}"))?;
+    let args = c["args"]
+        .as_sequence()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let fields: BTreeMap<&str, &str> = [("metadata.namespace", namespace), ("metadata.name", pod_name)].into();
+    let mut env = Vec::new();
+    for e in c["env"].as_sequence().into_iter().flatten() {
+        let name = e["name"].as_str().context("env name")?.to_owned();
+        let value = match (e["value"].as_str(), e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+            (Some(v), _) => v.to_owned(),
+            (None, Some(path)) => fields.get(path).ok_or_else(|| anyhow!("unsupported fieldRef {path}"))?.to_string(),
+            _ => bail!("env {name}: only values and fieldRefs are supported"),
+        };
+        env.push((name, value));
+    }
+    Ok((args, env))
+}
+
+/// The port a container declares under this name.
+pub fn container_port(deployment: &Value, container: &str, port_name: &str) -> Result<u16> {
+    let containers = deployment["spec"]["template"]["spec"]["containers"].as_sequence().context("containers")?;
+    let c = containers.iter().find(|c| c["name"] == container).ok_or_else(|| anyhow!("no container {container}"))?;
+    let port = c["ports"].as_sequence().into_iter().flatten().find(|p| p["name"] == port_name);
+    Ok(port.and_then(|p| p["containerPort"].as_u64()).ok_or_else(|| anyhow!("no port {port_name}"))? as u16)
+}
