@@ -29,6 +29,15 @@ pub fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> 
         .ok_or_else(|| anyhow!("{kind} {name} not rendered"))
 }
 
+/// A container's arguments and environment.
+#[derive(Debug, Clone)]
+pub struct ContainerCommand {
+    /// The arguments.
+    pub args: Vec<String>,
+    /// The environment, resolved.
+    pub env: Vec<(String, String)>,
+}
+
 /// The arguments and environment of a Deployment's container, with `fieldRef`s resolved
 /// as the kubelet would for a pod named `pod_name` in `namespace`.
 pub fn container_command(
@@ -36,7 +45,7 @@ pub fn container_command(
     container: &str,
     namespace: &str,
     pod_name: &str,
-) -> Result<(Vec<String>, Vec<(String, String)>)> {
+) -> Result<ContainerCommand> {
     let containers = deployment["spec"]["template"]["spec"]["containers"].as_sequence().context("containers")?;
     let c = containers.iter().find(|c| c["name"] == container).ok_or_else(|| anyhow!("no container {container}"))?;
     let args = c["args"]
@@ -54,7 +63,7 @@ pub fn container_command(
         };
         env.push((name, value));
     }
-    Ok((args, env))
+    Ok(ContainerCommand { args, env })
 }
 
 /// The port a container declares under this name.

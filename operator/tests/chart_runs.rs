@@ -27,7 +27,8 @@ async fn the_rendered_operator_runs_with_its_own_rbac() {
     let port = chart::container_port(deployment, "operator", "metrics").unwrap();
     assert_eq!(deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"], "metrics");
 
-    let (args, env) = chart::container_command(deployment, "operator", NS, "cloudpass-operator-0").unwrap();
+    let chart::ContainerCommand { args, env } =
+        chart::container_command(deployment, "operator", NS, "cloudpass-operator-0").unwrap();
     let args: Vec<String> = args.into_iter().map(|a| a.replace("=0.0.0.0:", "=127.0.0.1:")).collect();
     let kubeconfig = cp.kubeconfig_for(NS, "cloudpass-operator").await.unwrap().to_string_lossy().to_string();
     let mut vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

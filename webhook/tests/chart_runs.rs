@@ -33,7 +33,8 @@ async fn the_rendered_webhook_runs_with_its_own_rbac() {
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
     let port = chart::container_port(deployment, "webhook", "https").unwrap();
 
-    let (args, env) = chart::container_command(deployment, "webhook", NS, "cloudpass-webhook-0").unwrap();
+    let chart::ContainerCommand { args, env } =
+        chart::container_command(deployment, "webhook", NS, "cloudpass-webhook-0").unwrap();
     let args: Vec<String> = args.into_iter().map(|a| a.replace("=0.0.0.0:", "=127.0.0.1:")).collect();
     assert!(args.contains(&format!("--listen-addr=127.0.0.1:{port}")), "{args:?}");
     let kubeconfig = cp.kubeconfig_for(NS, "cloudpass-webhook").await.unwrap();
