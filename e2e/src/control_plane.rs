@@ -336,6 +336,34 @@ impl ControlPlane {
         self.kubectl_ok(&args)
     }
 
+    /// Installs the CRDs from `crds/` and waits until they are Established **and** listed
+    /// by API discovery (which the apiserver updates a moment after Established), so
+    /// that `kubectl explain`, short names and clients see them right away.
+    pub async fn install_crds(&self) -> Result<()> {
+        self.apply_path(None, &crate::repo_root().join("crds"))?;
+        self.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/trustproviders.cloudpass.dev",
+            "crd/credentialproviders.cloudpass.dev",
+            "crd/accesspolicies.cloudpass.dev",
+        ])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.invalidate_discovery_cache();
+            let listed =
+                self.kubectl_ok(&["api-resources", "--api-group=cloudpass.dev", "-o", "name"]).unwrap_or_default();
+            if ["trustproviders", "credentialproviders", "accesspolicies"].iter().all(|r| listed.contains(r)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cloudpass CRDs never appeared in API discovery; listed: {listed}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Creates a namespace with labels, and its `default` service account (there is no
     /// controller-manager to do it).
     pub async fn create_namespace(&self, name: &str, labels: &[(&str, &str)]) -> Result<()> {

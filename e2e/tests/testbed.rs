@@ -26,23 +26,10 @@ fn plane() -> &'static ControlPlane {
     ControlPlane::shared()
 }
 
-/// Applies crds/ once per test binary and waits until they are served.
-fn install_crds() {
-    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    DONE.get_or_init(|| {
-        let cp = plane();
-        cp.apply_path(None, &repo_root().join("crds")).expect("CRDs apply");
-        cp.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/trustproviders.cloudpass.dev",
-            "crd/credentialproviders.cloudpass.dev",
-            "crd/accesspolicies.cloudpass.dev",
-        ])
-        .expect("CRDs become Established");
-        cp.invalidate_discovery_cache();
-    });
+/// Installs crds/ once per test binary.
+async fn install_crds() {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async { plane().install_crds().await.expect("CRDs installed") }).await;
 }
 
 fn yaml_files(dir: PathBuf) -> Vec<PathBuf> {
@@ -59,7 +46,7 @@ fn yaml_files(dir: PathBuf) -> Vec<PathBuf> {
 async fn crds_are_served_explained_and_listed() {
     let cp = plane();
     let _logs = cp.logs_on_panic();
-    install_crds();
+    install_crds().await;
 
     let explain = cp.kubectl_ok(&["explain", "accesspolicy.spec.client"]).unwrap();
     assert!(explain.contains("Which pods of this namespace receive the credential"), "{explain}");
@@ -98,7 +85,7 @@ async fn crds_are_served_explained_and_listed() {
 async fn every_example_is_accepted_by_the_apiserver() {
     let cp = plane();
     let _logs = cp.logs_on_panic();
-    install_crds();
+    install_crds().await;
     let files = yaml_files(repo_root().join("examples"));
     assert!(files.len() >= 6);
     for (i, file) in files.iter().enumerate() {
@@ -124,7 +111,7 @@ async fn every_example_is_accepted_by_the_apiserver() {
 async fn every_invalid_example_is_refused_with_its_message() {
     let cp = plane();
     let _logs = cp.logs_on_panic();
-    install_crds();
+    install_crds().await;
     cp.create_namespace("invalid-examples", &[]).await.unwrap();
     let files = yaml_files(repo_root().join("examples/invalid"));
     assert!(files.len() >= 8);

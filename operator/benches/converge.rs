@@ -14,7 +14,7 @@ use std::{
 };
 
 use cloudpass_api::{AccessPolicy, CredentialProvider, TrustProvider, config::NamespaceConfig};
-use cloudpass_e2e::{ControlPlane, process::ManagedProcess, repo_root};
+use cloudpass_e2e::{ControlPlane, process::ManagedProcess};
 use cloudpass_operator::evaluate::{Snapshot, evaluate};
 use futures::{StreamExt, stream};
 use kube::{Api, Resource, ResourceExt, api::PostParams};
@@ -94,9 +94,7 @@ async fn main() {
         return;
     }
     let cp = ControlPlane::start().await.expect("control plane");
-    cp.apply_path(None, &repo_root().join("crds")).unwrap();
-    cp.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/accesspolicies.cloudpass.dev"])
-        .unwrap();
+    cp.install_crds().await.unwrap();
     cp.create_namespace(OPERATOR_NS, &[]).await.unwrap();
     let client = cp.client().await.unwrap();
 

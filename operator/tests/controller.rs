@@ -83,10 +83,7 @@ async fn setup() -> (&'static ControlPlane, MutexGuard<'static, Option<Operator>
     let cp = ControlPlane::shared();
     let mut guard = OPERATOR.lock().await;
     if guard.is_none() {
-        cp.apply_path(None, &repo_root().join("crds")).unwrap();
-        cp.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/accesspolicies.cloudpass.dev"])
-            .unwrap();
-        cp.invalidate_discovery_cache();
+        cp.install_crds().await.unwrap();
         cp.create_namespace(OPERATOR_NS, &[]).await.unwrap();
         let operator = start_operator(cp);
         wait_leading(&operator, Duration::from_secs(30)).await;

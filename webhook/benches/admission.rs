@@ -129,9 +129,7 @@ async fn creates(pods: &Api<Pod>, pod: &Pod) -> Vec<Duration> {
 
 async fn through_apiserver() {
     let cp = ControlPlane::start().await.unwrap();
-    cp.apply_path(None, &repo_root().join("crds")).unwrap();
-    cp.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/accesspolicies.cloudpass.dev"])
-        .unwrap();
+    cp.install_crds().await.unwrap();
     cp.create_namespace("cloudpass-system", &[]).await.unwrap();
     let client = cp.client().await.unwrap();
     let operator_client = client.clone();

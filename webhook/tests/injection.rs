@@ -114,13 +114,11 @@ fn setup() -> &'static ControlPlane {
     static READY: OnceLock<()> = OnceLock::new();
     let cp = ControlPlane::shared();
     READY.get_or_init(|| {
-        cp.apply_path(None, &repo_root().join("crds")).unwrap();
-        cp.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/accesspolicies.cloudpass.dev"])
-            .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async move {
+                cp.install_crds().await.unwrap();
                 cp.create_namespace(SYSTEM_NS, &[]).await.unwrap();
                 cp.create_service_account("kube-system", "default").await.unwrap();
                 let client = cp.client().await.unwrap();
