@@ -73,3 +73,45 @@ pub fn container_port(deployment: &Value, container: &str, port_name: &str) -> R
     let port = c["ports"].as_sequence().into_iter().flatten().find(|p| p["name"] == port_name);
     Ok(port.and_then(|p| p["containerPort"].as_u64()).ok_or_else(|| anyhow!("no port {port_name}"))? as u16)
 }
+
+/// `helm install <release> charts/cloudpass -n <namespace> --create-namespace`, then the
+/// rendered documents of the same release.
+pub fn install(cp: &ControlPlane, release: &str, namespace: &str) -> Result<Vec<Value>> {
+    let out = cp
+        .helm()
+        .args(["install", release])
+        .arg(repo_root().join("charts/cloudpass"))
+        .args(["-n", namespace, "--create-namespace"])
+        .output()?;
+    if !out.status.success() {
+        bail!("helm install failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    cp.invalidate_discovery_cache();
+    render(cp, release, namespace, &[])
+}
+
+/// Starts `binary` as the Deployment's container would run: its rendered arguments and
+/// environment, the bind address moved to loopback, authenticated as `service_account`
+/// so that only the chart's RBAC applies.
+pub async fn run_container(
+    cp: &ControlPlane,
+    deployment: &Value,
+    container: &str,
+    service_account: &str,
+    binary: &std::path::Path,
+) -> Result<crate::process::ManagedProcess> {
+    let namespace = deployment["metadata"]["namespace"].as_str().context("deployment namespace")?;
+    let name = deployment["metadata"]["name"].as_str().context("deployment name")?;
+    let command = container_command(deployment, container, namespace, &format!("{name}-0"))?;
+    let args: Vec<String> = command.args.into_iter().map(|a| a.replace("=0.0.0.0:", "=127.0.0.1:")).collect();
+    let kubeconfig = cp.kubeconfig_for(namespace, service_account).await?.to_string_lossy().into_owned();
+    let mut env: Vec<(&str, &str)> = command.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.push(("KUBECONFIG", &kubeconfig));
+    crate::process::ManagedProcess::spawn(
+        &format!("chart-{name}"),
+        binary,
+        &args,
+        &cp.dir().join(format!("chart-{name}.log")),
+        &env,
+    )
+}

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cloudpass_e2e::{ControlPlane, chart, process::ManagedProcess, repo_root};
+use cloudpass_e2e::{ControlPlane, chart, repo_root};
 
 const NS: &str = "cloudpass-system";
 
@@ -13,34 +13,13 @@ const NS: &str = "cloudpass-system";
 async fn the_rendered_operator_runs_with_its_own_rbac() {
     let cp = ControlPlane::shared();
     let _logs = cp.logs_on_panic();
-    let install = cp
-        .helm()
-        .args(["install", "cloudpass"])
-        .arg(repo_root().join("charts/cloudpass"))
-        .args(["-n", NS, "--create-namespace"])
-        .output()
-        .unwrap();
-    assert!(install.status.success(), "{}", String::from_utf8_lossy(&install.stderr));
-    cp.invalidate_discovery_cache();
-    let docs = chart::render(cp, "cloudpass", NS, &[]).unwrap();
+    let docs = chart::install(cp, "cloudpass", NS).unwrap();
     let deployment = chart::find(&docs, "Deployment", "cloudpass-operator").unwrap();
     let port = chart::container_port(deployment, "operator", "metrics").unwrap();
     assert_eq!(deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"], "metrics");
 
-    let chart::ContainerCommand { args, env } =
-        chart::container_command(deployment, "operator", NS, "cloudpass-operator-0").unwrap();
-    let args: Vec<String> = args.into_iter().map(|a| a.replace("=0.0.0.0:", "=127.0.0.1:")).collect();
-    let kubeconfig = cp.kubeconfig_for(NS, "cloudpass-operator").await.unwrap().to_string_lossy().to_string();
-    let mut vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    vars.push(("KUBECONFIG", &kubeconfig));
-    let process = ManagedProcess::spawn(
-        "chart-operator",
-        std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator")),
-        &args,
-        &cp.dir().join("chart-operator.log"),
-        &vars,
-    )
-    .unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
+    let process = chart::run_container(cp, deployment, "operator", "cloudpass-operator", binary).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.map(|r| r.status().as_u16()).ok();

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cloudpass_e2e::{ControlPlane, chart, process::ManagedProcess, repo_root};
+use cloudpass_e2e::{ControlPlane, chart};
 
 const NS: &str = "cloudpass-system";
 
@@ -13,15 +13,7 @@ const NS: &str = "cloudpass-system";
 async fn the_rendered_webhook_runs_with_its_own_rbac() {
     let cp = ControlPlane::shared();
     let _logs = cp.logs_on_panic();
-    let install = cp
-        .helm()
-        .args(["install", "cloudpass"])
-        .arg(repo_root().join("charts/cloudpass"))
-        .args(["-n", NS, "--create-namespace"])
-        .output()
-        .unwrap();
-    assert!(install.status.success(), "{}", String::from_utf8_lossy(&install.stderr));
-    let docs = chart::render(cp, "cloudpass", NS, &[]).unwrap();
+    let docs = chart::install(cp, "cloudpass", NS).unwrap();
     let deployment = chart::find(&docs, "Deployment", "cloudpass-webhook").unwrap();
     let service = chart::find(&docs, "Service", "cloudpass-webhook").unwrap();
     let config = chart::find(&docs, "MutatingWebhookConfiguration", "cloudpass-webhook").unwrap();
@@ -32,23 +24,11 @@ async fn the_rendered_webhook_runs_with_its_own_rbac() {
     assert_eq!(client_service["port"], service["spec"]["ports"][0]["port"]);
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "https");
     let port = chart::container_port(deployment, "webhook", "https").unwrap();
+    let rendered = chart::container_command(deployment, "webhook", NS, "cloudpass-webhook-0").unwrap();
+    assert!(rendered.args.contains(&format!("--listen-addr=0.0.0.0:{port}")), "{:?}", rendered.args);
 
-    let chart::ContainerCommand { args, env } =
-        chart::container_command(deployment, "webhook", NS, "cloudpass-webhook-0").unwrap();
-    let args: Vec<String> = args.into_iter().map(|a| a.replace("=0.0.0.0:", "=127.0.0.1:")).collect();
-    assert!(args.contains(&format!("--listen-addr=127.0.0.1:{port}")), "{args:?}");
-    let kubeconfig = cp.kubeconfig_for(NS, "cloudpass-webhook").await.unwrap();
-    let mut vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let kubeconfig = kubeconfig.to_string_lossy().to_string();
-    vars.push(("KUBECONFIG", &kubeconfig));
-    let process = ManagedProcess::spawn(
-        "chart-webhook",
-        std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-webhook")),
-        &args,
-        &cp.dir().join("chart-webhook.log"),
-        &vars,
-    )
-    .unwrap();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-webhook"));
+    let process = chart::run_container(cp, deployment, "webhook", "cloudpass-webhook", binary).await.unwrap();
 
     let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
