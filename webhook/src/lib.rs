@@ -5,11 +5,11 @@
 
 pub mod admission;
 pub mod certs;
-pub mod config;
 pub mod inject;
 pub mod metrics;
 pub mod server;
-pub mod tls;
+
+pub use cloudpass_runtime::{configs as config, tls};
 
 /// Everything that can fail in the webhook outside a single admission request.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,9 @@ pub enum Error {
     /// A file could not be read or a socket bound.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The serving certificate could not be installed or the listener started.
+    #[error(transparent)]
+    Serving(#[from] cloudpass_runtime::Error),
 }
 
 impl Error {
@@ -32,6 +35,7 @@ impl Error {
             Self::Kube(_) => "kube",
             Self::Certificate(_) => "certificate",
             Self::Io(_) => "io",
+            Self::Serving(e) => e.metric_label(),
         }
     }
 }

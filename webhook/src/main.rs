@@ -196,7 +196,7 @@ async fn main() -> ExitCode {
 
     let admission = Arc::new(Admission { configs, settings, metrics: metrics.clone() });
     let router = server::router(AppState { admission, cert: cert.clone() });
-    match tls::serve(args.listen_addr, router, cert, metrics).await {
+    match tls::serve(args.listen_addr, router, cert, metrics.connections.clone()).await {
         Ok(addr) => info!(%addr, config_namespace, "cloudpass-webhook serving"),
         Err(e) => {
             error!(error = %e, "cannot serve");

@@ -61,12 +61,13 @@ impl ResolvesServerCert for ReloadableCert {
 }
 
 /// Serves `router` over HTTPS on `addr` with the certificate in `cert`, until the
-/// process ends. Returns the bound address.
+/// process ends, counting accepted connections in `connections`. Returns the bound
+/// address.
 pub async fn serve(
     addr: SocketAddr,
     router: axum::Router,
     cert: Arc<ReloadableCert>,
-    metrics: Arc<crate::metrics::Metrics>,
+    connections: prometheus_client::metrics::counter::Counter,
 ) -> Result<SocketAddr, Error> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -81,7 +82,7 @@ pub async fn serve(
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
-            metrics.connections.inc();
+            connections.inc();
             let acceptor = acceptor.clone();
             let service = TowerToHyperService::new(router.clone());
             tokio::spawn(async move {
