@@ -5,14 +5,17 @@ CARGO ?= cargo
 # Go-built Kubernetes tools (kube-apiserver, etcd, kubectl, helm) live in a cache outside
 # the repository; override with CLOUDPASS_TOOLS_DIR.
 TOOLS_BIN = $(shell e2e/tools/build.sh --print)
+# The Python venv (moto and the cloud SDKs) lives in a cache too; override with CLOUDPASS_PYTHON_DIR.
+PYTHON_VENV = $(shell e2e/tools/python.sh --print)
 
 .PHONY: help
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: tools
-tools: ## Build kube-apiserver, etcd, kubectl and helm into the cache (minutes the first time, instant after)
+tools: ## Build kube-apiserver, etcd, kubectl, helm and the Python venv (moto, SDKs) into the cache (minutes the first time, instant after)
 	@e2e/tools/build.sh >/dev/null
+	@e2e/tools/python.sh >/dev/null
 
 .PHONY: crds
 crds: ## Regenerate crds/ (and the chart's copy) from the Rust types in api/
@@ -26,12 +29,12 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 
 .PHONY: test
 test: tools ## Build the tools if needed, then run every unit and end-to-end test
-	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" $(CARGO) test --workspace --locked --no-fail-fast
+	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) test --workspace --locked --no-fail-fast
 
 .PHONY: bench
 bench: tools ## Run the benchmarks against the real local apiserver and print their figures
-	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" $(CARGO) bench --locked -p cloudpass-operator --bench converge
-	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" $(CARGO) bench --locked -p cloudpass-webhook --bench admission
+	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-operator --bench converge
+	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-webhook --bench admission
 
 .PHONY: tools-go-mod
 tools-go-mod: ## Regenerate e2e/tools/go.mod after changing e2e/tools/versions.env
