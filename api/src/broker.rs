@@ -23,6 +23,12 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub struct CredentialRequest {
     /// Name of the AccessPolicy, in the caller's namespace.
     pub policy: String,
+    /// Namespace of the policy, for callers from **another** cluster (verified by a
+    /// `kubernetesServiceAccount` TrustProvider with an `issuer`): the namespace in the
+    /// broker's cluster whose policy applies. A caller of the broker's own cluster may
+    /// only name its own namespace (or leave it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Extra proof for trust providers that need more than the service-account token.
     #[serde(default, skip_serializing_if = "Evidence::is_empty")]
     pub evidence: Evidence,
@@ -183,13 +189,13 @@ mod tests {
     fn request_round_trip_and_strictness() {
         let mut evidence = Evidence::default();
         evidence.tokens.insert("entra".into(), SecretString::new("eyJ.token"));
-        let req = CredentialRequest { policy: "orders-to-s3".into(), evidence };
+        let req = CredentialRequest { policy: "orders-to-s3".into(), namespace: None, evidence };
         let json = serde_json::to_string(&req).unwrap();
         assert_eq!(serde_json::from_str::<CredentialRequest>(&json).unwrap(), req);
         let minimal: CredentialRequest = serde_json::from_str(r#"{"policy":"p"}"#).unwrap();
         assert!(minimal.evidence.is_empty());
-        let err = serde_json::from_str::<CredentialRequest>(r#"{"policy":"p","namespace":"other"}"#).unwrap_err();
-        assert!(err.to_string().contains("unknown field `namespace`"), "{err}");
+        let err = serde_json::from_str::<CredentialRequest>(r#"{"policy":"p","pod":"other"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `pod`"), "{err}");
         assert!(!format!("{req:?}").contains("eyJ.token"), "Debug redacts evidence tokens");
     }
 

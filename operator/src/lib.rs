@@ -3,6 +3,7 @@
 //! and broker consume.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod evaluate;
 pub mod issuer;
 pub mod metrics;

@@ -1,22 +1,29 @@
-//! `cloudpass-operator`: the controller of cloudpass (the broker and OIDC issuer join it
-//! in later releases). Every replica serves health and metrics; only the holder of the
-//! leader Lease reconciles and writes.
+//! `cloudpass-operator`: the controller, broker and OIDC issuer of cloudpass. Every
+//! replica serves the broker, health and metrics; only the holder of the leader Lease
+//! reconciles and writes.
 #![forbid(unsafe_code)]
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, atomic::AtomicBool, atomic::Ordering},
+    sync::{Arc, RwLock, atomic::AtomicBool, atomic::Ordering},
+    time::Duration,
 };
 
 use clap::Parser;
+use cloudpass_api::duration::Duration as TextDuration;
 use cloudpass_cli::{LogArgs, kube_client, termination};
 use cloudpass_operator::{
+    broker::{Broker, BrokerSettings, audit::Audit, server as broker_server},
     issuer,
     metrics::Metrics,
     reconcile::{self, Settings},
     server::{self, Health},
+};
+use cloudpass_runtime::{
+    configs::{self, Configs},
+    tls::{self, ReloadableCert},
 };
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
@@ -57,8 +64,116 @@ struct Args {
     /// Namespaces reconciled concurrently.
     #[arg(long, env = "CLOUDPASS_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     concurrency: u16,
+    /// Address of the broker's HTTPS API (with the issuer's documents). Loopback by
+    /// default; the chart sets `0.0.0.0:8443`.
+    #[arg(long, env = "CLOUDPASS_BROKER_ADDR", default_value = "127.0.0.1:8443")]
+    broker_addr: SocketAddr,
+    /// The broker's serving certificate (PEM), re-read when it changes. The broker runs
+    /// only when this, `--broker-tls-key-file` and `--issuer-url` are set.
+    #[arg(long, env = "CLOUDPASS_BROKER_TLS_CERT_FILE", requires = "broker_tls_key_file")]
+    broker_tls_cert_file: Option<PathBuf>,
+    /// The broker's serving key (PEM).
+    #[arg(long, env = "CLOUDPASS_BROKER_TLS_KEY_FILE", requires = "broker_tls_cert_file")]
+    broker_tls_key_file: Option<PathBuf>,
+    /// Public issuer URL (https) of broker-signed tokens: what AWS, Azure and GCP are
+    /// told to trust. Its discovery document and JWKS must be reachable there.
+    #[arg(long = "issuer-url", env = "CLOUDPASS_ISSUER_URL")]
+    broker_issuer_url: Option<String>,
+    /// Secret (in `--namespace`) holding the issuer's signing keys; created if absent.
+    #[arg(long = "issuer-keys-secret", env = "CLOUDPASS_ISSUER_KEYS_SECRET", default_value = "cloudpass-issuer-keys")]
+    broker_keys_secret: String,
+    /// Plain-HTTP address serving only the issuer's public documents, for an Ingress or
+    /// load balancer that terminates TLS. Off by default.
+    #[arg(long, env = "CLOUDPASS_ISSUER_ADDR")]
+    issuer_addr: Option<SocketAddr>,
+    /// Extra CA certificates (PEM) trusted for upstream HTTPS (token endpoints, JWKS) on
+    /// top of the system roots, e.g. for private STS endpoints.
+    #[arg(long, env = "CLOUDPASS_UPSTREAM_CA_FILE")]
+    upstream_ca_file: Option<PathBuf>,
+    /// How long a positive TokenReview (with the pod's labels) is reused; a deleted pod's
+    /// token is refused at most this long after the deletion.
+    #[arg(long, env = "CLOUDPASS_TOKEN_CACHE_TTL", default_value = "10s")]
+    token_cache_ttl: TextDuration,
+    /// Where audit records go: `stdout` or a file path (appended).
+    #[arg(long, env = "CLOUDPASS_AUDIT_LOG", default_value = "stdout")]
+    audit_log: String,
     #[command(flatten)]
     log: LogArgs,
+}
+
+/// Starts the broker when configured; `Ok(None)` when it is off.
+async fn start_broker(
+    client: &kube::Client,
+    args: &Args,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<Broker>>, String> {
+    let (Some(cert_file), Some(key_file)) = (&args.broker_tls_cert_file, &args.broker_tls_key_file) else {
+        info!("broker off: no --broker-tls-cert-file");
+        return Ok(None);
+    };
+    let issuer_url = args.broker_issuer_url.clone().ok_or("the broker needs --issuer-url")?;
+    if !issuer_url.starts_with("https://") {
+        return Err(format!("--issuer-url must be an https URL, got {issuer_url:?}"));
+    }
+    let mut http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("cloudpass-broker/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &args.upstream_ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        http = http.tls_certs_merge(certs);
+    }
+    let http = http.build().map_err(|e| format!("HTTP client: {e}"))?;
+    let audit = Audit::open(&args.audit_log).map_err(|e| format!("--audit-log {}: {e}", args.audit_log))?;
+    let configs = Arc::new(Configs::default());
+    tokio::spawn(configs::watch(client.clone(), args.namespace.clone(), configs.clone()));
+    let keys = Arc::new(RwLock::new(None));
+    tokio::spawn(keep_keys(client.clone(), args.namespace.clone(), args.broker_keys_secret.clone(), keys.clone()));
+    let settings = BrokerSettings { issuer_url, token_cache_ttl: args.token_cache_ttl.as_std(), ..Default::default() };
+    let broker = Arc::new(Broker::new(settings, client.clone(), http, configs, keys, audit, metrics.clone()));
+    let cert = Arc::new(ReloadableCert::default());
+    tls::watch_files(cert.clone(), cert_file.clone(), key_file.clone(), Duration::from_secs(10), || {});
+    let addr = tls::serve(args.broker_addr, broker_server::router(broker.clone()), cert, Default::default())
+        .await
+        .map_err(|e| format!("cannot serve the broker on {}: {e}", args.broker_addr))?;
+    info!(%addr, "broker serving");
+    if let Some(issuer_addr) = args.issuer_addr {
+        let listener = tokio::net::TcpListener::bind(issuer_addr)
+            .await
+            .map_err(|e| format!("--issuer-addr {issuer_addr}: {e}"))?;
+        let router = broker_server::issuer_router(broker.clone());
+        info!(addr = %issuer_addr, "serving the issuer's documents over plain HTTP");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+    }
+    let sweeper = broker.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            sweeper.sweep();
+        }
+    });
+    Ok(Some(broker))
+}
+
+/// Loads the signing keys, and rotates them as due, every few minutes (every replica:
+/// writes use optimistic concurrency, so racing replicas cannot both rotate).
+async fn keep_keys(client: kube::Client, namespace: String, secret: String, keys: Arc<RwLock<Option<issuer::KeySet>>>) {
+    let policy = issuer::RotationPolicy::default();
+    loop {
+        let wait = match issuer::sync_keys(&client, &namespace, &secret, &policy).await {
+            Ok(set) => {
+                *keys.write().unwrap_or_else(|e| e.into_inner()) = Some(set);
+                Duration::from_secs(300)
+            }
+            Err(e) => {
+                warn!(error = %e, secret, "cannot load the issuer's signing keys; retrying");
+                Duration::from_secs(5)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -130,7 +245,15 @@ async fn main() -> ExitCode {
     }
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
-    match server::spawn(args.metrics_addr, Health { metrics: metrics.clone(), ready: ready.clone() }).await {
+    // Every replica serves the broker, leader or not.
+    let broker = match start_broker(&client, &args, &metrics).await {
+        Ok(b) => b,
+        Err(e) => {
+            error!(error = %e, "cannot start the broker");
+            return ExitCode::FAILURE;
+        }
+    };
+    match server::spawn(args.metrics_addr, Health { metrics: metrics.clone(), ready: ready.clone(), broker }).await {
         Ok(addr) => info!(%addr, "serving /healthz, /readyz and /metrics"),
         Err(e) => {
             error!(error = %e, addr = %args.metrics_addr, "cannot serve health and metrics");

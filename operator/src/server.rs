@@ -20,6 +20,8 @@ pub struct Health {
     /// Set once the instance can do its job: a standby as soon as it takes part in the
     /// election, the leader once its caches are warm.
     pub ready: Arc<AtomicBool>,
+    /// The broker, when this instance serves one: ready also needs it ready.
+    pub broker: Option<Arc<crate::broker::Broker>>,
 }
 
 async fn healthz() -> &'static str {
@@ -27,7 +29,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
-    if health.ready.load(Ordering::Relaxed) {
+    if health.ready.load(Ordering::Relaxed) && health.broker.as_ref().is_none_or(|b| b.is_ready()) {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")

@@ -4,6 +4,7 @@
 use std::{
     fmt,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, RwLock},
 };
 
@@ -94,4 +95,50 @@ pub async fn serve(
         }
     });
     Ok(bound)
+}
+
+/// Loads the certificate files when their content changed; `Ok(true)` when reloaded.
+fn reload_files(
+    cert: &ReloadableCert,
+    files: &(PathBuf, PathBuf),
+    last: &mut Option<(String, String)>,
+) -> Result<bool, String> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let pair = (read(&files.0)?, read(&files.1)?);
+    if last.as_ref() == Some(&pair) {
+        return Ok(false);
+    }
+    cert.set(&pair.0, &pair.1).map_err(|e| e.to_string())?;
+    *last = Some(pair);
+    Ok(true)
+}
+
+/// Installs the certificate and key files into `cert` now (a failure is logged: the
+/// files may appear later, e.g. from cert-manager) and re-reads them every `interval`,
+/// calling `on_reload` whenever their content changed.
+pub fn watch_files(
+    cert: Arc<ReloadableCert>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    interval: std::time::Duration,
+    on_reload: impl Fn() + Send + 'static,
+) {
+    let files = (cert_file, key_file);
+    let mut last = None;
+    if let Err(e) = reload_files(&cert, &files, &mut last) {
+        tracing::warn!(error = %e, "serving certificate files not readable yet");
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            match reload_files(&cert, &files, &mut last) {
+                Ok(true) => {
+                    on_reload();
+                    tracing::info!("serving certificate reloaded from files");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "serving certificate files not readable"),
+            }
+        }
+    });
 }

@@ -91,22 +91,6 @@ enum CertMode {
     Files,
 }
 
-/// Loads the certificate files when their content changed; `Ok(true)` when reloaded.
-fn reload_files(
-    cert: &ReloadableCert,
-    files: &(PathBuf, PathBuf),
-    last: &mut Option<(String, String)>,
-) -> Result<bool, String> {
-    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
-    let pair = (read(&files.0)?, read(&files.1)?);
-    if last.as_ref() == Some(&pair) {
-        return Ok(false);
-    }
-    cert.set(&pair.0, &pair.1).map_err(|e| e.to_string())?;
-    *last = Some(pair);
-    Ok(true)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -172,25 +156,16 @@ async fn main() -> ExitCode {
             tokio::spawn(manager.run(interval));
         }
         CertMode::Files => {
-            let mut last = None;
-            let files = (args.tls_cert_file.clone(), args.tls_key_file.clone());
-            if let Err(e) = reload_files(&cert, &files, &mut last) {
-                warn!(error = %e, "serving certificate files not readable yet");
-            }
-            let (cert, metrics) = (cert.clone(), metrics.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(interval).await;
-                    match reload_files(&cert, &files, &mut last) {
-                        Ok(true) => {
-                            metrics.cert_reloads.inc();
-                            info!("serving certificate reloaded from files");
-                        }
-                        Ok(false) => {}
-                        Err(e) => warn!(error = %e, "serving certificate files not readable"),
-                    }
-                }
-            });
+            let metrics = metrics.clone();
+            tls::watch_files(
+                cert.clone(),
+                args.tls_cert_file.clone(),
+                args.tls_key_file.clone(),
+                interval,
+                move || {
+                    metrics.cert_reloads.inc();
+                },
+            );
         }
     }
 

@@ -1,0 +1,305 @@
+//! AWS STS: sending a workload's pre-signed `GetCallerIdentity` (the `awsRole` trust
+//! provider) and `AssumeRoleWithWebIdentity` with a broker-signed token (the `awsSts`
+//! credential provider). Both answer in the STS query protocol's XML.
+
+use std::collections::BTreeMap;
+
+use cloudpass_api::broker::SignedRequest;
+use quick_xml::{Reader, events::Event};
+
+use super::{Refusal, jwt::read_limited};
+
+/// Largest STS answer read.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The text of the first element named by each path's last segment inside the elements
+/// before it, e.g. `["GetCallerIdentityResult", "Arn"]`. Hostile input (bad XML,
+/// entities, deep nesting) gives an error, never a panic.
+pub fn xml_fields(xml: &str, wanted: &[&[&str]]) -> Result<Vec<Option<String>>, String> {
+    let mut reader = Reader::from_str(xml);
+    reader.config_mut().trim_text(true);
+    let mut path: Vec<String> = Vec::new();
+    let mut found: Vec<Option<String>> = vec![None; wanted.len()];
+    let mut text = String::new();
+    loop {
+        match reader.read_event().map_err(|e| format!("malformed XML: {e}"))? {
+            Event::Start(e) => {
+                if path.len() > 16 {
+                    return Err("XML nested too deeply".into());
+                }
+                path.push(String::from_utf8_lossy(e.local_name().as_ref()).into_owned());
+                text.clear();
+            }
+            Event::End(_) => {
+                for (i, want) in wanted.iter().enumerate() {
+                    if found[i].is_none() && path.len() >= want.len() && path[path.len() - want.len()..] == **want {
+                        found[i] = Some(text.clone());
+                    }
+                }
+                path.pop();
+                text.clear();
+            }
+            Event::Text(t) => text.push_str(&t.decode().map_err(|e| format!("malformed XML text: {e}"))?),
+            Event::CData(t) => text.push_str(&String::from_utf8_lossy(&t)),
+            // Entity references arrive on their own; only XML's predefined entities and
+            // character references exist in STS answers (no DTD is ever processed).
+            Event::GeneralRef(r) => {
+                let name = String::from_utf8_lossy(&r).into_owned();
+                let resolved = match name.as_str() {
+                    "amp" => Some('&'),
+                    "lt" => Some('<'),
+                    "gt" => Some('>'),
+                    "quot" => Some('"'),
+                    "apos" => Some('\''),
+                    _ => r.resolve_char_ref().ok().flatten(),
+                };
+                text.push(resolved.ok_or_else(|| format!("unknown XML entity &{name};"))?);
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
+/// The `Code` and `Message` of an STS error answer.
+pub fn sts_error(xml: &str) -> (Option<String>, Option<String>) {
+    match xml_fields(xml, &[&["Error", "Code"], &["Error", "Message"]]) {
+        Ok(mut f) => (f.remove(0), f.remove(0)),
+        Err(_) => (None, None),
+    }
+}
+
+/// The answer of `GetCallerIdentity`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallerIdentity {
+    /// Account ID.
+    pub account: String,
+    /// Caller ARN (`arn:aws:sts::<acct>:assumed-role/<role>/<session>` for a role).
+    pub arn: String,
+}
+
+impl CallerIdentity {
+    /// The IAM role ARN behind an assumed-role session, if the caller is one.
+    pub fn role_arn(&self) -> Option<String> {
+        let (partition_prefix, rest) = self.arn.split_once(":sts::")?;
+        let (account, resource) = rest.split_once(':')?;
+        let role = resource.strip_prefix("assumed-role/")?.split('/').next()?;
+        Some(format!("{}:iam::{account}:role/{role}", partition_prefix))
+    }
+}
+
+/// Whether `url` is an STS endpoint the evidence may be sent to: AWS's public global,
+/// regional and FIPS endpoints, or one listed in `extra`.
+pub fn allowed_sts_url(url: &reqwest::Url, extra: &[String]) -> bool {
+    if url.scheme() != "https" || !url.username().is_empty() || url.password().is_some() {
+        return false;
+    }
+    let Some(host) = url.host_str() else { return false };
+    let origin = |u: &reqwest::Url| (u.host_str().map(str::to_owned), u.port_or_known_default());
+    if extra.iter().filter_map(|e| reqwest::Url::parse(e).ok()).any(|e| origin(&e) == origin(url)) {
+        return true;
+    }
+    if url.port_or_known_default() != Some(443) {
+        return false;
+    }
+    let regional = |h: &str| {
+        let labels: Vec<&str> = h.split('.').collect();
+        labels.len() == 2
+            && (labels[0] == "sts" || labels[0] == "sts-fips")
+            && labels[1].split('-').count() >= 3
+            && labels[1].chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    host == "sts.amazonaws.com"
+        || host.strip_suffix(".amazonaws.com").is_some_and(regional)
+        || host.strip_suffix(".amazonaws.com.cn").is_some_and(regional)
+}
+
+/// Sends the workload's pre-signed `GetCallerIdentity` request and returns who it is.
+pub async fn get_caller_identity(
+    http: &reqwest::Client,
+    request: &SignedRequest,
+    extra_endpoints: &[String],
+) -> Result<CallerIdentity, String> {
+    let url = reqwest::Url::parse(&request.url).map_err(|e| format!("evidence URL is invalid: {e}"))?;
+    if !allowed_sts_url(&url, extra_endpoints) {
+        return Err(format!(
+            "evidence is addressed to {}, which is not an allowed STS endpoint",
+            url.origin().ascii_serialization()
+        ));
+    }
+    if request.method != "POST" {
+        return Err(format!("evidence must be a POST, not {}", request.method));
+    }
+    // Only GetCallerIdentity: the broker must not send any other signed action.
+    let params: BTreeMap<String, String> = form_urlencoded::parse(request.body.as_bytes()).into_owned().collect();
+    if params.get("Action").map(String::as_str) != Some("GetCallerIdentity")
+        || params.keys().any(|k| k != "Action" && k != "Version")
+        || url.query().is_some()
+    {
+        return Err("evidence must be exactly an sts:GetCallerIdentity request".into());
+    }
+    let mut builder = http.post(url).body(request.body.clone());
+    for (name, value) in &request.headers {
+        let lower = name.to_ascii_lowercase();
+        if matches!(lower.as_str(), "host" | "content-length" | "connection" | "transfer-encoding") {
+            continue;
+        }
+        builder = builder.header(name, value.expose());
+    }
+    let response = builder.send().await.map_err(|e| format!("STS unreachable: {e}"))?;
+    let status = response.status();
+    let body = read_limited(response, MAX_ANSWER_BYTES).await?;
+    let text = String::from_utf8_lossy(&body);
+    if !status.is_success() {
+        let (code, message) = sts_error(&text);
+        return Err(format!(
+            "STS refused the evidence: {} ({})",
+            code.unwrap_or_else(|| status.to_string()),
+            message.unwrap_or_default()
+        ));
+    }
+    let fields = xml_fields(&text, &[&["GetCallerIdentityResult", "Account"], &["GetCallerIdentityResult", "Arn"]])?;
+    match (fields[0].clone(), fields[1].clone()) {
+        (Some(account), Some(arn)) => Ok(CallerIdentity { account, arn }),
+        _ => Err("STS answer has no Account and Arn".into()),
+    }
+}
+
+/// Temporary credentials from `AssumeRoleWithWebIdentity`.
+#[derive(Debug)]
+pub struct StsCredentials {
+    /// Access key ID.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Session token.
+    pub session_token: String,
+    /// Expiry.
+    pub expiration: jiff::Timestamp,
+    /// Account of the assumed role.
+    pub account_id: Option<String>,
+}
+
+/// Calls `AssumeRoleWithWebIdentity`.
+pub async fn assume_role_with_web_identity(
+    http: &reqwest::Client,
+    endpoint: &str,
+    role_arn: &str,
+    session_name: &str,
+    duration_seconds: u64,
+    token: &str,
+) -> Result<StsCredentials, Refusal> {
+    let form = [
+        ("Action", "AssumeRoleWithWebIdentity"),
+        ("Version", "2011-06-15"),
+        ("RoleArn", role_arn),
+        ("RoleSessionName", session_name),
+        ("DurationSeconds", &duration_seconds.to_string()),
+        ("WebIdentityToken", token),
+    ];
+    let response = http
+        .post(endpoint)
+        .header("accept", "application/xml")
+        .form(&form)
+        .send()
+        .await
+        .map_err(|e| Refusal::upstream(format!("AWS STS at {endpoint} unreachable: {e}"), None))?;
+    let status = response.status();
+    let body = read_limited(response, MAX_ANSWER_BYTES).await.map_err(|e| Refusal::upstream(e, None))?;
+    let text = String::from_utf8_lossy(&body);
+    if !status.is_success() {
+        let (code, message) = sts_error(&text);
+        return Err(Refusal::upstream(
+            format!(
+                "AWS STS refused AssumeRoleWithWebIdentity for {role_arn} (HTTP {}): {}",
+                status.as_u16(),
+                message.unwrap_or_else(|| "no message".into())
+            ),
+            code,
+        ));
+    }
+    let r = "AssumeRoleWithWebIdentityResult";
+    let f = xml_fields(
+        &text,
+        &[
+            &[r, "Credentials", "AccessKeyId"],
+            &[r, "Credentials", "SecretAccessKey"],
+            &[r, "Credentials", "SessionToken"],
+            &[r, "Credentials", "Expiration"],
+            &[r, "AssumedRoleUser", "Arn"],
+        ],
+    )
+    .map_err(|e| Refusal::upstream(format!("AWS STS answer: {e}"), None))?;
+    let missing = || Refusal::upstream("AWS STS answer lacks credentials", None);
+    let expiration = f[3]
+        .as_deref()
+        .ok_or_else(missing)?
+        .parse::<jiff::Timestamp>()
+        .map_err(|e| Refusal::upstream(format!("AWS STS answer has an invalid Expiration: {e}"), None))?;
+    let account_id = f[4].as_deref().and_then(|arn| arn.split(':').nth(4)).map(str::to_owned);
+    Ok(StsCredentials {
+        access_key_id: f[0].clone().ok_or_else(missing)?,
+        secret_access_key: f[1].clone().ok_or_else(missing)?,
+        session_token: f[2].clone().ok_or_else(missing)?,
+        expiration,
+        account_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sts_answers_and_errors() {
+        let ok = r#"<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+ <AssumeRoleWithWebIdentityResult>
+  <AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/R/s</Arn></AssumedRoleUser>
+  <Credentials><AccessKeyId>ASIA1</AccessKeyId><SecretAccessKey>se&amp;cret</SecretAccessKey><SessionToken>tok</SessionToken><Expiration>2030-01-01T00:00:00Z</Expiration></Credentials>
+ </AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"#;
+        let f = xml_fields(
+            ok,
+            &[&["Credentials", "SecretAccessKey"], &["AssumedRoleUser", "Arn"], &["Credentials", "Missing"]],
+        )
+        .unwrap();
+        assert_eq!(f[0].as_deref(), Some("se&cret"));
+        assert_eq!(f[1].as_deref(), Some("arn:aws:sts::123456789012:assumed-role/R/s"));
+        assert_eq!(f[2], None);
+        let err = r#"<ErrorResponse><Error><Type>Sender</Type><Code>InvalidIdentityToken</Code><Message>No OpenIDConnect provider found</Message></Error></ErrorResponse>"#;
+        assert_eq!(
+            sts_error(err),
+            (Some("InvalidIdentityToken".into()), Some("No OpenIDConnect provider found".into()))
+        );
+        for junk in ["", "<", "<a><b></a>", "<!DOCTYPE x [<!ENTITY e SYSTEM \"file:///etc/passwd\">]><a>&e;</a>"] {
+            let _ = xml_fields(junk, &[&["a"]]);
+        }
+        let deep = "<a>".repeat(100);
+        assert!(xml_fields(&deep, &[&["a"]]).is_err());
+    }
+
+    #[test]
+    fn role_behind_a_session() {
+        let id = CallerIdentity { account: "1".into(), arn: "arn:aws:sts::123456789012:assumed-role/app/i-123".into() };
+        assert_eq!(id.role_arn().as_deref(), Some("arn:aws:iam::123456789012:role/app"));
+        let user = CallerIdentity { account: "1".into(), arn: "arn:aws:iam::123456789012:user/bob".into() };
+        assert_eq!(user.role_arn(), None);
+    }
+
+    #[test]
+    fn only_sts_endpoints_receive_evidence() {
+        let ok = |u: &str| allowed_sts_url(&reqwest::Url::parse(u).unwrap(), &["https://vpce.example:8443/".into()]);
+        assert!(ok("https://sts.amazonaws.com/"));
+        assert!(ok("https://sts.eu-west-1.amazonaws.com/"));
+        assert!(ok("https://sts-fips.us-east-1.amazonaws.com/"));
+        assert!(ok("https://sts.cn-north-1.amazonaws.com.cn/"));
+        assert!(ok("https://vpce.example:8443/"));
+        assert!(!ok("http://sts.amazonaws.com/"));
+        assert!(!ok("https://sts.amazonaws.com.evil.example/"));
+        assert!(!ok("https://evil.example/sts.amazonaws.com"));
+        assert!(!ok("https://s3.us-east-1.amazonaws.com/"));
+        assert!(!ok("https://sts.amazonaws.com:8443/"));
+        assert!(!ok("https://user@sts.amazonaws.com/"));
+        assert!(!ok("https://vpce.example/"));
+    }
+}

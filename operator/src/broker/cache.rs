@@ -1,0 +1,230 @@
+//! The credential cache: one slot per (namespace, policy, credential provider, subject),
+//! so that agents asking again before a credential nears its expiry cost no upstream
+//! call, and agents asking at the same time share one upstream call (the first caller
+//! fetches while holding the slot; the others wait for it and take its answer).
+//!
+//! A credential is served from the cache until a refresh margin (a quarter of its
+//! lifetime) before it expires; the broker tells the agent to refresh at that moment, so
+//! the agent's next request finds the slot stale and gets a fresh credential. Upstream
+//! failures are kept only briefly ([`CredentialCache::new`]'s `error_ttl`), so a broken
+//! upstream is not hammered by every agent but recovers within seconds.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use cloudpass_api::broker::Credential;
+
+use super::Refusal;
+
+/// A credential with its lifetime.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    /// The credential.
+    pub credential: Credential,
+    /// When it was obtained.
+    pub issued_at: jiff::Timestamp,
+    /// When it stops working (or stops being served, under `maxCredentialLifetime`).
+    pub expires_at: jiff::Timestamp,
+}
+
+impl Issued {
+    /// When the agent should fetch a new one, and until when the cache serves it: a
+    /// quarter of the lifetime before expiry.
+    pub fn refresh_at(&self) -> jiff::Timestamp {
+        let lifetime = self.expires_at.as_millisecond() - self.issued_at.as_millisecond();
+        let at = self.expires_at.as_millisecond() - lifetime.max(0) / 4;
+        jiff::Timestamp::from_millisecond(at).unwrap_or(self.expires_at)
+    }
+}
+
+/// How a lookup was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// From the cache.
+    Hit,
+    /// By an upstream call this request made.
+    Miss,
+    /// By an upstream call another request made while this one waited.
+    Coalesced,
+}
+
+impl Lookup {
+    /// Label for metrics and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Coalesced => "coalesced",
+        }
+    }
+}
+
+#[derive(Default)]
+enum State {
+    #[default]
+    Empty,
+    Ready(Arc<Issued>),
+    Failed(Refusal, Instant),
+}
+
+#[derive(Default)]
+struct Slot {
+    state: tokio::sync::Mutex<State>,
+}
+
+/// Slots kept before a sweep is forced.
+const MAX_SLOTS: usize = 100_000;
+
+/// The cache.
+pub struct CredentialCache {
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    error_ttl: Duration,
+}
+
+impl CredentialCache {
+    /// A cache keeping upstream failures for `error_ttl`.
+    pub fn new(error_ttl: Duration) -> Self {
+        Self { slots: Mutex::default(), error_ttl }
+    }
+
+    /// The credential of `key`: cached, or fetched by `fetch` (once for all concurrent
+    /// callers of the same key).
+    pub async fn get<F, Fut>(&self, key: &str, fetch: F) -> (Result<Arc<Issued>, Refusal>, Lookup)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Issued, Refusal>>,
+    {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            if slots.len() >= MAX_SLOTS && !slots.contains_key(key) {
+                sweep_locked(&mut slots);
+            }
+            slots.entry(key.to_owned()).or_default().clone()
+        };
+        let (mut state, waited) = match slot.state.try_lock() {
+            Ok(guard) => (guard, false),
+            Err(_) => (slot.state.lock().await, true),
+        };
+        let served = if waited { Lookup::Coalesced } else { Lookup::Hit };
+        match &*state {
+            State::Ready(issued) if jiff::Timestamp::now() < issued.refresh_at() => {
+                return (Ok(issued.clone()), served);
+            }
+            State::Failed(refusal, until) if Instant::now() < *until => return (Err(refusal.clone()), served),
+            _ => {}
+        }
+        let result = fetch().await.map(Arc::new);
+        *state = match &result {
+            Ok(issued) => State::Ready(issued.clone()),
+            // Only upstream trouble is worth remembering; a Secret fixed a second later
+            // or a denial must not stick.
+            Err(refusal) if refusal.is_upstream() => State::Failed(refusal.clone(), Instant::now() + self.error_ttl),
+            Err(_) => State::Empty,
+        };
+        (result, Lookup::Miss)
+    }
+
+    /// Drops slots whose content can no longer be served.
+    pub fn sweep(&self) {
+        sweep_locked(&mut self.slots.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn sweep_locked(slots: &mut HashMap<String, Arc<Slot>>) {
+    let now = jiff::Timestamp::now();
+    slots.retain(|_, slot| match slot.state.try_lock() {
+        // Busy: a fetch is running.
+        Err(_) => true,
+        Ok(state) => match &*state {
+            State::Empty => false,
+            State::Ready(issued) => now < issued.expires_at,
+            State::Failed(_, until) => Instant::now() < *until,
+        },
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use cloudpass_api::secret::SecretString;
+
+    use super::*;
+
+    fn issued(lifetime_s: i64) -> Issued {
+        let now = jiff::Timestamp::now();
+        Issued {
+            credential: Credential::ApiKey { key: SecretString::new("k") },
+            issued_at: now,
+            expires_at: now + jiff::SignedDuration::from_secs(lifetime_s),
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_coalesces_and_forgets_failures() {
+        let cache = Arc::new(CredentialCache::new(Duration::from_millis(200)));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch = |calls: Arc<AtomicUsize>, lifetime| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(issued(lifetime))
+        };
+        // Ten concurrent requests: one upstream call.
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move { cache.get("k", || fetch(calls, 3600)).await.1 })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == Lookup::Miss).count(), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == Lookup::Coalesced).count(), 9);
+        assert_eq!(cache.get("k", || fetch(calls.clone(), 3600)).await.1, Lookup::Hit);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        // A credential inside its refresh margin is fetched again.
+        let (_, l) = cache.get("short", || fetch(calls.clone(), 0)).await;
+        assert_eq!(l, Lookup::Miss);
+        let (_, l) = cache.get("short", || fetch(calls.clone(), 0)).await;
+        assert_eq!(l, Lookup::Miss);
+
+        // Upstream failures are remembered briefly; denials are not.
+        let fail = || async { Err(Refusal::upstream("STS 500", Some("InternalFailure".into()))) };
+        assert_eq!(cache.get("f", fail).await.1, Lookup::Miss);
+        let (r, l) = cache.get("f", || fetch(calls.clone(), 3600)).await;
+        assert_eq!((r.is_err(), l), (true, Lookup::Hit));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (r, l) = cache.get("f", || fetch(calls.clone(), 3600)).await;
+        assert_eq!((r.is_ok(), l), (true, Lookup::Miss));
+        let deny = || async { Err(Refusal::denied("Secret missing")) };
+        assert_eq!(cache.get("d", deny).await.1, Lookup::Miss);
+        assert_eq!(cache.get("d", || fetch(calls.clone(), 3600)).await.1, Lookup::Miss);
+
+        cache.sweep();
+        assert_eq!(cache.len(), 3, "expired and empty slots are swept: {}", cache.len());
+    }
+
+    #[test]
+    fn refresh_is_a_quarter_before_expiry() {
+        let i = issued(3600);
+        let margin = i.expires_at.as_second() - i.refresh_at().as_second();
+        assert!((899..=901).contains(&margin), "{margin}");
+    }
+}

@@ -1,0 +1,89 @@
+//! The conditions of an AccessPolicy checked on every request: time windows.
+
+use cloudpass_api::policy::{AccessConditions, TimeWindow, Weekday};
+
+fn minutes(hh_mm: &str) -> Option<i32> {
+    let (h, m) = hh_mm.split_once(':')?;
+    Some(h.parse::<i32>().ok()? * 60 + m.parse::<i32>().ok()?)
+}
+
+fn weekday(day: jiff::civil::Weekday) -> Weekday {
+    use jiff::civil::Weekday as J;
+    match day {
+        J::Monday => Weekday::Monday,
+        J::Tuesday => Weekday::Tuesday,
+        J::Wednesday => Weekday::Wednesday,
+        J::Thursday => Weekday::Thursday,
+        J::Friday => Weekday::Friday,
+        J::Saturday => Weekday::Saturday,
+        J::Sunday => Weekday::Sunday,
+    }
+}
+
+/// Whether `now` falls inside `window` (in the window's time zone).
+pub fn in_window(window: &TimeWindow, now: jiff::Timestamp) -> Result<bool, String> {
+    let tz = jiff::tz::TimeZone::get(&window.time_zone)
+        .map_err(|_| format!("time zone {:?} is unknown", window.time_zone))?;
+    let local = now.to_zoned(tz);
+    if !window.days.is_empty() && !window.days.contains(&weekday(local.weekday())) {
+        return Ok(false);
+    }
+    let (start, end) = match (minutes(&window.start), minutes(&window.end)) {
+        (Some(s), Some(e)) => (s, e),
+        _ => return Err(format!("window {}-{} is malformed", window.start, window.end)),
+    };
+    let at = i32::from(local.hour()) * 60 + i32::from(local.minute());
+    Ok(start <= at && at < end)
+}
+
+/// `Ok` when every condition holds at `now`, else why not.
+pub fn check(conditions: Option<&AccessConditions>, now: jiff::Timestamp) -> Result<(), String> {
+    let Some(windows) = conditions.map(|c| &c.time_windows).filter(|w| !w.is_empty()) else { return Ok(()) };
+    for window in windows {
+        if in_window(window, now)? {
+            return Ok(());
+        }
+    }
+    let list: Vec<String> = windows
+        .iter()
+        .map(|w| {
+            let days = if w.days.is_empty() { "every day".to_owned() } else { format!("{:?}", w.days) };
+            format!("{}-{} {} ({days})", w.start, w.end, w.time_zone)
+        })
+        .collect();
+    Err(format!("outside the policy's time windows: {}", list.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(tz: &str, days: &[Weekday], start: &str, end: &str) -> TimeWindow {
+        TimeWindow { time_zone: tz.into(), days: days.to_vec(), start: start.into(), end: end.into() }
+    }
+
+    #[test]
+    fn windows_respect_zone_day_and_bounds() {
+        // 2026-11-23 is a Monday; 08:30 UTC is 09:30 in Berlin (CET).
+        let t: jiff::Timestamp = "2026-11-23T08:30:00Z".parse().unwrap();
+        assert!(in_window(&window("Europe/Berlin", &[Weekday::Monday], "09:00", "17:00"), t).unwrap());
+        assert!(!in_window(&window("UTC", &[], "09:00", "17:00"), t).unwrap());
+        assert!(!in_window(&window("Europe/Berlin", &[Weekday::Tuesday], "09:00", "17:00"), t).unwrap());
+        assert!(in_window(&window("UTC", &[], "08:30", "08:31"), t).unwrap(), "start is inclusive");
+        assert!(!in_window(&window("UTC", &[], "08:00", "08:30"), t).unwrap(), "end is exclusive");
+        assert!(in_window(&window("UTC", &[], "00:00", "24:00"), t).unwrap());
+        assert!(in_window(&window("Mars/Olympus", &[], "00:00", "24:00"), t).is_err());
+        let conditions = AccessConditions {
+            time_windows: vec![
+                window("UTC", &[], "22:00", "23:00"),
+                window("UTC", &[Weekday::Monday], "08:00", "09:00"),
+            ],
+            max_credential_lifetime: None,
+        };
+        assert!(check(Some(&conditions), t).is_ok(), "any window suffices");
+        let closed = AccessConditions { time_windows: vec![window("UTC", &[], "22:00", "23:00")], ..conditions };
+        let err = check(Some(&closed), t).unwrap_err();
+        assert!(err.contains("outside the policy's time windows: 22:00-23:00 UTC"), "{err}");
+        assert!(check(None, t).is_ok());
+    }
+}

@@ -1,0 +1,389 @@
+//! The broker: turns a verified Kubernetes workload identity into a credential for
+//! another cloud, under a policy, with an audit record for every decision.
+//!
+//! One request (`POST /v1/credentials`) goes: authenticate the agent's token
+//! (TokenReview, or another cluster's keys) → find the named policy in the caller's
+//! namespace and check it selects the caller → run every trust provider → check the
+//! policy's conditions → obtain the credential through the cache (one upstream call per
+//! key at a time) → answer with the credential, its expiry and when to refresh.
+
+pub mod audit;
+pub mod authn;
+pub mod aws;
+pub mod cache;
+pub mod conditions;
+pub mod credential;
+pub mod jwt;
+pub mod server;
+pub mod trust;
+
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use cloudpass_api::{
+    broker::{BrokerError, CredentialRequest, CredentialResponse, ErrorCode},
+    config::{CompiledPolicy, NamespaceConfig},
+    selector::selector_matches,
+};
+use cloudpass_runtime::configs::Configs;
+
+use crate::{issuer::KeySet, metrics::Metrics};
+use audit::{Audit, AuditRecord};
+use authn::{Caller, Origin, TokenReviewer};
+use cache::{CredentialCache, Lookup};
+use jwt::{Expectations, JwtVerifier, KeySource};
+
+/// Why a request was not answered with a credential. Never holds a secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Category.
+    pub code: ErrorCode,
+    /// For a human.
+    pub message: String,
+    /// The upstream service's own error code.
+    pub upstream_code: Option<String>,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), upstream_code: None }
+    }
+    /// 401.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthenticated, message)
+    }
+    /// 403.
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Denied, message)
+    }
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+    /// 503.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, message)
+    }
+    /// 502, with the upstream's code.
+    pub fn upstream(message: impl Into<String>, upstream_code: Option<String>) -> Self {
+        Self { code: ErrorCode::UpstreamFailure, message: message.into(), upstream_code }
+    }
+    /// Whether an upstream service failed.
+    pub fn is_upstream(&self) -> bool {
+        self.code == ErrorCode::UpstreamFailure
+    }
+    /// The wire form.
+    pub fn to_wire(&self) -> BrokerError {
+        BrokerError { code: self.code, message: self.message.clone(), upstream_code: self.upstream_code.clone() }
+    }
+}
+
+/// Settings of the broker.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// The issuer URL, `iss` of every broker-signed token.
+    pub issuer_url: String,
+    /// How long a positive TokenReview (with the pod's labels) is reused.
+    pub token_cache_ttl: Duration,
+    /// How long an upstream failure is remembered.
+    pub error_cache_ttl: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            issuer_url: String::new(),
+            token_cache_ttl: Duration::from_secs(10),
+            error_cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The broker's state, shared by every request.
+pub struct Broker {
+    settings: BrokerSettings,
+    client: kube::Client,
+    http: reqwest::Client,
+    configs: Arc<Configs>,
+    reviewer: TokenReviewer,
+    verifier: JwtVerifier,
+    cache: CredentialCache,
+    keys: Arc<RwLock<Option<KeySet>>>,
+    audit: Audit,
+    metrics: Arc<Metrics>,
+}
+
+/// The answer to one request, with its audit record already written.
+pub struct Answer {
+    /// Credential or refusal.
+    pub result: Result<CredentialResponse, Refusal>,
+    /// Decision ID, also in the audit record.
+    pub decision_id: String,
+}
+
+fn random_id() -> String {
+    let mut buf = [0u8; 12];
+    rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut buf).expect("system random source");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Broker {
+    /// A broker over the given configs and signing keys.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: BrokerSettings,
+        client: kube::Client,
+        http: reqwest::Client,
+        configs: Arc<Configs>,
+        keys: Arc<RwLock<Option<KeySet>>>,
+        audit: Audit,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            reviewer: TokenReviewer::new(client.clone(), settings.token_cache_ttl),
+            verifier: JwtVerifier::new(http.clone()),
+            cache: CredentialCache::new(settings.error_cache_ttl),
+            settings,
+            client,
+            http,
+            configs,
+            keys,
+            audit,
+            metrics,
+        }
+    }
+
+    /// Whether the broker can answer: configs listed and signing keys loaded.
+    pub fn is_ready(&self) -> bool {
+        self.configs.loaded() && self.keys.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// The issuer's current JWKS.
+    pub fn jwks(&self) -> Option<serde_json::Value> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(KeySet::jwks)
+    }
+
+    /// The issuer URL.
+    pub fn issuer_url(&self) -> &str {
+        &self.settings.issuer_url
+    }
+
+    /// Drops cache entries that can no longer be served.
+    pub fn sweep(&self) {
+        self.cache.sweep();
+    }
+
+    /// Answers one credential request: `token` from the `Authorization` header, `body`
+    /// the raw request body.
+    pub async fn handle(&self, token: Option<&str>, body: &[u8]) -> Answer {
+        let started = Instant::now();
+        let mut record = AuditRecord {
+            kind: "cloudpass.dev/audit",
+            time: jiff::Timestamp::now().to_string(),
+            decision_id: random_id(),
+            ..Default::default()
+        };
+        let result = self.decide(token, body, &mut record).await;
+        let elapsed = started.elapsed();
+        record.latency_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
+        match &result {
+            Ok(response) => {
+                record.outcome = "allowed";
+                record.expires_at = Some(response.expires_at.to_string());
+            }
+            Err(refusal) => {
+                record.outcome = if refusal.code == ErrorCode::Denied { "denied" } else { "error" };
+                record.code = Some(format!("{:?}", refusal.code));
+                record.reason = Some(refusal.message.clone());
+                record.upstream_code = refusal.upstream_code.clone();
+            }
+        }
+        let code = result.as_ref().err().map(|r| format!("{:?}", r.code)).unwrap_or_else(|| "OK".into());
+        self.metrics.broker_request(record.outcome, &code, elapsed);
+        self.audit.record(&record);
+        Answer { result, decision_id: record.decision_id }
+    }
+
+    async fn authenticate(
+        &self,
+        token: &str,
+        request: &CredentialRequest,
+        record: &mut AuditRecord,
+    ) -> Result<Caller, Refusal> {
+        // Another cluster's token is recognised by an issuer that a TrustProvider in the
+        // named namespace trusts; everything else goes to TokenReview.
+        if let Some(namespace) = &request.namespace
+            && let Some(issuer) = authn::unverified_issuer(token)
+            && let Some(config) = self.configs.get(namespace)
+            && let Some(spec) = config
+                .trust_providers
+                .values()
+                .filter_map(|t| t.kubernetes_service_account.as_ref())
+                .find(|k| k.issuer.as_deref() == Some(issuer.as_str()))
+        {
+            let source = KeySource::for_issuer(&issuer, spec.jwks_uri.as_deref(), spec.jwks.as_deref());
+            let expect = Expectations { issuer: &issuer, audiences: &spec.audiences, algorithms: &spec.algorithms };
+            let claims = self
+                .verifier
+                .verify(token, &source, &expect)
+                .await
+                .map_err(|e| Refusal::unauthenticated(format!("token of {issuer} refused: {e}")))?;
+            return authn::remote_caller(&issuer, claims, namespace);
+        }
+        let (caller, cached) = self.reviewer.review(token).await?;
+        self.metrics.cache_lookup("token_review", if cached == authn::Cached::Hit { "hit" } else { "miss" });
+        if let Some(namespace) = &request.namespace
+            && namespace != &caller.namespace
+        {
+            record.namespace = Some(caller.namespace.clone());
+            return Err(Refusal::denied(format!(
+                "a pod of namespace {} cannot use policies of namespace {namespace}",
+                caller.namespace
+            )));
+        }
+        Ok(caller)
+    }
+
+    async fn decide(
+        &self,
+        token: Option<&str>,
+        body: &[u8],
+        record: &mut AuditRecord,
+    ) -> Result<CredentialResponse, Refusal> {
+        let request: CredentialRequest = serde_json::from_slice(body)
+            .map_err(|e| Refusal::bad_request(format!("request body is not a credential request: {e}")))?;
+        record.policy = Some(request.policy.clone());
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Refusal::unauthenticated("no bearer token: send the projected service-account token"))?;
+        if !self.is_ready() {
+            return Err(Refusal::unavailable("the broker is starting: configs or signing keys not loaded yet"));
+        }
+        let caller = self.authenticate(token, &request, record).await?;
+        record.namespace = Some(caller.namespace.clone());
+        record.pod = caller.pod.clone();
+        record.pod_uid = caller.pod_uid.clone();
+        record.service_account = Some(caller.service_account.clone());
+        if let Origin::OtherCluster { issuer, namespace } = &caller.origin {
+            record.remote_issuer = Some(issuer.clone());
+            record.remote_namespace = Some(namespace.clone());
+        }
+
+        let config = self.configs.get(&caller.namespace);
+        let Some((config, policy)) = config.as_ref().and_then(|c| c.policy(&request.policy).map(|p| (c, p))) else {
+            return Err(Refusal::denied(format!(
+                "no Ready AccessPolicy {} in namespace {}",
+                request.policy, caller.namespace
+            )));
+        };
+        selects(policy, &caller)?;
+
+        let ctx = trust::TrustContext { verifier: &self.verifier, http: &self.http };
+        for name in &policy.trust_providers {
+            let spec = config
+                .trust_providers
+                .get(name)
+                .ok_or_else(|| Refusal::denied(format!("trust provider {name} is missing")))?;
+            let result = trust::evaluate(name, spec, &caller, &request.evidence, &ctx).await;
+            let failed =
+                (!result.passed).then(|| format!("trust provider {name} refused the caller: {}", result.detail));
+            record.trust_providers.push(result);
+            if let Some(message) = failed {
+                return Err(Refusal::denied(message));
+            }
+        }
+        let now = jiff::Timestamp::now();
+        conditions::check(policy.conditions.as_ref(), now).map_err(Refusal::denied)?;
+
+        let provider = &policy.credential_provider;
+        let spec = config
+            .credential_providers
+            .get(provider)
+            .ok_or_else(|| Refusal::denied(format!("credential provider {provider} is missing")))?;
+        record.credential_provider = Some(provider.clone());
+        record.credential_kind = spec.kind_name();
+        let max_lifetime =
+            policy.conditions.as_ref().and_then(|c| c.max_credential_lifetime.as_ref()).map(|d| d.as_std());
+        let key = cache_key(config, policy, spec, &caller, max_lifetime);
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let keys = keys.ok_or_else(|| Refusal::unavailable("signing keys not loaded"))?;
+        let (issued, lookup) = self
+            .cache
+            .get(&key, || async {
+                let mint = credential::MintContext {
+                    http: &self.http,
+                    client: &self.client,
+                    keys: &keys,
+                    issuer_url: &self.settings.issuer_url,
+                };
+                let req = credential::MintRequest { provider, spec, policy, caller: &caller, max_lifetime };
+                let result = credential::obtain(&mint, &req).await;
+                self.metrics
+                    .upstream_call(spec.kind_name().unwrap_or("unknown"), if result.is_ok() { "ok" } else { "error" });
+                result
+            })
+            .await;
+        record.cache = Some(lookup.as_str());
+        self.metrics.cache_lookup("credential", lookup.as_str());
+        if lookup == Lookup::Miss && issued.is_ok() {
+            tracing::info!(namespace = %caller.namespace, policy = %policy.name, provider = %provider, "credential obtained");
+        }
+        let issued = issued?;
+        Ok(CredentialResponse {
+            policy: policy.name.clone(),
+            credential: issued.credential.clone(),
+            expires_at: issued.expires_at,
+            refresh_at: issued.refresh_at(),
+        })
+    }
+}
+
+/// Whether the policy selects the caller; remote callers have no pod labels here, so
+/// only policies whose pod selector is empty can select them.
+fn selects(policy: &CompiledPolicy, caller: &Caller) -> Result<(), Refusal> {
+    if let Some(sa) = &policy.client.service_account_name
+        && sa != &caller.service_account
+    {
+        return Err(Refusal::denied(format!(
+            "policy {} is for service account {sa}, the caller runs as {}",
+            policy.name, caller.service_account
+        )));
+    }
+    let selector = &policy.client.pod_selector;
+    let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        && selector.match_expressions.as_ref().is_none_or(|m| m.is_empty());
+    let matches = match caller.origin {
+        Origin::ThisCluster => selector_matches(selector, &caller.labels),
+        Origin::OtherCluster { .. } => empty,
+    };
+    if !matches {
+        return Err(Refusal::denied(format!(
+            "policy {} does not select pod {}",
+            policy.name,
+            caller.pod.as_deref().unwrap_or("(unknown)")
+        )));
+    }
+    Ok(())
+}
+
+/// The cache key: what the upstream request depends on. The config hash makes any
+/// change of the namespace's policies or providers start from fresh credentials.
+fn cache_key(
+    config: &NamespaceConfig,
+    policy: &CompiledPolicy,
+    spec: &cloudpass_api::credential::CredentialProviderSpec,
+    caller: &Caller,
+    max_lifetime: Option<Duration>,
+) -> String {
+    format!(
+        "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}",
+        config.namespace,
+        config.hash,
+        policy.name,
+        policy.credential_provider,
+        credential::cache_discriminator(spec, policy, caller),
+        max_lifetime
+    )
+}

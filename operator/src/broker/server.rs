@@ -1,0 +1,91 @@
+//! The broker's HTTP surface: `POST /v1/credentials` for agents, and the OIDC issuer's
+//! discovery document and JWKS for the clouds that trust cloudpass.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use cloudpass_api::broker::{BrokerError, CREDENTIALS_PATH, ErrorCode, MAX_REQUEST_BYTES};
+
+use super::Broker;
+use crate::issuer::{DISCOVERY_PATH, JWKS_PATH, discovery};
+
+fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+    let body = BrokerError { code, message: message.into(), upstream_code: None };
+    (status, [(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+async fn credentials(State(broker): State<Arc<Broker>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::BadRequest,
+                format!("request body larger than {MAX_REQUEST_BYTES} bytes"),
+            );
+        }
+    };
+    let answer = broker.handle(bearer(&headers), &body).await;
+    let decision = [(header::HeaderName::from_static("x-cloudpass-decision"), answer.decision_id)];
+    match answer.result {
+        Ok(response) => {
+            (StatusCode::OK, [(header::CACHE_CONTROL, "no-store")], decision, Json(response)).into_response()
+        }
+        Err(refusal) => {
+            let status = StatusCode::from_u16(refusal.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response =
+                (status, [(header::CACHE_CONTROL, "no-store")], decision, Json(refusal.to_wire())).into_response();
+            if refusal.code == ErrorCode::Unauthenticated {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            }
+            response
+        }
+    }
+}
+
+async fn discovery_document(State(broker): State<Arc<Broker>>) -> Response {
+    ([(header::CACHE_CONTROL, "public, max-age=300")], Json(discovery(broker.issuer_url()))).into_response()
+}
+
+async fn jwks(State(broker): State<Arc<Broker>>) -> Response {
+    match broker.jwks() {
+        Some(keys) => ([(header::CACHE_CONTROL, "public, max-age=300")], Json(keys)).into_response(),
+        None => error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "signing keys not loaded yet"),
+    }
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such endpoint")
+}
+
+/// Only the issuer's public documents, for a listener behind an Ingress.
+pub fn issuer_router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route(DISCOVERY_PATH, get(discovery_document))
+        .route(JWKS_PATH, get(jwks))
+        .fallback(not_found)
+        .with_state(broker)
+}
+
+/// The broker's full surface: credentials and the issuer's documents.
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route(CREDENTIALS_PATH, post(credentials))
+        .route(DISCOVERY_PATH, get(discovery_document))
+        .route(JWKS_PATH, get(jwks))
+        .fallback(not_found)
+        .with_state(broker)
+}
