@@ -1,0 +1,319 @@
+//! The broker client and the refresh loop of each delivery.
+//!
+//! `POST {broker}/v1/credentials` with the projected service-account token as bearer
+//! (re-read from its file on every request, so the kubelet's rotation is picked up) and
+//! `{"policy": ...}`. The broker's CA is the only trust anchor unless system roots are
+//! asked for. Each delivery fetches at start, then again at the broker's `refreshAt`
+//! (or 80% of the lifetime when that is unusable), a little early by random jitter so
+//! that pods started together do not refresh together. Failures are retried with capped
+//! exponential backoff and full jitter; the store keeps serving a still-valid credential
+//! meanwhile. Only the broker's `Denied` drops the credential at once.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use cloudpass_api::{
+    agent::AgentEndpoint,
+    broker::{BrokerError, CREDENTIALS_PATH, Credential, CredentialRequest, CredentialResponse},
+    secret::SecretString,
+};
+use jiff::Timestamp;
+use reqwest::{StatusCode, header::AUTHORIZATION, redirect::Policy};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    common::{Shared, random_fraction},
+    config::{BrokerSettings, RetrySettings},
+    error::AgentError,
+    store::{Fetched, credential_type},
+};
+
+/// Largest broker answer read.
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Never refresh more often than this, whatever the broker says.
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+
+/// A client of the broker's credential endpoint.
+pub struct BrokerClient {
+    http: reqwest::Client,
+    endpoint: String,
+    token_file: PathBuf,
+}
+
+/// An error's message with its causes (`reqwest` puts the useful part, such as
+/// "connection refused" or the certificate problem, in the source chain).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl BrokerClient {
+    /// A client trusting the configured broker CA (and, if asked, the system roots).
+    pub fn new(settings: &BrokerSettings) -> Result<Self, AgentError> {
+        let certs = match &settings.ca_pem {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| AgentError::Tls(format!("broker CA: {}", chain(&e))))?,
+            None => Vec::new(),
+        };
+        if settings.ca_pem.is_some() && certs.is_empty() {
+            return Err(AgentError::Tls("broker CA: no certificate in the PEM".into()));
+        }
+        let builder = reqwest::Client::builder()
+            .no_proxy()
+            .https_only(true)
+            .redirect(Policy::none())
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .user_agent(concat!("cloudpass-agent/", env!("CARGO_PKG_VERSION")));
+        let builder =
+            if settings.trust_system_roots { builder.tls_certs_merge(certs) } else { builder.tls_certs_only(certs) };
+        let http = builder.build().map_err(|e| AgentError::Tls(format!("broker client: {}", chain(&e))))?;
+        let endpoint = format!("{}{CREDENTIALS_PATH}", settings.url.trim_end_matches('/'));
+        Ok(Self { http, endpoint, token_file: settings.token_file.clone() })
+    }
+
+    async fn token(&self) -> Result<SecretString, AgentError> {
+        let wrap = |source| AgentError::Token { path: self.token_file.clone(), source };
+        let text = tokio::fs::read_to_string(&self.token_file).await.map_err(wrap)?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(wrap(std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty")));
+        }
+        Ok(SecretString::new(token))
+    }
+
+    /// Fetches the credential of `policy`.
+    pub async fn fetch(&self, policy: &str) -> Result<CredentialResponse, AgentError> {
+        let token = self.token().await?;
+        let body = CredentialRequest { policy: policy.to_owned(), namespace: None, evidence: Default::default() };
+        let mut response = self
+            .http
+            .post(&self.endpoint)
+            .header(AUTHORIZATION, format!("Bearer {}", token.expose()))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| AgentError::BrokerUnreachable(chain(&e)))?;
+        let status = response.status();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| AgentError::BrokerUnreachable(chain(&e)))? {
+            if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(AgentError::BrokerResponse(format!("answer larger than {MAX_RESPONSE_BYTES} bytes")));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if status != StatusCode::OK {
+            return Err(match serde_json::from_slice::<BrokerError>(&bytes) {
+                Ok(e) => AgentError::Broker {
+                    status: status.as_u16(),
+                    code: e.code,
+                    message: e.message,
+                    upstream_code: e.upstream_code,
+                },
+                Err(_) => AgentError::BrokerResponse(format!("HTTP {status} without a broker error body")),
+            });
+        }
+        let answer: CredentialResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::BrokerResponse(format!("credential answer: {e}")))?;
+        if answer.policy != policy {
+            return Err(AgentError::BrokerResponse(format!("asked for policy {policy}, got policy {}", answer.policy)));
+        }
+        Ok(answer)
+    }
+}
+
+/// Whether a delivery can serve a credential of this type.
+pub fn check_credential(policy: &str, endpoint: &AgentEndpoint, credential: &Credential) -> Result<(), AgentError> {
+    let ok = match endpoint {
+        AgentEndpoint::AwsContainerCredentials { .. } | AgentEndpoint::AwsSigV4 { .. } => {
+            matches!(credential, Credential::Aws { .. })
+        }
+        AgentEndpoint::AzureManagedIdentity { .. } => matches!(credential, Credential::AccessToken { .. }),
+        AgentEndpoint::GcpMetadata { .. } => {
+            matches!(credential, Credential::AccessToken { .. } | Credential::Jwt { .. })
+        }
+        AgentEndpoint::HttpHeader { format, .. } => crate::proxy::header_value(format, credential).is_ok(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        let endpoint = match endpoint {
+            AgentEndpoint::AwsContainerCredentials { .. } => "AWS",
+            AgentEndpoint::AwsSigV4 { .. } => "SigV4",
+            AgentEndpoint::AzureManagedIdentity { .. } => "Azure",
+            AgentEndpoint::GcpMetadata { .. } => "GCP",
+            AgentEndpoint::HttpHeader { .. } => "header",
+        };
+        Err(AgentError::WrongCredential { policy: policy.into(), got: credential_type(credential), endpoint })
+    }
+}
+
+/// How long to wait before the next fetch after a success at `now`: until `refresh_at`
+/// when it lies before expiry, else 80% of the remaining lifetime; made up to 10% earlier
+/// by `jitter` (in `[0, 1)`), and never less than a second.
+pub fn refresh_delay(expires_at: Timestamp, refresh_at: Timestamp, now: Timestamp, jitter: f64) -> Duration {
+    let secs = |t: Timestamp| t.duration_since(now).as_secs_f64();
+    let suggested = secs(refresh_at);
+    let base = if suggested > 0.0 && refresh_at < expires_at { suggested } else { secs(expires_at) * 0.8 };
+    Duration::from_secs_f64((base * (1.0 - 0.1 * jitter)).max(0.0)).max(MIN_REFRESH)
+}
+
+/// The delay before retry number `failures` (1 for the first): `initial` doubled per
+/// failure up to `max`, then a random point in its upper half (`jitter` in `[0, 1)`).
+pub fn backoff(retry: RetrySettings, failures: u32, jitter: f64) -> Duration {
+    let exp = retry.initial.saturating_mul(1u32 << failures.saturating_sub(1).min(20)).min(retry.max);
+    exp.mul_f64(0.5 + 0.5 * jitter)
+}
+
+/// One fetch of `policy`, with its effects on the store, metrics and logs. Returns the
+/// delay until the next one.
+pub async fn refresh_once(
+    client: &BrokerClient,
+    policy: &str,
+    endpoint: &AgentEndpoint,
+    shared: &Shared,
+    retry: RetrySettings,
+    failures: &mut u32,
+) -> Duration {
+    let result = client.fetch(policy).await.and_then(|answer| {
+        check_credential(policy, endpoint, &answer.credential)?;
+        if answer.expires_at <= Timestamp::now() {
+            return Err(AgentError::BrokerResponse(format!("credential expired at {}", answer.expires_at)));
+        }
+        Ok(answer)
+    });
+    match result {
+        Ok(answer) => {
+            *failures = 0;
+            let fetched = Fetched::from_response(answer);
+            let delay = refresh_delay(fetched.expires_at, fetched.refresh_at, fetched.fetched_at, random_fraction());
+            info!(
+                policy,
+                expires_at = %fetched.expires_at,
+                next_refresh_seconds = delay.as_secs(),
+                "credential fetched"
+            );
+            shared.metrics.refreshed(policy, fetched.expires_at);
+            shared.store.put(policy, fetched);
+            delay
+        }
+        Err(e) => {
+            *failures += 1;
+            let delay = backoff(retry, *failures, random_fraction());
+            shared.metrics.refresh_failed(policy, e.metric_label());
+            if e.is_denial() {
+                shared.store.revoke(policy, &e);
+            } else {
+                shared.store.record_error(policy, &e);
+            }
+            let serving = shared.store.valid(policy).ok().map(|f| f.expires_at.to_string());
+            let retry_seconds = delay.as_secs_f64();
+            match (&e, serving) {
+                (AgentError::Broker { status: 401 | 403, .. }, _) => {
+                    error!(policy, error = %e, retry_seconds, "the broker refused this pod")
+                }
+                (_, Some(until)) => warn!(
+                    policy,
+                    error = %e,
+                    retry_seconds,
+                    serving_until = %until,
+                    "credential refresh failed; still serving the current credential"
+                ),
+                (_, None) => {
+                    error!(policy, error = %e, retry_seconds, "credential fetch failed; no valid credential to serve")
+                }
+            }
+            delay
+        }
+    }
+}
+
+/// Keeps `policy`'s credential fresh until `shutdown` turns true (or its sender goes).
+pub async fn refresh_loop(
+    client: Arc<BrokerClient>,
+    policy: String,
+    endpoint: AgentEndpoint,
+    shared: Shared,
+    retry: RetrySettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failures = 0;
+    loop {
+        let delay = tokio::select! {
+            delay = refresh_once(&client, &policy, &endpoint, &shared, retry, &mut failures) => delay,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::SignedDuration;
+
+    use super::*;
+
+    fn at(now: Timestamp, secs: i64) -> Timestamp {
+        now + SignedDuration::from_secs(secs)
+    }
+
+    #[test]
+    fn refresh_at_the_brokers_time_or_at_80_percent_minus_jitter() {
+        let now = Timestamp::now();
+        let d = |expires, refresh, jitter| refresh_delay(at(now, expires), at(now, refresh), now, jitter);
+        assert_eq!(d(3600, 3000, 0.0), Duration::from_secs(3000));
+        let jittered = d(3600, 3000, 0.999);
+        assert!(jittered < Duration::from_secs(3000) && jittered > Duration::from_secs(2700), "{jittered:?}");
+        // Unusable refresh times: in the past, or after expiry.
+        assert_eq!(d(1000, -5, 0.0), Duration::from_secs(800));
+        assert_eq!(d(1000, 2000, 0.0), Duration::from_secs(800));
+        // Never a hot loop.
+        assert_eq!(d(1, 0, 0.0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let retry = RetrySettings { initial: Duration::from_secs(1), max: Duration::from_secs(60) };
+        let top: Vec<u64> = (1..=8).map(|n| backoff(retry, n, 0.999_999).as_secs_f64().round() as u64).collect();
+        assert_eq!(top, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(backoff(retry, 3, 0.0), Duration::from_secs(2), "lower half is never used");
+        assert_eq!(backoff(retry, 1000, 0.0), Duration::from_secs(30), "no overflow");
+    }
+
+    #[test]
+    fn credential_types_per_delivery() {
+        let aws = Credential::Aws {
+            access_key_id: "A".into(),
+            secret_access_key: SecretString::new("s"),
+            session_token: SecretString::new("t"),
+            account_id: None,
+        };
+        let key = Credential::ApiKey { key: SecretString::new("k") };
+        let basic = Credential::UsernamePassword { username: "u".into(), password: SecretString::new("p") };
+        let aws_ep = AgentEndpoint::AwsContainerCredentials { port: 1 };
+        let header = |format: &str| AgentEndpoint::HttpHeader {
+            port: 1,
+            hosts: vec!["h".into()],
+            upstream_port: 443,
+            name: "Authorization".into(),
+            format: format.into(),
+        };
+        assert!(check_credential("p", &aws_ep, &aws).is_ok());
+        let err = check_credential("p", &aws_ep, &key).unwrap_err().to_string();
+        assert_eq!(err, "broker sent a apiKey credential for policy p, which the AWS delivery cannot use");
+        assert!(check_credential("p", &header("Bearer {token}"), &key).is_ok());
+        assert!(check_credential("p", &header("Basic {basic}"), &basic).is_ok());
+        assert!(check_credential("p", &header("Basic {basic}"), &key).is_err());
+        assert!(check_credential("p", &header("{token}"), &basic).is_err());
+        assert!(check_credential("p", &AgentEndpoint::GcpMetadata { port: 1, scopes: vec![] }, &key).is_err());
+    }
+}

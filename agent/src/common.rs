@@ -1,0 +1,179 @@
+//! What every loopback endpoint shares: the `X-Forwarded-For` refusal, request metrics,
+//! constant-time proof comparison, strict query parsing and the system random source.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::{HeaderMap, StatusCode},
+    middleware::{Next, from_fn, from_fn_with_state},
+    response::{IntoResponse, Response},
+};
+
+use crate::{config::EndpointKind, metrics::Metrics, store::CredentialStore};
+
+/// State shared by every endpoint.
+#[derive(Clone)]
+pub struct Shared {
+    /// The credentials.
+    pub store: Arc<CredentialStore>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Wraps an endpoint's router (routes and fallback already added): requests carrying
+/// `X-Forwarded-For` are refused with 403 before anything else (the app is relaying
+/// someone else's request, the classic SSRF path to a credential endpoint), and every
+/// answer is counted by endpoint and result.
+pub fn guarded(router: Router, endpoint: EndpointKind, metrics: Arc<Metrics>) -> Router {
+    router.layer(from_fn(reject_forwarded)).layer(from_fn_with_state((endpoint.label(), metrics), observe))
+}
+
+async fn reject_forwarded(request: Request, next: Next) -> Response {
+    if request.headers().contains_key("x-forwarded-for") {
+        tracing::debug!(path = %request.uri().path(), "request with X-Forwarded-For refused");
+        return forbidden();
+    }
+    next.run(request).await
+}
+
+async fn observe(
+    State((endpoint, metrics)): State<(&'static str, Arc<Metrics>)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(request).await;
+    metrics.request(endpoint, result_label(response.status()));
+    response
+}
+
+/// The metrics label of an answer's status.
+pub fn result_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "ok",
+        300..=399 => "redirect",
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "too_large",
+        402..=499 => "client_error",
+        502 => "bad_gateway",
+        503 => "unavailable",
+        504 => "gateway_timeout",
+        _ => "error",
+    }
+}
+
+/// `401` without detail: missing proof.
+pub fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response()
+}
+
+/// `403` without detail: wrong proof, or a forwarded request.
+pub fn forbidden() -> Response {
+    (StatusCode::FORBIDDEN, "forbidden\n").into_response()
+}
+
+/// `404`, as the real services answer undefined paths.
+pub fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
+}
+
+/// Compares a presented proof with the expected one in time independent of where they
+/// differ (the length of the expected proof is not secret).
+pub fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    let diff = presented.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
+}
+
+/// Whether header `name` is present and equals `expected`, in constant time.
+pub enum Proof {
+    /// Present and equal.
+    Valid,
+    /// Absent.
+    Missing,
+    /// Present and different (or several values).
+    Wrong,
+}
+
+/// Checks the proof header `name` against `expected`.
+pub fn check_proof(headers: &HeaderMap, name: &str, expected: &[u8]) -> Proof {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Proof::Missing,
+        (Some(v), None) if constant_time_eq(v.as_bytes(), expected) => Proof::Valid,
+        _ => Proof::Wrong,
+    }
+}
+
+/// Parses a query string into a map, refusing a parameter given twice (which value the
+/// caller meant is unknowable, and picking one is how smuggling starts).
+pub fn parse_query(raw: Option<&str>) -> Result<BTreeMap<String, String>, String> {
+    let mut params = BTreeMap::new();
+    for (key, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        if params.insert(key.to_string(), value.into_owned()).is_some() {
+            return Err(format!("parameter {key} is given more than once"));
+        }
+    }
+    Ok(params)
+}
+
+/// Bytes from the operating system's secure random source (through aws-lc-rs, the one
+/// crypto library of the project).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut buf)
+        .expect("the system random source is available");
+    buf
+}
+
+/// A uniformly random fraction in `[0, 1)`, for jitter.
+pub fn random_fraction() -> f64 {
+    (u64::from_le_bytes(random_bytes::<8>()) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn proofs() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        let mut headers = HeaderMap::new();
+        assert!(matches!(check_proof(&headers, "x-p", b"s"), Proof::Missing));
+        headers.insert("x-p", HeaderValue::from_static("s"));
+        assert!(matches!(check_proof(&headers, "x-p", b"s"), Proof::Valid));
+        assert!(matches!(check_proof(&headers, "x-p", b"t"), Proof::Wrong));
+        headers.append("x-p", HeaderValue::from_static("s"));
+        assert!(matches!(check_proof(&headers, "x-p", b"s"), Proof::Wrong), "two values are not a proof");
+    }
+
+    #[test]
+    fn queries() {
+        let q = parse_query(Some("api-version=2019-08-01&resource=https%3A%2F%2Fstorage.azure.com%2F")).unwrap();
+        assert_eq!(q["resource"], "https://storage.azure.com/");
+        assert!(parse_query(None).unwrap().is_empty());
+        assert!(parse_query(Some("a=1&a=2")).unwrap_err().contains("more than once"));
+        // Malformed escapes are kept literally, never a panic.
+        assert_eq!(parse_query(Some("a=%zz%")).unwrap()["a"], "%zz%");
+    }
+
+    #[test]
+    fn randomness() {
+        assert_ne!(random_bytes::<16>(), random_bytes::<16>());
+        let f = random_fraction();
+        assert!((0.0..1.0).contains(&f));
+    }
+}
