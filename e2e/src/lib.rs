@@ -6,7 +6,9 @@
 pub mod certs;
 pub mod chart;
 pub mod control_plane;
+pub mod moto;
 pub mod process;
+pub mod python;
 pub mod tls;
 
 use std::path::PathBuf;
