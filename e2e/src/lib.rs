@@ -6,6 +6,7 @@
 pub mod certs;
 pub mod chart;
 pub mod control_plane;
+pub mod fakes;
 pub mod moto;
 pub mod process;
 pub mod python;
