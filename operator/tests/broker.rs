@@ -403,3 +403,155 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
         assert!(!metrics.contains(secret));
     }
 }
+
+/// Applies a TrustProvider, CredentialProviders and policies, and waits until the
+/// policies are Ready.
+async fn apply_ready(cp: &ControlPlane, ns: &str, docs: &[String], policies: &[&str]) {
+    for doc in docs {
+        cp.apply_yaml(Some(ns), doc).unwrap();
+    }
+    wait_ready(cp, ns, policies).await;
+}
+
+fn credential_provider(name: &str, spec: Value) -> String {
+    json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "CredentialProvider", "metadata": {"name": name}, "spec": spec})
+        .to_string()
+}
+
+fn sdk(kind: &str, extra: Value) -> Value {
+    let mut server = json!({"kind": kind});
+    if let (Some(s), Some(e)) = (server.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_sts_credentials_through_the_gate_work_in_moto() {
+    use cloudpass_e2e::{
+        fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+        moto::MotoServer,
+    };
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-aws";
+    let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    let moto = MotoServer::start().await.unwrap();
+    moto.create_bucket("orders").await.unwrap();
+    let s3_all =
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
+    let role = moto.create_role("orders-s3", &s3_all).await.unwrap();
+    let mut trust = AwsRoleTrust::new(&role, &b.url, &format!("system:cloudpass:{ns}:s3"));
+    trust.audiences = vec!["sts.amazonaws.com".into()];
+    let gate = StsGate::start(
+        StsGateConfig {
+            moto_url: moto.url().to_owned(),
+            providers: vec![AwsOidcProvider { url: b.url.clone(), client_ids: vec!["sts.amazonaws.com".into()] }],
+            roles: vec![trust],
+            issuer_ca_pem: b.ca.cert_pem(),
+            forward_credentials: None,
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let sts = |subject: &str, audience: Option<&str>| {
+        let mut spec = json!({"roleArn": role, "region": "us-east-1", "stsEndpoint": gate.url(), "subject": subject,
+                              "sessionName": "cloudpass-{pod}"});
+        if let Some(a) = audience {
+            spec["audience"] = json!(a);
+        }
+        json!({"awsSts": spec})
+    };
+    let sdk_delivery = json!({"sdkEndpoint": {}});
+    apply_ready(
+        cp,
+        ns,
+        &[
+            K8S_TRUST.to_owned(),
+            credential_provider("s3", sts("Provider", None)),
+            credential_provider("s3-per-sa", sts("ServiceAccount", None)),
+            credential_provider("s3-wrong-aud", sts("Provider", Some("example.com"))),
+            policy("to-s3", "orders", "s3", sdk("aws", json!({})), sdk_delivery.clone(), None),
+            policy("per-sa", "per-sa", "s3-per-sa", sdk("aws", json!({})), sdk_delivery.clone(), None),
+            policy("wrong-aud", "wrong-aud", "s3-wrong-aud", sdk("aws", json!({})), sdk_delivery.clone(), None),
+        ],
+        &["to-s3", "per-sa", "wrong-aud"],
+    )
+    .await;
+
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "to-s3"})).await;
+    assert_eq!(status, 200, "{answer}");
+    let cred = &answer["credential"];
+    assert_eq!(cred["type"], "aws");
+    assert_eq!(cred["accountId"], "123456789012");
+    assert_eq!(gate.calls(), 1);
+
+    // The credentials are real: moto, with SigV4 and IAM enforced, accepts them for S3.
+    moto.enforce_auth(0).await.unwrap();
+    let script = r#"
+import boto3
+s3 = boto3.client("s3")
+s3.put_object(Bucket="orders", Key="hello.txt", Body=b"from cloudpass")
+print(s3.get_object(Bucket="orders", Key="hello.txt")["Body"].read().decode())
+"#;
+    let env = [
+        ("AWS_ACCESS_KEY_ID", cred["accessKeyId"].as_str().unwrap()),
+        ("AWS_SECRET_ACCESS_KEY", cred["secretAccessKey"].as_str().unwrap()),
+        ("AWS_SESSION_TOKEN", cred["sessionToken"].as_str().unwrap()),
+    ];
+    assert_eq!(moto.python_with_env(script, &env).await.unwrap().trim(), "from cloudpass");
+    let forged =
+        [("AWS_ACCESS_KEY_ID", "ASIAFORGED000000000"), ("AWS_SECRET_ACCESS_KEY", "x"), ("AWS_SESSION_TOKEN", "y")];
+    assert!(moto.python_with_env(script, &forged).await.is_err(), "moto enforces authentication");
+    moto.disable_auth().await.unwrap();
+
+    // Cached: asking again costs no STS call.
+    let (status, again) = b.ask(Some(&w.token), json!({"policy": "to-s3"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["credential"]["accessKeyId"], cred["accessKeyId"]);
+    assert_eq!(gate.calls(), 1, "a cache hit");
+
+    // Concurrent first requests of another pod (another session name) coalesce into one call.
+    let token2 = pod_token(cp, ns, "orders-2", "orders", json!({"app": "orders"})).await;
+    let asks: Vec<_> = (0..8).map(|_| b.ask(Some(&token2), json!({"policy": "to-s3"}))).collect();
+    let answers = futures::future::join_all(asks).await;
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    let keys: std::collections::BTreeSet<_> =
+        answers.iter().map(|(_, a)| a["credential"]["accessKeyId"].to_string()).collect();
+    assert_eq!(keys.len(), 1, "one credential for all concurrent requests");
+    assert_eq!(gate.calls(), 2, "one upstream call for eight concurrent requests");
+
+    // The cloud refuses a subject its trust policy does not name, and an audience its
+    // provider does not list; the broker reports the upstream code.
+    for (app, policy_name, code) in
+        [("per-sa", "per-sa", "AccessDenied"), ("wrong-aud", "wrong-aud", "InvalidIdentityToken")]
+    {
+        let token = pod_token(cp, ns, &format!("{app}-1"), "orders", json!({"app": app})).await;
+        let (status, answer) = b.ask(Some(&token), json!({"policy": policy_name})).await;
+        assert_eq!(status, 502, "{answer}");
+        assert_eq!(answer["code"], "UpstreamFailure");
+        assert_eq!(answer["upstreamCode"], code, "{answer}");
+    }
+
+    // An upstream outage is a 502 with the upstream code, remembered briefly, then healed.
+    let token3 = pod_token(cp, ns, "orders-3", "orders", json!({"app": "orders"})).await;
+    gate.fail_next(1, 503);
+    let (status, answer) = b.ask(Some(&token3), json!({"policy": "to-s3"})).await;
+    assert_eq!((status, answer["upstreamCode"].as_str()), (502, Some("ServiceUnavailable")), "{answer}");
+    let calls = gate.calls();
+    let (status, _) = b.ask(Some(&token3), json!({"policy": "to-s3"})).await;
+    assert_eq!((status, gate.calls()), (502, calls), "the failure is served from the cache for a few seconds");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, answer) = b.ask(Some(&token3), json!({"policy": "to-s3"})).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let log = b.log_text();
+    for (_, a) in &answers {
+        for field in ["secretAccessKey", "sessionToken"] {
+            assert!(!log.contains(a["credential"][field].as_str().unwrap()), "{field} in the operator's output");
+        }
+    }
+    assert!(!log.contains(w.token.as_str()) && !log.contains(token2.as_str()));
+}
