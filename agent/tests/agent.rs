@@ -1,0 +1,247 @@
+//! The whole agent: in process through `Agent::start`, and as the binary the webhook
+//! injects (environment only, `probe` subcommand, SIGTERM), against the stand-in broker
+//! of `tests/support`. The official SDKs judge these endpoints in the broker's test bed.
+
+mod support;
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use cloudpass_agent::{Agent, EndpointKind};
+use cloudpass_api::{
+    agent::{AgentConfig, AgentDelivery, AgentEndpoint},
+    broker::Credential,
+    secret::SecretString,
+};
+use serde_json::Value;
+use support::{FakeBroker, Files, aws_keys, eventually, ok, settings};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudpass-agent");
+
+fn azure_token() -> Credential {
+    Credential::AccessToken {
+        access_token: SecretString::new("entra-access-token"),
+        token_type: "Bearer".into(),
+        resource: Some("https://storage.azure.com/".into()),
+        client_id: Some("11111111-2222-3333-4444-555555555555".into()),
+        service_account_email: None,
+        project_id: None,
+    }
+}
+
+fn google_token() -> Credential {
+    Credential::AccessToken {
+        access_token: SecretString::new("ya29.google-token"),
+        token_type: "Bearer".into(),
+        resource: None,
+        client_id: None,
+        service_account_email: Some("sa@proj.iam.gserviceaccount.com".into()),
+        project_id: Some("proj".into()),
+    }
+}
+
+fn deliveries(aws: u16, azure: u16, gcp: u16) -> Vec<AgentDelivery> {
+    vec![
+        AgentDelivery { policy: "s3".into(), endpoint: AgentEndpoint::AwsContainerCredentials { port: aws } },
+        AgentDelivery {
+            policy: "blob".into(),
+            endpoint: AgentEndpoint::AzureManagedIdentity {
+                port: azure,
+                resource: "https://storage.azure.com/".into(),
+            },
+        },
+        AgentDelivery {
+            policy: "gcs".into(),
+            endpoint: AgentEndpoint::GcpMetadata {
+                port: gcp,
+                scopes: vec!["https://www.googleapis.com/auth/cloud-platform".into()],
+            },
+        },
+    ]
+}
+
+fn script(broker: &FakeBroker) {
+    broker.script("s3", vec![ok("s3", aws_keys(), 3600, 3000)]);
+    broker.script("blob", vec![ok("blob", azure_token(), 3600, 3000)]);
+    broker.script("gcs", vec![ok("gcs", google_token(), 3600, 3000)]);
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn get_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Asks every SDK endpoint as its SDK would and checks the answers.
+async fn check_endpoints(aws: u16, azure: u16, gcp: u16, aws_token: &str) {
+    let http = http();
+    let (status, v) =
+        get_json(http.get(format!("http://127.0.0.1:{aws}/v1/aws/credentials")).header("Authorization", aws_token))
+            .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["AccessKeyId"], "ASIATESTKEY");
+    assert_eq!(v["AccountId"], "123456789012");
+
+    let (status, v) = get_json(
+        http.get(format!(
+            "http://127.0.0.1:{azure}/msi/token?api-version=2019-08-01&resource=https://storage.azure.com"
+        ))
+        .header("X-IDENTITY-HEADER", "identity-proof"),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["access_token"], "entra-access-token");
+
+    let (status, v) = get_json(
+        http.get(format!(
+            "http://127.0.0.1:{gcp}/computeMetadata/v1/instance/service-accounts/sa@proj.iam.gserviceaccount.com/token"
+        ))
+        .header("Metadata-Flavor", "Google"),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["access_token"], "ya29.google-token");
+    assert!(v["expires_in"].is_u64());
+}
+
+#[tokio::test]
+async fn in_process_agent_serves_every_sdk_endpoint_and_stops() {
+    let broker = FakeBroker::start().await;
+    script(&broker);
+    let files = Files::new("pod-token");
+    let agent = Agent::start(settings(&broker, &files, deliveries(0, 0, 0))).await.unwrap();
+    let port = |kind| agent.local_addr(kind).unwrap().port();
+    let (health, aws, azure, gcp) =
+        (port(EndpointKind::Health), port(EndpointKind::Aws), port(EndpointKind::Azure), port(EndpointKind::Gcp));
+    for (_, addr) in agent.listeners() {
+        assert!(addr.ip().is_loopback(), "{addr}");
+    }
+
+    let ready = || async move { http().get(format!("http://127.0.0.1:{health}/ready")).send().await.unwrap().status() };
+    let mut status = ready().await;
+    for _ in 0..100 {
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = ready().await;
+    }
+    assert_eq!(status, 200);
+
+    let token = std::fs::read_to_string(files.shared_dir().join("aws-container-authorization-token")).unwrap();
+    assert_eq!(token, agent.aws_token().unwrap().expose());
+    assert!(!token.ends_with('\n'));
+    check_endpoints(aws, azure, gcp, &token).await;
+    assert!(broker.seen().iter().all(|s| s.authorization == "Bearer pod-token"));
+
+    let metrics = http().get(format!("http://127.0.0.1:{health}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"cloudpass_agent_requests_total{endpoint="aws",result="ok"} 1"#), "{metrics}");
+    for secret in ["test-secret-access-key", "entra-access-token", "ya29", "pod-token", &token] {
+        assert!(!metrics.contains(secret), "{secret} in metrics");
+    }
+
+    agent.shutdown().await;
+    let refused = http().get(format!("http://127.0.0.1:{aws}/v1/aws/credentials")).send().await;
+    assert!(refused.is_err(), "stopped listening");
+}
+
+#[tokio::test]
+async fn a_port_in_use_fails_the_start() {
+    let broker = FakeBroker::start().await;
+    let files = Files::new("t");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let e = Agent::start(settings(&broker, &files, deliveries(port, 0, 0))).await.err().unwrap();
+    assert_eq!(e.metric_label(), "bind", "{e}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_from_the_webhooks_environment() {
+    let broker = FakeBroker::start().await;
+    script(&broker);
+    let files = Files::new("pod-token");
+    let (health, aws, azure, gcp) = (free_port(), free_port(), free_port(), free_port());
+    let config =
+        AgentConfig { broker_url: broker.url.clone(), health_port: health, deliveries: deliveries(aws, azure, gcp) };
+    let config = serde_json::to_string(&config).unwrap();
+
+    // The probe fails (exit 1) while nothing listens, and without configuration.
+    let probe = |config: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command.arg("probe").env_clear();
+        if let Some(c) = config {
+            command.env("CLOUDPASS_AGENT_CONFIG", c);
+        }
+        command.output().unwrap()
+    };
+    assert_eq!(probe(Some(&config)).status.code(), Some(1));
+    let missing = probe(None);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("CLOUDPASS_AGENT_CONFIG"));
+
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("CLOUDPASS_AGENT_CONFIG", &config)
+        .env("CLOUDPASS_BROKER_CA", &broker.ca_pem)
+        .env("IDENTITY_HEADER", "identity-proof")
+        .env("CLOUDPASS_TOKEN_FILE", files.token_file())
+        .env("CLOUDPASS_SHARED_DIR", files.shared_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = eventually(Duration::from_secs(10), || probe(Some(&config)).status.success()).await;
+    assert!(ready, "probe never passed");
+
+    let token = std::fs::read_to_string(files.shared_dir().join("aws-container-authorization-token")).unwrap();
+    check_endpoints(aws, azure, gcp, &token).await;
+
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let exited = eventually(Duration::from_secs(10), || child.try_wait().unwrap().is_some()).await;
+    assert!(exited, "the agent did not stop on SIGTERM");
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let logs = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(logs.contains("credential fetched") && logs.contains("SIGTERM"), "{logs}");
+    for secret in [
+        "test-secret-access-key",
+        "test-session-token",
+        "entra-access-token",
+        "ya29",
+        "pod-token",
+        "identity-proof",
+        &token,
+    ] {
+        assert!(!logs.contains(secret), "{secret} appears in the logs:\n{logs}");
+    }
+}
+
+#[test]
+fn help_lists_every_flag_with_its_environment_variable() {
+    let output = Command::new(BIN).arg("--help").env_clear().env("IDENTITY_HEADER", "do-not-print").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--config",
+        "--broker-ca",
+        "--token-file",
+        "--shared-dir",
+        "--identity-header",
+        "--upstream-ca-file",
+        "[env: IDENTITY_HEADER]",
+    ] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+    assert!(!help.contains("do-not-print"), "secret environment values are not shown");
+}

@@ -1,0 +1,275 @@
+//! Test helpers: a throwaway CA, an HTTPS server for an axum router, and a scriptable
+//! stand-in for the broker that speaks the broker's wire types
+//! (`cloudpass_api::broker`).
+//!
+//! The stand-in exists to drive the agent's client through answers that are hard to get
+//! from a real broker on demand (503 then 200, a credential about to expire, a server
+//! that disappears). Tests against the real broker (operator/) and the official Python
+//! SDKs come with the broker's test bed, not here.
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use cloudpass_agent::{
+    Settings,
+    config::{BrokerSettings, RetrySettings},
+};
+use cloudpass_api::{
+    agent::{AgentConfig, AgentDelivery},
+    broker::{BrokerError, Credential, CredentialRequest, CredentialResponse, ErrorCode},
+    secret::SecretString,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use jiff::{SignedDuration, Timestamp};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
+
+/// A CA and one serving certificate for `localhost` and 127.0.0.1.
+pub struct Tls {
+    /// CA certificate, PEM.
+    pub ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Tls {
+    /// A fresh CA and serving certificate.
+    pub fn new() -> Self {
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name.push(DnType::CommonName, "agent test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, "localhost");
+        leaf.subject_alt_names =
+            vec![SanType::DnsName("localhost".try_into().unwrap()), SanType::IpAddress("127.0.0.1".parse().unwrap())];
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        Self { ca_pem: issuer.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    }
+
+    /// Serves `router` over HTTPS on a free loopback port until the handle is aborted
+    /// (which also closes open connections).
+    pub async fn serve(&self, router: Router) -> (SocketAddr, JoinHandle<()>) {
+        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                while connections.try_join_next().is_some() {}
+                let acceptor = acceptor.clone();
+                let service = TowerToHyperService::new(router.clone());
+                connections.spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ =
+                            auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await;
+                    }
+                });
+            }
+        });
+        (addr, handle)
+    }
+}
+
+/// What the stand-in broker received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// `Authorization` header.
+    pub authorization: String,
+    /// Body.
+    pub request: CredentialRequest,
+}
+
+type Replies = BTreeMap<String, VecDeque<(StatusCode, Value)>>;
+
+#[derive(Clone, Default)]
+struct BrokerState {
+    replies: Arc<Mutex<Replies>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A scriptable HTTPS server answering `POST /v1/credentials` like the broker.
+pub struct FakeBroker {
+    /// Base URL.
+    pub url: String,
+    /// Its CA, PEM.
+    pub ca_pem: String,
+    state: BrokerState,
+    handle: JoinHandle<()>,
+}
+
+async fn answer(State(state): State<BrokerState>, headers: HeaderMap, body: String) -> (StatusCode, Json<Value>) {
+    let Ok(request) = serde_json::from_str::<CredentialRequest>(&body) else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"code": "BadRequest", "message": "body"})));
+    };
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    state.seen.lock().unwrap().push(Seen { authorization, request: request.clone() });
+    let mut replies = state.replies.lock().unwrap();
+    let queue = replies.entry(request.policy.clone()).or_default();
+    // The last reply sticks.
+    let reply = if queue.len() > 1 { queue.pop_front() } else { queue.front().cloned() };
+    match reply {
+        Some((status, body)) => (status, Json(body)),
+        None => (
+            StatusCode::FORBIDDEN,
+            Json(json!({"code": "Denied", "message": format!("no policy {} for this pod", request.policy)})),
+        ),
+    }
+}
+
+impl FakeBroker {
+    /// Starts one.
+    pub async fn start() -> Self {
+        let tls = Tls::new();
+        let state = BrokerState::default();
+        let router = Router::new().route("/v1/credentials", post(answer)).with_state(state.clone());
+        let (addr, handle) = tls.serve(router).await;
+        Self { url: format!("https://localhost:{}", addr.port()), ca_pem: tls.ca_pem, state, handle }
+    }
+
+    /// Sets the answers for `policy`, in order; the last one repeats.
+    pub fn script(&self, policy: &str, replies: Vec<(StatusCode, Value)>) {
+        self.state.replies.lock().unwrap().insert(policy.into(), replies.into());
+    }
+
+    /// Requests received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Stops answering (connections are closed).
+    pub fn stop(&self) {
+        self.handle.abort();
+    }
+}
+
+/// A 200 answer for `policy` with `credential`, expiring in `expires_in` seconds with a
+/// refresh suggested after `refresh_in`.
+pub fn ok(policy: &str, credential: Credential, expires_in: i64, refresh_in: i64) -> (StatusCode, Value) {
+    let now = Timestamp::now();
+    let response = CredentialResponse {
+        policy: policy.into(),
+        credential,
+        expires_at: now + SignedDuration::from_secs(expires_in),
+        refresh_at: now + SignedDuration::from_secs(refresh_in),
+    };
+    (StatusCode::OK, serde_json::to_value(response).unwrap())
+}
+
+/// An error answer in the broker's format.
+pub fn err(status: u16, code: ErrorCode, message: &str) -> (StatusCode, Value) {
+    let body = BrokerError { code, message: message.into(), upstream_code: None };
+    (StatusCode::from_u16(status).unwrap(), serde_json::to_value(body).unwrap())
+}
+
+/// AWS keys.
+pub fn aws_keys() -> Credential {
+    Credential::Aws {
+        access_key_id: "ASIATESTKEY".into(),
+        secret_access_key: SecretString::new("test-secret-access-key"),
+        session_token: SecretString::new("test-session-token"),
+        account_id: Some("123456789012".into()),
+    }
+}
+
+/// An API key.
+pub fn api_key(key: &str) -> Credential {
+    Credential::ApiKey { key: SecretString::new(key) }
+}
+
+/// A projected-token file and a shared directory in a temporary directory.
+pub struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    /// With `token` in the token file.
+    pub fn new(token: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("shared")).unwrap();
+        let files = Self { dir };
+        files.set_token(token);
+        files
+    }
+
+    /// Rewrites the token (as the kubelet does when rotating).
+    pub fn set_token(&self, token: &str) {
+        std::fs::write(self.token_file(), token).unwrap();
+    }
+
+    /// The token file.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    /// The shared directory.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+}
+
+/// Settings for an agent talking to `broker`, with fast retries and ephemeral ports.
+pub fn settings(broker: &FakeBroker, files: &Files, deliveries: Vec<AgentDelivery>) -> Settings {
+    Settings {
+        config: AgentConfig { broker_url: broker.url.clone(), health_port: 0, deliveries },
+        broker: BrokerSettings {
+            url: broker.url.clone(),
+            ca_pem: Some(broker.ca_pem.clone()),
+            trust_system_roots: false,
+            token_file: files.token_file(),
+            timeout: Duration::from_secs(5),
+        },
+        shared_dir: files.shared_dir(),
+        identity_header: Some(SecretString::new("identity-proof")),
+        upstream_ca_pem: None,
+        retry: RetrySettings { initial: Duration::from_millis(50), max: Duration::from_millis(200) },
+        sigv4_max_body_bytes: 1024 * 1024,
+        shutdown_grace: Duration::from_secs(2),
+    }
+}
+
+/// Polls `check` every 20 ms until it is true, for at most `limit`.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
