@@ -555,3 +555,393 @@ print(s3.get_object(Bucket="orders", Key="hello.txt")["Body"].read().decode())
     }
     assert!(!log.contains(w.token.as_str()) && !log.contains(token2.as_str()));
 }
+
+const TENANT: &str = "8c1d3f0e-7b6a-4e55-9f21-0a3b5c7d9e11";
+const CLIENT_ID: &str = "4f9e2c1a-33b7-4d8e-a1f0-6c2b9e8d7a55";
+const OBJECT_ID: &str = "0b7e6d5c-4a39-4e28-8f17-2d3c4b5a6978";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_google_and_oauth2_credentials() {
+    use cloudpass_e2e::fakes::{
+        entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
+        google::{GoogleConfig, GoogleFake, ServiceAccount, WorkloadIdentityProvider},
+        oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
+    };
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-clouds";
+    let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    let entra = EntraFake::start(
+        EntraConfig {
+            tenant_id: TENANT.into(),
+            apps: vec![EntraApp {
+                client_id: CLIENT_ID.into(),
+                object_id: OBJECT_ID.into(),
+                federated_credentials: vec![FederatedCredential::new(&b.url, &format!("system:cloudpass:{ns}:blob"))],
+            }],
+            issuer_ca_pem: b.ca.cert_pem(),
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let wip = WorkloadIdentityProvider::new("123456789", "cloudpass-pool", "broker", &b.url);
+    let sa_email = "reader@orders-project.iam.gserviceaccount.com";
+    let google = GoogleFake::start(
+        GoogleConfig {
+            providers: vec![wip.clone()],
+            service_accounts: vec![ServiceAccount {
+                email: sa_email.into(),
+                allowed_members: vec![wip.principal(&format!("system:cloudpass:{ns}:gcs"))],
+            }],
+            issuer_ca_pem: b.ca.cert_pem(),
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let oauth = OAuth2Fake::start(
+        OAuth2Config {
+            clients: vec![OAuth2Client {
+                client_id: "orders".into(),
+                client_secret: "Oa-9d8c7b6a".into(),
+                allowed_scopes: vec!["invoices.read".into()],
+            }],
+            ..Default::default()
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    cp.kubectl_ok(&["create", "secret", "generic", "oauth", "-n", ns, "--from-literal=secret=Oa-9d8c7b6a"]).unwrap();
+    cp.kubectl_ok(&["create", "secret", "generic", "oauth-wrong", "-n", ns, "--from-literal=secret=wrong"]).unwrap();
+    let oauth_spec = |secret: &str, auth: &str| {
+        json!({"oauth2ClientCredentials": {"tokenUrl": oauth.token_url(), "clientId": "orders",
+               "clientSecretRef": {"name": secret, "key": "secret"}, "scopes": ["invoices.read"],
+               "clientAuthentication": auth}})
+    };
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
+    let sdk_delivery = json!({"sdkEndpoint": {}});
+    apply_ready(
+        cp,
+        ns,
+        &[
+            K8S_TRUST.to_owned(),
+            credential_provider(
+                "blob",
+                json!({"azureWorkloadIdentity": {"tenantId": TENANT, "clientId": CLIENT_ID, "authorityHost": entra.url()}}),
+            ),
+            credential_provider(
+                "gcs",
+                json!({"gcpWorkloadIdentity": {"workloadIdentityProvider": wip.name(), "serviceAccountEmail": sa_email,
+                        "projectId": "orders-project", "stsEndpoint": google.url(), "iamCredentialsEndpoint": google.url(),
+                        "tokenLifetime": "30m"}}),
+            ),
+            credential_provider("invoices", oauth_spec("oauth", "ClientSecretBasic")),
+            credential_provider("invoices-post", oauth_spec("oauth", "ClientSecretPost")),
+            credential_provider("invoices-wrong", oauth_spec("oauth-wrong", "ClientSecretBasic")),
+            policy(
+                "to-blob",
+                "orders",
+                "blob",
+                sdk("azure", json!({"resource": "https://storage.azure.com/"})),
+                sdk_delivery.clone(),
+                Some(json!({"maxCredentialLifetime": "10m"})),
+            ),
+            policy("to-gcs", "orders", "gcs", sdk("gcp", json!({})), sdk_delivery.clone(), None),
+            policy("invoices", "orders", "invoices", json!({"kind": "http", "hosts": ["invoices.example.com"]}), header.clone(), None),
+            policy("invoices-post", "post", "invoices-post", json!({"kind": "http", "hosts": ["invoices.example.com"]}), header.clone(), None),
+            policy("invoices-wrong", "wrong", "invoices-wrong", json!({"kind": "http", "hosts": ["invoices.example.com"]}), header, None),
+        ],
+        &["to-blob", "to-gcs", "invoices", "invoices-post", "invoices-wrong"],
+    )
+    .await;
+
+    // Entra: a v1 access token for the storage resource; maxCredentialLifetime bounds how
+    // long the agent serves it.
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "to-blob"})).await;
+    assert_eq!(status, 200, "{answer}");
+    let cred = &answer["credential"];
+    assert_eq!((cred["type"].as_str(), cred["clientId"].as_str()), (Some("accessToken"), Some(CLIENT_ID)));
+    assert_eq!(cred["resource"], "https://storage.azure.com/");
+    let claims = cloudpass_e2e::fakes::jwt::unverified_claims(cred["accessToken"].as_str().unwrap()).unwrap();
+    assert_eq!(claims.iss, format!("https://sts.windows.net/{TENANT}/"));
+    assert_eq!(claims.aud, ["https://storage.azure.com"]);
+    let expires: jiff::Timestamp = answer["expiresAt"].as_str().unwrap().parse().unwrap();
+    let left = expires.as_second() - jiff::Timestamp::now().as_second();
+    assert!((590..=600).contains(&left), "maxCredentialLifetime 10m: {left}s left");
+    assert_eq!(entra.calls(), 1);
+
+    // Google: STS exchange, then impersonation; the token is one Google's IAM issued.
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "to-gcs"})).await;
+    assert_eq!(status, 200, "{answer}");
+    let cred = &answer["credential"];
+    assert_eq!(cred["serviceAccountEmail"], sa_email);
+    assert_eq!(cred["projectId"], "orders-project");
+    let issued = google.check_access_token(cred["accessToken"].as_str().unwrap()).expect("a token the fake issued");
+    assert_eq!(issued.identity, format!("serviceAccount:{sa_email}"));
+    let expires: jiff::Timestamp = answer["expiresAt"].as_str().unwrap().parse().unwrap();
+    assert!((1790..=1800).contains(&(expires.as_second() - jiff::Timestamp::now().as_second())), "{answer}");
+
+    // OAuth2 client credentials with either client authentication; a wrong secret is the
+    // upstream's invalid_client.
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "invoices"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(oauth.is_valid(answer["credential"]["accessToken"].as_str().unwrap()));
+    let post = pod_token(cp, ns, "post-1", "orders", json!({"app": "post"})).await;
+    let (status, answer) = ask_when_loaded(b, &post, json!({"policy": "invoices-post"})).await;
+    assert_eq!(status, 200, "{answer}");
+    let wrong = pod_token(cp, ns, "wrong-1", "orders", json!({"app": "wrong"})).await;
+    let (status, answer) = ask_when_loaded(b, &wrong, json!({"policy": "invoices-wrong"})).await;
+    assert_eq!((status, answer["upstreamCode"].as_str()), (502, Some("invalid_client")), "{answer}");
+
+    // The Secret is read at use: once it is gone the broker says so (or, once the
+    // operator noticed, the policy is no longer Ready).
+    cp.kubectl_ok(&["delete", "secret", "oauth", "-n", ns]).unwrap();
+    cp.apply_yaml(Some(ns), &credential_provider("invoices-gone", oauth_spec("oauth", "ClientSecretPost"))).unwrap();
+    let gone = pod_token(cp, ns, "gone-1", "orders", json!({"app": "gone"})).await;
+    cp.apply_yaml(
+        Some(ns),
+        &policy(
+            "gone",
+            "gone",
+            "invoices-gone",
+            json!({"kind": "http", "hosts": ["gone.example.com"]}),
+            json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}}),
+            None,
+        ),
+    )
+    .unwrap();
+    let (status, answer) = b.ask(Some(&gone), json!({"policy": "gone"})).await;
+    assert!(status == 503 || status == 403, "{status} {answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("oauth") || answer["message"].as_str().unwrap().contains("gone"),
+        "{answer}"
+    );
+
+    // A changed namespace config starts from fresh credentials; an Entra outage then is a
+    // 502 with Entra's own error code.
+    // (Deleting the Secret made `invoices` not Ready: wait until the broker sees that.)
+    cp.wait_for_condition("accesspolicy", ns, "invoices", "Ready", "False", Duration::from_secs(30)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.ask(Some(&w.token), json!({"policy": "invoices"})).await.0 != 403 {
+        assert!(Instant::now() < deadline, "the broker still serves a policy that is not Ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    entra.fail_next(1, 503);
+    let (status, answer) = b.ask(Some(&w.token), json!({"policy": "to-blob"})).await;
+    assert_eq!((status, answer["upstreamCode"].as_str()), (502, Some("temporarily_unavailable")), "{answer}");
+
+    let log = b.log_text();
+    assert!(!log.contains("Oa-9d8c7b6a"), "the client secret appears in the operator's output");
+    assert!(!log.contains(w.token.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_and_aws_role_trust_providers() {
+    use cloudpass_e2e::{
+        fakes::{
+            aws_sts::{StsGate, StsGateConfig},
+            entra::{EntraConfig, EntraFake, ManagedIdentityClaims},
+            google::{GoogleConfig, GoogleFake},
+            test_issuer::TestIssuer,
+        },
+        moto::MotoServer,
+    };
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-trust";
+    let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    let entra =
+        EntraFake::start(EntraConfig { tenant_id: TENANT.into(), apps: vec![], issuer_ca_pem: b.ca.cert_pem() }, &b.ca)
+            .await
+            .unwrap();
+    let google = GoogleFake::start(
+        GoogleConfig { providers: vec![], service_accounts: vec![], issuer_ca_pem: b.ca.cert_pem() },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let ci = TestIssuer::start(&b.ca).await.unwrap();
+    let moto = MotoServer::start().await.unwrap();
+    let gate = StsGate::start(
+        StsGateConfig {
+            moto_url: moto.url().to_owned(),
+            providers: vec![],
+            roles: vec![],
+            issuer_ca_pem: b.ca.cert_pem(),
+            forward_credentials: None,
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let read_only =
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]});
+    let role = moto.create_role("ci-runner", &read_only).await.unwrap();
+    let trust = |name: &str, spec: Value| {
+        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": name}, "spec": spec}).to_string()
+    };
+    let sub = "0b1c2d3e-aaaa-bbbb-cccc-1234567890ab";
+    let docs = vec![
+        K8S_TRUST.to_owned(),
+        trust(
+            "azure-mi",
+            json!({"azureManagedIdentity": {"tenantId": TENANT, "audiences": ["api://cloudpass"],
+              "objectIds": [OBJECT_ID], "subscriptionIds": [sub], "authorityHost": entra.url()}}),
+        ),
+        trust(
+            "gcp-id",
+            json!({"gcpIdentityToken": {"audiences": ["https://cloudpass.example"],
+              "serviceAccountEmails": ["*@orders-project.iam.gserviceaccount.com"], "projectIds": ["orders-project"],
+              "issuer": google.url(), "jwksUri": format!("{}/oauth2/v3/certs", google.url())}}),
+        ),
+        trust(
+            "ci",
+            json!({"oidc": {"issuer": ci.url(), "audiences": ["cloudpass"], "subjects": ["repo:shop/orders:*"],
+              "claims": [{"claim": "ref", "values": ["refs/heads/main"]}], "algorithms": ["ES256"]}}),
+        ),
+        trust(
+            "aws-role",
+            json!({"awsRole": {"roleArns": ["arn:aws:iam::123456789012:role/ci-*"], "stsEndpoints": [gate.url()]}}),
+        ),
+        credential_provider("partner", json!({"oidcToken": {"audience": "https://partner.example.com"}})),
+    ];
+    let mut policies = Vec::new();
+    for t in ["azure-mi", "gcp-id", "ci", "aws-role"] {
+        let mut doc: Value = serde_json::from_str(&policy(
+            &format!("via-{t}"),
+            "orders",
+            "partner",
+            json!({"kind": "http", "hosts": [format!("{t}.partner.example.com")]}),
+            json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}}),
+            None,
+        ))
+        .unwrap();
+        doc["spec"]["trustProviders"] = json!([{"name": "this-cluster"}, {"name": t}]);
+        policies.push(doc.to_string());
+    }
+    let all: Vec<String> = docs.into_iter().chain(policies).collect();
+    apply_ready(cp, ns, &all, &["via-azure-mi", "via-gcp-id", "via-ci", "via-aws-role"]).await;
+    let with = |policy: &str, evidence: Value| json!({"policy": policy, "evidence": evidence});
+    let expect_denied = |answer: &Value, want: &str| {
+        assert_eq!(answer["code"], "Denied", "{answer}");
+        assert!(answer["message"].as_str().unwrap().contains(want), "{want}: {answer}");
+    };
+
+    // Azure managed identity.
+    let mi = |oid: &str, audience: &str| ManagedIdentityClaims {
+        subscription_id: sub.into(),
+        resource_group: "rg".into(),
+        name: "orders".into(),
+        object_id: oid.into(),
+        client_id: CLIENT_ID.into(),
+        audience: audience.into(),
+    };
+    let good = entra.mint_managed_identity_token(&mi(OBJECT_ID, "api://cloudpass"));
+    let (status, answer) =
+        ask_when_loaded(b, &w.token, with("via-azure-mi", json!({"tokens": {"azure-mi": good}}))).await;
+    assert_eq!(status, 200, "{answer}");
+    let other = entra.mint_managed_identity_token(&mi("11111111-2222-4333-8444-555555555555", "api://cloudpass"));
+    let (_, answer) = b.ask(Some(&w.token), with("via-azure-mi", json!({"tokens": {"azure-mi": other}}))).await;
+    expect_denied(&answer, "trust provider azure-mi refused the caller: object ID");
+    let wrong_aud = entra.mint_managed_identity_token(&mi(OBJECT_ID, "https://management.azure.com/"));
+    let (_, answer) = b.ask(Some(&w.token), with("via-azure-mi", json!({"tokens": {"azure-mi": wrong_aud}}))).await;
+    expect_denied(&answer, "audience is none of");
+    let (_, answer) = b.ask(Some(&w.token), with("via-azure-mi", json!({}))).await;
+    expect_denied(&answer, "no token for trust provider azure-mi");
+
+    // Google identity token.
+    let id = google.mint_identity_token(
+        "https://cloudpass.example",
+        "ci@orders-project.iam.gserviceaccount.com",
+        "orders-project",
+    );
+    let (status, answer) = ask_when_loaded(b, &w.token, with("via-gcp-id", json!({"tokens": {"gcp-id": id}}))).await;
+    assert_eq!(status, 200, "{answer}");
+    let stranger = google.mint_identity_token(
+        "https://cloudpass.example",
+        "ci@other-project.iam.gserviceaccount.com",
+        "other-project",
+    );
+    let (_, answer) = b.ask(Some(&w.token), with("via-gcp-id", json!({"tokens": {"gcp-id": stranger}}))).await;
+    expect_denied(&answer, "service account");
+
+    // Any OIDC issuer: subject and claim matchers, expiry, unknown keys, alg none.
+    let mut claims = ci.claims("repo:shop/orders:ref:refs/heads/main", "cloudpass");
+    claims["ref"] = json!("refs/heads/main");
+    let (status, answer) =
+        ask_when_loaded(b, &w.token, with("via-ci", json!({"tokens": {"ci": ci.sign(&claims)}}))).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut branch = claims.clone();
+    branch["ref"] = json!("refs/heads/feature");
+    let mut expired = claims.clone();
+    expired["exp"] = json!(jiff::Timestamp::now().as_second() - 3600);
+    let mut other_repo = claims.clone();
+    other_repo["sub"] = json!("repo:shop/billing:ref:refs/heads/main");
+    for (token, want) in [
+        (ci.sign(&branch), "claim ref does not match"),
+        (ci.sign(&expired), "expired"),
+        (ci.sign(&other_repo), "subject"),
+        (ci.sign_with_unpublished_key(&claims), "not in the issuer's JWKS"),
+        (ci.sign_alg_none(&claims), "not a JWT"),
+        (ci.sign_hs256_with_public_key(&claims), "not accepted"),
+    ] {
+        let (status, answer) = b.ask(Some(&w.token), with("via-ci", json!({"tokens": {"ci": token}}))).await;
+        assert_eq!(status, 403, "{want}: {answer}");
+        expect_denied(&answer, want);
+    }
+    // A rotated issuer key is fetched on first sight of its kid, but refetches are
+    // bounded: right after the unknown-key attempt above it is not fetched yet.
+    ci.rotate().unwrap();
+    let rotated = ci.sign(&claims);
+    let (status, _) = b.ask(Some(&w.token), with("via-ci", json!({"tokens": {"ci": rotated.clone()}}))).await;
+    assert_eq!(status, 403, "refetches are rate limited");
+    tokio::time::sleep(cloudpass_operator::broker::jwt::REFETCH_INTERVAL).await;
+    let (status, answer) = b.ask(Some(&w.token), with("via-ci", json!({"tokens": {"ci": rotated}}))).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // AWS role: a pre-signed GetCallerIdentity of moto-issued role credentials.
+    let presign = r#"
+import boto3, json, os
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+sts = boto3.client("sts")
+c = sts.assume_role(RoleArn=os.environ["ROLE"], RoleSessionName="runner-7")["Credentials"]
+session = boto3.session.Session(aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretAccessKey"],
+                                aws_session_token=c["SessionToken"], region_name="us-east-1")
+req = AWSRequest(method="POST", url=os.environ["GATE"] + "/", data="Action=GetCallerIdentity&Version=2011-06-15",
+                 headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+SigV4Auth(session.get_credentials(), "sts", "us-east-1").add_auth(req)
+body = req.body.decode() if isinstance(req.body, bytes) else req.body
+headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in req.headers.items()}
+print(json.dumps({"method": "POST", "url": req.url, "headers": headers, "body": body}))
+"#;
+    let signed: Value = serde_json::from_str(
+        moto.python_with_env(presign, &[("ROLE", &role), ("GATE", gate.url())]).await.unwrap().trim(),
+    )
+    .unwrap();
+    let (status, answer) =
+        ask_when_loaded(b, &w.token, with("via-aws-role", json!({"awsGetCallerIdentity": signed.clone()}))).await;
+    assert_eq!(status, 200, "{answer}");
+    let mut elsewhere = signed.clone();
+    elsewhere["url"] = json!("https://sts.amazonaws.com.evil.example/");
+    let (_, answer) = b.ask(Some(&w.token), with("via-aws-role", json!({"awsGetCallerIdentity": elsewhere}))).await;
+    expect_denied(&answer, "not an allowed STS endpoint");
+    let mut other_action = signed;
+    other_action["body"] = json!("Action=AssumeRole&Version=2011-06-15&RoleArn=x&RoleSessionName=y");
+    let (_, answer) = b.ask(Some(&w.token), with("via-aws-role", json!({"awsGetCallerIdentity": other_action}))).await;
+    expect_denied(&answer, "exactly an sts:GetCallerIdentity request");
+
+    let records: Vec<Value> = b
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["kind"] == "cloudpass.dev/audit" && v["namespace"] == ns && v["outcome"] == "allowed")
+        .collect();
+    let aws = records.iter().find(|r| r["policy"] == "via-aws-role").expect("audited");
+    assert_eq!(aws["trustProviders"][1]["detail"], "arn:aws:sts::123456789012:assumed-role/ci-runner/runner-7");
+    assert!(!b.log_text().contains(&good));
+}
