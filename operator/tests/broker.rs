@@ -6,133 +6,55 @@
 //! One operator process serves the whole suite; each test works in its own namespace.
 
 use std::{
-    path::PathBuf,
-    sync::{Mutex, OnceLock},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
-use cloudpass_e2e::{ControlPlane, TokenOptions, certs::TestCa, process::ManagedProcess, process::free_port};
+use cloudpass_e2e::{
+    ControlPlane, TokenOptions,
+    broker::{BrokerOptions, RunningBroker},
+};
 use serde_json::{Value, json};
 
-/// The operator under test and how to reach its broker.
+/// The operator under test and the control plane it runs against.
 struct Broker {
     cp: &'static ControlPlane,
-    process: Mutex<ManagedProcess>,
-    url: String,
-    metrics_url: String,
-    /// CA of the broker's certificate and of every fake (the operator's upstream CA).
-    ca: TestCa,
-    http: reqwest::Client,
-    log: PathBuf,
+    running: RunningBroker,
 }
 
-const OPERATOR_NAMESPACE: &str = "cloudpass-broker";
+impl std::ops::Deref for Broker {
+    type Target = RunningBroker;
+    fn deref(&self) -> &RunningBroker {
+        &self.running
+    }
+}
+
+impl Broker {
+    /// Asks for a credential; the status and body.
+    async fn ask(&self, token: Option<&str>, body: Value) -> (u16, Value) {
+        self.running.ask(token, &body).await.unwrap()
+    }
+}
 
 fn broker() -> &'static Broker {
     static BROKER: OnceLock<Broker> = OnceLock::new();
     BROKER.get_or_init(|| {
-        std::thread::spawn(|| tokio::runtime::Runtime::new().unwrap().block_on(start()))
-            .join()
-            .expect("operator start panicked")
+        std::thread::spawn(|| {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let cp = ControlPlane::shared();
+                let options = BrokerOptions {
+                    namespace: "cloudpass-broker".into(),
+                    // Short, so that a deleted pod's token is refused within the test.
+                    token_cache_ttl: "1s".into(),
+                    log_level: "debug,kube=info,hyper=info,reqwest=info,rustls=info,tower=info,h2=info".into(),
+                };
+                let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
+                Broker { cp, running: RunningBroker::start(cp, binary, &options).await.unwrap() }
+            })
+        })
+        .join()
+        .expect("operator start panicked")
     })
-}
-
-async fn start() -> Broker {
-    let cp = ControlPlane::shared();
-    cp.install_crds().await.unwrap();
-    cp.create_namespace(OPERATOR_NAMESPACE, &[]).await.unwrap();
-    let ca = TestCa::new("cloudpass-broker-test-ca").unwrap();
-    let serving = ca.issue_server(&[]).unwrap();
-    let dir = cp.dir().join("broker");
-    std::fs::create_dir_all(&dir).unwrap();
-    let write = |name: &str, text: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p.to_string_lossy().into_owned()
-    };
-    let (cert, key, ca_file) =
-        (write("tls.crt", &serving.cert_pem), write("tls.key", &serving.key_pem), write("ca.crt", &ca.cert_pem()));
-    let (broker_port, metrics_port) = (free_port().unwrap(), free_port().unwrap());
-    let url = format!("https://127.0.0.1:{broker_port}");
-    let args: Vec<String> = [
-        "--namespace",
-        OPERATOR_NAMESPACE,
-        "--instance",
-        "broker-test",
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics_port}"),
-        "--broker-addr",
-        &format!("127.0.0.1:{broker_port}"),
-        "--broker-tls-cert-file",
-        &cert,
-        "--broker-tls-key-file",
-        &key,
-        "--issuer-url",
-        &url,
-        "--upstream-ca-file",
-        &ca_file,
-        "--token-cache-ttl",
-        "1s",
-        "--lease-duration",
-        "4",
-        "--lease-renew-grace",
-        "2",
-        "--log-level",
-        "debug,kube=info,hyper=info,reqwest=info,rustls=info,tower=info,h2=info",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let log = cp.dir().join("broker-operator.log");
-    let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();
-    let process = ManagedProcess::spawn(
-        "broker-operator",
-        std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator")),
-        &args,
-        &log,
-        &[("KUBECONFIG", &kubeconfig)],
-    )
-    .unwrap();
-    let http = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).unwrap()])
-        .build()
-        .unwrap();
-    let metrics_url = format!("http://127.0.0.1:{metrics_port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = http.get(format!("{metrics_url}/readyz")).send().await.map(|r| r.status().is_success());
-        if ready.unwrap_or(false) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "operator not ready:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Broker { cp, process: Mutex::new(process), url, metrics_url, ca, http, log }
-}
-
-impl Broker {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Asks for `policy` with `token`; returns the status and body.
-    async fn ask(&self, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut req = self.http.post(format!("{}/v1/credentials", self.url)).json(&body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn metrics(&self) -> String {
-        self.http.get(format!("{}/metrics", self.metrics_url)).send().await.unwrap().text().await.unwrap()
-    }
 }
 
 /// A namespace with a service account and a pod running as it, and a token bound to the pod.
@@ -150,16 +72,7 @@ async fn workload(cp: &ControlPlane, namespace: &str, pod: &str, sa: &str, label
 }
 
 async fn pod_token(cp: &ControlPlane, namespace: &str, pod: &str, sa: &str, labels: Value) -> String {
-    let manifest = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod, "namespace": namespace, "labels": labels},
-        "spec": {"serviceAccountName": sa, "automountServiceAccountToken": false,
-                 "containers": [{"name": "app", "image": "example.com/app:1"}]}
-    });
-    cp.apply_yaml(Some(namespace), &manifest.to_string()).unwrap();
-    let uid = cp.kubectl_ok(&["get", "pod", pod, "-n", namespace, "-o", "jsonpath={.metadata.uid}"]).unwrap();
-    let options = TokenOptions { bound_pod: Some((pod.to_owned(), uid)), ..Default::default() };
-    cp.token(namespace, sa, &options).await.unwrap()
+    cloudpass_e2e::broker::pod_token(cp, namespace, pod, sa, labels).await.unwrap()
 }
 
 async fn wait_ready(cp: &ControlPlane, namespace: &str, policies: &[&str]) {
@@ -394,7 +307,7 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
     let refused = records.iter().find(|r| r["policy"] == "night-only").expect("denied record");
     assert_eq!(refused["outcome"], "denied");
     assert!(refused["reason"].as_str().unwrap().contains("time windows"));
-    let metrics = b.metrics().await;
+    let metrics = b.running.metrics().await.unwrap();
     assert!(metrics.contains(r#"cloudpass_operator_broker_requests_total{outcome="allowed",code="OK"}"#), "{metrics}");
     assert!(metrics.contains(r#"cloudpass_operator_broker_requests_total{outcome="denied",code="Denied"}"#));
     assert!(metrics.contains("cloudpass_operator_broker_request_duration_seconds_bucket"));
@@ -944,4 +857,81 @@ print(json.dumps({"method": "POST", "url": req.url, "headers": headers, "body": 
     let aws = records.iter().find(|r| r["policy"] == "via-aws-role").expect("audited");
     assert_eq!(aws["trustProviders"][1]["detail"], "arn:aws:sts::123456789012:assumed-role/ci-runner/runner-7");
     assert!(!b.log_text().contains(&good));
+}
+
+/// A pod of another cluster (a second local control plane), verified against that
+/// cluster's keys through a `kubernetesServiceAccount` TrustProvider with an issuer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clusters_tokens_are_verified_by_its_keys() {
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let remote = ControlPlane::start().await.unwrap();
+    let remote_pod = workload(&remote, "shop", "orders-1", "orders", json!({"app": "orders"})).await;
+    remote.create_namespace("billing", &[]).await.unwrap();
+    remote.create_service_account("billing", "orders").await.unwrap();
+    let billing = pod_token(&remote, "billing", "orders-1", "orders", json!({"app": "orders"})).await;
+    let (_, jwks) = remote.issuer_documents().await.unwrap();
+
+    let ns = "broker-remote";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    let trust = json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": "shop-cluster"},
+        "spec": {"kubernetesServiceAccount": {"issuer": remote.issuer, "jwks": jwks.to_string(),
+                 "namespaces": ["shop"], "serviceAccounts": ["orders"]}}});
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
+    let mut any_pod: Value = serde_json::from_str(&policy(
+        "from-shop",
+        "unused",
+        "partner",
+        json!({"kind": "http", "hosts": ["partner.example.com"]}),
+        header.clone(),
+        None,
+    ))
+    .unwrap();
+    any_pod["spec"]["client"] = json!({"podSelector": {}, "serviceAccountName": "orders"});
+    any_pod["spec"]["trustProviders"] = json!([{"name": "shop-cluster"}]);
+    let mut labelled = any_pod.clone();
+    labelled["metadata"]["name"] = json!("labelled");
+    labelled["spec"]["client"] = json!({"podSelector": {"matchLabels": {"app": "orders"}}});
+    labelled["spec"]["server"]["hosts"] = json!(["other.example.com"]);
+    apply_ready(
+        cp,
+        ns,
+        &[
+            trust.to_string(),
+            credential_provider("partner", json!({"oidcToken": {"audience": "https://partner.example.com"}})),
+            any_pod.to_string(),
+            labelled.to_string(),
+        ],
+        &["from-shop", "labelled"],
+    )
+    .await;
+
+    let ask = json!({"policy": "from-shop", "namespace": ns});
+    let (status, answer) = ask_when_loaded(b, &remote_pod.token, ask.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let jwt = answer["credential"]["token"].as_str().unwrap();
+    let claims = cloudpass_e2e::fakes::jwt::unverified_claims(jwt).unwrap();
+    assert_eq!(claims.sub.as_deref(), Some(format!("system:cloudpass:{ns}:partner").as_str()));
+
+    // Without naming the namespace the token goes to this cluster's TokenReview: refused.
+    let (status, _) = b.ask(Some(&remote_pod.token), json!({"policy": "from-shop"})).await;
+    assert_eq!(status, 401);
+    // Another namespace of the remote cluster is not trusted.
+    let (status, answer) = b.ask(Some(&billing), ask.clone()).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("namespace billing"), "{answer}");
+    // Pod labels of another cluster are unknown here: label selectors cannot select it.
+    let (status, answer) = b.ask(Some(&remote_pod.token), json!({"policy": "labelled", "namespace": ns})).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("does not select"), "{answer}");
+
+    let record = b
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["kind"] == "cloudpass.dev/audit" && v["namespace"] == ns && v["outcome"] == "allowed")
+        .expect("audited");
+    assert_eq!(record["remoteIssuer"], remote.issuer.as_str());
+    assert_eq!(record["remoteNamespace"], "shop");
 }

@@ -1,0 +1,179 @@
+//! The real `cloudpass-operator` binary with its broker on, for tests, benchmarks and
+//! scenarios: serving HTTPS with a certificate of a test CA, trusting that CA for
+//! upstream calls (so the cloud fakes, served with the same CA, are reachable), and
+//! issuing as `https://127.0.0.1:<broker port>`.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+
+use crate::{
+    ControlPlane, TokenOptions,
+    certs::TestCa,
+    process::{ManagedProcess, free_port},
+};
+
+/// A running operator with its broker.
+pub struct RunningBroker {
+    /// The process (logs and audit records go to [`RunningBroker::log_path`]).
+    pub process: ManagedProcess,
+    /// Broker and issuer URL, `https://127.0.0.1:<port>`.
+    pub url: String,
+    /// Health and metrics URL, `http://127.0.0.1:<port>`.
+    pub metrics_url: String,
+    /// CA of the broker's certificate; also trusted by the broker for upstream HTTPS.
+    pub ca: TestCa,
+    /// A client trusting only [`RunningBroker::ca`].
+    pub http: reqwest::Client,
+    log: PathBuf,
+}
+
+/// Options of [`RunningBroker::start`].
+#[derive(Clone, Debug)]
+pub struct BrokerOptions {
+    /// The operator's namespace (compiled configs, Lease, issuer keys).
+    pub namespace: String,
+    /// `--token-cache-ttl`.
+    pub token_cache_ttl: String,
+    /// `--log-level`.
+    pub log_level: String,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        Self { namespace: "cloudpass-system".into(), token_cache_ttl: "10s".into(), log_level: "info".into() }
+    }
+}
+
+impl RunningBroker {
+    /// Starts `binary` (the `cloudpass-operator` under test) against `cp` as its admin and
+    /// waits until `/readyz` passes.
+    pub async fn start(cp: &ControlPlane, binary: &Path, options: &BrokerOptions) -> Result<Self> {
+        cp.install_crds().await?;
+        cp.create_namespace(&options.namespace, &[]).await?;
+        let ca = TestCa::new("cloudpass-broker-ca")?;
+        let serving = ca.issue_server(&[])?;
+        let dir = cp.dir().join(format!("broker-{}", options.namespace));
+        std::fs::create_dir_all(&dir)?;
+        let write = |name: &str, text: &str| -> Result<String> {
+            let p = dir.join(name);
+            std::fs::write(&p, text)?;
+            Ok(p.to_string_lossy().into_owned())
+        };
+        let (cert, key, ca_file) = (
+            write("tls.crt", &serving.cert_pem)?,
+            write("tls.key", &serving.key_pem)?,
+            write("ca.crt", &ca.cert_pem())?,
+        );
+        let (broker_port, metrics_port) = (free_port()?, free_port()?);
+        let url = format!("https://127.0.0.1:{broker_port}");
+        let args: Vec<String> = [
+            "--namespace",
+            &options.namespace,
+            "--instance",
+            "e2e",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--broker-addr",
+            &format!("127.0.0.1:{broker_port}"),
+            "--broker-tls-cert-file",
+            &cert,
+            "--broker-tls-key-file",
+            &key,
+            "--issuer-url",
+            &url,
+            "--upstream-ca-file",
+            &ca_file,
+            "--token-cache-ttl",
+            &options.token_cache_ttl,
+            "--lease-duration",
+            "4",
+            "--lease-renew-grace",
+            "2",
+            "--log-level",
+            &options.log_level,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = dir.join("operator.log");
+        let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();
+        let process = ManagedProcess::spawn("operator", binary, &args, &log, &[("KUBECONFIG", &kubeconfig)])?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?])
+            .build()?;
+        let metrics_url = format!("http://127.0.0.1:{metrics_port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = http.get(format!("{metrics_url}/readyz")).send().await.map(|r| r.status().is_success());
+            if ready.unwrap_or(false) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("operator not ready in 60 s:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Self { process, url, metrics_url, ca, http, log })
+    }
+
+    /// Where the operator's output (logs and audit records) goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The operator's output so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its audit records so far.
+    pub fn audit_records(&self) -> Vec<Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == "cloudpass.dev/audit")
+            .collect()
+    }
+
+    /// `POST /v1/credentials` with `token` as bearer; the status and JSON body.
+    pub async fn ask(&self, token: Option<&str>, body: &Value) -> Result<(u16, Value)> {
+        let mut req = self.http.post(format!("{}/v1/credentials", self.url)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `/metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self.http.get(format!("{}/metrics", self.metrics_url)).send().await?.text().await?)
+    }
+}
+
+/// Creates a pod (stored, not run: there is no kubelet) running as `service_account`
+/// and returns a token for the agent: audience `cloudpass`, bound to the pod.
+pub async fn pod_token(
+    cp: &ControlPlane,
+    namespace: &str,
+    pod: &str,
+    service_account: &str,
+    labels: Value,
+) -> Result<String> {
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod, "namespace": namespace, "labels": labels},
+        "spec": {"serviceAccountName": service_account, "automountServiceAccountToken": false,
+                 "containers": [{"name": "app", "image": "example.com/app:1"}]}
+    });
+    cp.apply_yaml(Some(namespace), &manifest.to_string())?;
+    let uid = cp.kubectl_ok(&["get", "pod", pod, "-n", namespace, "-o", "jsonpath={.metadata.uid}"])?;
+    let options = TokenOptions { bound_pod: Some((pod.to_owned(), uid)), ..Default::default() };
+    cp.token(namespace, service_account, &options).await
+}

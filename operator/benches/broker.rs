@@ -1,0 +1,205 @@
+//! `make bench`: the broker's hot and cold paths, measured against the real operator
+//! binary, the real apiserver (TokenReview, pods) and the AWS STS gate in front of moto.
+//!
+//! - Hot path: one agent's credential requests answered from the credential cache with
+//!   the TokenReview cached, by 16 concurrent HTTPS clients for a few seconds. Baseline
+//!   in the same run: `GET /openid/v1/jwks` on the same broker and connections (TLS,
+//!   HTTP and JSON only, no decision).
+//! - Cold path: the first request of each of 40 pods (TokenReview, pod read, policy,
+//!   signing, AssumeRoleWithWebIdentity through the gate into moto). Baseline in the same
+//!   run: the same AssumeRoleWithWebIdentity sent straight to the gate with a token
+//!   signed by the broker's own key. The difference is the broker's overhead.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use cloudpass_e2e::{
+    ControlPlane,
+    broker::{BrokerOptions, RunningBroker, pod_token},
+    fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+    moto::MotoServer,
+};
+use serde_json::{Value, json};
+
+const CONCURRENCY: usize = 16;
+const HOT_SECONDS: u64 = 5;
+const COLD_PODS: usize = 40;
+const NS: &str = "bench-broker";
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+/// Runs `request` from CONCURRENCY tasks for HOT_SECONDS; (requests/s, p50 ms, p99 ms).
+async fn load<F, Fut>(request: F) -> (f64, f64, f64)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let request = Arc::new(request);
+    // Warm the connections up.
+    let warm_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < warm_until {
+        assert!(request().await);
+    }
+    let started = Instant::now();
+    let until = started + Duration::from_secs(HOT_SECONDS);
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    assert!(request().await, "a request failed under load");
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    (all.len() as f64 / elapsed, percentile(&all, 0.5), percentile(&all, 0.99))
+}
+
+async fn run() {
+    let cp = ControlPlane::shared();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
+    let options = BrokerOptions { namespace: "cloudpass-bench".into(), log_level: "warn".into(), ..Default::default() };
+    let broker = RunningBroker::start(cp, binary, &options).await.unwrap();
+    cp.create_namespace(NS, &[]).await.unwrap();
+    cp.create_service_account(NS, "orders").await.unwrap();
+
+    let moto = MotoServer::start().await.unwrap();
+    let s3 = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
+    let role = moto.create_role("bench", &s3).await.unwrap();
+    let gate = StsGate::start(
+        StsGateConfig {
+            moto_url: moto.url().to_owned(),
+            providers: vec![AwsOidcProvider { url: broker.url.clone(), client_ids: vec!["sts.amazonaws.com".into()] }],
+            roles: vec![AwsRoleTrust::new(&role, &broker.url, "system:cloudpass:*")],
+            issuer_ca_pem: broker.ca.cert_pem(),
+            forward_credentials: None,
+        },
+        &broker.ca,
+    )
+    .await
+    .unwrap();
+    let objects = json!([
+        {"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": "this-cluster"},
+         "spec": {"kubernetesServiceAccount": {}}},
+        {"apiVersion": "cloudpass.dev/v1alpha1", "kind": "CredentialProvider", "metadata": {"name": "s3"},
+         "spec": {"awsSts": {"roleArn": role, "stsEndpoint": gate.url(), "sessionName": "bench-{pod}"}}},
+        {"apiVersion": "cloudpass.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "to-s3"},
+         "spec": {"client": {"podSelector": {"matchLabels": {"app": "orders"}}},
+                  "trustProviders": [{"name": "this-cluster"}], "server": {"kind": "aws"},
+                  "credentialProvider": {"name": "s3"}}},
+    ]);
+    for o in objects.as_array().unwrap() {
+        cp.apply_yaml(Some(NS), &o.to_string()).unwrap();
+    }
+    cp.wait_for_condition("accesspolicy", NS, "to-s3", "Ready", "True", Duration::from_secs(30)).await.unwrap();
+    let body = json!({"policy": "to-s3"});
+    let hot_token = pod_token(cp, NS, "hot", "orders", json!({"app": "orders"})).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.ask(Some(&hot_token), &body).await.unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "the broker never served the policy:\n{}", broker.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Hot path and its baseline, on the same client (shared connections).
+    let http = broker.http.clone();
+    let jwks_url = format!("{}/openid/v1/jwks", broker.url);
+    let (base_rate, base50, base99) = load(move || {
+        let (http, url) = (http.clone(), jwks_url.clone());
+        async move { http.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
+    let http = broker.http.clone();
+    let url = format!("{}/v1/credentials", broker.url);
+    let token = hot_token.clone();
+    let calls_before = gate.calls();
+    let (rate, p50, p99) = load(move || {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        async move {
+            let r = http.post(url).bearer_auth(token).json(&json!({"policy": "to-s3"})).send().await;
+            r.is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await;
+    assert_eq!(gate.calls(), calls_before, "the hot path made upstream calls");
+
+    // Cold path: a fresh pod per request, against direct calls to the gate.
+    let mut tokens = Vec::new();
+    for i in 0..COLD_PODS {
+        tokens.push(pod_token(cp, NS, &format!("cold-{i}"), "orders", json!({"app": "orders"})).await.unwrap());
+    }
+    let mut cold = Vec::new();
+    for t in &tokens {
+        let started = Instant::now();
+        let (status, answer) = broker.ask(Some(t), &body).await.unwrap();
+        cold.push(started.elapsed());
+        assert_eq!(status, 200, "{answer}");
+    }
+    let keys = signing_keys(cp).await;
+    let sts = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(broker.ca.cert_pem().as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let mut direct = Vec::new();
+    for i in 0..COLD_PODS {
+        let now = jiff::Timestamp::now().as_second();
+        let claims = json!({"iss": broker.url, "sub": format!("system:cloudpass:{NS}:s3"), "aud": "sts.amazonaws.com",
+                            "iat": now, "nbf": now, "exp": now + 300});
+        let token = keys.sign(&claims, now).unwrap();
+        let form = [
+            ("Action", "AssumeRoleWithWebIdentity".to_owned()),
+            ("Version", "2011-06-15".to_owned()),
+            ("RoleArn", role.clone()),
+            ("RoleSessionName", format!("direct-{i}")),
+            ("DurationSeconds", "3600".to_owned()),
+            ("WebIdentityToken", token),
+        ];
+        let started = Instant::now();
+        let resp = sts.post(gate.url()).form(&form).send().await.unwrap();
+        let ok = resp.status().is_success();
+        let _ = resp.bytes().await;
+        direct.push(started.elapsed());
+        assert!(ok, "direct AssumeRoleWithWebIdentity failed");
+    }
+    cold.sort();
+    direct.sort();
+    let (c50, c99, d50, d99) =
+        (percentile(&cold, 0.5), percentile(&cold, 0.99), percentile(&direct, 0.5), percentile(&direct, 0.99));
+
+    println!("broker hot path ({CONCURRENCY} concurrent clients, {HOT_SECONDS} s, credential and TokenReview cached):");
+    println!("  GET JWKS (baseline):        {base_rate:>8.0} req/s   p50 {base50:>6.2} ms   p99 {base99:>6.2} ms");
+    println!("  POST /v1/credentials:       {rate:>8.0} req/s   p50 {p50:>6.2} ms   p99 {p99:>6.2} ms");
+    println!("  ratio to baseline:          {:>8.2}x throughput", rate / base_rate);
+    println!("broker cold path ({COLD_PODS} pods, sequential; STS gate + moto upstream):");
+    println!("  direct STS call (baseline): p50 {d50:>6.2} ms   p99 {d99:>6.2} ms");
+    println!("  first request of a pod:     p50 {c50:>6.2} ms   p99 {c99:>6.2} ms");
+    println!("  broker overhead:            p50 {:>6.2} ms   p99 {:>6.2} ms", c50 - d50, c99 - d99);
+}
+
+/// The issuer's signing keys, read from their Secret as the broker does.
+async fn signing_keys(cp: &ControlPlane) -> cloudpass_operator::issuer::KeySet {
+    let secret =
+        cp.kubectl_ok(&["get", "secret", "cloudpass-issuer-keys", "-n", "cloudpass-bench", "-o", "json"]).unwrap();
+    let secret: Value = serde_json::from_str(&secret).unwrap();
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD.decode(secret["data"]["keys.json"].as_str().unwrap()).unwrap();
+    serde_json::from_slice(&raw).unwrap()
+}
+
+fn main() {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(run());
+}
