@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use cloudpass_api::duration::Duration as TextDuration;
 use cloudpass_cli::{LogArgs, kube_client, termination};
 use cloudpass_operator::{
@@ -22,7 +22,9 @@ use cloudpass_operator::{
     server::{self, Health},
 };
 use cloudpass_runtime::{
+    certs::{self, CertManager, CertSettings},
     configs::{self, Configs},
+    files::{WatchedText, validate_pem_certificates},
     tls::{self, ReloadableCert},
 };
 use kube_lease_manager::LeaseManagerBuilder;
@@ -68,15 +70,42 @@ struct Args {
     /// default; the chart sets `0.0.0.0:8443`.
     #[arg(long, env = "CLOUDPASS_BROKER_ADDR", default_value = "127.0.0.1:8443")]
     broker_addr: SocketAddr,
-    /// The broker's serving certificate (PEM), re-read when it changes. The broker runs
-    /// only when this, `--broker-tls-key-file` and `--issuer-url` are set.
+    /// Who provides the broker's serving certificate. `self-managed`: the operator keeps
+    /// a CA and certificate in `--broker-cert-secret`, rotates them, and publishes the
+    /// CA bundle in `--broker-ca-configmap`. `files`: `--broker-tls-cert-file` and
+    /// `--broker-tls-key-file` (e.g. from cert-manager). Default: `files` when those are
+    /// given, `self-managed` otherwise.
+    #[arg(long, env = "CLOUDPASS_BROKER_CERT_MODE", value_enum)]
+    broker_cert_mode: Option<BrokerCertMode>,
+    /// The broker's serving certificate (PEM, `files` mode), re-read when it changes.
     #[arg(long, env = "CLOUDPASS_BROKER_TLS_CERT_FILE", requires = "broker_tls_key_file")]
     broker_tls_cert_file: Option<PathBuf>,
-    /// The broker's serving key (PEM).
+    /// The broker's serving key (PEM, `files` mode).
     #[arg(long, env = "CLOUDPASS_BROKER_TLS_KEY_FILE", requires = "broker_tls_cert_file")]
     broker_tls_key_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the `files` certificate, e.g. cert-manager's `ca.crt`:
+    /// published in `--broker-ca-configmap` whenever it changes. Without it, `files`
+    /// mode publishes nothing and agents must get the CA some other way.
+    #[arg(long, env = "CLOUDPASS_BROKER_TLS_CA_FILE", requires = "broker_tls_cert_file")]
+    broker_tls_ca_file: Option<PathBuf>,
+    /// Secret (in `--namespace`) holding the self-managed CA and serving certificate;
+    /// created if absent.
+    #[arg(long, env = "CLOUDPASS_BROKER_CERT_SECRET", default_value = "cloudpass-broker-tls")]
+    broker_cert_secret: String,
+    /// ConfigMap (in `--namespace`) where the broker's CA bundle is published under
+    /// `ca.crt`: public, for the webhook to hand to every agent.
+    #[arg(long, env = "CLOUDPASS_BROKER_CA_CONFIGMAP", default_value = "cloudpass-broker-ca")]
+    broker_ca_configmap: String,
+    /// The broker's Service: the self-managed certificate is valid for
+    /// `<name>.<namespace>.svc` and `<name>.<namespace>.svc.cluster.local`.
+    #[arg(long, env = "CLOUDPASS_BROKER_SERVICE_NAME", default_value = "cloudpass-broker")]
+    broker_service_name: String,
+    /// Further names (DNS or IP) for the self-managed certificate; repeatable.
+    #[arg(long = "broker-extra-san", env = "CLOUDPASS_BROKER_EXTRA_SANS", value_delimiter = ',')]
+    broker_extra_sans: Vec<String>,
     /// Public issuer URL (https) of broker-signed tokens: what AWS, Azure and GCP are
-    /// told to trust. Its discovery document and JWKS must be reachable there.
+    /// told to trust. Its discovery document and JWKS must be reachable there. The
+    /// broker runs when this is set.
     #[arg(long = "issuer-url", env = "CLOUDPASS_ISSUER_URL")]
     broker_issuer_url: Option<String>,
     /// Secret (in `--namespace`) holding the issuer's signing keys; created if absent.
@@ -101,16 +130,55 @@ struct Args {
     log: LogArgs,
 }
 
+/// Who provides the broker's serving certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BrokerCertMode {
+    /// The operator creates and rotates a CA and certificate in a Secret and publishes
+    /// the CA bundle in a ConfigMap.
+    SelfManaged,
+    /// Certificate and key files (cert-manager, the chart); re-read when they change.
+    Files,
+}
+
+/// Lifetime of the self-managed broker CA (five years); rotated when a third is left.
+const BROKER_CA_VALIDITY: Duration = Duration::from_secs(43_800 * 3600);
+/// Lifetime of a self-managed broker serving certificate (90 days); renewed when a
+/// third is left.
+const BROKER_CERT_VALIDITY: Duration = Duration::from_secs(2_160 * 3600);
+/// How often certificate files are re-read (`files` mode).
+const BROKER_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the self-managed certificate is checked for rotation (as the webhook's).
+const BROKER_CERT_SYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The certificate mode from the flags, refusing combinations that cannot mean anything.
+fn broker_cert_mode(args: &Args) -> Result<BrokerCertMode, String> {
+    match (args.broker_cert_mode, args.broker_tls_cert_file.is_some()) {
+        (Some(BrokerCertMode::SelfManaged), true) => {
+            Err("--broker-tls-cert-file is for --broker-cert-mode files, not self-managed".into())
+        }
+        (Some(BrokerCertMode::Files), false) => {
+            Err("--broker-cert-mode files needs --broker-tls-cert-file and --broker-tls-key-file".into())
+        }
+        (Some(mode), _) => Ok(mode),
+        (None, true) => Ok(BrokerCertMode::Files),
+        (None, false) => Ok(BrokerCertMode::SelfManaged),
+    }
+}
+
+/// The running broker and its serving certificate (for readiness).
+type RunningBroker = (Arc<Broker>, Arc<ReloadableCert>);
+
 /// Starts the broker when configured; `Ok(None)` when it is off.
 async fn start_broker(
     client: &kube::Client,
     args: &Args,
     metrics: &Arc<Metrics>,
-) -> Result<Option<Arc<Broker>>, String> {
-    let (Some(cert_file), Some(key_file)) = (&args.broker_tls_cert_file, &args.broker_tls_key_file) else {
-        info!("broker off: no --broker-tls-cert-file");
+) -> Result<Option<RunningBroker>, String> {
+    if args.broker_issuer_url.is_none() && args.broker_tls_cert_file.is_none() && args.broker_cert_mode.is_none() {
+        info!("broker off: no --issuer-url");
         return Ok(None);
-    };
+    }
+    let mode = broker_cert_mode(args)?;
     let issuer_url = args.broker_issuer_url.clone().ok_or("the broker needs --issuer-url")?;
     if !issuer_url.starts_with("https://") {
         return Err(format!("--issuer-url must be an https URL, got {issuer_url:?}"));
@@ -134,8 +202,8 @@ async fn start_broker(
     let settings = BrokerSettings { issuer_url, token_cache_ttl: args.token_cache_ttl.as_std(), ..Default::default() };
     let broker = Arc::new(Broker::new(settings, client.clone(), http, configs, keys, audit, metrics.clone()));
     let cert = Arc::new(ReloadableCert::default());
-    tls::watch_files(cert.clone(), cert_file.clone(), key_file.clone(), Duration::from_secs(10), || {});
-    let addr = tls::serve(args.broker_addr, broker_server::router(broker.clone()), cert, Default::default())
+    start_broker_cert(client, args, mode, &cert, metrics).await;
+    let addr = tls::serve(args.broker_addr, broker_server::router(broker.clone()), cert.clone(), Default::default())
         .await
         .map_err(|e| format!("cannot serve the broker on {}: {e}", args.broker_addr))?;
     info!(%addr, "broker serving");
@@ -154,7 +222,77 @@ async fn start_broker(
             sweeper.sweep();
         }
     });
-    Ok(Some(broker))
+    Ok(Some((broker, cert)))
+}
+
+/// Keeps the broker's serving certificate in `cert` and its CA bundle published.
+async fn start_broker_cert(
+    client: &kube::Client,
+    args: &Args,
+    mode: BrokerCertMode,
+    cert: &Arc<ReloadableCert>,
+    metrics: &Arc<Metrics>,
+) {
+    let reloads = metrics.broker_cert_reloads.clone();
+    let on_reload = move || {
+        reloads.inc();
+    };
+    match (mode, &args.broker_tls_cert_file, &args.broker_tls_key_file) {
+        (BrokerCertMode::Files, Some(cert_file), Some(key_file)) => {
+            tls::watch_files(cert.clone(), cert_file.clone(), key_file.clone(), BROKER_CERT_CHECK_INTERVAL, on_reload);
+            if let Some(ca_file) = &args.broker_tls_ca_file {
+                let ca = WatchedText::watch(
+                    ca_file.clone(),
+                    BROKER_CERT_CHECK_INTERVAL,
+                    "broker CA",
+                    validate_pem_certificates,
+                );
+                let (client, namespace, name) =
+                    (client.clone(), args.namespace.clone(), args.broker_ca_configmap.clone());
+                tokio::spawn(publish_ca_file(client, namespace, name, ca));
+            }
+        }
+        _ => {
+            let mut names = vec![
+                format!("{}.{}.svc", args.broker_service_name, args.namespace),
+                format!("{}.{}.svc.cluster.local", args.broker_service_name, args.namespace),
+            ];
+            names.extend(args.broker_extra_sans.iter().cloned());
+            let settings = CertSettings {
+                owner: "cloudpass-broker".into(),
+                namespace: args.namespace.clone(),
+                secret_name: args.broker_cert_secret.clone(),
+                webhook_config_name: None,
+                ca_config_map: Some(args.broker_ca_configmap.clone()),
+                names,
+                ca_validity: BROKER_CA_VALIDITY,
+                cert_validity: BROKER_CERT_VALIDITY,
+            };
+            let manager = Arc::new(CertManager::new(client.clone(), settings, cert.clone(), on_reload));
+            if let Err(e) = manager.sync().await {
+                // Keep running: /readyz says not ready until it works, and the loop retries.
+                warn!(error = %e, secret = %args.broker_cert_secret, "initial broker certificate sync failed");
+            }
+            tokio::spawn(manager.run(BROKER_CERT_SYNC_INTERVAL));
+        }
+    }
+}
+
+/// Publishes the files-mode CA in the ConfigMap whenever the file's content changes
+/// (retrying failed writes), so the webhook hands the same CA to agents as in
+/// self-managed mode.
+async fn publish_ca_file(client: kube::Client, namespace: String, name: String, ca: Arc<WatchedText>) {
+    let mut published: Option<Arc<str>> = None;
+    loop {
+        let current = ca.get();
+        if ca.is_loaded() && published.as_ref() != Some(&current) {
+            match certs::publish_ca(&client, &namespace, &name, "cloudpass-broker", &current).await {
+                Ok(_) => published = Some(current),
+                Err(e) => warn!(error = %e, configmap = name, "cannot publish the broker CA; retrying"),
+            }
+        }
+        tokio::time::sleep(BROKER_CERT_CHECK_INTERVAL).await;
+    }
 }
 
 /// Loads the signing keys, and rotates them as due, every few minutes (every replica:
@@ -253,7 +391,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match server::spawn(args.metrics_addr, Health { metrics: metrics.clone(), ready: ready.clone(), broker }).await {
+    let (broker, broker_cert) = broker.unzip();
+    let health = Health { metrics: metrics.clone(), ready: ready.clone(), broker, broker_cert };
+    match server::spawn(args.metrics_addr, health).await {
         Ok(addr) => info!(%addr, "serving /healthz, /readyz and /metrics"),
         Err(e) => {
             error!(error = %e, addr = %args.metrics_addr, "cannot serve health and metrics");
@@ -351,4 +491,25 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "cloudpass".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(args: &[&str]) -> Result<BrokerCertMode, String> {
+        let parsed = Args::try_parse_from([&["cloudpass-operator"], args].concat()).map_err(|e| e.to_string())?;
+        broker_cert_mode(&parsed)
+    }
+
+    #[test]
+    fn the_broker_cert_mode_follows_the_flags() {
+        assert_eq!(mode(&[]), Ok(BrokerCertMode::SelfManaged));
+        let files = ["--broker-tls-cert-file=c", "--broker-tls-key-file=k"];
+        assert_eq!(mode(&files), Ok(BrokerCertMode::Files), "files given: files mode");
+        assert_eq!(mode(&[&files[..], &["--broker-cert-mode=files"]].concat()), Ok(BrokerCertMode::Files));
+        assert!(mode(&[&files[..], &["--broker-cert-mode=self-managed"]].concat()).is_err());
+        assert!(mode(&["--broker-cert-mode=files"]).is_err(), "files mode without files");
+        assert!(mode(&["--broker-tls-cert-file=c"]).is_err(), "a certificate without its key");
+    }
 }

@@ -86,6 +86,8 @@ pub struct Metrics {
     upstream_calls: Family<UpstreamLabels, Counter>,
     /// Cache lookups.
     cache_lookups: Family<CacheLabels, Counter>,
+    /// Broker serving certificate reloads (self-managed rotation or changed files).
+    pub broker_cert_reloads: Counter,
     per_namespace: Mutex<BTreeMap<String, BTreeMap<ObjectLabels, i64>>>,
 }
 
@@ -129,11 +131,18 @@ impl Default for Metrics {
             upstream_calls.clone(),
         );
         registry.register("broker_cache_lookups", "Broker cache lookups by cache and result", cache_lookups.clone());
+        let broker_cert_reloads = Counter::default();
+        registry.register(
+            "broker_certificate_reloads",
+            "Broker serving certificate reloads",
+            broker_cert_reloads.clone(),
+        );
         Self {
             broker_requests,
             broker_latency,
             upstream_calls,
             cache_lookups,
+            broker_cert_reloads,
             registry,
             reconciles,
             reconcile_errors,

@@ -22,6 +22,9 @@ pub struct Health {
     pub ready: Arc<AtomicBool>,
     /// The broker, when this instance serves one: ready also needs it ready.
     pub broker: Option<Arc<crate::broker::Broker>>,
+    /// The broker's serving certificate, when it serves one: without it every TLS
+    /// handshake fails, so ready also needs it loaded.
+    pub broker_cert: Option<Arc<cloudpass_runtime::tls::ReloadableCert>>,
 }
 
 async fn healthz() -> &'static str {
@@ -29,7 +32,10 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
-    if health.ready.load(Ordering::Relaxed) && health.broker.as_ref().is_none_or(|b| b.is_ready()) {
+    if health.ready.load(Ordering::Relaxed)
+        && health.broker.as_ref().is_none_or(|b| b.is_ready())
+        && health.broker_cert.as_ref().is_none_or(|c| c.is_loaded())
+    {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")

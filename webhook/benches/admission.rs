@@ -15,6 +15,7 @@ use cloudpass_e2e::{ControlPlane, WebhookRegistration, certs::TestCa, process::M
 use cloudpass_webhook::{
     admission::Admission,
     config::Configs,
+    files::WatchedText,
     inject::{InjectSettings, Ports},
     metrics::Metrics,
 };
@@ -58,7 +59,7 @@ fn review_body(policies: usize) -> (Admission, Vec<u8>) {
             pull_policy: "IfNotPresent".into(),
             agent_path: "/usr/local/bin/cloudpass-agent".into(),
             broker_url: "https://cloudpass-broker.cloudpass-system.svc:8443".into(),
-            broker_ca_pem: TestCa::new("broker").unwrap().cert_pem(),
+            broker_ca: WatchedText::fixed(TestCa::new("broker").unwrap().cert_pem()),
             ports: Ports::default(),
             token_seconds: 3600,
             version: "bench".into(),

@@ -141,7 +141,7 @@ mod tests {
                 pull_policy: "IfNotPresent".into(),
                 agent_path: "/agent".into(),
                 broker_url: "https://broker".into(),
-                broker_ca_pem: String::new(),
+                broker_ca: crate::files::WatchedText::fixed(""),
                 ports: Ports::default(),
                 token_seconds: 3600,
                 version: "test".into(),

@@ -2,7 +2,7 @@
 //! namespace's compiled config to the mutated pod, warnings and an outcome. No I/O, so it
 //! is tested table-driven and benchmarked in process.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use cloudpass_api::{
     INJECT_ANNOTATION,
@@ -23,6 +23,8 @@ use k8s_openapi::{
     },
     apimachinery::pkg::api::resource::Quantity,
 };
+
+use crate::files::WatchedText;
 
 /// Names of the volumes the webhook adds.
 const TOKEN_VOLUME: &str = "cloudpass-token";
@@ -63,8 +65,9 @@ pub struct InjectSettings {
     pub agent_path: String,
     /// Broker base URL.
     pub broker_url: String,
-    /// Broker CA certificate, PEM.
-    pub broker_ca_pem: String,
+    /// Broker CA certificates (PEM), handed to every agent. Watched: a pod gets the
+    /// bundle current at its admission.
+    pub broker_ca: Arc<WatchedText>,
     /// Agent ports.
     pub ports: Ports,
     /// Lifetime of the projected token, seconds (the kubelet rotates it at 80%).
@@ -387,7 +390,7 @@ pub fn decide(
         AgentConfig { broker_url: settings.broker_url.clone(), health_port: settings.ports.health, deliveries };
     let mut agent_env = vec![
         env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes")),
-        env(BROKER_CA_ENV, settings.broker_ca_pem.clone()),
+        env(BROKER_CA_ENV, settings.broker_ca.get().to_string()),
     ];
     if uses_azure {
         agent_env.push(env("IDENTITY_HEADER", identity_header));
@@ -519,7 +522,7 @@ mod tests {
             pull_policy: "IfNotPresent".into(),
             agent_path: "/usr/local/bin/cloudpass-agent".into(),
             broker_url: "https://broker".into(),
-            broker_ca_pem: "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            broker_ca: WatchedText::fixed("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"),
             ports: Ports::default(),
             token_seconds: 3600,
             version: "0.1.0".into(),

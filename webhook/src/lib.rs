@@ -4,41 +4,13 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
-pub mod certs;
 pub mod inject;
 pub mod metrics;
 pub mod server;
 
-pub use cloudpass_runtime::{configs as config, tls};
-
-/// Everything that can fail in the webhook outside a single admission request.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A call to the Kubernetes API failed.
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// Certificate generation or parsing failed.
-    #[error("certificate: {0}")]
-    Certificate(String),
-    /// A file could not be read or a socket bound.
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-    /// The serving certificate could not be installed or the listener started.
-    #[error(transparent)]
-    Serving(#[from] cloudpass_runtime::Error),
-}
-
-impl Error {
-    /// A short, stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Kube(_) => "kube",
-            Self::Certificate(_) => "certificate",
-            Self::Io(_) => "io",
-            Self::Serving(e) => e.metric_label(),
-        }
-    }
-}
+// The self-managed certificate, config watcher, watched files and TLS serving are shared
+// with the operator's broker; re-exported under the names this crate always used.
+pub use cloudpass_runtime::{Error, certs, configs as config, files, tls};
 
 /// Fills `buf` from the workspace's one crypto library (aws-lc-rs).
 pub fn random_bytes(buf: &mut [u8]) {

@@ -10,6 +10,7 @@ use cloudpass_webhook::{
     admission::Admission,
     certs::{CertManager, CertSettings},
     config::{self, Configs},
+    files::{WatchedText, validate_pem_certificates},
     inject::{InjectSettings, Ports},
     metrics::Metrics,
     server::{self, AppState},
@@ -43,7 +44,9 @@ struct Args {
     /// Broker URL the agent calls. Default: `https://cloudpass-broker.<namespace>.svc:8443`.
     #[arg(long, env = "CLOUDPASS_BROKER_URL")]
     broker_url: Option<String>,
-    /// PEM file with the broker's CA, handed to the agent.
+    /// PEM file with the broker's CA bundle, handed to the agent (e.g. the mounted
+    /// ConfigMap the operator publishes). Re-read when it changes (checked every few
+    /// seconds); until it has been read once the webhook is not ready.
     #[arg(long, env = "CLOUDPASS_BROKER_CA_FILE")]
     broker_ca_file: Option<PathBuf>,
     /// Lifetime of the projected token mounted into the agent (the kubelet renews it at 80%).
@@ -83,6 +86,9 @@ struct Args {
     log: LogArgs,
 }
 
+/// How often `--broker-ca-file` is checked for changes (one `stat`).
+const BROKER_CA_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum CertMode {
     /// The webhook creates and rotates its own CA and certificate and patches the caBundle.
@@ -99,15 +105,13 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let broker_ca_pem = match &args.broker_ca_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(pem) => pem,
-            Err(e) => {
-                error!(path = %path.display(), error = %e, "cannot read the broker CA");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => String::new(),
+    // The file may appear after the start (an optional ConfigMap volume the operator fills
+    // later) and changes when the broker's CA rotates: watch it, cheaply.
+    let broker_ca = match &args.broker_ca_file {
+        Some(path) => {
+            WatchedText::watch(path.clone(), BROKER_CA_CHECK_INTERVAL, "broker CA", validate_pem_certificates)
+        }
+        None => WatchedText::fixed(""),
     };
     let metrics = Metrics::new();
     let configs = Arc::new(Configs::default());
@@ -122,7 +126,7 @@ async fn main() -> ExitCode {
             .broker_url
             .clone()
             .unwrap_or_else(|| format!("https://cloudpass-broker.{}.svc:8443", args.namespace)),
-        broker_ca_pem,
+        broker_ca,
         ports: Ports::default(),
         token_seconds: args.token_lifetime.as_secs().max(600) as i64,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -139,15 +143,22 @@ async fn main() -> ExitCode {
             let manager = Arc::new(CertManager::new(
                 client.clone(),
                 CertSettings {
+                    owner: "cloudpass-webhook".into(),
                     namespace: args.namespace.clone(),
                     secret_name: args.cert_secret.clone(),
                     webhook_config_name: Some(args.webhook_config_name.clone()),
+                    ca_config_map: None,
                     names,
                     ca_validity: args.ca_validity.as_std(),
                     cert_validity: args.cert_validity.as_std(),
                 },
                 cert.clone(),
-                metrics.clone(),
+                {
+                    let metrics = metrics.clone();
+                    move || {
+                        metrics.cert_reloads.inc();
+                    }
+                },
             ));
             if let Err(e) = manager.sync().await {
                 // Keep running: /readyz reports it, and the loop retries.

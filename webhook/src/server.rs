@@ -37,10 +37,14 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    match (state.admission.configs.loaded(), state.cert.is_loaded()) {
-        (true, true) => (StatusCode::OK, "ready").into_response(),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "compiled configs not loaded yet").into_response(),
-        (_, false) => (StatusCode::SERVICE_UNAVAILABLE, "serving certificate not loaded yet").into_response(),
+    // Without the broker CA every injected agent would fail its startup probe: better
+    // not ready (the apiserver then applies the failure policy) than injecting broken pods.
+    let broker_ca = state.admission.settings.broker_ca.is_loaded();
+    match (state.admission.configs.loaded(), state.cert.is_loaded(), broker_ca) {
+        (true, true, true) => (StatusCode::OK, "ready").into_response(),
+        (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "compiled configs not loaded yet").into_response(),
+        (_, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "serving certificate not loaded yet").into_response(),
+        (_, _, false) => (StatusCode::SERVICE_UNAVAILABLE, "broker CA not loaded yet").into_response(),
     }
 }
 

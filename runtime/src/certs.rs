@@ -1,10 +1,11 @@
 //! Self-managed serving certificate: a CA and a serving certificate kept in one Secret
-//! shared by every replica, the `caBundle` of the MutatingWebhookConfiguration kept in
-//! sync, and rotation well before expiry.
+//! shared by every replica, the CA bundle published where clients read it (the
+//! `caBundle` of a MutatingWebhookConfiguration, a ConfigMap, or both), and rotation well
+//! before expiry. The webhook and the operator's broker both use it.
 //!
-//! Rotation never breaks admission: a new CA is added to the `caBundle` (next to the old
-//! one) before any serving certificate signed by it is used, and the old CA stays in the
-//! bundle until it expires. A serving certificate is renewed from the current CA when a
+//! Rotation never breaks clients that read the published bundle: a new CA is added to
+//! the bundle (next to the old one) before any serving certificate signed by it is used,
+//! and the old CA stays in the bundle until it expires. A serving certificate is renewed from the current CA when a
 //! third of its lifetime is left; the CA likewise. The Secret is the source of truth and
 //! is written with optimistic concurrency, so replicas racing to rotate cannot both win.
 
@@ -12,7 +13,10 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::{
     ByteString,
-    api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
+    api::{
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        core::v1::{ConfigMap, Secret},
+    },
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -24,7 +28,7 @@ use rcgen::{
 };
 use tracing::{info, warn};
 
-use crate::{Error, metrics::Metrics, tls::ReloadableCert};
+use crate::{Error, tls::ReloadableCert};
 
 const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
@@ -35,16 +39,26 @@ const CA_NOT_AFTER: &str = "cloudpass.dev/ca-not-after";
 const CA_NAME: &str = "cloudpass.dev/ca-name";
 const CERT_NOT_AFTER: &str = "cloudpass.dev/cert-not-after";
 const PREVIOUS_CA_NOT_AFTER: &str = "cloudpass.dev/previous-ca-not-after";
+/// Key of the CA bundle in the published ConfigMap (the name cert-manager and most
+/// tools use for a CA file).
+pub const CA_CONFIG_MAP_KEY: &str = "ca.crt";
 
 /// Where and how long.
 #[derive(Clone, Debug)]
 pub struct CertSettings {
-    /// Namespace of the webhook (and of the Secret).
+    /// Who manages the certificate (`cloudpass-webhook`, `cloudpass-broker`): the
+    /// `app.kubernetes.io/managed-by` label of what it writes and the prefix of CA names.
+    pub owner: String,
+    /// Namespace of the server (and of the Secret and ConfigMap).
     pub namespace: String,
     /// Name of the Secret holding the CA and serving certificate.
     pub secret_name: String,
     /// MutatingWebhookConfiguration whose `caBundle` is kept in sync, if any.
     pub webhook_config_name: Option<String>,
+    /// ConfigMap (in `namespace`) where the CA bundle is published under
+    /// [`CA_CONFIG_MAP_KEY`], if any. The bundle is public; the CA key never leaves the
+    /// Secret.
+    pub ca_config_map: Option<String>,
     /// Names (DNS or IP) the serving certificate is valid for.
     pub names: Vec<String>,
     /// Lifetime of a CA.
@@ -75,6 +89,13 @@ fn offset(unix: i64) -> Result<time::OffsetDateTime, Error> {
     time::OffsetDateTime::from_unix_timestamp(unix).map_err(|e| Error::Certificate(e.to_string()))
 }
 
+/// `bytes` random bytes, hex-encoded, from the workspace's one crypto library (aws-lc-rs).
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut buf).expect("the system random source works");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn rcgen_err(e: rcgen::Error) -> Error {
     Error::Certificate(e.to_string())
 }
@@ -95,7 +116,7 @@ fn new_ca(settings: &CertSettings) -> Result<(String, String, String, i64), Erro
     let key = KeyPair::generate().map_err(rcgen_err)?;
     let not_after = now() + settings.ca_validity.as_secs() as i64;
     // A unique name per CA, so that the old and the new CA are told apart during overlap.
-    let name = format!("cloudpass-webhook-ca-{}", crate::random_proof().get(..12).unwrap_or("0"));
+    let name = format!("{}-ca-{}", settings.owner, random_hex(6));
     let cert = ca_params(&name, not_after)?.self_signed(&key).map_err(rcgen_err)?;
     Ok((cert.pem(), key.serialize_pem(), name, not_after))
 }
@@ -111,7 +132,7 @@ fn issue_serving(
     let issuer = Issuer::new(ca_params(ca_name, ca_not_after)?, ca_key);
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rcgen_err)?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, settings.names.first().cloned().unwrap_or_else(|| "cloudpass-webhook".into()));
+    dn.push(DnType::CommonName, settings.names.first().cloned().unwrap_or_else(|| settings.owner.clone()));
     params.distinguished_name = dn;
     params.subject_alt_names = settings
         .names
@@ -221,22 +242,29 @@ impl Material {
     }
 }
 
-/// Keeps the Secret, the `caBundle` and the in-process serving certificate in step.
+/// Keeps the Secret, the published CA bundle and the in-process serving certificate in
+/// step.
 pub struct CertManager {
     client: Client,
     settings: CertSettings,
     cert: Arc<ReloadableCert>,
-    metrics: Arc<Metrics>,
+    on_reload: Box<dyn Fn() + Send + Sync>,
     loaded: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl CertManager {
     /// A manager for these settings; nothing happens until [`CertManager::sync`].
-    pub fn new(client: Client, settings: CertSettings, cert: Arc<ReloadableCert>, metrics: Arc<Metrics>) -> Self {
-        Self { client, settings, cert, metrics, loaded: Default::default() }
+    /// `on_reload` runs whenever a new serving certificate is installed (a metric).
+    pub fn new(
+        client: Client,
+        settings: CertSettings,
+        cert: Arc<ReloadableCert>,
+        on_reload: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
+        Self { client, settings, cert, on_reload: Box::new(on_reload), loaded: Default::default() }
     }
 
-    /// One round: create or rotate the Secret as due, sync the `caBundle`, reload.
+    /// One round: create or rotate the Secret as due, publish the bundle, reload.
     pub async fn sync(&self) -> Result<(), Error> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.settings.namespace);
         let material = loop {
@@ -246,7 +274,7 @@ impl CertManager {
                     let mut secret = Secret {
                         metadata: ObjectMeta {
                             name: Some(self.settings.secret_name.clone()),
-                            labels: Some([("app.kubernetes.io/managed-by".into(), "cloudpass-webhook".into())].into()),
+                            labels: Some([(MANAGED_BY.into(), self.settings.owner.clone())].into()),
                             ..Default::default()
                         },
                         type_: Some("Opaque".into()),
@@ -266,8 +294,8 @@ impl CertManager {
                 Some(mut secret) => {
                     let Some(current) = Material::from_secret(&secret) else {
                         return Err(Error::Certificate(format!(
-                            "Secret {} exists but is not a cloudpass webhook certificate; delete it or name another with --cert-secret",
-                            self.settings.secret_name
+                            "Secret {} exists but is not a {} certificate; delete it or name another Secret",
+                            self.settings.secret_name, self.settings.owner
                         )));
                     };
                     let Some(next) = current.rotated(&self.settings)? else { break current };
@@ -288,15 +316,23 @@ impl CertManager {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.as_ref() != Some(&pair) {
             self.cert.set(&pair.0, &pair.1)?;
-            self.metrics.cert_reloads.inc();
+            (self.on_reload)();
             info!(not_after = material.cert_not_after, "serving certificate loaded");
             *loaded = Some(pair);
         }
         Ok(())
     }
 
-    /// Sets the `caBundle` of every webhook of the configuration, if it differs.
+    /// Publishes the CA bundle: the ConfigMap and the webhook configuration, if set.
     async fn sync_bundle(&self, bundle: &str) -> Result<(), Error> {
+        if let Some(name) = &self.settings.ca_config_map {
+            publish_ca(&self.client, &self.settings.namespace, name, &self.settings.owner, bundle).await?;
+        }
+        self.sync_webhook_bundle(bundle).await
+    }
+
+    /// Sets the `caBundle` of every webhook of the configuration, if it differs.
+    async fn sync_webhook_bundle(&self, bundle: &str) -> Result<(), Error> {
         let Some(name) = &self.settings.webhook_config_name else { return Ok(()) };
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         let Some(config) = api.get_opt(name).await? else {
@@ -333,15 +369,63 @@ impl CertManager {
     }
 }
 
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// Writes `bundle` (PEM) into the ConfigMap `name` under [`CA_CONFIG_MAP_KEY`], creating
+/// it if absent; `Ok(true)` when something was written. Replicas may race: a conflict
+/// is retried against the winner's version, and equal content is never rewritten.
+pub async fn publish_ca(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    owner: &str,
+    bundle: &str,
+) -> Result<bool, Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    loop {
+        let result = match api.get_opt(name).await? {
+            Some(cm) if cm.data.as_ref().and_then(|d| d.get(CA_CONFIG_MAP_KEY)).map(String::as_str) == Some(bundle) => {
+                return Ok(false);
+            }
+            Some(mut cm) => {
+                cm.data.get_or_insert_with(BTreeMap::new).insert(CA_CONFIG_MAP_KEY.into(), bundle.into());
+                api.replace(name, &PostParams::default(), &cm).await
+            }
+            None => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(name.into()),
+                        labels: Some([(MANAGED_BY.into(), owner.into())].into()),
+                        ..Default::default()
+                    },
+                    data: Some([(CA_CONFIG_MAP_KEY.into(), bundle.into())].into()),
+                    ..Default::default()
+                };
+                api.create(&PostParams::default(), &cm).await
+            }
+        };
+        match result {
+            Ok(_) => {
+                info!(configmap = name, "CA bundle published");
+                return Ok(true);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn settings(ca: u64, cert: u64) -> CertSettings {
         CertSettings {
+            owner: "cloudpass-test".into(),
             namespace: "ns".into(),
             secret_name: "s".into(),
             webhook_config_name: None,
+            ca_config_map: None,
             names: vec!["cloudpass-webhook.ns.svc".into(), "127.0.0.1".into()],
             ca_validity: Duration::from_secs(ca),
             cert_validity: Duration::from_secs(cert),
