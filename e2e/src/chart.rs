@@ -1,7 +1,8 @@
 //! The Helm chart as rendered by the real helm, and the container specs in it, so tests
-//! can run the real binaries exactly as a Deployment would (there is no kubelet).
+//! can run the real binaries exactly as a Deployment would (there is no kubelet: volumes
+//! are host folders that tests fill the way the kubelet would).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_yaml::Value;
@@ -90,9 +91,54 @@ pub fn install(cp: &ControlPlane, release: &str, namespace: &str) -> Result<Vec<
     render(cp, release, namespace, &[])
 }
 
+/// The host folder standing in for a volume of the Deployment's pod in [`run_container`]:
+/// arguments under the volume's mount path point there instead.
+pub fn volume_dir(cp: &ControlPlane, deployment: &Value, volume: &str) -> Result<PathBuf> {
+    let name = deployment["metadata"]["name"].as_str().context("deployment name")?;
+    Ok(cp.dir().join(format!("chart-{name}-volumes")).join(volume))
+}
+
+/// Does what the kubelet does for a `configMap` volume of the Deployment's pod: writes
+/// each key of the live ConfigMap into [`volume_dir`], each file replaced atomically.
+/// `Ok(false)` when the ConfigMap does not exist (yet).
+pub fn project_config_map(cp: &ControlPlane, deployment: &Value, volume: &str) -> Result<bool> {
+    let namespace = deployment["metadata"]["namespace"].as_str().context("deployment namespace")?;
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"].as_sequence().context("volumes")?;
+    let spec = volumes.iter().find(|v| v["name"] == volume).ok_or_else(|| anyhow!("no volume {volume}"))?;
+    let name = spec["configMap"]["name"].as_str().ok_or_else(|| anyhow!("volume {volume} is not a configMap"))?;
+    let out = cp.kubectl_output(&["get", "configmap", name, "-n", namespace, "-o", "json"], None)?;
+    if !out.status.success() {
+        return Ok(false);
+    }
+    let cm: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let dir = volume_dir(cp, deployment, volume)?;
+    std::fs::create_dir_all(&dir)?;
+    for (key, value) in cm["data"].as_object().into_iter().flatten() {
+        let tmp = dir.join(format!(".{key}.tmp"));
+        std::fs::write(&tmp, value.as_str().unwrap_or_default())?;
+        std::fs::rename(&tmp, dir.join(key))?;
+    }
+    Ok(true)
+}
+
+/// An argument with a path under one of the mount paths moved to the volume's host folder.
+fn remap_mounts(arg: &str, mounts: &[(String, PathBuf)]) -> String {
+    let (flag, value) = arg.split_once('=').map_or(("", arg), |(f, v)| (f, v));
+    for (mount_path, host) in mounts {
+        if let Some(rest) = value.strip_prefix(mount_path.as_str())
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            let moved = format!("{}{rest}", host.display());
+            return if flag.is_empty() { moved } else { format!("{flag}={moved}") };
+        }
+    }
+    arg.to_owned()
+}
+
 /// Starts `binary` as the Deployment's container would run: its rendered arguments and
-/// environment, the bind address moved to loopback, authenticated as `service_account`
-/// so that only the chart's RBAC applies.
+/// environment, the bind address moved to loopback, paths under its volume mounts moved
+/// to [`volume_dir`] (created empty), authenticated as `service_account` so that only
+/// the chart's RBAC applies.
 pub async fn run_container(
     cp: &ControlPlane,
     deployment: &Value,
@@ -103,7 +149,17 @@ pub async fn run_container(
     let namespace = deployment["metadata"]["namespace"].as_str().context("deployment namespace")?;
     let name = deployment["metadata"]["name"].as_str().context("deployment name")?;
     let command = container_command(deployment, container, namespace, &format!("{name}-0"))?;
-    let args: Vec<String> = command.args.into_iter().map(|a| a.replace("=0.0.0.0:", "=127.0.0.1:")).collect();
+    let containers = deployment["spec"]["template"]["spec"]["containers"].as_sequence().context("containers")?;
+    let c = containers.iter().find(|c| c["name"] == container).ok_or_else(|| anyhow!("no container {container}"))?;
+    let mut mounts = Vec::new();
+    for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+        let volume = m["name"].as_str().context("volumeMount name")?;
+        let dir = volume_dir(cp, deployment, volume)?;
+        std::fs::create_dir_all(&dir)?;
+        mounts.push((m["mountPath"].as_str().context("mountPath")?.trim_end_matches('/').to_owned(), dir));
+    }
+    let args: Vec<String> =
+        command.args.iter().map(|a| remap_mounts(&a.replace("=0.0.0.0:", "=127.0.0.1:"), &mounts)).collect();
     let kubeconfig = cp.kubeconfig_for(namespace, service_account).await?.to_string_lossy().into_owned();
     let mut env: Vec<(&str, &str)> = command.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     env.push(("KUBECONFIG", &kubeconfig));

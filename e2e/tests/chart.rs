@@ -1,6 +1,6 @@
 //! The Helm chart with the real helm and kubectl against the real apiserver: lint,
-//! deterministic rendering, installation, idempotent server-side apply, and the RBAC
-//! matrix of each component.
+//! deterministic rendering, installation, idempotent server-side apply, the RBAC matrix
+//! of each component, the optional objects, and the README's install command.
 
 use std::fs;
 
@@ -8,6 +8,26 @@ use cloudpass_e2e::{ControlPlane, repo_root};
 
 const RELEASE: &str = "cp";
 const NS: &str = "cloudpass-chart";
+
+/// cert-manager issues the broker's certificate, with extra names of both kinds.
+const CERT_MANAGER_WITH_SANS: &[&str] =
+    &["--set", "certManager.enabled=true", "--set", "operator.broker.extraSANs={broker.example.com,10.0.0.5}"];
+
+/// A public issuer behind an Ingress, NetworkPolicies and ServiceMonitors.
+const EVERY_OPTIONAL_OBJECT: &[&str] = &[
+    "--set",
+    "issuer.url=https://oidc.example.com",
+    "--set",
+    "issuer.ingress.enabled=true",
+    "--set",
+    "issuer.ingress.className=nginx",
+    "--set",
+    "issuer.ingress.tlsSecretName=oidc-tls",
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set",
+    "serviceMonitor.enabled=true",
+];
 
 /// Documented option combinations.
 const COMBINATIONS: &[&[&str]] = &[
@@ -28,6 +48,18 @@ const COMBINATIONS: &[&[&str]] = &[
         "webhook.failurePolicy=Ignore",
         "--set",
         "webhook.timeoutSeconds=3",
+    ],
+    CERT_MANAGER_WITH_SANS,
+    EVERY_OPTIONAL_OBJECT,
+    &[
+        "--set",
+        "issuer.url=https://example.com/cloudpass",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.metricsNamespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
+        "--set",
+        "operator.broker.tokenCacheTTL=30s",
     ],
     &[
         "--set",
@@ -93,6 +125,142 @@ fn lint_is_clean_and_rendering_is_deterministic_for_every_combination() {
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stdout).contains("failurePolicy"));
     let unknown = helm(cp, &["lint", "--strict", &chart, "--set", "webhook.replica=2"]);
     assert!(!unknown.status.success(), "unknown values are refused by the schema");
+    let plain = helm(cp, &["lint", "--strict", &chart, "--set", "issuer.url=http://oidc.example.com"]);
+    assert!(!plain.status.success(), "the issuer must be https");
+    // An Ingress needs a public host at the root: refused with a message, not half-rendered.
+    for (set, message) in [
+        ("issuer.ingress.enabled=true", "needs issuer.url"),
+        ("issuer.url=https://example.com/cloudpass,issuer.ingress.enabled=true", "has a path"),
+    ] {
+        let out = helm(cp, &["template", RELEASE, &chart, "-n", NS, "--set", set]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(message), "{set}: {stderr}");
+    }
+}
+
+fn render(cp: &ControlPlane, extra: &[&str]) -> Vec<serde_yaml::Value> {
+    let mut args = vec!["template", RELEASE, "./charts/cloudpass", "-n", NS];
+    args.extend_from_slice(extra);
+    let out = cp.helm().args(&args).current_dir(repo_root()).output().unwrap();
+    assert!(out.status.success(), "helm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_yaml::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &serde_yaml::Value| !v.is_null())
+        .collect()
+}
+
+fn kinds(docs: &[serde_yaml::Value]) -> Vec<String> {
+    docs.iter()
+        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn images_default_to_the_app_version_and_optional_objects_render_only_when_enabled() {
+    let cp = ControlPlane::shared();
+    let app_version = fs::read_to_string(repo_root().join("charts/cloudpass/Chart.yaml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion: "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap();
+    let defaults = render(cp, &[]);
+    let text = serde_yaml::to_string(&defaults).unwrap();
+    for image in ["cloudpass-operator", "cloudpass-webhook", "cloudpass-agent"] {
+        assert!(text.contains(&format!("ghcr.io/cloudpass-dev/{image}:{app_version}")), "{image}:{app_version}");
+    }
+    let names = kinds(&defaults);
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("Ingress/") || n.starts_with("NetworkPolicy/") || n.starts_with("ServiceMonitor/")),
+        "optional objects are off by default: {names:?}"
+    );
+    assert!(names.contains(&"Service/cp-broker".to_owned()));
+
+    let all = render(cp, EVERY_OPTIONAL_OBJECT);
+    let names = kinds(&all);
+    for wanted in ["Ingress/cp-issuer", "Service/cp-issuer", "NetworkPolicy/cp-operator", "NetworkPolicy/cp-webhook"] {
+        assert!(names.contains(&wanted.to_owned()), "{wanted} missing: {names:?}");
+    }
+    // The Ingress routes the issuer's host, and only the two documents.
+    let ingress = all.iter().find(|d| d["kind"] == "Ingress").unwrap();
+    assert_eq!(ingress["spec"]["rules"][0]["host"], "oidc.example.com");
+    let paths: Vec<&str> = ingress["spec"]["rules"][0]["http"]["paths"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["/.well-known/openid-configuration", "/openid/v1/jwks"]);
+    let operator = all.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "cp-operator").unwrap();
+    let args = serde_yaml::to_string(&operator["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
+    assert!(args.contains("--issuer-url=https://oidc.example.com\n") && args.contains("--issuer-addr=0.0.0.0:8081"));
+    // Both components are scraped; the webhook's HTTPS verified with its own CA.
+    let monitors: Vec<_> = all.iter().filter(|d| d["kind"] == "ServiceMonitor").collect();
+    assert_eq!(monitors.len(), 2);
+    let webhook = monitors.iter().find(|m| m["metadata"]["name"] == "cp-webhook").unwrap();
+    let endpoint = &webhook["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(endpoint["tlsConfig"]["ca"]["secret"]["name"], "cp-webhook-tls");
+    assert!(endpoint["tlsConfig"]["insecureSkipVerify"].is_null());
+    let operator_monitor = monitors.iter().find(|m| m["metadata"]["name"] == "cp-operator").unwrap();
+    let selected = &operator_monitor["spec"]["selector"]["matchLabels"];
+    let service = all
+        .iter()
+        .find(|d| {
+            d["kind"] == "Service"
+                && selected
+                    .as_mapping()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &d["metadata"]["labels"][k.as_str().unwrap()] == v)
+        })
+        .expect("a Service the operator's ServiceMonitor selects");
+    assert_eq!(service["spec"]["ports"][0]["name"], operator_monitor["spec"]["endpoints"][0]["port"]);
+
+    // cert-manager: the broker's certificate comes from a CA Issuer, mounted as files.
+    let managed = render(cp, CERT_MANAGER_WITH_SANS);
+    let names = kinds(&managed);
+    for wanted in ["Certificate/cp-broker", "Certificate/cp-broker-ca", "Issuer/cp-broker-ca", "Issuer/cp-selfsigned"] {
+        assert!(names.contains(&wanted.to_owned()), "{wanted} missing: {names:?}");
+    }
+    let certificate =
+        managed.iter().find(|d| d["kind"] == "Certificate" && d["metadata"]["name"] == "cp-broker").unwrap();
+    assert_eq!(certificate["spec"]["ipAddresses"][0], "10.0.0.5");
+    assert_eq!(certificate["spec"]["dnsNames"][2], "broker.example.com");
+    let operator =
+        managed.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "cp-operator").unwrap();
+    let args = serde_yaml::to_string(&operator["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
+    assert!(args.contains("--broker-cert-mode=files") && args.contains("--broker-tls-ca-file="), "{args}");
+}
+
+#[test]
+fn the_apiserver_accepts_the_ingress_and_network_policies() {
+    let cp = ControlPlane::shared();
+    let _logs = cp.logs_on_panic();
+    let namespace = "cloudpass-optional";
+    cp.kubectl_ok(&["create", "namespace", namespace]).unwrap();
+    let mut extra = vec!["--set", "networkPolicy.metricsNamespaceSelector.matchLabels.team=monitoring"];
+    extra.extend_from_slice(EVERY_OPTIONAL_OBJECT);
+    let mut args = vec!["template", RELEASE, "./charts/cloudpass", "-n", namespace];
+    args.extend_from_slice(&extra);
+    let out = cp.helm().args(&args).current_dir(repo_root()).output().unwrap();
+    assert!(out.status.success());
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &serde_yaml::Value| {
+            ["Ingress", "NetworkPolicy", "Service"].contains(&d["kind"].as_str().unwrap_or(""))
+        })
+        .collect();
+    assert!(kinds(&docs).contains(&"Ingress/cp-issuer".to_owned()), "{:?}", kinds(&docs));
+    let yaml: String = docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())).collect();
+    let out = cp.kubectl_output(&["apply", "--dry-run=server", "-n", namespace, "-f", "-"], Some(&yaml)).unwrap();
+    assert!(out.status.success(), "refused: {}", String::from_utf8_lossy(&out.stderr));
+    let accepted = String::from_utf8_lossy(&out.stdout);
+    for name in ["ingress.networking.k8s.io/cp-issuer", "networkpolicy.networking.k8s.io/cp-operator"] {
+        assert!(accepted.contains(name), "{name}: {accepted}");
+    }
 }
 
 fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
@@ -149,13 +317,24 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
         &["create", "events.events.k8s.io", "-n", "team"],
         &["get", "secrets", "-n", "team"],
         &["list", "namespaces"],
+        // The broker.
+        &["create", "tokenreviews.authentication.k8s.io"],
+        &["get", "pods", "-n", "team"],
+        &["update", "secrets/cp-broker-tls", "-n", NS],
+        &["update", "secrets/cp-issuer-keys", "-n", NS],
+        &["update", "configmaps/cp-broker-ca", "-n", NS],
     ];
     let operator_no: &[&[&str]] = &[
         &["update", "accesspolicies.cloudpass.dev", "-n", "team"],
         &["create", "configmaps", "-n", "team"],
         &["delete", "secrets", "-n", "team"],
         &["update", "secrets/other", "-n", NS],
+        &["update", "secrets/cp-webhook-tls", "-n", NS],
+        &["update", "secrets/cp-broker-tls", "-n", "team"],
         &["create", "pods", "-n", "team"],
+        &["list", "pods", "-n", "team"],
+        &["create", "pods/exec", "-n", "team"],
+        &["create", "serviceaccounts/token", "-n", "team"],
         &["create", "clusterrolebindings"],
         &["escalate", "clusterroles"],
         &["patch", "mutatingwebhookconfigurations"],
@@ -168,7 +347,10 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
     ];
     let webhook_no: &[&[&str]] = &[
         &["get", "secrets/cloudpass-issuer-keys", "-n", NS],
+        &["get", "secrets/cp-issuer-keys", "-n", NS],
+        &["get", "secrets/cp-broker-tls", "-n", NS],
         &["list", "secrets", "-n", NS],
+        &["create", "tokenreviews.authentication.k8s.io"],
         &["get", "secrets", "-n", "team"],
         &["list", "configmaps", "-n", "team"],
         &["patch", "mutatingwebhookconfigurations/someone-else"],
@@ -224,4 +406,67 @@ fn flux_example_installs_this_chart() {
     assert_eq!(release["spec"]["chart"]["spec"]["chart"], "./charts/cloudpass");
     assert!(repo_root().join("charts/cloudpass/Chart.yaml").exists());
     assert_eq!(release["spec"]["install"]["crds"], "CreateReplace", "CRDs are installed and upgraded");
+    // Its values are valid for this chart.
+    let values = tempfile::NamedTempFile::new().unwrap();
+    fs::write(values.path(), serde_yaml::to_string(&release["spec"]["values"]).unwrap()).unwrap();
+    let out = helm(ControlPlane::shared(), &["lint", "--strict", &chart(), "-f", &values.path().to_string_lossy()]);
+    assert!(out.status.success(), "the HelmRelease's values: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// The `--set` values of the README's `helm install` command.
+fn readme_install_sets() -> Vec<String> {
+    let readme = fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let section = readme.split("## Install into a cluster").nth(1).expect("an \"Install into a cluster\" section");
+    let section = section.split("\n## ").next().unwrap();
+    let command = section
+        .split("```sh\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap())
+        .find(|block| block.contains("helm install cloudpass ./charts/cloudpass"))
+        .expect("a helm install command")
+        .replace("\\\n", " ");
+    let words: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(
+        words[..7],
+        ["helm", "install", "cloudpass", "./charts/cloudpass", "-n", "cloudpass-system", "--create-namespace"]
+    );
+    words.windows(2).filter(|w| w[0] == "--set").map(|w| w[1].to_owned()).collect()
+}
+
+#[test]
+fn the_readme_install_command_matches_the_chart() {
+    let cp = ControlPlane::shared();
+    let schema: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(repo_root().join("charts/cloudpass/values.schema.json")).unwrap())
+            .unwrap();
+    let sets = readme_install_sets();
+    assert!(sets.iter().any(|s| s.starts_with("issuer.url=https://")), "the README sets the issuer: {sets:?}");
+    for set in &sets {
+        let key = set.split_once('=').expect("key=value").0;
+        let mut node = &schema;
+        for part in key.split('.') {
+            node = &node["properties"][part];
+            if let Some(reference) = node["$ref"].as_str() {
+                node = &schema["$defs"][reference.trim_start_matches("#/$defs/")];
+            }
+            assert!(node.is_object(), "README sets {key}, which values.schema.json does not have");
+        }
+    }
+    // And the values render, lint-clean, with the shell variable filled in.
+    let mut args: Vec<String> = ["lint", "--strict", "./charts/cloudpass"].map(str::to_owned).into();
+    for set in &sets {
+        args.extend(["--set".to_owned(), set.replace("$REGISTRY", "registry.example.com/cloudpass")]);
+    }
+    let out = cp.helm().args(&args).current_dir(repo_root()).output().unwrap();
+    assert!(out.status.success(), "helm {args:?}: {}", String::from_utf8_lossy(&out.stdout));
+    args[0] = "template".into();
+    args[1] = "cloudpass".into();
+    let out = cp.helm().args(&args).args(["-n", "cloudpass-system"]).current_dir(repo_root()).output().unwrap();
+    assert!(out.status.success(), "helm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("image: registry.example.com/cloudpass/cloudpass-operator:"));
+    // The opt-in label the README tells users to set is the one the webhook selects.
+    let readme = fs::read_to_string(repo_root().join("README.md")).unwrap();
+    assert!(readme.contains("kubectl label namespace team cloudpass.dev/injection=enabled"));
+    assert!(text.contains("key: cloudpass.dev/injection") && text.contains("values: [\"enabled\"]"));
 }
