@@ -46,7 +46,9 @@ fn broker() -> &'static Broker {
                     namespace: "cloudpass-broker".into(),
                     // Short, so that a deleted pod's token is refused within the test.
                     token_cache_ttl: "1s".into(),
-                    log_level: "debug,kube=info,hyper=info,reqwest=info,rustls=info,tower=info,h2=info".into(),
+                    // Everything at trace level, dependencies included: the tests search the
+                    // whole output for every token and secret they handled.
+                    log_level: "trace".into(),
                 };
                 let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
                 Broker { cp, running: RunningBroker::start(cp, binary, &options).await.unwrap() }
