@@ -66,7 +66,10 @@ pub struct ClientSelector {
     #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
     pub service_account_name: Option<String>,
     /// Containers that receive the credential settings (environment variables).
-    /// Default: every container of the pod.
+    /// Default: every container of the pod. This decides where the settings go, not who
+    /// can reach the agent: a pod's containers share its loopback, so the pod is the
+    /// unit of access, and two policies needing the same single-valued endpoint conflict
+    /// even when they name different containers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 16),

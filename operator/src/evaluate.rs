@@ -279,15 +279,13 @@ fn keys_collide(a: &str, b: &str) -> bool {
     a == b || host_matches(a, b.trim_start_matches("*.")) || host_matches(b, a.trim_start_matches("*."))
 }
 
-/// Whether two client selectors could select the same container of the same pod. Errs
-/// on the side of "yes": only provable disjointness says no.
+/// Whether two client selectors could select the same pod. Errs on the side of "yes":
+/// only provable disjointness says no. Containers do not separate policies: the agent's
+/// endpoints are per pod, and a pod's containers share its loopback.
 fn may_overlap(a: &ClientSelector, b: &ClientSelector) -> bool {
     if let (Some(x), Some(y)) = (&a.service_account_name, &b.service_account_name)
         && x != y
     {
-        return false;
-    }
-    if !a.containers.is_empty() && !b.containers.is_empty() && !a.containers.iter().any(|c| b.containers.contains(c)) {
         return false;
     }
     let (la, lb) = (a.pod_selector.match_labels.as_ref(), b.pod_selector.match_labels.as_ref());
@@ -315,8 +313,8 @@ fn conflicts(policies: &[&AccessPolicy]) -> BTreeMap<String, String> {
                 for (me, other) in [(a, b), (b, a)] {
                     found.entry(me.name_any()).or_insert_with(|| {
                         format!(
-                            "conflicts with AccessPolicy {}: both would deliver {what} to the same containers; \
-                             narrow client.podSelector, serviceAccountName or containers so they select different containers",
+                            "conflicts with AccessPolicy {}: both would deliver {what} to the same pods; \
+                             narrow client.podSelector or serviceAccountName so they select different pods",
                             other.name_any()
                         )
                     });
@@ -485,16 +483,23 @@ mod tests {
         assert!(e.policies["two"].message.contains("AccessPolicy one"));
         assert!(e.config.is_none());
 
-        // Different labels, service accounts or containers make them disjoint.
+        // Different containers of one pod share the agent's endpoints: still a conflict.
+        let e = run(
+            &[trust("k8s")],
+            &[sts("s3")],
+            &[
+                policy("one", json!({"client": {"podSelector": {}, "containers": ["a"]}})),
+                policy("two", json!({"client": {"podSelector": {}, "containers": ["b"]}})),
+            ],
+        );
+        assert_eq!(e.policies["one"].reason, reasons::CONFLICT);
+
+        // Different labels or service accounts make them disjoint.
         for (a, b) in [
             (json!({}), json!({})),
             (
                 json!({"client": {"podSelector": {}, "serviceAccountName": "x"}}),
                 json!({"client": {"podSelector": {}, "serviceAccountName": "y"}}),
-            ),
-            (
-                json!({"client": {"podSelector": {}, "containers": ["a"]}}),
-                json!({"client": {"podSelector": {}, "containers": ["b"]}}),
             ),
         ] {
             let e = run(&[trust("k8s")], &[sts("s3")], &[policy("one", a), policy("two", b)]);
