@@ -3,13 +3,15 @@
 //! the chart's service account with only the chart's RBAC, becomes ready on its probe
 //! port, wins the Lease, reconciles an example to Ready, and serves the broker over
 //! HTTPS with the certificate it manages itself, verifiable with the CA it publishes.
+//! With `certManager.enabled` it serves the mounted certificate files instead and
+//! publishes their CA, following renewals.
 
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use cloudpass_e2e::{ControlPlane, chart, repo_root};
+use cloudpass_e2e::{ControlPlane, certs::TestCa, chart, process::free_port, repo_root};
 
 const NS: &str = "cloudpass-system";
 
@@ -81,5 +83,88 @@ async fn the_rendered_operator_runs_with_its_own_rbac() {
     let jwks: serde_json::Value = http.get(jwks_uri).send().await.unwrap().json().await.unwrap();
     assert!(jwks["keys"].as_array().is_some_and(|k| !k.is_empty()), "JWKS: {jwks}");
 
+    assert!(!process.log_tail(50_000).contains("forbidden"), "RBAC refused something:\n{}", process.log_tail(4000));
+}
+
+/// A client trusting only `ca_pem` that reaches `host` at 127.0.0.1:`port`.
+fn client_for(ca_pem: &str, host: &str, port: u16) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).unwrap())
+        .resolve(host, SocketAddr::from(([127, 0, 0, 1], port)))
+        .build()
+        .unwrap()
+}
+
+/// Writes a serving certificate for `host` and its CA where the kubelet would mount the
+/// cert-manager Secret, each file replaced atomically as the kubelet does.
+fn write_tls_files(dir: &std::path::Path, ca: &TestCa, host: &str) {
+    let pair = ca.issue_server(&[host]).unwrap();
+    for (name, content) in [("tls.key", pair.key_pem), ("tls.crt", pair.cert_pem), ("ca.crt", ca.cert_pem())] {
+        std::fs::write(dir.join(format!(".{name}")), content).unwrap();
+        std::fs::rename(dir.join(format!(".{name}")), dir.join(name)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn with_cert_manager_the_rendered_operator_serves_and_publishes_the_mounted_certificate() {
+    let cp = ControlPlane::shared();
+    let _logs = cp.logs_on_panic();
+    let (release, ns) = ("cm", "cloudpass-cm");
+    // No cert-manager here: apply the chart's identity and RBAC, and play cert-manager
+    // and the kubelet by writing the Secret's files into the mounted folder.
+    let docs = chart::render(cp, release, ns, &["--set", "certManager.enabled=true"]).unwrap();
+    cp.create_namespace(ns, &[]).await.unwrap();
+    let rbac: String = docs
+        .iter()
+        .filter(|d| d["kind"].as_str().is_some_and(|k| k == "ServiceAccount" || k.contains("Role")))
+        .map(|d| format!("---\n{}\n", serde_json::to_string(d).unwrap()))
+        .collect();
+    cp.apply_yaml(Some(ns), &rbac).unwrap();
+    // Free ports instead of the rendered ones: the other test in this binary runs the
+    // default release at the same time.
+    let (metrics_port, broker_port) = (free_port().unwrap(), free_port().unwrap());
+    let mut deployment = chart::find(&docs, "Deployment", "cm-operator").unwrap().clone();
+    for arg in deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence_mut().unwrap() {
+        let moved = arg.as_str().unwrap().replace("0.0.0.0:8080", &format!("0.0.0.0:{metrics_port}"));
+        *arg = moved.replace("0.0.0.0:8443", &format!("0.0.0.0:{broker_port}")).into();
+    }
+    let host = format!("{release}-broker.{ns}.svc");
+    let files = chart::volume_dir(cp, &deployment, "broker-tls").unwrap();
+    std::fs::create_dir_all(&files).unwrap();
+    let first = TestCa::new("cert-manager CA").unwrap();
+    write_tls_files(&files, &first, &host);
+
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
+    let process = chart::run_container(cp, &deployment, "operator", "cm-operator", binary).await.unwrap();
+    let published = || {
+        cp.kubectl_ok(&["get", "configmap", "cm-broker-ca", "-n", ns, "-o", "jsonpath={.data.ca\\.crt}"])
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status =
+            reqwest::get(format!("http://127.0.0.1:{metrics_port}/readyz")).await.map(|r| r.status().as_u16()).ok();
+        if status == Some(200) && published() == first.cert_pem() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready or CA not published ({status:?}):\n{}", process.log_tail(4000));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let url = format!("https://{host}:{broker_port}/.well-known/openid-configuration");
+    let status = client_for(&first.cert_pem(), &host, broker_port).get(&url).send().await.unwrap().status();
+    assert_eq!(status, 200);
+
+    // cert-manager renews (here with a new CA): the operator serves and publishes the new one.
+    let second = TestCa::new("renewed CA").unwrap();
+    write_tls_files(&files, &second, &host);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let served = client_for(&second.cert_pem(), &host, broker_port).get(&url).send().await.is_ok();
+        if served && published() == second.cert_pem() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "renewal not followed:\n{}", process.log_tail(4000));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert!(!process.log_tail(50_000).contains("forbidden"), "RBAC refused something:\n{}", process.log_tail(4000));
 }
