@@ -1,0 +1,733 @@
+//! The agent against the real broker, judged by the official SDKs (issue 7, item 6).
+//!
+//! One `cloudpass-operator` process (controller and broker) serves the whole suite
+//! against the shared local control plane; each test works in its own namespace, with
+//! its own cloud fakes (moto behind the STS gate, Entra, Google, an OAuth2 server) that
+//! trust the broker as an identity provider, as the clouds do. Per test: the cloudpass
+//! objects, a pod and a token bound to it (TokenRequest, audience `cloudpass`), an agent
+//! in process (`Agent::start`) talking to the broker over HTTPS, and the app: a Python
+//! process from the test bed's venv with a clean environment holding exactly the
+//! variables the webhook sets for an app container (`webhook/src/inject.rs`, `app_env`)
+//! plus the app's own configuration (which cloud endpoint it talks to). Nothing in the
+//! SDKs is configured for cloudpass.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::Request,
+    http::{HeaderValue, StatusCode, header::HOST},
+    response::{IntoResponse, Response},
+};
+use cloudpass_agent::{
+    Agent, EndpointKind, Settings,
+    config::{BrokerSettings, RetrySettings},
+};
+use cloudpass_api::{
+    agent::{AWS_CREDENTIALS_PATH, AWS_TOKEN_FILE, AZURE_TOKEN_PATH, AgentConfig, AgentDelivery, AgentEndpoint},
+    broker::Credential,
+    secret::SecretString,
+};
+use cloudpass_e2e::{
+    ControlPlane,
+    broker::{BrokerOptions, RunningBroker, pod_token},
+    certs::TestCa,
+    fakes::{
+        aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+        entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
+        google::{GoogleConfig, GoogleFake, ServiceAccount, WorkloadIdentityProvider},
+        jwt::unverified_claims,
+        oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
+    },
+    moto::MotoServer,
+    process::free_port,
+    tls::serve_https,
+};
+use serde_json::{Value, json};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+// ---------------------------------------------------------------------------------------
+// The test bed: one broker for the suite.
+
+struct Bed {
+    cp: &'static ControlPlane,
+    broker: RunningBroker,
+}
+
+fn bed() -> &'static Bed {
+    static BED: OnceLock<Bed> = OnceLock::new();
+    BED.get_or_init(|| {
+        std::thread::spawn(|| {
+            let binary = operator_binary();
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let cp = ControlPlane::shared();
+                let options = BrokerOptions {
+                    namespace: "cloudpass-agent-sdk".into(),
+                    // Debug: the no-secrets-in-logs test holds the broker to its most verbose.
+                    log_level: "debug,kube=info,hyper=info,reqwest=info,rustls=info,tower=info,h2=info".into(),
+                    ..Default::default()
+                };
+                let broker = RunningBroker::start(cp, &binary, &options).await.unwrap();
+                Bed { cp, broker }
+            })
+        })
+        .join()
+        .expect("the operator did not start")
+    })
+}
+
+/// The workspace's `cloudpass-operator` binary, built (or found up to date) by cargo in
+/// this test's own target directory and profile: cargo hands a test the paths of its own
+/// package's binaries only.
+fn operator_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/sdk-<hash>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+        None => panic!("no profile directory above {}", exe.display()),
+    };
+    let target_dir = profile_dir.parent().expect("target directory");
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(cloudpass_e2e::repo_root())
+        .args(["build", "--quiet", "-p", "cloudpass-operator", "--bin", "cloudpass-operator", "--profile", &profile])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .output()
+        .expect("running cargo");
+    assert!(out.status.success(), "building cloudpass-operator: {}", String::from_utf8_lossy(&out.stderr));
+    profile_dir.join("cloudpass-operator")
+}
+
+const TRUST: &str = r#"
+apiVersion: cloudpass.dev/v1alpha1
+kind: TrustProvider
+metadata: {name: this-cluster}
+spec:
+  kubernetesServiceAccount:
+    serviceAccounts: ["orders"]
+"#;
+
+fn credential_provider(name: &str, spec: Value) -> String {
+    json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "CredentialProvider", "metadata": {"name": name}, "spec": spec})
+        .to_string()
+}
+
+/// A policy for the pods labelled `app: orders`.
+fn policy(name: &str, credential: &str, server: Value, delivery: Value) -> String {
+    json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": name},
+           "spec": {"client": {"podSelector": {"matchLabels": {"app": "orders"}}},
+                    "trustProviders": [{"name": "this-cluster"}],
+                    "server": server, "credentialProvider": {"name": credential}, "delivery": delivery}})
+    .to_string()
+}
+
+fn secret(name: &str, data: Value) -> String {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data}).to_string()
+}
+
+fn sdk_endpoint() -> Value {
+    json!({"sdkEndpoint": {}})
+}
+
+/// Creates `ns` with the trust provider and `docs`, waits until `policies` are Ready, and
+/// returns the agent token of a pod `orders-1` (service account `orders`, `app: orders`).
+async fn namespace(ns: &str, docs: &[String], policies: &[&str]) -> String {
+    let cp = bed().cp;
+    cp.create_namespace(ns, &[]).await.unwrap();
+    cp.create_service_account(ns, "orders").await.unwrap();
+    cp.apply_yaml(Some(ns), TRUST).unwrap();
+    for doc in docs {
+        cp.apply_yaml(Some(ns), doc).unwrap();
+    }
+    for p in policies {
+        cp.wait_for_condition("accesspolicy", ns, p, "Ready", "True", Duration::from_secs(30)).await.unwrap();
+    }
+    pod_token(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await.unwrap()
+}
+
+/// `n` random bytes, hex.
+fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The pod: the agent's files, the agent, the app.
+
+/// The projected token file and the shared in-memory volume of a pod.
+struct PodFiles {
+    dir: tempfile::TempDir,
+}
+
+impl PodFiles {
+    fn new(token: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("shared")).unwrap();
+        std::fs::write(dir.path().join("token"), token).unwrap();
+        Self { dir }
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    fn shared_dir(&self) -> PathBuf {
+        self.dir.path().join("shared")
+    }
+
+    /// What the app container sees as `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+    fn aws_token_file(&self) -> PathBuf {
+        self.shared_dir().join(AWS_TOKEN_FILE)
+    }
+}
+
+fn delivery(policy: &str, endpoint: AgentEndpoint) -> AgentDelivery {
+    AgentDelivery { policy: policy.into(), endpoint }
+}
+
+/// Settings of an in-process agent for `broker_url` (the broker itself or a relay to it),
+/// trusting the broker's CA for the broker and for proxied upstreams (the test's HTTPS
+/// servers use certificates of that CA), with quick retries.
+fn settings(broker_url: &str, files: &PodFiles, identity_header: &str, deliveries: Vec<AgentDelivery>) -> Settings {
+    let ca = bed().broker.ca.cert_pem();
+    Settings {
+        config: AgentConfig { broker_url: broker_url.into(), health_port: 0, deliveries },
+        broker: BrokerSettings {
+            url: broker_url.into(),
+            ca_pem: Some(ca.clone()),
+            trust_system_roots: false,
+            token_file: files.token_file(),
+            timeout: Duration::from_secs(5),
+        },
+        shared_dir: files.shared_dir(),
+        identity_header: Some(SecretString::new(identity_header)),
+        upstream_ca_pem: Some(ca.into_bytes()),
+        retry: RetrySettings { initial: Duration::from_millis(100), max: Duration::from_secs(1) },
+        sigv4_max_body_bytes: 1024 * 1024,
+        shutdown_grace: Duration::from_secs(2),
+    }
+}
+
+/// Starts an agent and waits until it holds every credential (its startup probe).
+async fn start_agent(settings: Settings) -> Agent {
+    let policies: Vec<String> = settings.config.deliveries.iter().map(|d| d.policy.clone()).collect();
+    let agent = Agent::start(settings).await.unwrap();
+    // The broker's configuration watch trails the policies' Ready condition slightly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent.store().not_ready().is_empty() {
+        if Instant::now() > deadline {
+            let why: Vec<String> =
+                policies.iter().filter_map(|p| agent.store().valid(p).err()).map(|e| e.to_string()).collect();
+            panic!("the agent is not ready after 30 s: {why:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent
+}
+
+fn port(agent: &Agent, kind: EndpointKind) -> u16 {
+    agent.local_addr(kind).unwrap_or_else(|| panic!("no {kind:?} listener")).port()
+}
+
+type Env = Vec<(String, String)>;
+
+fn var(name: &str, value: impl Into<String>) -> (String, String) {
+    (name.to_owned(), value.into())
+}
+
+// The webhook's `app_env`, per delivery kind. The only difference: the AWS token file is
+// where this test's shared volume is, not /var/run/cloudpass.dev/shared.
+
+fn aws_env(agent: &Agent, files: &PodFiles) -> Env {
+    let port = port(agent, EndpointKind::Aws);
+    vec![
+        var("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("http://127.0.0.1:{port}{AWS_CREDENTIALS_PATH}")),
+        var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", files.aws_token_file().to_string_lossy()),
+    ]
+}
+
+fn azure_env(agent: &Agent, identity_header: &str) -> Env {
+    let port = port(agent, EndpointKind::Azure);
+    vec![
+        var("IDENTITY_ENDPOINT", format!("http://127.0.0.1:{port}{AZURE_TOKEN_PATH}")),
+        var("IDENTITY_HEADER", identity_header),
+    ]
+}
+
+fn gcp_env(agent: &Agent) -> Env {
+    let host = format!("127.0.0.1:{}", port(agent, EndpointKind::Gcp));
+    vec![var("GCE_METADATA_HOST", host.clone()), var("GCE_METADATA_IP", host)]
+}
+
+/// The app of the proxy tests calls `localhost`, so it sets its own `NO_PROXY` (in-cluster
+/// names only); the webhook then leaves `NO_PROXY` alone and adds only the proxy.
+fn proxy_env(agent: &Agent) -> Env {
+    let proxy = format!("http://127.0.0.1:{}", port(agent, EndpointKind::Proxy));
+    vec![
+        var("NO_PROXY", ".svc,.cluster.local"),
+        var("no_proxy", ".svc,.cluster.local"),
+        var("HTTP_PROXY", proxy.clone()),
+        var("http_proxy", proxy),
+    ]
+}
+
+/// What the app printed and said.
+struct AppRun {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl AppRun {
+    /// The JSON of the last line of standard output; panics with the output on failure.
+    fn json(&self) -> Value {
+        assert!(self.success, "the app failed:\n{}\n{}", self.stdout, self.stderr);
+        let last = self.stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs `script` with the venv's Python in a clean environment: `PATH`, an empty `HOME`
+/// (no ~/.aws, ~/.azure or gcloud configuration) and `env`.
+async fn app(script: &str, env: &[(String, String)]) -> AppRun {
+    let home = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(cloudpass_e2e::python::interpreter().unwrap());
+    command
+        .arg("-c")
+        .arg(script)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the app ran for more than 60 s")
+        .unwrap();
+    AppRun {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A plain client for the negative checks (no proxy from the environment).
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn status_of(request: reqwest::RequestBuilder) -> u16 {
+    request.send().await.unwrap().status().as_u16()
+}
+
+// ---------------------------------------------------------------------------------------
+// Servers the tests need besides the fakes.
+
+/// Requests an upstream API received: path and the checked header.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(String, Option<String>)>>>);
+
+impl Seen {
+    fn all(&self) -> Vec<(String, Option<String>)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// An HTTPS API on 127.0.0.1 (certificate of the broker's CA, for `localhost`) that
+/// answers 200 when `header` passes `accept`, else 401.
+async fn api_server(
+    ca: &TestCa,
+    header: &'static str,
+    accept: impl Fn(&str) -> bool + Clone + Send + Sync + 'static,
+) -> (u16, Seen, JoinHandle<()>) {
+    let seen = Seen::default();
+    let record = seen.clone();
+    let router = Router::new().fallback(move |request: Request| {
+        let (record, accept) = (record.clone(), accept.clone());
+        async move {
+            let value = request.headers().get(header).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            record.0.lock().unwrap().push((request.uri().to_string(), value.clone()));
+            match value {
+                Some(v) if accept(&v) => {
+                    (StatusCode::OK, axum::Json(json!({"path": request.uri().to_string(), "forecast": "sunny"})))
+                        .into_response()
+                }
+                _ => (StatusCode::UNAUTHORIZED, "no valid credential\n").into_response(),
+            }
+        }
+    });
+    let (addr, handle) = serve_https(router, &ca.issue_server(&[]).unwrap()).await.unwrap();
+    (addr.port(), seen, handle)
+}
+
+/// A TLS front for moto (which serves plain HTTP), as AWS's own front ends terminate TLS:
+/// requests go to moto unchanged, `Host` included, so moto verifies SigV4 signatures
+/// exactly as they were made for `localhost:<front port>`.
+async fn tls_front(moto_url: &str, ca: &TestCa) -> (u16, JoinHandle<()>) {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let moto_url = moto_url.to_owned();
+    let router = Router::new().fallback(move |request: Request| {
+        let (client, moto_url) = (client.clone(), moto_url.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 16 << 20).await.unwrap();
+            let mut headers = parts.headers;
+            if !headers.contains_key(HOST) {
+                let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_default();
+                headers.insert(HOST, HeaderValue::from_str(&authority).unwrap());
+            }
+            let url = format!("{moto_url}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+            let answer = match client.request(parts.method, url).headers(headers).body(body).send().await {
+                Ok(answer) => answer,
+                Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            };
+            let mut response = Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                if !["transfer-encoding", "connection", "content-length"].contains(&name.as_str()) {
+                    response = response.header(name, value);
+                }
+            }
+            response.body(Body::from(answer.bytes().await.unwrap_or_default())).unwrap()
+        }
+    });
+    let (addr, handle) = serve_https(router, &ca.issue_server(&[]).unwrap()).await.unwrap();
+    (addr.port(), handle)
+}
+
+/// A TCP relay to the broker that the test can cut: to the agent behind it, the broker
+/// becomes unreachable (connections refused, open ones closed) while the shared broker
+/// keeps serving the other tests.
+struct Relay {
+    url: String,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    async fn to(broker_url: &str) -> Self {
+        let target: SocketAddr = broker_url.trim_start_matches("https://").parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let task = tokio::spawn(async move {
+            // Connections live in this set, so cutting the relay closes them too.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                while connections.try_join_next().is_some() {}
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { url, task }
+    }
+
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// AWS: moto behind the STS gate, trusting the broker as an OIDC provider.
+
+struct AwsBed {
+    moto: MotoServer,
+    gate: StsGate,
+    role: String,
+}
+
+/// moto with a bucket `orders` and a role `orders-s3` (S3 only) that the gate lets the
+/// broker assume for credential provider `provider` of namespace `ns`.
+async fn aws_bed(ns: &str, provider: &str) -> AwsBed {
+    let b = &bed().broker;
+    let moto = MotoServer::start().await.unwrap();
+    moto.create_bucket("orders").await.unwrap();
+    let s3_only =
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
+    let role = moto.create_role("orders-s3", &s3_only).await.unwrap();
+    let mut trust = AwsRoleTrust::new(&role, &b.url, &format!("system:cloudpass:{ns}:{provider}"));
+    trust.audiences = vec!["sts.amazonaws.com".into()];
+    let gate = StsGate::start(
+        StsGateConfig {
+            moto_url: moto.url().to_owned(),
+            providers: vec![AwsOidcProvider { url: b.url.clone(), client_ids: vec!["sts.amazonaws.com".into()] }],
+            roles: vec![trust],
+            issuer_ca_pem: b.ca.cert_pem(),
+            forward_credentials: None,
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    AwsBed { moto, gate, role }
+}
+
+fn sts_provider(name: &str, aws: &AwsBed) -> String {
+    credential_provider(
+        name,
+        json!({"awsSts": {"roleArn": aws.role, "region": "us-east-1", "stsEndpoint": aws.gate.url(),
+                          "subject": "Provider", "sessionName": "cloudpass-{pod}"}}),
+    )
+}
+
+/// The app's own configuration of the AWS SDK: talk to moto in us-east-1.
+fn moto_app_env(moto: &MotoServer) -> Env {
+    vec![var("AWS_ENDPOINT_URL", moto.url()), var("AWS_DEFAULT_REGION", "us-east-1")]
+}
+
+const BOTO3_APP: &str = r#"
+import boto3, json
+s3 = boto3.client("s3")
+s3.put_object(Bucket="orders", Key="hello.txt", Body=b"from the agent")
+body = s3.get_object(Bucket="orders", Key="hello.txt")["Body"].read().decode()
+credentials = boto3.Session().get_credentials().get_frozen_credentials()
+arn = boto3.client("sts").get_caller_identity()["Arn"]
+method = boto3.Session().get_credentials().method
+print(json.dumps({"body": body, "method": method, "accessKey": credentials.access_key, "arn": arn,
+                  "secretKey": credentials.secret_key, "sessionToken": credentials.token}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_uses_s3_in_moto_with_container_credentials_from_the_agent() {
+    let b = bed();
+    let _logs = b.cp.logs_on_panic();
+    let ns = "sdk-aws";
+    let aws = aws_bed(ns, "s3").await;
+    let token = namespace(
+        ns,
+        &[sts_provider("s3", &aws), policy("to-s3", "s3", json!({"kind": "aws"}), sdk_endpoint())],
+        &["to-s3"],
+    )
+    .await;
+    let files = PodFiles::new(&token);
+    let deliveries = vec![delivery("to-s3", AgentEndpoint::AwsContainerCredentials { port: 0 })];
+    let agent = start_agent(settings(&b.broker.url, &files, "unused", deliveries)).await;
+    let Credential::Aws { access_key_id, .. } = &agent.store().latest("to-s3").unwrap().credential else {
+        panic!("not AWS keys")
+    };
+    assert_eq!(aws.gate.calls(), 1, "the broker went through the STS gate");
+    // From here on moto checks every signature and the role's IAM policy.
+    aws.moto.enforce_auth(0).await.unwrap();
+
+    let mut env = aws_env(&agent, &files);
+    env.extend(moto_app_env(&aws.moto));
+    let out = app(BOTO3_APP, &env).await.json();
+    assert_eq!(out["body"], "from the agent");
+    assert_eq!(out["method"], "container-role", "boto3 took its keys from the container endpoint");
+    assert_eq!(out["accessKey"], access_key_id.as_str());
+    let arn = out["arn"].as_str().unwrap();
+    assert!(arn.starts_with("arn:aws:sts::123456789012:assumed-role/orders-s3/"), "{arn}");
+
+    // Without the authorization token, with a wrong one, or relayed: refused.
+    let url = format!("http://127.0.0.1:{}{AWS_CREDENTIALS_PATH}", port(&agent, EndpointKind::Aws));
+    let proof = std::fs::read_to_string(files.aws_token_file()).unwrap();
+    assert_eq!(status_of(http().get(&url)).await, 401);
+    assert_eq!(status_of(http().get(&url).header("Authorization", "guess")).await, 403);
+    assert_eq!(status_of(http().get(&url).header("Authorization", &proof).header("X-Forwarded-For", "10.0.0.7")).await, 403);
+    assert_eq!(status_of(http().get(&url).header("Authorization", &proof)).await, 200);
+    // And boto3 whose token file holds something else finds no credentials at all.
+    let wrong = files.dir.path().join("wrong-token");
+    std::fs::write(&wrong, "not-the-token").unwrap();
+    let mut env = aws_env(&agent, &files);
+    env[1].1 = wrong.to_string_lossy().into_owned();
+    env.extend(moto_app_env(&aws.moto));
+    env.push(var("AWS_EC2_METADATA_DISABLED", "true"));
+    let refused = app("import boto3\nboto3.client('s3').list_buckets()", &env).await;
+    assert!(!refused.success, "{}", refused.stdout);
+    assert!(refused.stderr.contains("credential"), "{}", refused.stderr);
+    agent.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Azure: the Entra fake with a federated credential for the broker's tokens.
+
+const TENANT: &str = "8c1d3f0e-7b6a-4e55-9f21-0a3b5c7d9e11";
+const CLIENT_ID: &str = "4f9e2c1a-33b7-4d8e-a1f0-6c2b9e8d7a55";
+const OBJECT_ID: &str = "0b7e6d5c-4a39-4e28-8f17-2d3c4b5a6978";
+
+async fn entra(ns: &str, provider: &str) -> EntraFake {
+    let b = &bed().broker;
+    EntraFake::start(
+        EntraConfig {
+            tenant_id: TENANT.into(),
+            apps: vec![EntraApp {
+                client_id: CLIENT_ID.into(),
+                object_id: OBJECT_ID.into(),
+                federated_credentials: vec![FederatedCredential::new(
+                    &b.url,
+                    &format!("system:cloudpass:{ns}:{provider}"),
+                )],
+            }],
+            issuer_ca_pem: b.ca.cert_pem(),
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap()
+}
+
+fn entra_provider(name: &str, entra: &EntraFake) -> String {
+    credential_provider(
+        name,
+        json!({"azureWorkloadIdentity": {"tenantId": TENANT, "clientId": CLIENT_ID, "authorityHost": entra.url()}}),
+    )
+}
+
+const STORAGE: &str = "https://storage.azure.com/";
+
+const AZURE_APP: &str = r#"
+import json
+from azure.identity import ManagedIdentityCredential
+token = ManagedIdentityCredential().get_token("https://storage.azure.com/.default")
+print(json.dumps({"token": token.token, "expiresOn": token.expires_on}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_identity_gets_the_entra_token_through_the_app_service_endpoint() {
+    let b = bed();
+    let _logs = b.cp.logs_on_panic();
+    let ns = "sdk-azure";
+    let entra = entra(ns, "blob").await;
+    let token = namespace(
+        ns,
+        &[
+            entra_provider("blob", &entra),
+            policy("to-blob", "blob", json!({"kind": "azure", "resource": STORAGE}), sdk_endpoint()),
+        ],
+        &["to-blob"],
+    )
+    .await;
+    let files = PodFiles::new(&token);
+    let proof = random_hex(16);
+    let deliveries =
+        vec![delivery("to-blob", AgentEndpoint::AzureManagedIdentity { port: 0, resource: STORAGE.into() })];
+    let agent = start_agent(settings(&b.broker.url, &files, &proof, deliveries)).await;
+
+    let out = app(AZURE_APP, &azure_env(&agent, &proof)).await.json();
+    let access_token = out["token"].as_str().unwrap();
+    let claims = unverified_claims(access_token).unwrap();
+    assert_eq!(claims.iss, format!("https://sts.windows.net/{TENANT}/"));
+    assert_eq!(claims.aud, ["https://storage.azure.com"]);
+    assert_eq!(claims.str("appid"), Some(CLIENT_ID), "{:?}", claims.all);
+    let left = out["expiresOn"].as_i64().unwrap() - jiff::Timestamp::now().as_second();
+    assert!((3000..=3600).contains(&left), "{left} s left");
+    assert_eq!(entra.calls(), 1);
+
+    // Without X-IDENTITY-HEADER, with a wrong one, or relayed: refused.
+    let url = format!(
+        "http://127.0.0.1:{}{AZURE_TOKEN_PATH}?api-version=2019-08-01&resource=https://storage.azure.com",
+        port(&agent, EndpointKind::Azure)
+    );
+    assert_eq!(status_of(http().get(&url)).await, 401);
+    assert_eq!(status_of(http().get(&url).header("X-IDENTITY-HEADER", "guess")).await, 403);
+    assert_eq!(
+        status_of(http().get(&url).header("X-IDENTITY-HEADER", &proof).header("X-Forwarded-For", "10.0.0.7")).await,
+        403
+    );
+    assert_eq!(status_of(http().get(&url).header("X-IDENTITY-HEADER", &proof)).await, 200);
+    // The SDK with a wrong IDENTITY_HEADER gets no token.
+    let refused = app(AZURE_APP, &azure_env(&agent, "guess")).await;
+    assert!(!refused.success, "{}", refused.stdout);
+    assert!(refused.stderr.contains("ManagedIdentityCredential"), "{}", refused.stderr);
+    agent.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// GCP: the Google fake's STS and IAM Credentials, with a pool provider for the broker.
+
+const SA_EMAIL: &str = "reader@orders-project.iam.gserviceaccount.com";
+
+async fn google(ns: &str, provider: &str) -> (GoogleFake, WorkloadIdentityProvider) {
+    let b = &bed().broker;
+    let wip = WorkloadIdentityProvider::new("123456789", "cloudpass-pool", "broker", &b.url);
+    let google = GoogleFake::start(
+        GoogleConfig {
+            providers: vec![wip.clone()],
+            service_accounts: vec![ServiceAccount {
+                email: SA_EMAIL.into(),
+                allowed_members: vec![wip.principal(&format!("system:cloudpass:{ns}:{provider}"))],
+            }],
+            issuer_ca_pem: b.ca.cert_pem(),
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    (google, wip)
+}
+
+fn google_provider(name: &str, google: &GoogleFake, wip: &WorkloadIdentityProvider) -> String {
+    credential_provider(
+        name,
+        json!({"gcpWorkloadIdentity": {"workloadIdentityProvider": wip.name(), "serviceAccountEmail": SA_EMAIL,
+                "projectId": "orders-project", "stsEndpoint": google.url(), "iamCredentialsEndpoint": google.url()}}),
+    )
+}
+
+const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+const GCP_APP: &str = r#"
+import json, google.auth, google.auth.transport.requests
+from google.auth import compute_engine
+credentials, project = google.auth.default()
+assert isinstance(credentials, compute_engine.Credentials), type(credentials)
+credentials.refresh(google.auth.transport.requests.Request())
+print(json.dumps({"token": credentials.token, "project": project, "email": credentials.service_account_email,
+                  "expiry": credentials.expiry.isoformat()}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn google_auth_refreshes_compute_credentials_from_the_metadata_endpoint() {
+    let b = bed();
+    let _logs = b.cp.logs_on_panic();
+    let ns = "sdk-gcp";
+    let (google, wip) = google(ns, "gcs").await;
+    let token = namespace(
+        ns,
+        &[google_provider("gcs", &google, &wip), policy("to-gcs", "gcs", json!({"kind": "gcp"}), sdk_endpoint())],
+        &["to-gcs"],
+    )
+    .await;
+    let files = PodFiles::new(&token);
+    let deliveries =
+        vec![delivery("to-gcs", AgentEndpoint::GcpMetadata { port: 0, scopes: vec![CLOUD_PLATFORM.into()] })];
+    let agent = start_agent(settings(&b.broker.url, &files, "unused", deliveries)).await;
+
+    let out = app(GCP_APP, &gcp_env(&agent)).await.json();
+    assert_eq!(out["project"], "orders-project");
+    assert_eq!(out["email"], SA_EMAIL);
+    let issued = google.check_access_token(out["token"].as_str().unwrap()).expect("a token Google's IAM issued");
+    assert_eq!(issued.identity, format!("serviceAccount:{SA_EMAIL}"));
+
+    // Without Metadata-Flavor, or relayed: refused (and the answer still says Google).
+    let url = format!(
+        "http://127.0.0.1:{}/computeMetadata/v1/instance/service-accounts/default/token",
+        port(&agent, EndpointKind::Gcp)
+    );
+    let bare = http().get(&url).send().await.unwrap();
+    assert_eq!(bare.status(), 403);
+    assert_eq!(bare.headers()["metadata-flavor"], "Google");
+    assert_eq!(status_of(http().get(&url).header("Metadata-Flavor", "Gogle")).await, 403);
+    assert_eq!(
+        status_of(http().get(&url).header("Metadata-Flavor", "Google").header("X-Forwarded-For", "10.0.0.7")).await,
+        403
+    );
+    assert_eq!(status_of(http().get(&url).header("Metadata-Flavor", "Google")).await, 200);
+    agent.shutdown().await;
+}
