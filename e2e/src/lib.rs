@@ -11,6 +11,7 @@ pub mod fakes;
 pub mod moto;
 pub mod process;
 pub mod python;
+pub mod scenario;
 pub mod tls;
 
 use std::path::PathBuf;

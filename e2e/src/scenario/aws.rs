@@ -1,0 +1,162 @@
+//! The AWS side: moto with authentication enforced (S3 checks SigV4 signatures and the
+//! keys moto issued, and the caller's IAM policies), and the STS gate in front of it that
+//! verifies `AssumeRoleWithWebIdentity` tokens against the cloudpass issuer as AWS does.
+//! The AKS → S3 example, pointed at them.
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+
+use super::{Example, Stack};
+use crate::{
+    certs::TestCa,
+    fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+    moto::{ACCOUNT_ID, AwsKeys, MotoServer},
+};
+
+/// The audience cloudpass uses for AWS STS by default, which the IAM OIDC provider lists.
+pub const STS_AUDIENCE: &str = "sts.amazonaws.com";
+
+/// moto with authentication enforced, and an admin user of its account to set it up.
+pub struct AwsCloud {
+    /// The moto server.
+    pub moto: MotoServer,
+    admin: AwsKeys,
+}
+
+impl AwsCloud {
+    /// Starts moto, creates an admin user (the account's setup identity, also used by the
+    /// gate to forward accepted requests) and turns authentication on.
+    pub async fn start() -> Result<Self> {
+        let moto = MotoServer::start().await?;
+        let all = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]});
+        let admin = moto.create_user_keys("cloudpass-e2e-admin", &all).await?;
+        moto.enforce_auth(0).await?;
+        Ok(Self { moto, admin })
+    }
+
+    async fn admin_python(&self, script: &str, env: &[(&str, &str)]) -> Result<String> {
+        let keys = self.admin.env();
+        let mut all: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(env);
+        self.moto.python_with_env(script, &all).await
+    }
+
+    /// Creates (or keeps) IAM role `name` with inline policy `policy`; its ARN. Which web
+    /// identities may assume it is the gate's business ([`AwsRoleTrust`]).
+    pub async fn role(&self, name: &str, policy: &Value) -> Result<String> {
+        let script = r#"
+import boto3, json, os
+iam = boto3.client("iam")
+trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"Federated": "*"},
+         "Action": "sts:AssumeRoleWithWebIdentity"}]}
+try:
+    role = iam.create_role(RoleName=os.environ["ROLE"], AssumeRolePolicyDocument=json.dumps(trust),
+                           MaxSessionDuration=43200)["Role"]
+except iam.exceptions.EntityAlreadyExistsException:
+    role = iam.get_role(RoleName=os.environ["ROLE"])["Role"]
+iam.put_role_policy(RoleName=os.environ["ROLE"], PolicyName="inline", PolicyDocument=os.environ["POLICY"])
+print(role["Arn"])
+"#;
+        let out = self.admin_python(script, &[("ROLE", name), ("POLICY", &policy.to_string())]).await?;
+        Ok(out.trim().to_owned())
+    }
+
+    /// Creates (or keeps) S3 bucket `name`.
+    pub async fn bucket(&self, name: &str) -> Result<()> {
+        let script = r#"
+import boto3, os
+s3 = boto3.client("s3")
+try:
+    s3.create_bucket(Bucket=os.environ["BUCKET"])
+except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+    pass
+"#;
+        self.admin_python(script, &[("BUCKET", name)]).await.map(drop)
+    }
+
+    /// Starts an STS gate that trusts the issuer `issuer` (an IAM OIDC provider with
+    /// client ID `sts.amazonaws.com`) for `roles`, its certificate from `ca`.
+    pub async fn gate(
+        &self,
+        issuer: &str,
+        issuer_ca_pem: &str,
+        ca: &TestCa,
+        roles: Vec<AwsRoleTrust>,
+    ) -> Result<StsGate> {
+        StsGate::start(
+            StsGateConfig {
+                moto_url: self.moto.url().to_owned(),
+                providers: vec![AwsOidcProvider { url: issuer.to_owned(), client_ids: vec![STS_AUDIENCE.into()] }],
+                roles,
+                issuer_ca_pem: issuer_ca_pem.to_owned(),
+                forward_credentials: Some(self.admin.clone()),
+            },
+            ca,
+        )
+        .await
+    }
+}
+
+/// The AKS → S3 direction, set up in a namespace: the role of `examples/aks-to-s3.yaml`
+/// exists in moto (same account, same name, so the example's ARN is unchanged), with S3
+/// rights; its trust names `system:cloudpass:<namespace>:orders-s3` for the cloudpass
+/// issuer, audience `sts.amazonaws.com`; a bucket `orders` exists.
+pub struct AksToS3 {
+    /// The namespace.
+    pub namespace: String,
+    /// The STS gate (AWS STS for the broker).
+    pub gate: StsGate,
+    /// The role's ARN.
+    pub role_arn: String,
+    /// The example, pointed at the gate and moto.
+    pub example: Example,
+    /// The pod its Deployment would create.
+    pub pod: Value,
+}
+
+/// The bucket the app writes to.
+pub const BUCKET: &str = "orders";
+/// The S3 app: writes an object, reads it back, says who it was (JSON on the last line).
+pub const S3_APP: &str = include_str!("apps/s3.py");
+
+impl AksToS3 {
+    /// Sets up the AWS side and the example for `namespace` (which must exist, opted in).
+    pub async fn prepare(stack: &Stack<'_>, aws: &AwsCloud, namespace: &str) -> Result<Self> {
+        let mut example = Example::load("aks-to-s3")?;
+        let arn = example.get("CredentialProvider", "orders-s3")?["spec"]["awsSts"]["roleArn"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let Some(role_name) = arn.strip_prefix(&format!("arn:aws:iam::{ACCOUNT_ID}:role/")) else {
+            bail!("the example's role {arn} is not in moto's account {ACCOUNT_ID}");
+        };
+        let s3 = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*",
+            "Resource": [format!("arn:aws:s3:::{BUCKET}"), format!("arn:aws:s3:::{BUCKET}/*")]}]});
+        let role_arn = aws.role(role_name, &s3).await?;
+        aws.bucket(BUCKET).await?;
+        let broker = &stack.broker;
+        let mut trust = AwsRoleTrust::new(&role_arn, &broker.url, &format!("system:cloudpass:{namespace}:orders-s3"));
+        trust.audiences = vec![STS_AUDIENCE.into()];
+        let gate = aws.gate(&broker.url, &broker.ca.cert_pem(), &broker.ca, vec![trust]).await?;
+        example.set("CredentialProvider", "orders-s3", "/spec/awsSts/stsEndpoint", json!(gate.url()))?;
+        // boto3 and the AWS CLI read the region from AWS_DEFAULT_REGION only, not from the
+        // example's AWS_REGION (which the other SDKs read).
+        let region = example.get("CredentialProvider", "orders-s3")?["spec"]["awsSts"]["region"]
+            .as_str()
+            .unwrap_or(crate::moto::REGION)
+            .to_owned();
+        let pod = example.pod(
+            "orders",
+            "api",
+            &[("AWS_ENDPOINT_URL", aws.moto.url()), ("AWS_DEFAULT_REGION", &region), ("BUCKET", BUCKET)],
+        )?;
+        Ok(Self { namespace: namespace.to_owned(), gate, role_arn, example, pod })
+    }
+
+    /// Applies the example's objects and waits until its policy is Ready.
+    pub async fn apply(&self, stack: &Stack<'_>) -> Result<String> {
+        let out = stack.cp.apply_yaml(Some(&self.namespace), &self.example.objects_yaml()?)?;
+        stack.wait_policy_ready(&self.namespace, "orders-to-s3").await?;
+        Ok(out)
+    }
+}

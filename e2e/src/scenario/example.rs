@@ -1,0 +1,127 @@
+//! The manifests of `examples/`, as a user applies them, with the few fields that name a
+//! real cloud (STS endpoint, Entra authority, Google endpoints, token URLs) pointed at the
+//! local emulators. Every change is recorded, so a scenario (and the demo) can say what
+//! differs from the file.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+use crate::repo_root;
+
+/// Kinds that run pods: no controller-manager runs them here; [`Example::pod`] makes
+/// the pod their controller would create.
+const WORKLOAD_KINDS: &[&str] = &["Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "ReplicaSet"];
+
+/// An example's documents and the changes made to them.
+#[derive(Clone, Debug)]
+pub struct Example {
+    /// The file.
+    pub path: PathBuf,
+    /// Its documents, as JSON.
+    pub docs: Vec<Value>,
+    /// What was changed, in words (`CredentialProvider orders-s3: spec.awsSts.stsEndpoint = ...`).
+    pub changes: Vec<String>,
+}
+
+impl Example {
+    /// Loads `examples/<name>.yaml`.
+    pub fn load(name: &str) -> Result<Self> {
+        let path = repo_root().join("examples").join(format!("{name}.yaml"));
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))
+            .collect::<Result<Vec<serde_yaml::Value>>>()?
+            .into_iter()
+            .filter(|d| !d.is_null())
+            .map(|d| serde_json::to_value(d).map_err(anyhow::Error::from))
+            .collect::<Result<_>>()?;
+        Ok(Self { path, docs, changes: Vec::new() })
+    }
+
+    /// The document of this kind and name.
+    pub fn get(&self, kind: &str, name: &str) -> Result<&Value> {
+        self.docs
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .ok_or_else(|| anyhow!("{} has no {kind} {name}", self.path.display()))
+    }
+
+    /// Sets `pointer` (a JSON pointer under the object, e.g. `/spec/awsSts/stsEndpoint`) of
+    /// the object of this kind and name, and records the change.
+    pub fn set(&mut self, kind: &str, name: &str, pointer: &str, value: Value) -> Result<&mut Self> {
+        let doc = self
+            .docs
+            .iter_mut()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .ok_or_else(|| anyhow!("no {kind} {name}"))?;
+        let (parent, field) = pointer.rsplit_once('/').ok_or_else(|| anyhow!("bad pointer {pointer}"))?;
+        let target = if parent.is_empty() { Some(doc) } else { doc.pointer_mut(parent) };
+        let object = target.and_then(Value::as_object_mut).ok_or_else(|| anyhow!("{kind} {name} has no {parent}"))?;
+        let shown = match &value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        object.insert(field.to_owned(), value);
+        self.changes.push(format!("{kind} {name}: {} = {shown}", pointer.trim_start_matches('/').replace('/', ".")));
+        Ok(self)
+    }
+
+    /// The objects to apply (everything but the workloads), as one YAML stream.
+    pub fn objects_yaml(&self) -> Result<String> {
+        let mut out = String::new();
+        for doc in self.docs.iter().filter(|d| !WORKLOAD_KINDS.contains(&d["kind"].as_str().unwrap_or_default())) {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(doc)?);
+        }
+        Ok(out)
+    }
+
+    /// `kind/name` of the objects [`Example::objects_yaml`] holds.
+    pub fn object_names(&self) -> Vec<String> {
+        self.docs
+            .iter()
+            .filter(|d| !WORKLOAD_KINDS.contains(&d["kind"].as_str().unwrap_or_default()))
+            .map(|d| format!("{}/{}", d["kind"].as_str().unwrap_or("?"), d["metadata"]["name"].as_str().unwrap_or("?")))
+            .collect()
+    }
+
+    /// The pod the controller of workload `name` would create: its pod template, with a
+    /// generated name. `env` entries are added to container `container`: the app's own
+    /// settings for the local emulators (an endpoint URL, a bucket name), recorded.
+    pub fn pod(&mut self, name: &str, container: &str, env: &[(&str, &str)]) -> Result<Value> {
+        let workload = self
+            .docs
+            .iter()
+            .find(|d| WORKLOAD_KINDS.contains(&d["kind"].as_str().unwrap_or_default()) && d["metadata"]["name"] == name)
+            .ok_or_else(|| anyhow!("no workload {name}"))?;
+        let template = match workload["kind"].as_str() {
+            Some("CronJob") => &workload["spec"]["jobTemplate"]["spec"]["template"],
+            _ => &workload["spec"]["template"],
+        };
+        if template.is_null() {
+            bail!("workload {name} has no pod template");
+        }
+        let mut pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": template["metadata"].clone(),
+            "spec": template["spec"].clone(),
+        });
+        pod["metadata"]["generateName"] = json!(format!("{name}-"));
+        let containers = pod["spec"]["containers"].as_array_mut().context("pod template without containers")?;
+        let c = containers
+            .iter_mut()
+            .find(|c| c["name"] == container)
+            .ok_or_else(|| anyhow!("workload {name} has no container {container}"))?;
+        if !env.is_empty() {
+            let list = c.as_object_mut().context("container")?.entry("env").or_insert_with(|| json!([]));
+            for (k, v) in env {
+                list.as_array_mut().context("env")?.push(json!({"name": k, "value": v}));
+                self.changes.push(format!("pod of {name}, container {container}: env {k}={v}"));
+            }
+        }
+        Ok(pod)
+    }
+}

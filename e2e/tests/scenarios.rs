@@ -1,0 +1,108 @@
+//! Cross-cloud scenarios end to end: the real operator (controller + broker) and webhook
+//! on the local control plane, examples applied with kubectl, pods created through the
+//! apiserver and "run" with the real agent and the official SDKs against the local
+//! emulators (see `cloudpass_e2e::scenario`).
+//!
+//! One stack per test binary; scenarios run one at a time (the agent's ports are fixed)
+//! and each works in its own namespace.
+
+use std::{sync::OnceLock, time::Duration};
+
+use cloudpass_e2e::scenario::{
+    Stack,
+    aws::{AksToS3, AwsCloud, S3_APP},
+    exclusive,
+};
+use serde_json::json;
+
+/// moto, shared by the AWS scenarios (started once, on its own thread).
+fn aws() -> &'static AwsCloud {
+    static AWS: OnceLock<AwsCloud> = OnceLock::new();
+    AWS.get_or_init(|| {
+        std::thread::spawn(|| tokio::runtime::Runtime::new().unwrap().block_on(AwsCloud::start()).unwrap())
+            .join()
+            .expect("moto start panicked")
+    })
+}
+
+/// Asserts that no token or credential of `secrets` appears in `text`.
+fn assert_no_secret(text: &str, secrets: &[&str], what: &str) {
+    for s in secrets.iter().filter(|s| s.len() > 8) {
+        assert!(!text.contains(s), "a secret appears in {what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aks_to_s3_with_boto3() {
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-aks-s3";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    assert!(pod.is_injected(), "{}", pod.stored);
+    let injected = pod.injection_summary();
+    assert_eq!(injected.init_containers, ["cloudpass-agent"]);
+    assert_eq!(injected.policies.as_deref(), Some("orders-to-s3"));
+    assert_eq!(
+        injected.env_added["api"],
+        ["AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]
+    );
+
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    let started = running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let run = running.run_app("api", S3_APP).await.unwrap();
+    let result = run.ok_json().unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["credentialSource"], "container-role");
+    assert_eq!(result["accessKeyPrefix"], "ASIA", "STS session credentials");
+    let identity = result["identity"].as_str().unwrap();
+    let session = format!("aks-{ns}-{}", running.pod.name);
+    assert_eq!(identity, format!("arn:aws:sts::123456789012:assumed-role/aks-orders-s3/{session}"));
+    assert!(setup.gate.calls() >= 1, "credentials came through the STS gate");
+    eprintln!("aks_to_s3: agent ready {:.2}s after start; boto3 read back {:?}", started.as_secs_f64(), result["read"]);
+
+    let records = stack.audit_records(ns, &running.pod.name);
+    let allowed = records.iter().find(|r| r["outcome"] == "allowed").expect("an allowed audit record");
+    assert_eq!(allowed["policy"], "orders-to-s3");
+    assert_eq!(allowed["credentialKind"], "awsSts");
+    let expires: jiff::Timestamp = allowed["expiresAt"].as_str().unwrap().parse().unwrap();
+    let left = expires.as_second() - jiff::Timestamp::now().as_second();
+    assert!((800..=900).contains(&left), "maxCredentialLifetime 15m bounds the credential: {left}s left");
+
+    let token = std::fs::read_to_string(running.volume_dir("cloudpass-token").unwrap().join("token")).unwrap();
+    let agent_log = running.agent_log_text();
+    assert_no_secret(&agent_log, &[token.trim()], "the agent's log");
+    assert_no_secret(&stack.broker.log_text(), &[token.trim()], "the operator's log");
+    assert_no_secret(&run.stdout, &[token.trim()], "the app's output");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_no_policy_selects_gets_nothing() {
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-unselected";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+    // The webhook has loaded the namespace's policy: an orders pod would be injected.
+    cloudpass_e2e::scenario::AdmittedPod::wait_until_injectable(stack.cp, ns, &setup.pod, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let mut other = setup.pod.clone();
+    other["metadata"]["labels"] = json!({"app": "billing"});
+    other["metadata"]["generateName"] = json!("billing-");
+    let pod = stack.create_pod(ns, &other, false).await.unwrap();
+    assert!(!pod.is_injected(), "{}", pod.stored);
+    assert!(pod.annotation("cloudpass.dev/injected").is_none());
+    let running = stack.node.run(stack.cp, pod).await.unwrap();
+    let run = running.run_app("api", S3_APP).await.unwrap();
+    assert!(!run.success, "the app got access without a policy: {}", run.stdout);
+    assert_eq!(run.json().unwrap()["error"], "NoCredentialsError", "{}", run.stdout);
+    assert!(stack.audit_records(ns, &running.pod.name).is_empty(), "the broker was never asked");
+}
