@@ -731,3 +731,272 @@ async fn google_auth_refreshes_compute_credentials_from_the_metadata_endpoint() 
     assert_eq!(status_of(http().get(&url).header("Metadata-Flavor", "Google")).await, 200);
     agent.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// The proxy: an API key header for a local HTTPS API, and SigV4 signatures moto accepts.
+
+const API_APP: &str = r#"
+import json, os, requests
+port = os.environ["API_PORT"]
+out = {}
+r = requests.get(f"http://localhost:{port}/v1/forecast?city=Oslo", headers={"X-Api-Key": "the-apps-own-guess"})
+out["served"] = [r.status_code, r.json() if r.ok else r.text]
+for name, url in [("ip", f"http://127.0.0.1:{port}/v1/forecast"),
+                  ("other", "http://weather.example.com/v1/forecast"),
+                  ("otherPort", f"http://localhost:{int(port) + 1}/v1/forecast")]:
+    r = requests.get(url)
+    out[name] = [r.status_code, r.text]
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_through_the_proxy_gets_the_api_key_for_the_policys_host_only() {
+    let b = bed();
+    let _logs = b.cp.logs_on_panic();
+    let ns = "sdk-header";
+    let key = format!("wx-{}", random_hex(12));
+    let expected = key.clone();
+    let (api_port, seen, _api) = api_server(&b.broker.ca, "x-api-key", move |v| v == expected).await;
+    let token = namespace(
+        ns,
+        &[
+            secret("weather", json!({"api-key": key})),
+            credential_provider("weather-key", json!({"apiKey": {"secretRef": {"name": "weather", "key": "api-key"}}})),
+            policy(
+                "weather",
+                "weather-key",
+                json!({"kind": "http", "hosts": ["localhost"], "port": api_port}),
+                json!({"httpHeader": {"name": "X-Api-Key", "format": "{token}"}}),
+            ),
+        ],
+        &["weather"],
+    )
+    .await;
+    let files = PodFiles::new(&token);
+    // What the webhook derives from the policy: its hosts, its port as the upstream port.
+    let deliveries = vec![delivery(
+        "weather",
+        AgentEndpoint::HttpHeader {
+            port: 0,
+            hosts: vec!["localhost".into()],
+            upstream_port: api_port,
+            name: "X-Api-Key".into(),
+            format: "{token}".into(),
+        },
+    )];
+    let agent = start_agent(settings(&b.broker.url, &files, "unused", deliveries)).await;
+
+    let mut env = proxy_env(&agent);
+    env.push(var("API_PORT", api_port.to_string()));
+    let out = app(API_APP, &env).await.json();
+    assert_eq!(out["served"][0], 200, "{out}");
+    assert_eq!(out["served"][1]["path"], "/v1/forecast?city=Oslo");
+    // The app's own header was replaced, not doubled; nothing else reached the API.
+    assert_eq!(seen.all(), [("/v1/forecast?city=Oslo".to_owned(), Some(key.clone()))]);
+    // Hosts and ports the policy does not name: refused by the agent, never relayed.
+    for (case, why) in [
+        ("ip", "host 127.0.0.1 is not served".to_owned()),
+        ("other", "host weather.example.com is not served".to_owned()),
+        ("otherPort", format!("port {} of host localhost is not served", api_port + 1)),
+    ] {
+        assert_eq!(out[case][0], 403, "{case}: {out}");
+        assert!(out[case][1].as_str().unwrap().contains(&why), "{case}: {out}");
+    }
+    assert_eq!(seen.all().len(), 1);
+    agent.shutdown().await;
+}
+
+const SIGV4_APP: &str = r#"
+import json, os, requests
+base = "http://localhost:" + os.environ["S3_PORT"]
+out = {}
+r = requests.put(base + "/orders/signed.txt", data=b"signed by the agent")
+out["put"] = [r.status_code, r.text]
+r = requests.get(base + "/orders/signed.txt")
+out["get"] = [r.status_code, r.text]
+r = requests.get(base + "/")
+out["list"] = [r.status_code, r.text]
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_requests_signed_by_the_proxy_are_accepted_by_moto() {
+    let b = bed();
+    let _logs = b.cp.logs_on_panic();
+    let ns = "sdk-sigv4";
+    let aws = aws_bed(ns, "s3").await;
+    let (s3_port, _front) = tls_front(aws.moto.url(), &b.broker.ca).await;
+    let token = namespace(
+        ns,
+        &[
+            sts_provider("s3", &aws),
+            policy(
+                "s3-signed",
+                "s3",
+                json!({"kind": "aws", "hosts": ["localhost"], "port": s3_port}),
+                // `localhost` names no AWS service or region: the policy does.
+                json!({"awsSigV4": {"service": "s3", "region": "us-east-1"}}),
+            ),
+        ],
+        &["s3-signed"],
+    )
+    .await;
+    let files = PodFiles::new(&token);
+    let deliveries = vec![delivery(
+        "s3-signed",
+        AgentEndpoint::AwsSigV4 {
+            port: 0,
+            hosts: vec!["localhost".into()],
+            upstream_port: s3_port,
+            service: Some("s3".into()),
+            region: Some("us-east-1".into()),
+        },
+    )];
+    let agent = start_agent(settings(&b.broker.url, &files, "unused", deliveries)).await;
+    aws.moto.enforce_auth(0).await.unwrap();
+
+    // moto checks signatures: the agent's keys with a wrong secret are refused.
+    let Credential::Aws { access_key_id, session_token, .. } = &agent.store().latest("s3-signed").unwrap().credential
+    else {
+        panic!("not AWS keys")
+    };
+    let url = format!("https://localhost:{s3_port}/orders/");
+    let mut forged = axum::http::HeaderMap::new();
+    forged.insert(HOST, HeaderValue::from_str(&format!("localhost:{s3_port}")).unwrap());
+    cloudpass_agent::proxy::sign_v4(
+        "GET",
+        &url,
+        &mut forged,
+        aws_sigv4::http_request::SignableBody::Bytes(&[]),
+        access_key_id,
+        &SecretString::new("not-the-secret-access-key"),
+        Some(session_token),
+        "s3",
+        "us-east-1",
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let direct = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([reqwest::Certificate::from_pem(b.broker.ca.cert_pem().as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let refused = direct.get(&url).headers(forged).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("SignatureDoesNotMatch"));
+
+    let mut env = proxy_env(&agent);
+    env.push(var("S3_PORT", s3_port.to_string()));
+    let out = app(SIGV4_APP, &env).await.json();
+    assert_eq!(out["put"][0], 200, "{out}\n{}", aws.moto.log_tail());
+    assert_eq!(out["get"], json!([200, "signed by the agent"]), "{out}");
+    assert_eq!(out["list"][0], 200, "{out}");
+    assert!(out["list"][1].as_str().unwrap().contains("<Name>orders</Name>"), "{out}");
+    agent.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The broker goes away: a cached credential is served until it expires, then the app gets
+// a clear error.
+
+/// Lifetime of the OAuth2 server's tokens. The broker tells the agent to refresh a
+/// quarter of the lifetime before expiry (27 s, up to 10% earlier by jitter), and the
+/// agent stops serving 5 s before expiry (31 s): room to see a failed refresh while the
+/// credential is still served.
+const SHORT_LIFETIME: u64 = 36;
+
+const INVOICES_APP: &str = r#"
+import json, os, requests
+r = requests.get("http://localhost:" + os.environ["API_PORT"] + "/invoices")
+print(json.dumps([r.status_code, r.text]))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_credential_outlives_the_broker_until_it_expires() {
+    let b = bed();
+    let _logs = b.cp.logs_on_panic();
+    let ns = "sdk-outage";
+    let client_secret = format!("Oa-{}", random_hex(8));
+    let oauth = Arc::new(
+        OAuth2Fake::start(
+            OAuth2Config {
+                clients: vec![OAuth2Client {
+                    client_id: "orders".into(),
+                    client_secret: client_secret.clone(),
+                    allowed_scopes: vec!["invoices.read".into()],
+                }],
+                token_lifetime: Duration::from_secs(SHORT_LIFETIME),
+            },
+            &b.broker.ca,
+        )
+        .await
+        .unwrap(),
+    );
+    let checker = oauth.clone();
+    let (api_port, seen, _api) =
+        api_server(&b.broker.ca, "authorization", move |v| v.strip_prefix("Bearer ").is_some_and(|t| checker.is_valid(t)))
+            .await;
+    let token = namespace(
+        ns,
+        &[
+            secret("oauth", json!({"secret": client_secret})),
+            credential_provider(
+                "invoices",
+                json!({"oauth2ClientCredentials": {"tokenUrl": oauth.token_url(), "clientId": "orders",
+                       "clientSecretRef": {"name": "oauth", "key": "secret"}, "scopes": ["invoices.read"]}}),
+            ),
+            policy(
+                "invoices",
+                "invoices",
+                json!({"kind": "http", "hosts": ["localhost"], "port": api_port}),
+                json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}}),
+            ),
+        ],
+        &["invoices"],
+    )
+    .await;
+    let relay = Relay::to(&b.broker.url).await;
+    let files = PodFiles::new(&token);
+    let deliveries = vec![delivery(
+        "invoices",
+        AgentEndpoint::HttpHeader {
+            port: 0,
+            hosts: vec!["localhost".into()],
+            upstream_port: api_port,
+            name: "Authorization".into(),
+            format: "Bearer {token}".into(),
+        },
+    )];
+    let agent = start_agent(settings(&relay.url, &files, "unused", deliveries)).await;
+    let expires_at = agent.store().latest("invoices").unwrap().expires_at;
+    let mut env = proxy_env(&agent);
+    env.push(var("API_PORT", api_port.to_string()));
+    assert_eq!(app(INVOICES_APP, &env).await.json()[0], 200);
+
+    // The broker becomes unreachable; the agent's refresh fails, and the app is still served.
+    relay.cut();
+    let failed = r#"cloudpass_agent_refreshes_total{policy="invoices",result="error"}"#;
+    let deadline = Instant::now() + Duration::from_secs(SHORT_LIFETIME);
+    while !agent.metrics().encode(agent.store()).contains(failed) {
+        assert!(Instant::now() < deadline, "no refresh was attempted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agent.store().valid("invoices").is_ok(), "the current credential is still served");
+    let during = app(INVOICES_APP, &env).await.json();
+    assert_eq!(during[0], 200, "served while the broker is down: {during}");
+    assert!(jiff::Timestamp::now() < expires_at);
+
+    // Once it is about to expire, the app gets a 503 that says why.
+    while agent.store().valid("invoices").is_ok() {
+        assert!(Instant::now() < deadline, "served past expiry");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = app(INVOICES_APP, &env).await.json();
+    assert_eq!(after[0], 503, "{after}");
+    let message = after[1].as_str().unwrap();
+    for part in ["no valid credential for policy invoices", "the last credential expired at", "broker unreachable"] {
+        assert!(message.contains(part), "{part:?} missing: {message}");
+    }
+    assert_eq!(seen.all().len(), 2, "the expired credential was not sent upstream");
+    agent.shutdown().await;
+}
