@@ -17,6 +17,12 @@ tools: ## Build kube-apiserver, etcd, kubectl, helm and the Python venv (moto, S
 	@e2e/tools/build.sh >/dev/null
 	@e2e/tools/python.sh >/dev/null
 
+.PHONY: demo
+demo: tools ## Run cloudpass locally and narrate it: control plane, cloud emulators, operator, webhook, a pod reading S3 (Ctrl-C stops)
+	@echo "demo: building the operator, webhook and agent (a few minutes the first time)"
+	$(CARGO) build -p cloudpass-operator -p cloudpass-webhook -p cloudpass-agent -p cloudpass-e2e --bins
+	@CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) run -q -p cloudpass-e2e --bin cloudpass-demo
+
 .PHONY: crds
 crds: ## Regenerate crds/ (and the chart's copy) from the Rust types in api/
 	$(CARGO) run -q -p cloudpass-api --example crdgen -- crds

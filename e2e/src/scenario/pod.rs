@@ -178,7 +178,8 @@ impl AdmittedPod {
             .unwrap_or_default();
         InjectionSummary {
             init_containers: added("initContainers"),
-            volumes: added("volumes"),
+            // The ServiceAccount admission plugin adds the API token volume, not cloudpass.
+            volumes: added("volumes").into_iter().filter(|v| !v.starts_with("kube-api-access-")).collect(),
             agent_image: self.agent().and_then(|a| a["image"].as_str()).map(str::to_owned),
             agent_env,
             env_added,
@@ -192,7 +193,7 @@ impl AdmittedPod {
 pub struct InjectionSummary {
     /// Init containers added (the agent, as a native sidecar).
     pub init_containers: Vec<String>,
-    /// Volumes added.
+    /// Volumes the webhook added.
     pub volumes: Vec<String>,
     /// The agent's image.
     pub agent_image: Option<String>,
