@@ -251,38 +251,39 @@ fn var(name: &str, value: impl Into<String>) -> (String, String) {
 // The webhook's `app_env`, per delivery kind. The only difference: the AWS token file is
 // where this test's shared volume is, not /var/run/cloudpass.dev/shared.
 
-fn aws_env(agent: &Agent, files: &PodFiles) -> Env {
-    let port = port(agent, EndpointKind::Aws);
+fn aws_env(port: u16, files: &PodFiles) -> Env {
     vec![
         var("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("http://127.0.0.1:{port}{AWS_CREDENTIALS_PATH}")),
         var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", files.aws_token_file().to_string_lossy()),
     ]
 }
 
-fn azure_env(agent: &Agent, identity_header: &str) -> Env {
-    let port = port(agent, EndpointKind::Azure);
+fn azure_env(port: u16, identity_header: &str) -> Env {
     vec![
         var("IDENTITY_ENDPOINT", format!("http://127.0.0.1:{port}{AZURE_TOKEN_PATH}")),
         var("IDENTITY_HEADER", identity_header),
     ]
 }
 
-fn gcp_env(agent: &Agent) -> Env {
-    let host = format!("127.0.0.1:{}", port(agent, EndpointKind::Gcp));
+fn gcp_env(port: u16) -> Env {
+    let host = format!("127.0.0.1:{port}");
     vec![var("GCE_METADATA_HOST", host.clone()), var("GCE_METADATA_IP", host)]
 }
 
-/// The app of the proxy tests calls `localhost`, so it sets its own `NO_PROXY` (in-cluster
-/// names only); the webhook then leaves `NO_PROXY` alone and adds only the proxy.
-fn proxy_env(agent: &Agent) -> Env {
-    let proxy = format!("http://127.0.0.1:{}", port(agent, EndpointKind::Proxy));
+/// The apps of the proxy tests call `localhost`, so they set their own `NO_PROXY`
+/// (`no_proxy`); the webhook then leaves it alone and adds only the proxy.
+fn proxy_env(port: u16, no_proxy: &str) -> Env {
+    let proxy = format!("http://127.0.0.1:{port}");
     vec![
-        var("NO_PROXY", ".svc,.cluster.local"),
-        var("no_proxy", ".svc,.cluster.local"),
+        var("NO_PROXY", no_proxy),
+        var("no_proxy", no_proxy),
         var("HTTP_PROXY", proxy.clone()),
         var("http_proxy", proxy),
     ]
 }
+
+/// In-cluster names only: what the proxy tests' apps keep off the proxy.
+const IN_CLUSTER: &str = ".svc,.cluster.local";
 
 /// What the app printed and said.
 struct AppRun {
@@ -338,12 +339,15 @@ async fn status_of(request: reqwest::RequestBuilder) -> u16 {
 // ---------------------------------------------------------------------------------------
 // Servers the tests need besides the fakes.
 
-/// Requests an upstream API received: path and the checked header.
+/// A request an upstream API received: path and query, and the checked header.
+type Received = (String, Option<String>);
+
+/// The requests an upstream API received.
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(String, Option<String>)>>>);
+struct Seen(Arc<Mutex<Vec<Received>>>);
 
 impl Seen {
-    fn all(&self) -> Vec<(String, Option<String>)> {
+    fn all(&self) -> Vec<Received> {
         self.0.lock().unwrap().clone()
     }
 }
@@ -499,8 +503,7 @@ body = s3.get_object(Bucket="orders", Key="hello.txt")["Body"].read().decode()
 credentials = boto3.Session().get_credentials().get_frozen_credentials()
 arn = boto3.client("sts").get_caller_identity()["Arn"]
 method = boto3.Session().get_credentials().method
-print(json.dumps({"body": body, "method": method, "accessKey": credentials.access_key, "arn": arn,
-                  "secretKey": credentials.secret_key, "sessionToken": credentials.token}))
+print(json.dumps({"body": body, "method": method, "accessKey": credentials.access_key, "arn": arn}))
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,7 +528,7 @@ async fn boto3_uses_s3_in_moto_with_container_credentials_from_the_agent() {
     // From here on moto checks every signature and the role's IAM policy.
     aws.moto.enforce_auth(0).await.unwrap();
 
-    let mut env = aws_env(&agent, &files);
+    let mut env = aws_env(port(&agent, EndpointKind::Aws), &files);
     env.extend(moto_app_env(&aws.moto));
     let out = app(BOTO3_APP, &env).await.json();
     assert_eq!(out["body"], "from the agent");
@@ -539,18 +542,24 @@ async fn boto3_uses_s3_in_moto_with_container_credentials_from_the_agent() {
     let proof = std::fs::read_to_string(files.aws_token_file()).unwrap();
     assert_eq!(status_of(http().get(&url)).await, 401);
     assert_eq!(status_of(http().get(&url).header("Authorization", "guess")).await, 403);
-    assert_eq!(status_of(http().get(&url).header("Authorization", &proof).header("X-Forwarded-For", "10.0.0.7")).await, 403);
+    assert_eq!(
+        status_of(http().get(&url).header("Authorization", &proof).header("X-Forwarded-For", "10.0.0.7")).await,
+        403
+    );
     assert_eq!(status_of(http().get(&url).header("Authorization", &proof)).await, 200);
     // And boto3 whose token file holds something else finds no credentials at all.
-    let wrong = files.dir.path().join("wrong-token");
-    std::fs::write(&wrong, "not-the-token").unwrap();
-    let mut env = aws_env(&agent, &files);
-    env[1].1 = wrong.to_string_lossy().into_owned();
-    env.extend(moto_app_env(&aws.moto));
-    env.push(var("AWS_EC2_METADATA_DISABLED", "true"));
+    let wrong_files = PodFiles::new("unused");
+    std::fs::write(wrong_files.aws_token_file(), "not-the-token").unwrap();
+    let env: Env = aws_env(port(&agent, EndpointKind::Aws), &wrong_files)
+        .into_iter()
+        .chain(moto_app_env(&aws.moto))
+        // Not from the webhook: only so that boto3 does not also wait for an EC2 metadata
+        // server before giving up.
+        .chain([var("AWS_EC2_METADATA_DISABLED", "true")])
+        .collect();
     let refused = app("import boto3\nboto3.client('s3').list_buckets()", &env).await;
     assert!(!refused.success, "{}", refused.stdout);
-    assert!(refused.stderr.contains("credential"), "{}", refused.stderr);
+    assert!(refused.stderr.contains("container-role"), "{}", refused.stderr);
     agent.shutdown().await;
 }
 
@@ -619,7 +628,7 @@ async fn azure_identity_gets_the_entra_token_through_the_app_service_endpoint() 
         vec![delivery("to-blob", AgentEndpoint::AzureManagedIdentity { port: 0, resource: STORAGE.into() })];
     let agent = start_agent(settings(&b.broker.url, &files, &proof, deliveries)).await;
 
-    let out = app(AZURE_APP, &azure_env(&agent, &proof)).await.json();
+    let out = app(AZURE_APP, &azure_env(port(&agent, EndpointKind::Azure), &proof)).await.json();
     let access_token = out["token"].as_str().unwrap();
     let claims = unverified_claims(access_token).unwrap();
     assert_eq!(claims.iss, format!("https://sts.windows.net/{TENANT}/"));
@@ -642,7 +651,7 @@ async fn azure_identity_gets_the_entra_token_through_the_app_service_endpoint() 
     );
     assert_eq!(status_of(http().get(&url).header("X-IDENTITY-HEADER", &proof)).await, 200);
     // The SDK with a wrong IDENTITY_HEADER gets no token.
-    let refused = app(AZURE_APP, &azure_env(&agent, "guess")).await;
+    let refused = app(AZURE_APP, &azure_env(port(&agent, EndpointKind::Azure), "guess")).await;
     assert!(!refused.success, "{}", refused.stdout);
     assert!(refused.stderr.contains("ManagedIdentityCredential"), "{}", refused.stderr);
     agent.shutdown().await;
@@ -709,7 +718,7 @@ async fn google_auth_refreshes_compute_credentials_from_the_metadata_endpoint() 
         vec![delivery("to-gcs", AgentEndpoint::GcpMetadata { port: 0, scopes: vec![CLOUD_PLATFORM.into()] })];
     let agent = start_agent(settings(&b.broker.url, &files, "unused", deliveries)).await;
 
-    let out = app(GCP_APP, &gcp_env(&agent)).await.json();
+    let out = app(GCP_APP, &gcp_env(port(&agent, EndpointKind::Gcp))).await.json();
     assert_eq!(out["project"], "orders-project");
     assert_eq!(out["email"], SA_EMAIL);
     let issued = google.check_access_token(out["token"].as_str().unwrap()).expect("a token Google's IAM issued");
@@ -786,7 +795,7 @@ async fn requests_through_the_proxy_gets_the_api_key_for_the_policys_host_only()
     )];
     let agent = start_agent(settings(&b.broker.url, &files, "unused", deliveries)).await;
 
-    let mut env = proxy_env(&agent);
+    let mut env = proxy_env(port(&agent, EndpointKind::Proxy), IN_CLUSTER);
     env.push(var("API_PORT", api_port.to_string()));
     let out = app(API_APP, &env).await.json();
     assert_eq!(out["served"][0], 200, "{out}");
@@ -885,7 +894,7 @@ async fn plain_http_requests_signed_by_the_proxy_are_accepted_by_moto() {
     assert_eq!(refused.status(), 403);
     assert!(refused.text().await.unwrap().contains("SignatureDoesNotMatch"));
 
-    let mut env = proxy_env(&agent);
+    let mut env = proxy_env(port(&agent, EndpointKind::Proxy), IN_CLUSTER);
     env.push(var("S3_PORT", s3_port.to_string()));
     let out = app(SIGV4_APP, &env).await.json();
     assert_eq!(out["put"][0], 200, "{out}\n{}", aws.moto.log_tail());
@@ -933,9 +942,10 @@ async fn a_cached_credential_outlives_the_broker_until_it_expires() {
         .unwrap(),
     );
     let checker = oauth.clone();
-    let (api_port, seen, _api) =
-        api_server(&b.broker.ca, "authorization", move |v| v.strip_prefix("Bearer ").is_some_and(|t| checker.is_valid(t)))
-            .await;
+    let (api_port, seen, _api) = api_server(&b.broker.ca, "authorization", move |v| {
+        v.strip_prefix("Bearer ").is_some_and(|t| checker.is_valid(t))
+    })
+    .await;
     let token = namespace(
         ns,
         &[
@@ -969,7 +979,7 @@ async fn a_cached_credential_outlives_the_broker_until_it_expires() {
     )];
     let agent = start_agent(settings(&relay.url, &files, "unused", deliveries)).await;
     let expires_at = agent.store().latest("invoices").unwrap().expires_at;
-    let mut env = proxy_env(&agent);
+    let mut env = proxy_env(port(&agent, EndpointKind::Proxy), IN_CLUSTER);
     env.push(var("API_PORT", api_port.to_string()));
     assert_eq!(app(INVOICES_APP, &env).await.json()[0], 200);
 
@@ -999,4 +1009,185 @@ async fn a_cached_credential_outlives_the_broker_until_it_expires() {
     }
     assert_eq!(seen.all().len(), 2, "the expired credential was not sent upstream");
     agent.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Logs: the agent binary, started from the webhook's environment, and the broker, through
+// a full run of every delivery, print no token, key or secret.
+
+/// The agent process; killed if the test fails before stopping it.
+struct AgentProcess(std::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// One app using all four deliveries. It keeps loopback off the proxy (boto3 talks to
+/// moto on 127.0.0.1) and calls the API as `localhost`, through the proxy.
+const FULL_APP: &str = r#"
+import json, os, boto3, requests, google.auth, google.auth.transport.requests
+from azure.identity import ManagedIdentityCredential
+out = {}
+s3 = boto3.client("s3")
+s3.put_object(Bucket="orders", Key="all.txt", Body=b"four deliveries")
+out["s3"] = s3.get_object(Bucket="orders", Key="all.txt")["Body"].read().decode()
+frozen = boto3.Session().get_credentials().get_frozen_credentials()
+out["aws"] = [frozen.access_key, frozen.secret_key, frozen.token]
+out["azure"] = ManagedIdentityCredential().get_token("https://storage.azure.com/.default").token
+credentials, project = google.auth.default()
+credentials.refresh(google.auth.transport.requests.Request())
+out["gcp"] = [credentials.token, project]
+out["api"] = requests.get("http://localhost:" + os.environ["API_PORT"] + "/v1/forecast").status_code
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_the_agents_or_the_brokers_logs() {
+    let b = bed();
+    let _logs = b.cp.logs_on_panic();
+    let ns = "sdk-logs";
+    let aws = aws_bed(ns, "s3").await;
+    let entra = entra(ns, "blob").await;
+    let (google, wip) = google(ns, "gcs").await;
+    let key = format!("wx-{}", random_hex(12));
+    let expected = key.clone();
+    let (api_port, _seen, _api) = api_server(&b.broker.ca, "x-api-key", move |v| v == expected).await;
+    let token = namespace(
+        ns,
+        &[
+            sts_provider("s3", &aws),
+            entra_provider("blob", &entra),
+            google_provider("gcs", &google, &wip),
+            secret("weather", json!({"api-key": key})),
+            credential_provider("weather-key", json!({"apiKey": {"secretRef": {"name": "weather", "key": "api-key"}}})),
+            policy("to-s3", "s3", json!({"kind": "aws"}), sdk_endpoint()),
+            policy("to-blob", "blob", json!({"kind": "azure", "resource": STORAGE}), sdk_endpoint()),
+            policy("to-gcs", "gcs", json!({"kind": "gcp"}), sdk_endpoint()),
+            policy(
+                "weather",
+                "weather-key",
+                json!({"kind": "http", "hosts": ["localhost"], "port": api_port}),
+                json!({"httpHeader": {"name": "X-Api-Key", "format": "{token}"}}),
+            ),
+        ],
+        &["to-s3", "to-blob", "to-gcs", "weather"],
+    )
+    .await;
+    let files = PodFiles::new(&token);
+    let proof = random_hex(16);
+    let [health, aws_port, azure_port, gcp_port, proxy_port] = [(); 5].map(|_| free_port().unwrap());
+    let config = AgentConfig {
+        broker_url: b.broker.url.clone(),
+        health_port: health,
+        deliveries: vec![
+            delivery("to-s3", AgentEndpoint::AwsContainerCredentials { port: aws_port }),
+            delivery("to-blob", AgentEndpoint::AzureManagedIdentity { port: azure_port, resource: STORAGE.into() }),
+            delivery("to-gcs", AgentEndpoint::GcpMetadata { port: gcp_port, scopes: vec![CLOUD_PLATFORM.into()] }),
+            delivery(
+                "weather",
+                AgentEndpoint::HttpHeader {
+                    port: proxy_port,
+                    hosts: vec!["localhost".into()],
+                    upstream_port: api_port,
+                    name: "X-Api-Key".into(),
+                    format: "{token}".into(),
+                },
+            ),
+        ],
+    };
+    let upstream_ca = files.dir.path().join("upstream-ca.pem");
+    std::fs::write(&upstream_ca, b.broker.ca.cert_pem()).unwrap();
+    let log_path = files.dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    // The webhook's agent environment; the token and shared directories are where this
+    // test keeps the pod's volumes, and the upstream CA is the test API's.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudpass-agent"))
+        .env_clear()
+        .env("CLOUDPASS_AGENT_CONFIG", serde_json::to_string(&config).unwrap())
+        .env("CLOUDPASS_BROKER_CA", b.broker.ca.cert_pem())
+        .env("IDENTITY_HEADER", &proof)
+        .env("CLOUDPASS_TOKEN_FILE", files.token_file())
+        .env("CLOUDPASS_SHARED_DIR", files.shared_dir())
+        .env("CLOUDPASS_UPSTREAM_CA_FILE", &upstream_ca)
+        // The most verbose level, to hold debug messages to the rule too.
+        .env("CLOUDPASS_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut agent = AgentProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = http().get(format!("http://127.0.0.1:{health}/ready")).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            agent.0.try_wait().unwrap().is_none(),
+            "the agent exited:\n{}",
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        assert!(Instant::now() < deadline, "not ready in 30 s:\n{}", std::fs::read_to_string(&log_path).unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    aws.moto.enforce_auth(0).await.unwrap();
+
+    let mut env = aws_env(aws_port, &files);
+    env.extend(azure_env(azure_port, &proof));
+    env.extend(gcp_env(gcp_port));
+    env.extend(proxy_env(proxy_port, &format!("127.0.0.1,{IN_CLUSTER}")));
+    env.extend(moto_app_env(&aws.moto));
+    env.push(var("API_PORT", api_port.to_string()));
+    let out = app(FULL_APP, &env).await.json();
+    assert_eq!(out["s3"], "four deliveries");
+    assert_eq!(out["gcp"][1], "orders-project");
+    assert_eq!(out["api"], 200);
+    let aws_token = std::fs::read_to_string(files.aws_token_file()).unwrap();
+    let metrics = http().get(format!("http://127.0.0.1:{health}/metrics")).send().await.unwrap().text().await.unwrap();
+
+    let pid = agent.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the agent did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let agent_log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{status}:\n{agent_log}");
+
+    // The logs are there, and say what happened.
+    let lines: Vec<Value> = agent_log.lines().map(|l| serde_json::from_str(l).expect("JSON log lines")).collect();
+    for policy in ["to-s3", "to-blob", "to-gcs", "weather"] {
+        assert!(
+            lines.iter().any(|l| l["fields"]["message"] == "credential fetched" && l["fields"]["policy"] == policy),
+            "no fetch of {policy} logged:\n{agent_log}"
+        );
+    }
+    let broker_log = b.broker.log_text();
+    assert!(broker_log.contains(ns), "the broker logged this namespace's requests");
+    let secrets = [
+        ("the pod's cloudpass token", token.as_str()),
+        ("the AWS secret access key", out["aws"][1].as_str().unwrap()),
+        ("the AWS session token", out["aws"][2].as_str().unwrap()),
+        ("the AWS authorization token", aws_token.as_str()),
+        ("the identity header", proof.as_str()),
+        ("the Entra access token", out["azure"].as_str().unwrap()),
+        ("the Google access token", out["gcp"][0].as_str().unwrap()),
+        ("the API key", key.as_str()),
+    ];
+    for (what, value) in secrets {
+        assert!(value.len() >= 16, "{what} is a real value");
+        assert!(!agent_log.contains(value), "{what} appears in the agent's log");
+        assert!(!metrics.contains(value), "{what} appears in the agent's metrics");
+        assert!(!broker_log.contains(value), "{what} appears in the broker's log");
+    }
 }
