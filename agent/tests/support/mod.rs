@@ -4,8 +4,8 @@
 //!
 //! The stand-in exists to drive the agent's client through answers that are hard to get
 //! from a real broker on demand (503 then 200, a credential about to expire, a server
-//! that disappears). Tests against the real broker (operator/) and the official Python
-//! SDKs come with the broker's test bed, not here.
+//! that disappears). The tests against the real broker and the official Python SDKs are
+//! in `sdk.rs`.
 #![allow(dead_code)]
 
 use std::{
