@@ -16,9 +16,10 @@ help: ## List the targets
 tools: ## Build kube-apiserver, etcd, kubectl, helm and the Python venv (moto, SDKs) into the cache (minutes the first time, instant after)
 	@e2e/tools/build.sh >/dev/null
 	@e2e/tools/python.sh >/dev/null
+	@e2e/tools/emulators.sh >/dev/null
 
 .PHONY: demo
-demo: tools ## Run cloudpass locally and narrate it: control plane, cloud emulators, operator, webhook, a pod reading S3 (Ctrl-C stops)
+demo: tools ## Run cloudpass locally and narrate it: control plane, cloud emulators, operator, webhook, pods reading S3 and Azure Blob (Ctrl-C stops)
 	@echo "demo: building the operator, webhook and agent (a few minutes the first time)"
 	$(CARGO) build -p cloudpass-operator -p cloudpass-webhook -p cloudpass-agent -p cloudpass-e2e --bins
 	@CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) run -q -p cloudpass-e2e --bin cloudpass-demo

@@ -106,3 +106,64 @@ async fn a_pod_no_policy_selects_gets_nothing() {
     assert_eq!(run.json().unwrap()["error"], "NoCredentialsError", "{}", run.stdout);
     assert!(stack.audit_records(ns, &running.pod.name).is_empty(), "the broker was never asked");
 }
+
+/// Azurite, shared by the Azure scenarios (its certificate from the stack's test CA).
+fn azurite() -> &'static cloudpass_e2e::scenario::azure::Azurite {
+    static AZURITE: OnceLock<cloudpass_e2e::scenario::azure::Azurite> = OnceLock::new();
+    AZURITE.get_or_init(|| {
+        let ca = &Stack::shared().broker.ca;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(cloudpass_e2e::scenario::azure::Azurite::start(ca))
+                    .unwrap()
+            })
+            .join()
+            .expect("azurite start panicked")
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eks_to_azure_blob_with_azure_identity() {
+    use cloudpass_e2e::scenario::azure::{BLOB_APP, EksToAzureBlob};
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let azurite = azurite();
+    let ns = "scenario-eks-blob";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = EksToAzureBlob::prepare(stack, azurite, ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let injected = pod.injection_summary();
+    assert_eq!(injected.env_added["app"], ["IDENTITY_ENDPOINT", "IDENTITY_HEADER"]);
+    assert!(injected.agent_env.contains(&"IDENTITY_HEADER".to_owned()), "{injected:?}");
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let run = running.run_app("app", BLOB_APP).await.unwrap();
+    let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nazurite:\n{}", azurite.log_tail()));
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(setup.entra.calls(), 1, "one token from Entra, through the federated credential");
+    assert_eq!(result["credential"], "AppServiceCredential", "{result}");
+    // Azurite checks bearer tokens: a made-up one is refused.
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(stack.broker.ca.cert_pem().as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let forged = http
+        .get(format!("{}/reports?restype=container&comp=list", azurite.account_url()))
+        .bearer_auth("eyJhbGciOiJub25lIn0.eyJhdWQiOiJodHRwczovL3N0b3JhZ2UuYXp1cmUuY29tIn0.")
+        .header("x-ms-version", "2021-08-06")
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(forged.status().as_u16(), 401 | 403), "Azurite accepted a forged token: {}", forged.status());
+
+    let records = stack.audit_records(ns, &running.pod.name);
+    let allowed = records.iter().find(|r| r["outcome"] == "allowed").expect("an allowed audit record");
+    assert_eq!(allowed["credentialKind"], "azureWorkloadIdentity");
+    assert_eq!(allowed["policy"], "report-uploader-to-blob");
+}

@@ -1,9 +1,9 @@
 //! `make demo`: the whole product on this machine, narrated.
 //!
 //! Starts a local Kubernetes control plane, the cloud emulators and fakes, the real
-//! cloudpass operator (with its broker) and webhook; applies an example as a user would,
-//! creates a pod, runs it with the real agent and an unchanged SDK program, and says at
-//! each step what happened. Then it keeps everything running for `kubectl` until Ctrl-C,
+//! cloudpass operator (with its broker) and webhook; applies two examples as a user would
+//! (AKS -> S3 and EKS -> Azure Blob), creates a pod for each, runs it with the real agent
+//! and an unchanged SDK program, and says at each step what happened. Then it keeps everything running for `kubectl` until Ctrl-C,
 //! and stops it all.
 #![forbid(unsafe_code)]
 
@@ -18,6 +18,7 @@ use cloudpass_e2e::{
     scenario::{
         AdmittedPod, Binaries, RunningPod, Stack,
         aws::{AksToS3, AwsCloud, S3_APP},
+        azure::{Azurite, BLOB_APP, EksToAzureBlob},
     },
     tools_bin,
 };
@@ -146,6 +147,60 @@ async fn run(stop: impl std::future::Future<Output = ()>) -> Result<()> {
         result["read"].as_str().unwrap_or("?")
     ));
     n.done("AKS -> S3 works");
+    n.say(&format!(
+        "(stopping pod {}'s agent: the agents' loopback ports are fixed, and here all pods share one machine)",
+        running.pod.name
+    ));
+    running.stop();
+
+    n.step("Starting the Azure side: Azurite (Blob Storage) with OAuth over TLS, and an Entra ID tenant");
+    let azurite = Azurite::start(&stack.broker.ca).await?;
+    n.say("Azurite accepts only Entra bearer tokens for Azure Storage over HTTPS; the Entra fake");
+    n.say("checks federated credentials exactly (issuer, subject, audience), like Entra ID.");
+    n.done(&format!("Azurite at {}", azurite.url));
+
+    let blob_ns = "team-reports";
+    n.step(&format!("EKS -> Azure Blob: opting namespace {blob_ns} in and registering the federated credential"));
+    stack.opted_in_namespace(blob_ns).await?;
+    let blob = EksToAzureBlob::prepare(&stack, &azurite, blob_ns).await?;
+    n.say(&format!(
+        "Entra app 11111111-2222-3333-4444-555555555555 trusts issuer {} for subject {}, audience api://AzureADTokenExchange",
+        stack.broker.url, blob.subject
+    ));
+    n.done("Entra side ready");
+
+    n.step("Applying examples/eks-to-azure-blob.yaml with kubectl");
+    for change in &blob.example.changes {
+        n.say(&format!("changed for this machine: {change}"));
+    }
+    for line in blob.apply(&stack).await?.lines() {
+        n.say(line);
+    }
+    n.done("AccessPolicy report-uploader-to-blob is Ready");
+
+    n.step("Creating a pod of the report-uploader Deployment");
+    let pod = stack.create_pod(blob_ns, &blob.pod, true).await?;
+    describe_injection(&n, &pod);
+    n.done(&format!("pod {blob_ns}/{} stored", pod.name));
+
+    n.step("Running it: the agent, then an unchanged azure-identity + azure-storage-blob app");
+    let mut blob_running = stack.node.run(&cp, pod).await?;
+    let ready = blob_running.wait_started(Duration::from_secs(60)).await?;
+    n.say(&format!("the agent's startup probe passed {:.2}s after it started", ready.as_secs_f64()));
+    describe_credential(&n, &stack, &blob_running);
+    let app = blob_running.run_app("app", BLOB_APP).await?;
+    let result = app.ok_json()?;
+    n.say(&format!(
+        "ManagedIdentityCredential used {} (IDENTITY_ENDPOINT, served by the agent on 127.0.0.1)",
+        result["credential"].as_str().unwrap_or("?")
+    ));
+    n.say(&format!(
+        "uploaded and downloaded {}/{}: {:?}",
+        result["container"].as_str().unwrap_or("?"),
+        result["blob"].as_str().unwrap_or("?"),
+        result["read"].as_str().unwrap_or("?")
+    ));
+    n.done("EKS -> Azure Blob works");
 
     println!(
         "\nAll directions passed in {:.0}s. Everything keeps running until you press Ctrl-C.",
@@ -156,16 +211,20 @@ async fn run(stop: impl std::future::Future<Output = ()>) -> Result<()> {
     println!("  kubectl get trustproviders,credentialproviders,accesspolicies -n {ns}");
     println!("  kubectl describe accesspolicy orders-to-s3 -n {ns}");
     println!("  kubectl get pod {} -n {ns} -o yaml      # what the webhook injected", running.pod.name);
+    println!("  kubectl get pod {} -n {blob_ns} -o yaml", blob_running.pod.name);
     println!("  kubectl get configmaps -n cloudpass-system   # the compiled per-namespace configs");
     println!("  kubectl delete accesspolicy orders-to-s3 -n {ns}   # revoke: the broker refuses the next refresh");
     println!("  tail -f {}   # the broker's audit records", stack.broker.log_path().display());
     let _ = std::io::stdout().flush();
 
     stop.await;
-    println!("\nStopping: agent, STS gate, webhook, operator, moto, apiserver, etcd ...");
-    running.stop();
+    println!("\nStopping: the agent, STS gate, Entra, Azurite, webhook, operator, moto, apiserver, etcd ...");
+    blob_running.stop();
     drop(running);
+    drop(blob_running);
     drop(s3);
+    drop(blob);
+    drop(azurite);
     drop(stack);
     drop(aws);
     drop(cp);
@@ -223,7 +282,7 @@ fn describe_credential(n: &Narrator, stack: &Stack<'_>, pod: &RunningPod) {
     let expires = record["expiresAt"].as_str().and_then(|e| e.parse::<jiff::Timestamp>().ok());
     let lifetime = expires.map(|e| e.as_second() - jiff::Timestamp::now().as_second()).unwrap_or_default();
     n.say(&format!(
-        "and minted a {} credential through CredentialProvider {}, valid until {} (~{} min; cache {}, decided in {:.0} ms)",
+        "and minted a credential of kind {} through CredentialProvider {}, valid until {} (~{} min; cache {}, decided in {:.0} ms)",
         str_of(record, "credentialKind"),
         str_of(record, "credentialProvider"),
         str_of(record, "expiresAt"),

@@ -88,8 +88,9 @@ impl Example {
     }
 
     /// The pod the controller of workload `name` would create: its pod template, with a
-    /// generated name. `env` entries are added to container `container`: the app's own
-    /// settings for the local emulators (an endpoint URL, a bucket name), recorded.
+    /// generated name. `env` entries are set in container `container` (replacing a
+    /// variable of the same name): the app's own settings for the local emulators (an
+    /// endpoint URL, a bucket name), recorded.
     pub fn pod(&mut self, name: &str, container: &str, env: &[(&str, &str)]) -> Result<Value> {
         let workload = self
             .docs
@@ -117,8 +118,12 @@ impl Example {
             .ok_or_else(|| anyhow!("workload {name} has no container {container}"))?;
         if !env.is_empty() {
             let list = c.as_object_mut().context("container")?.entry("env").or_insert_with(|| json!([]));
+            let list = list.as_array_mut().context("env")?;
             for (k, v) in env {
-                list.as_array_mut().context("env")?.push(json!({"name": k, "value": v}));
+                match list.iter_mut().find(|e| e["name"] == *k) {
+                    Some(existing) => *existing = json!({"name": k, "value": v}),
+                    None => list.push(json!({"name": k, "value": v})),
+                }
                 self.changes.push(format!("pod of {name}, container {container}: env {k}={v}"));
             }
         }

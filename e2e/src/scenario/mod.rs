@@ -20,13 +20,14 @@
 //! at once on this one "node": scenarios take [`exclusive`] first.
 
 pub mod aws;
+pub mod azure;
 pub mod binaries;
 pub mod example;
 pub mod pod;
 pub mod webhook;
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -152,6 +153,28 @@ impl Stack<'static> {
 pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
+}
+
+/// Directory of the installed emulators (`azurite-blob`, `fake-gcs-server`):
+/// `$CLOUDPASS_EMULATORS_BIN`, else the cache that `e2e/tools/emulators.sh` fills. Fails
+/// with the command to run if one is missing.
+pub fn emulators_bin() -> Result<PathBuf> {
+    let dir = match std::env::var_os("CLOUDPASS_EMULATORS_BIN") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let out = std::process::Command::new(crate::repo_root().join("e2e/tools/emulators.sh"))
+                .arg("--print")
+                .output()
+                .context("running e2e/tools/emulators.sh --print")?;
+            PathBuf::from(String::from_utf8(out.stdout)?.trim())
+        }
+    };
+    for tool in ["azurite-blob", "fake-gcs-server"] {
+        if !dir.join(tool).is_file() {
+            bail!("{} is missing: run `make tools` (installs Azurite and fake-gcs-server)", dir.join(tool).display());
+        }
+    }
+    Ok(dir)
 }
 
 /// The last `max` bytes of a file (on a character boundary).

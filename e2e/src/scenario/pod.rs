@@ -341,6 +341,14 @@ impl RunningPod {
 
     fn start_agent(&mut self) -> Result<()> {
         let agent = self.pod.agent().context("no agent container")?.clone();
+        // The agent's ports are fixed: on one "node" only one injected pod can run.
+        let config = self.env_of(&agent)?.into_iter().find(|(k, _)| k == cloudpass_api::agent::AGENT_CONFIG_ENV);
+        let health = config.and_then(|(_, v)| serde_json::from_str::<Value>(&v).ok()?["healthPort"].as_u64());
+        if let Some(port) = health
+            && std::net::TcpStream::connect(("127.0.0.1", port as u16)).is_ok()
+        {
+            bail!("port {port} is taken, by another pod's agent? Stop that pod first: agents use fixed loopback ports");
+        }
         let mounts = self.mounts(&agent);
         let mut args: Vec<String> = agent["args"]
             .as_array()
