@@ -167,3 +167,31 @@ async fn eks_to_azure_blob_with_azure_identity() {
     assert_eq!(allowed["credentialKind"], "azureWorkloadIdentity");
     assert_eq!(allowed["policy"], "report-uploader-to-blob");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_cluster_to_gcs_with_google_cloud_storage() {
+    use cloudpass_e2e::scenario::gcs::{AnyToGcs, GCS_APP, OBJECT_CONTENT};
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-gcs";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = AnyToGcs::prepare(stack, ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    assert_eq!(pod.injection_summary().env_added["web"], ["GCE_METADATA_HOST", "GCE_METADATA_IP"]);
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let run = running.run_app("web", GCS_APP).await.unwrap();
+    let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nfake-gcs-server:\n{}", setup.gcs.log_tail()));
+    assert_eq!(result["read"], OBJECT_CONTENT, "{result}");
+    assert_eq!(result["credential"], "google.auth.compute_engine.credentials.Credentials", "{result}");
+    assert_eq!(result["serviceAccount"], setup.service_account.as_str(), "{result}");
+    // The policy grants devstorage.read_only: GCS refuses the write for its scope.
+    assert_eq!(result["write"], "refused (403): Provided scope(s) are not authorized", "{result}");
+    assert!(setup.gcs.served() >= 1);
+    let records = stack.audit_records(ns, &running.pod.name);
+    let allowed = records.iter().find(|r| r["outcome"] == "allowed").expect("an allowed audit record");
+    assert_eq!(allowed["credentialKind"], "gcpWorkloadIdentity");
+}

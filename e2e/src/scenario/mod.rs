@@ -23,6 +23,7 @@ pub mod aws;
 pub mod azure;
 pub mod binaries;
 pub mod example;
+pub mod gcs;
 pub mod pod;
 pub mod webhook;
 
