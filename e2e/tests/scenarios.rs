@@ -195,3 +195,32 @@ async fn any_cluster_to_gcs_with_google_cloud_storage() {
     let allowed = records.iter().find(|r| r["outcome"] == "allowed").expect("an allowed audit record");
     assert_eq!(allowed["credentialKind"], "gcpWorkloadIdentity");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_apis_with_an_api_key_and_oauth2_through_the_header_proxy() {
+    use cloudpass_e2e::scenario::http_api::{HTTP_APP, HttpApiScenario};
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-http";
+    stack.opted_in_namespace(ns).await.unwrap();
+    for (setup, container, caller) in [
+        (HttpApiScenario::api_key(stack, ns).await.unwrap(), "app", "api-key"),
+        (HttpApiScenario::oauth2(stack, ns).await.unwrap(), "billing", "cloudpass-billing"),
+    ] {
+        setup.apply(stack).await.unwrap();
+        let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+        let added = &pod.injection_summary().env_added[container];
+        assert!(added.contains(&"HTTP_PROXY".to_owned()) && added.contains(&"NO_PROXY".to_owned()), "{added:?}");
+        let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+        running.wait_started(Duration::from_secs(30)).await.unwrap();
+        let run = running.run_app(container, HTTP_APP).await.unwrap();
+        let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nagent:\n{}", running.agent_log_text()));
+        assert_eq!(result["body"]["caller"], caller, "{result}");
+        assert_eq!(setup.api.callers(), [caller]);
+        if let Some(oauth2) = &setup.oauth2 {
+            assert_eq!(oauth2.calls(), 1, "one client-credentials grant");
+        }
+        running.stop();
+    }
+}

@@ -24,6 +24,7 @@ pub mod azure;
 pub mod binaries;
 pub mod example;
 pub mod gcs;
+pub mod http_api;
 pub mod pod;
 pub mod webhook;
 

@@ -1,0 +1,242 @@
+//! Plain HTTPS APIs behind the agent's header proxy: a weather API that wants an API key
+//! in `X-API-Key`, and a partner API that wants an OAuth 2.0 bearer token from the OAuth2
+//! fake's client-credentials endpoint. The app sends plain HTTP through `HTTP_PROXY`; the
+//! agent adds the header and calls the API over HTTPS.
+//!
+//! The APIs listen on 127.0.0.2: still loopback, but not in the `NO_PROXY` list the webhook
+//! sets (`localhost,127.0.0.1,...`), so the app's requests do go through the proxy, and the
+//! policy's host pattern is that address.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use anyhow::{Context, Result};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
+
+use super::{Example, Stack};
+use crate::{
+    certs::TestCa,
+    fakes::oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
+    tls::server_config,
+};
+
+/// Where the APIs listen.
+pub const API_HOST: &str = "127.0.0.2";
+/// The app: `requests` GETs `$API_URL$API_PATH` (through `HTTP_PROXY`) and prints the
+/// status and answer as JSON (last line).
+pub const HTTP_APP: &str = include_str!("apps/http_api.py");
+
+/// How an API authenticates its callers.
+pub enum ApiAuth {
+    /// A fixed key in a header.
+    ApiKey {
+        /// The header.
+        header: String,
+        /// The key.
+        key: String,
+    },
+    /// A bearer token the OAuth2 fake issued, with this scope.
+    OAuth2 {
+        /// The token endpoint that issued it.
+        issuer: Arc<OAuth2Fake>,
+        /// A scope the token must carry.
+        scope: String,
+    },
+}
+
+struct ApiState {
+    auth: ApiAuth,
+    served: AtomicU64,
+    callers: Mutex<Vec<String>>,
+}
+
+/// An HTTPS API on [`API_HOST`]; stops on drop.
+pub struct HttpApi {
+    task: JoinHandle<()>,
+    state: Arc<ApiState>,
+    /// Its port.
+    pub port: u16,
+}
+
+impl HttpApi {
+    /// Serves the API over HTTPS with a certificate of `ca` for [`API_HOST`].
+    pub async fn start(auth: ApiAuth, ca: &TestCa) -> Result<Self> {
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(&ca.issue_server(&[API_HOST])?)?));
+        let listener = TcpListener::bind((API_HOST, 0)).await.context("binding 127.0.0.2")?;
+        let addr: SocketAddr = listener.local_addr()?;
+        let state = Arc::new(ApiState { auth, served: AtomicU64::new(0), callers: Mutex::new(Vec::new()) });
+        let router = Router::new().fallback(answer).with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                while connections.try_join_next().is_some() {}
+                let (acceptor, service) = (acceptor.clone(), TowerToHyperService::new(router.clone()));
+                connections.spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ =
+                            auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await;
+                    }
+                });
+            }
+        });
+        Ok(Self { task, state, port: addr.port() })
+    }
+
+    /// Requests answered with 200.
+    pub fn served(&self) -> u64 {
+        self.state.served.load(Ordering::SeqCst)
+    }
+
+    /// Who the authorised calls came as (the OAuth2 client, or `api-key`).
+    pub fn callers(&self) -> Vec<String> {
+        self.state.callers.lock().expect("callers lock").clone()
+    }
+}
+
+impl Drop for HttpApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(State(state): State<Arc<ApiState>>, uri: Uri, headers: HeaderMap) -> Response {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let caller = match &state.auth {
+        ApiAuth::ApiKey { header, key } => {
+            (value(header).as_deref() == Some(key.as_str())).then(|| "api-key".to_owned())
+        }
+        ApiAuth::OAuth2 { issuer, scope } => value(header::AUTHORIZATION.as_str())
+            .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
+            .and_then(|token| issuer.token_info(&token))
+            .filter(|t| t.scopes.contains(scope))
+            .map(|t| t.client_id),
+    };
+    let Some(caller) = caller else {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "unauthorized"}))).into_response();
+    };
+    state.served.fetch_add(1, Ordering::SeqCst);
+    state.callers.lock().expect("callers lock").push(caller.clone());
+    Json(json!({"path": uri.path(), "caller": caller, "data": "sunny, 21 C"})).into_response()
+}
+
+/// An HTTP-API direction set up in a namespace: the example, pointed at a local API.
+pub struct HttpApiScenario {
+    /// The namespace.
+    pub namespace: String,
+    /// The API.
+    pub api: HttpApi,
+    /// The OAuth2 token endpoint, for the OAuth2 example.
+    pub oauth2: Option<Arc<OAuth2Fake>>,
+    /// The example.
+    pub example: Example,
+    /// The pod its Deployment would create.
+    pub pod: Value,
+    /// The policy's name.
+    pub policy: String,
+}
+
+impl HttpApiScenario {
+    /// `examples/http-api-key.yaml`: the Secret `weather-api` holds the key (created here
+    /// with kubectl, as its comment says to), the policy's host is the local API.
+    pub async fn api_key(stack: &Stack<'_>, namespace: &str) -> Result<Self> {
+        let key = "wx-7f3a9c1e5b2d";
+        stack.cp.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "weather-api",
+            "-n",
+            namespace,
+            &format!("--from-literal=api-key={key}"),
+        ])?;
+        let api =
+            HttpApi::start(ApiAuth::ApiKey { header: "X-API-Key".into(), key: key.into() }, &stack.broker.ca).await?;
+        let mut example = Example::load("http-api-key")?;
+        let policy = "forecaster-to-weather-api";
+        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([API_HOST]))?;
+        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
+        let pod = example.pod(
+            "forecaster",
+            "app",
+            &[("API_URL", &format!("http://{API_HOST}")), ("API_PATH", "/v1/forecast?city=berlin")],
+        )?;
+        Ok(Self { namespace: namespace.to_owned(), api, oauth2: None, example, pod, policy: policy.into() })
+    }
+
+    /// `examples/oauth2-client-credentials.yaml`: the OAuth2 fake knows the example's
+    /// client; the Secret `partner-oauth` holds its secret; the token URL and the policy's
+    /// host point here. The example's business-hours time window is removed, so that the
+    /// scenario does not depend on the hour it runs (the time-window scenario covers it).
+    pub async fn oauth2(stack: &Stack<'_>, namespace: &str) -> Result<Self> {
+        let secret = "Oa-partner-5d41402a";
+        stack.cp.kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "partner-oauth",
+            "-n",
+            namespace,
+            &format!("--from-literal=client-secret={secret}"),
+        ])?;
+        let oauth2 = Arc::new(
+            OAuth2Fake::start(
+                OAuth2Config {
+                    clients: vec![OAuth2Client {
+                        client_id: "cloudpass-billing".into(),
+                        client_secret: secret.into(),
+                        allowed_scopes: vec!["invoices:read".into(), "invoices:write".into()],
+                    }],
+                    ..Default::default()
+                },
+                &stack.broker.ca,
+            )
+            .await?,
+        );
+        let api =
+            HttpApi::start(ApiAuth::OAuth2 { issuer: oauth2.clone(), scope: "invoices:read".into() }, &stack.broker.ca)
+                .await?;
+        let mut example = Example::load("oauth2-client-credentials")?;
+        let policy = "billing-to-partner-api";
+        example.set(
+            "CredentialProvider",
+            "partner-api",
+            "/spec/oauth2ClientCredentials/tokenUrl",
+            json!(oauth2.token_url()),
+        )?;
+        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([API_HOST]))?;
+        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
+        example.set("AccessPolicy", policy, "/spec/conditions", json!({}))?;
+        let pod = example.pod(
+            "billing",
+            "billing",
+            &[("API_URL", &format!("http://{API_HOST}")), ("API_PATH", "/v1/invoices?status=open")],
+        )?;
+        Ok(Self { namespace: namespace.to_owned(), api, oauth2: Some(oauth2), example, pod, policy: policy.into() })
+    }
+
+    /// Applies the example's objects and waits until its policy is Ready.
+    pub async fn apply(&self, stack: &Stack<'_>) -> Result<String> {
+        let out = stack.cp.apply_yaml(Some(&self.namespace), &self.example.objects_yaml()?)?;
+        stack.wait_policy_ready(&self.namespace, &self.policy).await?;
+        Ok(out)
+    }
+}
