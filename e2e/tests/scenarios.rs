@@ -224,3 +224,141 @@ async fn http_apis_with_an_api_key_and_oauth2_through_the_header_proxy() {
         running.stop();
     }
 }
+
+/// Waits until the broker has audited a decision about `pod` matching `outcome`.
+async fn audited(stack: &Stack<'_>, ns: &str, pod: &str, outcome: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(r) = stack.audit_records(ns, pod).into_iter().find(|r| r["outcome"] == outcome) {
+            return r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {outcome} audit record for {ns}/{pod}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_policy_denies_the_next_refresh() {
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-revoke";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(running.run_app("api", S3_APP).await.unwrap().ok_json().unwrap()["ok"], true);
+
+    // What the agent's next refresh gets, asked the way the agent asks.
+    let (status, _) = stack.ask_as_agent(&running, "orders-to-s3").await.unwrap();
+    assert_eq!(status, 200);
+    stack.cp.kubectl_ok(&["delete", "accesspolicy", "orders-to-s3", "-n", ns]).unwrap();
+    let (latency, denial) = stack.wait_denied(&running, "orders-to-s3", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(denial["code"], "Denied", "{denial}");
+    assert!(denial["message"].as_str().unwrap().contains("no Ready AccessPolicy orders-to-s3"), "{denial}");
+    eprintln!(
+        "revocation: the broker denied the next refresh {:.3}s after kubectl delete returned",
+        latency.as_secs_f64()
+    );
+    assert!(latency < Duration::from_secs(10), "revocation took {latency:?}");
+    let denied = audited(stack, ns, &running.pod.name, "denied").await;
+    assert!(denied["reason"].as_str().unwrap().contains("no Ready AccessPolicy"), "{denied}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_time_window_is_denied_with_its_reason() {
+    use cloudpass_e2e::scenario::http_api::{HTTP_APP, HttpApiScenario};
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-window";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let mut setup = HttpApiScenario::api_key(stack, ns).await.unwrap();
+    // Open from two to three hours from now (UTC): closed now, whatever the hour.
+    let hour = |h: i64| format!("{:02}:00", (jiff::Timestamp::now().as_second() / 3600 + h).rem_euclid(24));
+    let window = json!({"timeWindows": [{"timeZone": "UTC", "start": hour(2), "end": hour(3)}]});
+    setup.example.set("AccessPolicy", &setup.policy.clone(), "/spec/conditions", window).unwrap();
+    setup.apply(stack).await.unwrap();
+
+    // The policy is Ready and selects the pod, so the webhook injects the agent...
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    // ...but the broker refuses, saying why, and the agent does not become ready.
+    let denied = audited(stack, ns, &running.pod.name, "denied").await;
+    let reason = denied["reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("outside the policy's time windows: {}-{} UTC", hour(2), hour(3))), "{reason}");
+    assert!(!running.probe().unwrap(), "the agent must not report ready without a credential");
+    assert!(
+        running.agent_log_text().contains("outside the policy's time windows"),
+        "the agent logs the broker's reason"
+    );
+    let run = running.run_app("app", HTTP_APP).await.unwrap();
+    assert!(!run.success);
+    assert_eq!(run.json().unwrap()["status"], 503, "{}", run.stdout);
+    assert_eq!(setup.api.served(), 0, "the API was never called");
+    assert!(running.wait_started(Duration::from_secs(2)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_the_trust_provider_does_not_name_is_denied() {
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-mismatch";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let mut setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
+    // The policy selects by labels only; its trust provider still names only `orders`.
+    let mut client = setup.example.get("AccessPolicy", "orders-to-s3").unwrap()["spec"]["client"].clone();
+    client.as_object_mut().unwrap().remove("serviceAccountName");
+    setup.example.set("AccessPolicy", "orders-to-s3", "/spec/client", client).unwrap();
+    setup.apply(stack).await.unwrap();
+    stack.cp.create_service_account(ns, "intruder").await.unwrap();
+    let mut manifest = setup.pod.clone();
+    manifest["spec"]["serviceAccountName"] = json!("intruder");
+
+    let pod = stack.create_pod(ns, &manifest, true).await.unwrap();
+    assert!(pod.is_injected());
+    let running = stack.node.run(stack.cp, pod).await.unwrap();
+    let denied = audited(stack, ns, &running.pod.name, "denied").await;
+    assert_eq!(
+        denied["reason"], "trust provider this-cluster refused the caller: service account intruder is not trusted",
+        "{denied}"
+    );
+    assert!(!running.probe().unwrap());
+    let run = running.run_app("api", S3_APP).await.unwrap();
+    assert!(!run.success, "the app reached S3: {}", run.stdout);
+    assert_eq!(setup.gate.calls(), 0, "STS was never asked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_webhook_down_opted_in_pods_are_refused_loudly() {
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-webhook-down";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+    cloudpass_e2e::scenario::AdmittedPod::wait_until_injectable(stack.cp, ns, &setup.pod, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    stack.webhook.stop();
+    let refused = stack.create_pod(ns, &setup.pod, false).await;
+    // Bring it back before asserting, so that a failure here does not break other scenarios.
+    stack.webhook.restart().await.unwrap();
+    let message = format!("{:#}", refused.expect_err("a pod was admitted without the webhook"));
+    assert!(message.contains("failed calling webhook") && message.contains("cloudpass-webhook"), "{message}");
+    // A namespace that did not opt in is unaffected, even with the webhook down.
+    stack.webhook.stop();
+    stack.cp.create_namespace("scenario-not-opted-in", &[]).await.unwrap();
+    stack.cp.create_service_account("scenario-not-opted-in", "orders").await.unwrap();
+    let plain = stack.create_pod("scenario-not-opted-in", &setup.pod, false).await;
+    stack.webhook.restart().await.unwrap();
+    assert!(!plain.unwrap().is_injected());
+    // And with the webhook back, pods are injected again.
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    assert!(pod.is_injected());
+}
