@@ -13,7 +13,7 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
@@ -86,28 +86,9 @@ fn bed() -> &'static Bed {
     })
 }
 
-/// The workspace's `cloudpass-operator` binary, built (or found up to date) by cargo in
-/// this test's own target directory and profile: cargo hands a test the paths of its own
-/// package's binaries only.
+/// The workspace's `cloudpass-operator` binary.
 fn operator_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/sdk-<hash>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev".to_owned(),
-        Some(other) => other.to_owned(),
-        None => panic!("no profile directory above {}", exe.display()),
-    };
-    let target_dir = profile_dir.parent().expect("target directory");
-    let out = std::process::Command::new(env!("CARGO"))
-        .current_dir(cloudpass_e2e::repo_root())
-        .args(["build", "--quiet", "-p", "cloudpass-operator", "--bin", "cloudpass-operator", "--profile", &profile])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .output()
-        .expect("running cargo");
-    assert!(out.status.success(), "building cloudpass-operator: {}", String::from_utf8_lossy(&out.stderr));
-    profile_dir.join("cloudpass-operator")
+    cloudpass_e2e::workspace_binary("cloudpass-operator").unwrap()
 }
 
 const TRUST: &str = r#"

@@ -44,3 +44,38 @@ pub fn tools_bin() -> Result<PathBuf> {
     }
     Ok(dir)
 }
+
+/// Path of a binary of this workspace (`cloudpass-operator`, `cloudpass-webhook`,
+/// `cloudpass-agent`) for tests and benchmarks of other packages, which cargo does not
+/// hand the paths of other packages' binaries. `$CLOUDPASS_BIN_DIR` (set by `make test`,
+/// after the workspace build that made them) wins; otherwise cargo builds the binary (or
+/// finds it up to date) in the caller's own target directory and profile.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CLOUDPASS_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        if !path.is_file() {
+            bail!("{} is missing: build it with `cargo build -p {name}`", path.display());
+        }
+        return Ok(path);
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile dir>/deps/<test>-<hash>
+    let profile_dir = exe.parent().and_then(std::path::Path::parent).context("target/<profile>/deps")?.to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+        None => bail!("no profile directory above {}", exe.display()),
+    };
+    let target_dir = profile_dir.parent().context("target directory")?;
+    let out = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(repo_root())
+        .args(["build", "--quiet", "--locked", "-p", name, "--bin", name, "--profile", &profile])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("building {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(profile_dir.join(name))
+}
