@@ -174,26 +174,37 @@ async fn any_cluster_to_gcs_with_google_cloud_storage() {
     let _one = exclusive().await;
     let stack = Stack::shared();
     let _logs = stack.cp.logs_on_panic();
-    let ns = "scenario-gcs";
-    stack.opted_in_namespace(ns).await.unwrap();
-    let setup = AnyToGcs::prepare(stack, ns).await.unwrap();
-    setup.apply(stack).await.unwrap();
+    // The example as it is (read-only scope), then with the read-write scope.
+    let read_write = "https://www.googleapis.com/auth/devstorage.read_write";
+    for (ns, scope) in [("scenario-gcs", None), ("scenario-gcs-write", Some(read_write))] {
+        stack.opted_in_namespace(ns).await.unwrap();
+        let mut setup = AnyToGcs::prepare(stack, ns).await.unwrap();
+        if let Some(scope) = scope {
+            setup.example.set("AccessPolicy", "dashboards-to-gcs", "/spec/server/scopes", json!([scope])).unwrap();
+        }
+        setup.apply(stack).await.unwrap();
 
-    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
-    assert_eq!(pod.injection_summary().env_added["web"], ["GCE_METADATA_HOST", "GCE_METADATA_IP"]);
-    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
-    running.wait_started(Duration::from_secs(30)).await.unwrap();
-    let run = running.run_app("web", GCS_APP).await.unwrap();
-    let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nfake-gcs-server:\n{}", setup.gcs.log_tail()));
-    assert_eq!(result["read"], OBJECT_CONTENT, "{result}");
-    assert_eq!(result["credential"], "google.auth.compute_engine.credentials.Credentials", "{result}");
-    assert_eq!(result["serviceAccount"], setup.service_account.as_str(), "{result}");
-    // The policy grants devstorage.read_only: GCS refuses the write for its scope.
-    assert_eq!(result["write"], "refused (403): Provided scope(s) are not authorized", "{result}");
-    assert!(setup.gcs.served() >= 1);
-    let records = stack.audit_records(ns, &running.pod.name);
-    let allowed = records.iter().find(|r| r["outcome"] == "allowed").expect("an allowed audit record");
-    assert_eq!(allowed["credentialKind"], "gcpWorkloadIdentity");
+        let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+        assert_eq!(pod.injection_summary().env_added["web"], ["GCE_METADATA_HOST", "GCE_METADATA_IP"]);
+        let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+        running.wait_started(Duration::from_secs(30)).await.unwrap();
+        let run = running.run_app("web", GCS_APP).await.unwrap();
+        let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nfake-gcs-server:\n{}", setup.gcs.log_tail()));
+        assert_eq!(result["read"], OBJECT_CONTENT, "{result}");
+        assert_eq!(result["credential"], "google.auth.compute_engine.credentials.Credentials", "{result}");
+        assert_eq!(result["serviceAccount"], setup.service_account.as_str(), "{result}");
+        if scope.is_none() {
+            // devstorage.read_only: GCS refuses the write for its scope.
+            assert_eq!(result["write"], "refused (403): Provided scope(s) are not authorized", "{result}");
+        } else {
+            assert_eq!(result["write"], "allowed", "{result}");
+            assert_eq!(result["writtenAndReadBack"], "written by an unchanged google-cloud-storage app", "{result}");
+        }
+        let records = stack.audit_records(ns, &running.pod.name);
+        let allowed = records.iter().find(|r| r["outcome"] == "allowed").expect("an allowed audit record");
+        assert_eq!(allowed["credentialKind"], "gcpWorkloadIdentity");
+        running.stop();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,8 @@
 # google.auth.default() finds, here the GCE metadata server at GCE_METADATA_HOST (set by
 # the webhook). The API endpoint is explicit (never STORAGE_EMULATOR_HOST, which drops
 # credentials) and so is the project. It reads the seeded object, tries to write one
-# (the policy grants read-only scope) and prints what happened as JSON (last line).
-import json, os, re, sys
+# and read it back (refused under the example's read-only scope) and prints what happened as JSON (last line).
+import json, os, re, sys, uuid
 
 import google.auth
 import google.auth.transport.requests
@@ -19,9 +19,12 @@ try:
     )
     bucket = client.bucket(os.environ["BUCKET"])
     read = bucket.blob(os.environ["OBJECT"]).download_as_bytes().decode()
+    written = None
     try:
-        bucket.blob("written-by-dashboards.txt").upload_from_string("not allowed")
+        blob = bucket.blob("uploads/{}.txt".format(uuid.uuid4()))
+        blob.upload_from_string("written by an unchanged google-cloud-storage app")
         write = "allowed"
+        written = blob.download_as_bytes().decode()
     except exceptions.Forbidden as e:
         # Upload errors carry GCS's JSON error inside the message.
         found = re.search(r'"message":\s*"([^"]+)"', str(e))
@@ -34,6 +37,7 @@ try:
         "ok": True,
         "read": read,
         "write": write,
+        "writtenAndReadBack": written,
         "credential": type(credentials).__module__ + "." + type(credentials).__name__,
         "serviceAccount": info.get("email"),
     }))
