@@ -373,3 +373,37 @@ async fn with_the_webhook_down_opted_in_pods_are_refused_loudly() {
     let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
     assert!(pod.is_injected());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gke_to_s3_only_the_named_container_gets_credentials() {
+    use cloudpass_e2e::scenario::aws::S3Direction;
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-gke-s3";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = S3Direction::gke(stack, aws(), ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+    // The log shipper has the same app settings, but the policy names only `exporter`.
+    let mut manifest = setup.pod.clone();
+    let exporter_env = manifest["spec"]["containers"][0]["env"].clone();
+    manifest["spec"]["containers"][1]["env"] = exporter_env;
+
+    let pod = stack.create_pod(ns, &manifest, true).await.unwrap();
+    let added = pod.injection_summary().env_added;
+    assert_eq!(added["exporter"], ["AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]);
+    assert!(added["log-shipper"].is_empty(), "{added:?}");
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let result = running.run_app("exporter", S3_APP).await.unwrap().ok_json().unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(result["identity"].as_str().unwrap().contains(":assumed-role/gke-exporter/"), "{result}");
+    let shipper = running.run_app("log-shipper", S3_APP).await.unwrap();
+    assert!(!shipper.success);
+    assert_eq!(shipper.json().unwrap()["error"], "NoCredentialsError", "{}", shipper.stdout);
+    // The session is bounded by the example's sessionDuration (2h), not the 15 min of AKS.
+    let allowed = audited(stack, ns, &running.pod.name, "allowed").await;
+    let expires: jiff::Timestamp = allowed["expiresAt"].as_str().unwrap().parse().unwrap();
+    let left = expires.as_second() - jiff::Timestamp::now().as_second();
+    assert!((7000..=7200).contains(&left), "{left}s left");
+}

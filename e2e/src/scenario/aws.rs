@@ -97,11 +97,10 @@ except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists
     }
 }
 
-/// The AKS → S3 direction, set up in a namespace: the role of `examples/aks-to-s3.yaml`
-/// exists in moto (same account, same name, so the example's ARN is unchanged), with S3
-/// rights; its trust names `system:cloudpass:<namespace>:orders-s3` for the cloudpass
-/// issuer, audience `sts.amazonaws.com`; a bucket `orders` exists.
-pub struct AksToS3 {
+/// An S3 direction set up in a namespace: the example's role exists in moto with S3
+/// rights on bucket [`BUCKET`]; its trust (in the STS gate) names the cloudpass issuer,
+/// audience `sts.amazonaws.com` and the subject the example's CredentialProvider makes.
+pub struct S3Direction {
     /// The namespace.
     pub namespace: String,
     /// The STS gate (AWS STS for the broker).
@@ -110,23 +109,66 @@ pub struct AksToS3 {
     pub role_arn: String,
     /// The example, pointed at the gate and moto.
     pub example: Example,
-    /// The pod its Deployment would create.
+    /// The pod its workload would create.
     pub pod: Value,
+    /// The example's AccessPolicy.
+    pub policy: String,
 }
+
+/// AKS → S3 (`examples/aks-to-s3.yaml`), see [`S3Direction::prepare`].
+pub type AksToS3 = S3Direction;
 
 /// The bucket the app writes to.
 pub const BUCKET: &str = "orders";
 /// The S3 app: writes an object, reads it back, says who it was (JSON on the last line).
 pub const S3_APP: &str = include_str!("apps/s3.py");
 
-impl AksToS3 {
-    /// Sets up the AWS side and the example for `namespace` (which must exist, opted in).
+impl S3Direction {
+    /// AKS → S3 (`examples/aks-to-s3.yaml`) for `namespace` (which must exist, opted in):
+    /// the role keeps the example's ARN (moto's account), the subject is
+    /// `system:cloudpass:<namespace>:orders-s3`.
     pub async fn prepare(stack: &Stack<'_>, aws: &AwsCloud, namespace: &str) -> Result<Self> {
-        let mut example = Example::load("aks-to-s3")?;
-        let arn = example.get("CredentialProvider", "orders-s3")?["spec"]["awsSts"]["roleArn"]
+        let example = Example::load("aks-to-s3")?;
+        Self::setup(stack, aws, namespace, example, ("orders-s3", "orders-to-s3"), ("orders", "api"), None).await
+    }
+
+    /// GKE → S3 (`examples/gke-to-s3.yaml`) for `namespace`: the role moves to moto's
+    /// account (the example names another), the subject names the service account
+    /// (`system:cloudpass:<namespace>:exporter-s3:exporter`), and the example's nightly
+    /// time window is removed so the scenario runs at any hour. The pod is the CronJob's.
+    pub async fn gke(stack: &Stack<'_>, aws: &AwsCloud, namespace: &str) -> Result<Self> {
+        let mut example = Example::load("gke-to-s3")?;
+        let arn = example.get("CredentialProvider", "exporter-s3")?["spec"]["awsSts"]["roleArn"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
+        let name = arn.rsplit_once(":role/").map(|(_, n)| n.to_owned()).unwrap_or_default();
+        let local = format!("arn:aws:iam::{ACCOUNT_ID}:role/{name}");
+        example.set("CredentialProvider", "exporter-s3", "/spec/awsSts/roleArn", json!(local))?;
+        example.set("AccessPolicy", "exporter-to-s3", "/spec/conditions", json!({}))?;
+        Self::setup(
+            stack,
+            aws,
+            namespace,
+            example,
+            ("exporter-s3", "exporter-to-s3"),
+            ("exporter", "exporter"),
+            Some("exporter"),
+        )
+        .await
+    }
+
+    async fn setup(
+        stack: &Stack<'_>,
+        aws: &AwsCloud,
+        namespace: &str,
+        mut example: Example,
+        (provider, policy): (&str, &str),
+        (workload, container): (&str, &str),
+        subject_service_account: Option<&str>,
+    ) -> Result<Self> {
+        let sts = example.get("CredentialProvider", provider)?["spec"]["awsSts"].clone();
+        let arn = sts["roleArn"].as_str().unwrap_or_default().to_owned();
         let Some(role_name) = arn.strip_prefix(&format!("arn:aws:iam::{ACCOUNT_ID}:role/")) else {
             bail!("the example's role {arn} is not in moto's account {ACCOUNT_ID}");
         };
@@ -135,28 +177,30 @@ impl AksToS3 {
         let role_arn = aws.role(role_name, &s3).await?;
         aws.bucket(BUCKET).await?;
         let broker = &stack.broker;
-        let mut trust = AwsRoleTrust::new(&role_arn, &broker.url, &format!("system:cloudpass:{namespace}:orders-s3"));
+        let mut subject = format!("system:cloudpass:{namespace}:{provider}");
+        if let Some(sa) = subject_service_account {
+            subject = format!("{subject}:{sa}");
+        }
+        let mut trust = AwsRoleTrust::new(&role_arn, &broker.url, &subject);
         trust.audiences = vec![STS_AUDIENCE.into()];
+        trust.max_session_duration = 43200;
         let gate = aws.gate(&broker.url, &broker.ca.cert_pem(), &broker.ca, vec![trust]).await?;
-        example.set("CredentialProvider", "orders-s3", "/spec/awsSts/stsEndpoint", json!(gate.url()))?;
-        // boto3 and the AWS CLI read the region from AWS_DEFAULT_REGION only, not from the
-        // example's AWS_REGION (which the other SDKs read).
-        let region = example.get("CredentialProvider", "orders-s3")?["spec"]["awsSts"]["region"]
-            .as_str()
-            .unwrap_or(crate::moto::REGION)
-            .to_owned();
+        example.set("CredentialProvider", provider, "/spec/awsSts/stsEndpoint", json!(gate.url()))?;
+        // boto3 and the AWS CLI read the region from AWS_DEFAULT_REGION only, not from
+        // AWS_REGION (which the other SDKs read).
+        let region = sts["region"].as_str().unwrap_or(crate::moto::REGION).to_owned();
         let pod = example.pod(
-            "orders",
-            "api",
+            workload,
+            container,
             &[("AWS_ENDPOINT_URL", aws.moto.url()), ("AWS_DEFAULT_REGION", &region), ("BUCKET", BUCKET)],
         )?;
-        Ok(Self { namespace: namespace.to_owned(), gate, role_arn, example, pod })
+        Ok(Self { namespace: namespace.to_owned(), gate, role_arn, example, pod, policy: policy.to_owned() })
     }
 
     /// Applies the example's objects and waits until its policy is Ready.
     pub async fn apply(&self, stack: &Stack<'_>) -> Result<String> {
         let out = stack.cp.apply_yaml(Some(&self.namespace), &self.example.objects_yaml()?)?;
-        stack.wait_policy_ready(&self.namespace, "orders-to-s3").await?;
+        stack.wait_policy_ready(&self.namespace, &self.policy).await?;
         Ok(out)
     }
 }
