@@ -164,6 +164,7 @@ async fn run() {
     let config = AgentConfig {
         broker_url: broker.url.clone(),
         health_port: health,
+        policy_namespace: None,
         deliveries: vec![
             AgentDelivery {
                 policy: "to-s3".into(),

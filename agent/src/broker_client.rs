@@ -38,6 +38,7 @@ pub struct BrokerClient {
     http: reqwest::Client,
     endpoint: String,
     token_file: PathBuf,
+    policy_namespace: Option<String>,
 }
 
 /// An error's message with its causes (`reqwest` puts the useful part, such as
@@ -75,7 +76,14 @@ impl BrokerClient {
             if settings.trust_system_roots { builder.tls_certs_merge(certs) } else { builder.tls_certs_only(certs) };
         let http = builder.build().map_err(|e| AgentError::Tls(format!("broker client: {}", chain(&e))))?;
         let endpoint = format!("{}{CREDENTIALS_PATH}", settings.url.trim_end_matches('/'));
-        Ok(Self { http, endpoint, token_file: settings.token_file.clone() })
+        Ok(Self { http, endpoint, token_file: settings.token_file.clone(), policy_namespace: None })
+    }
+
+    /// Names `namespace` in every request: for an agent in another cluster than the
+    /// broker's (see `AgentConfig::policy_namespace`).
+    pub fn with_policy_namespace(mut self, namespace: Option<String>) -> Self {
+        self.policy_namespace = namespace;
+        self
     }
 
     async fn token(&self) -> Result<SecretString, AgentError> {
@@ -91,7 +99,11 @@ impl BrokerClient {
     /// Fetches the credential of `policy`.
     pub async fn fetch(&self, policy: &str) -> Result<CredentialResponse, AgentError> {
         let token = self.token().await?;
-        let body = CredentialRequest { policy: policy.to_owned(), namespace: None, evidence: Default::default() };
+        let body = CredentialRequest {
+            policy: policy.to_owned(),
+            namespace: self.policy_namespace.clone(),
+            evidence: Default::default(),
+        };
         let mut response = self
             .http
             .post(&self.endpoint)

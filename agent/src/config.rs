@@ -360,7 +360,12 @@ mod tests {
 
     fn settings(deliveries: Vec<AgentDelivery>) -> Settings {
         Settings {
-            config: AgentConfig { broker_url: "https://broker:8443".into(), health_port: 15020, deliveries },
+            config: AgentConfig {
+                broker_url: "https://broker:8443".into(),
+                health_port: 15020,
+                deliveries,
+                policy_namespace: None,
+            },
             broker: BrokerSettings {
                 url: "https://broker:8443".into(),
                 ca_pem: Some("pem".into()),

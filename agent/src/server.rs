@@ -57,7 +57,9 @@ impl Agent {
             store: Arc::new(CredentialStore::new(deliveries.iter().map(|d| d.policy.clone()))),
             metrics: Metrics::new(),
         };
-        let client = Arc::new(BrokerClient::new(&settings.broker)?);
+        let client = Arc::new(
+            BrokerClient::new(&settings.broker)?.with_policy_namespace(settings.config.policy_namespace.clone()),
+        );
 
         let mut groups: BTreeMap<(EndpointKind, u16), Vec<&AgentDelivery>> = BTreeMap::new();
         for delivery in deliveries {

@@ -171,8 +171,12 @@ async fn the_binary_runs_from_the_webhooks_environment() {
     script(&broker);
     let files = Files::new("pod-token");
     let (health, aws, azure, gcp) = (free_port(), free_port(), free_port(), free_port());
-    let config =
-        AgentConfig { broker_url: broker.url.clone(), health_port: health, deliveries: deliveries(aws, azure, gcp) };
+    let config = AgentConfig {
+        broker_url: broker.url.clone(),
+        health_port: health,
+        deliveries: deliveries(aws, azure, gcp),
+        policy_namespace: None,
+    };
     let config = serde_json::to_string(&config).unwrap();
 
     // The probe fails (exit 1) while nothing listens, and without configuration.

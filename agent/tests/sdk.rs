@@ -185,7 +185,7 @@ fn delivery(policy: &str, endpoint: AgentEndpoint) -> AgentDelivery {
 fn settings(broker_url: &str, files: &PodFiles, identity_header: &str, deliveries: Vec<AgentDelivery>) -> Settings {
     let ca = bed().broker.ca.cert_pem();
     Settings {
-        config: AgentConfig { broker_url: broker_url.into(), health_port: 0, deliveries },
+        config: AgentConfig { broker_url: broker_url.into(), health_port: 0, deliveries, policy_namespace: None },
         broker: BrokerSettings {
             url: broker_url.into(),
             ca_pem: Some(ca.clone()),
@@ -1065,6 +1065,7 @@ async fn no_secret_appears_in_the_agents_or_the_brokers_logs() {
     let config = AgentConfig {
         broker_url: b.broker.url.clone(),
         health_port: health,
+        policy_namespace: None,
         deliveries: vec![
             delivery("to-s3", AgentEndpoint::AwsContainerCredentials { port: aws_port }),
             delivery("to-blob", AgentEndpoint::AzureManagedIdentity { port: azure_port, resource: STORAGE.into() }),

@@ -42,6 +42,12 @@ pub struct AgentConfig {
     pub health_port: u16,
     /// What to serve, one entry per policy.
     pub deliveries: Vec<AgentDelivery>,
+    /// Set when the pod runs in another cluster than the broker's: the namespace of the
+    /// broker's cluster whose policies apply (sent as the credential request's
+    /// `namespace`). Unset for pods of the broker's own cluster, whose namespace the
+    /// broker takes from their token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_namespace: Option<String>,
 }
 
 /// One policy and how its credential reaches the app.
@@ -118,6 +124,7 @@ mod tests {
         let config = AgentConfig {
             broker_url: "https://cloudpass-broker.cloudpass-system.svc:8443".into(),
             health_port: 15020,
+            policy_namespace: None,
             deliveries: vec![
                 AgentDelivery { policy: "s3".into(), endpoint: AgentEndpoint::AwsContainerCredentials { port: 15021 } },
                 AgentDelivery {

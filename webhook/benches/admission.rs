@@ -63,6 +63,7 @@ fn review_body(policies: usize) -> (Admission, Vec<u8>) {
             ports: Ports::default(),
             token_seconds: 3600,
             version: "bench".into(),
+            remote_cluster: false,
         },
         metrics: Metrics::new(),
     };

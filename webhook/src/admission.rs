@@ -145,6 +145,7 @@ mod tests {
                 ports: Ports::default(),
                 token_seconds: 3600,
                 version: "test".into(),
+                remote_cluster: false,
             },
             metrics: Metrics::new(),
         }

@@ -74,6 +74,11 @@ pub struct InjectSettings {
     pub token_seconds: i64,
     /// Version recorded in the `cloudpass.dev/injected` annotation.
     pub version: String,
+    /// This cluster is not the broker's: agents name their namespace to the broker (the
+    /// policies of the same namespace in the broker's cluster apply), and only policies
+    /// with an empty pod selector apply, because the broker cannot see this cluster's
+    /// pod labels.
+    pub remote_cluster: bool,
 }
 
 /// Why a pod was left without an agent.
@@ -238,6 +243,11 @@ fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> Agent
     }
 }
 
+fn selector_is_empty(selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> bool {
+    selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        && selector.match_expressions.as_ref().is_none_or(|m| m.is_empty())
+}
+
 /// Decides whether and how to inject the agent into `pod`.
 ///
 /// `identity_header` is a fresh random value for this pod (the Azure endpoint's proof);
@@ -268,6 +278,7 @@ pub fn decide(
             c.policies
                 .iter()
                 .filter(|p| selector_matches(&p.client.pod_selector, &labels))
+                .filter(|p| !settings.remote_cluster || selector_is_empty(&p.client.pod_selector))
                 .filter(|p| p.client.service_account_name.as_deref().is_none_or(|sa| sa == service_account))
                 .collect()
         })
@@ -386,8 +397,12 @@ pub fn decide(
         return Decision::skip(Skip::NothingToDeliver, warnings);
     }
 
-    let agent_config =
-        AgentConfig { broker_url: settings.broker_url.clone(), health_port: settings.ports.health, deliveries };
+    let agent_config = AgentConfig {
+        broker_url: settings.broker_url.clone(),
+        health_port: settings.ports.health,
+        deliveries,
+        policy_namespace: config.filter(|_| settings.remote_cluster).map(|c| c.namespace.clone()),
+    };
     let mut agent_env = vec![
         env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes")),
         env(BROKER_CA_ENV, settings.broker_ca.get().to_string()),
@@ -526,6 +541,7 @@ mod tests {
             ports: Ports::default(),
             token_seconds: 3600,
             version: "0.1.0".into(),
+            remote_cluster: false,
         }
     }
 
@@ -773,5 +789,43 @@ mod tests {
         let d = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x");
         assert_eq!(d.skipped, Some(Skip::NothingToDeliver));
         assert!(d.warnings.iter().any(|w| w.contains("names containers [missing]")));
+    }
+
+    #[test]
+    fn remote_cluster_agents_name_their_namespace_and_only_unlabelled_policies_apply() {
+        let remote = InjectSettings { remote_cluster: true, ..settings() };
+        let labelled = policy("labelled", json!({"kind": "aws"}), json!({}));
+        let any_pod = policy(
+            "any-pod",
+            json!({"kind": "aws"}),
+            json!({"client": {"podSelector": {}, "serviceAccountName": "web"}}),
+        );
+        let cfg = config(json!([labelled.clone()]));
+        let d =
+            decide(&pod(json!({"serviceAccountName": "web", "containers": [app("web")]})), Some(&cfg), &remote, "p");
+        assert_eq!(d.skipped, Some(Skip::NoPolicy), "the broker could not check these labels: {d:?}");
+
+        let cfg = config(json!([any_pod]));
+        let d =
+            decide(&pod(json!({"serviceAccountName": "web", "containers": [app("web")]})), Some(&cfg), &remote, "p");
+        let p = d.mutated.expect("injected");
+        let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let config_json =
+            agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.clone().unwrap();
+        let agent_config: AgentConfig = serde_json::from_str(&config_json).unwrap();
+        assert_eq!(agent_config.policy_namespace.as_deref(), Some("team"));
+
+        // In the broker's own cluster the namespace comes from the token, not the config.
+        let d = decide(
+            &pod(json!({"serviceAccountName": "web", "containers": [app("web")]})),
+            Some(&cfg),
+            &settings(),
+            "p",
+        );
+        let p = d.mutated.expect("injected");
+        let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let config_json =
+            agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.clone().unwrap();
+        assert!(!config_json.contains("policyNamespace"), "{config_json}");
     }
 }

@@ -29,6 +29,17 @@ struct Args {
     /// Namespace of the operator's compiled configs. Default: `--namespace`.
     #[arg(long, env = "CLOUDPASS_CONFIG_NAMESPACE")]
     config_namespace: Option<String>,
+    /// Kubeconfig of the cluster whose operator compiles the configs, when that is not
+    /// this cluster (see `--remote-cluster`). It needs only to list and watch ConfigMaps
+    /// in `--config-namespace`.
+    #[arg(long, env = "CLOUDPASS_CONFIG_KUBECONFIG")]
+    config_kubeconfig: Option<PathBuf>,
+    /// This cluster is not the broker's: injected agents name their namespace to the
+    /// broker, whose policies of the same namespace apply (a TrustProvider there must
+    /// trust this cluster's issuer), and only policies with an empty pod selector select
+    /// pods here (the broker cannot see this cluster's labels).
+    #[arg(long, env = "CLOUDPASS_REMOTE_CLUSTER", default_value_t = false, action = clap::ArgAction::Set)]
+    remote_cluster: bool,
     /// HTTPS address serving `/mutate`, `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "CLOUDPASS_LISTEN_ADDR", default_value = "0.0.0.0:9443")]
     listen_addr: SocketAddr,
@@ -97,6 +108,14 @@ enum CertMode {
     Files,
 }
 
+/// A client of the cluster named by a kubeconfig file.
+async fn config_cluster_client(path: &std::path::Path) -> Result<kube::Client, String> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.map_err(|e| e.to_string())?;
+    kube::Client::try_from(config).map_err(|e| e.to_string())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -116,7 +135,17 @@ async fn main() -> ExitCode {
     let metrics = Metrics::new();
     let configs = Arc::new(Configs::default());
     let config_namespace = args.config_namespace.clone().unwrap_or_else(|| args.namespace.clone());
-    tokio::spawn(config::watch(client.clone(), config_namespace.clone(), configs.clone()));
+    let config_client = match &args.config_kubeconfig {
+        None => client.clone(),
+        Some(path) => match config_cluster_client(path).await {
+            Ok(c) => c,
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot use --config-kubeconfig");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    tokio::spawn(config::watch(config_client, config_namespace.clone(), configs.clone()));
 
     let settings = InjectSettings {
         image: args.agent_image.clone(),
@@ -130,6 +159,7 @@ async fn main() -> ExitCode {
         ports: Ports::default(),
         token_seconds: args.token_lifetime.as_secs().max(600) as i64,
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        remote_cluster: args.remote_cluster,
     };
     let cert = Arc::new(ReloadableCert::default());
     let interval = Duration::from_secs(args.cert_check_interval.as_secs().max(1));

@@ -245,7 +245,7 @@ impl Files {
 /// Settings for an agent talking to `broker`, with fast retries and ephemeral ports.
 pub fn settings(broker: &FakeBroker, files: &Files, deliveries: Vec<AgentDelivery>) -> Settings {
     Settings {
-        config: AgentConfig { broker_url: broker.url.clone(), health_port: 0, deliveries },
+        config: AgentConfig { broker_url: broker.url.clone(), health_port: 0, deliveries, policy_namespace: None },
         broker: BrokerSettings {
             url: broker.url.clone(),
             ca_pem: Some(broker.ca_pem.clone()),
