@@ -407,3 +407,88 @@ async fn gke_to_s3_only_the_named_container_gets_credentials() {
     let left = expires.as_second() - jiff::Timestamp::now().as_second();
     assert!((7000..=7200).contains(&left), "{left}s left");
 }
+
+/// A pod of a second cluster, injected by that cluster's webhook (which reads this
+/// cluster's compiled configs), verified by this cluster's broker against the second
+/// cluster's keys (a `kubernetesServiceAccount` TrustProvider with its issuer and inline
+/// JWKS), reaches S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_of_another_cluster_reaches_s3_through_this_brokers_policies() {
+    use cloudpass_e2e::{
+        ControlPlane,
+        fakes::aws_sts::AwsRoleTrust,
+        scenario::{AdmittedPod, RunningWebhook, SYSTEM_NAMESPACE, aws::STS_AUDIENCE},
+    };
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let remote = ControlPlane::start().await.unwrap();
+    let _remote_logs = remote.logs_on_panic();
+    let webhook =
+        RunningWebhook::start_remote(&remote, &stack.binaries.webhook, &stack.broker, stack.cp, SYSTEM_NAMESPACE)
+            .await
+            .unwrap();
+    let ns = "shop";
+    remote.create_namespace(ns, &[(cloudpass_api::INJECTION_LABEL, cloudpass_api::INJECTION_ENABLED)]).await.unwrap();
+    remote.create_service_account(ns, "orders").await.unwrap();
+    stack.cp.create_namespace(ns, &[]).await.unwrap();
+
+    let aws = aws();
+    let s3 = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
+    let role = aws.role("remote-orders-s3", &s3).await.unwrap();
+    aws.bucket("orders").await.unwrap();
+    let broker = &stack.broker;
+    let mut trust = AwsRoleTrust::new(&role, &broker.url, "system:cloudpass:shop:orders-s3");
+    trust.audiences = vec![STS_AUDIENCE.into()];
+    let gate = aws.gate(&broker.url, &broker.ca.cert_pem(), &broker.ca, vec![trust]).await.unwrap();
+    let (_, jwks) = remote.issuer_documents().await.unwrap();
+    let objects = [
+        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": "shop-cluster"},
+               "spec": {"kubernetesServiceAccount": {"issuer": remote.issuer, "jwks": jwks.to_string(),
+                        "namespaces": [ns], "serviceAccounts": ["orders"]}}}),
+        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "CredentialProvider", "metadata": {"name": "orders-s3"},
+               "spec": {"awsSts": {"roleArn": role, "region": "us-east-1", "stsEndpoint": gate.url(),
+                        "sessionName": "remote-{pod}"}}}),
+        // The broker cannot see the other cluster's pod labels: the policy selects by
+        // service account only.
+        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "orders-to-s3"},
+               "spec": {"client": {"podSelector": {}, "serviceAccountName": "orders"},
+                        "trustProviders": [{"name": "shop-cluster"}], "server": {"kind": "aws"},
+                        "credentialProvider": {"name": "orders-s3"}}}),
+    ];
+    for o in &objects {
+        stack.cp.apply_yaml(Some(ns), &o.to_string()).unwrap();
+    }
+    stack.wait_policy_ready(ns, "orders-to-s3").await.unwrap();
+
+    let manifest = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "orders-", "labels": {"app": "orders"}},
+        "spec": {"serviceAccountName": "orders", "containers": [{"name": "api", "image": "ghcr.io/example/orders:3.0.1",
+            "env": [{"name": "AWS_ENDPOINT_URL", "value": aws.moto.url()},
+                    {"name": "AWS_DEFAULT_REGION", "value": "us-east-1"}, {"name": "BUCKET", "value": "orders"}]}]}});
+    AdmittedPod::wait_until_injectable(&remote, ns, &manifest, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\nremote webhook:\n{}", webhook.log_tail()));
+    let pod = AdmittedPod::create(&remote, ns, &manifest).unwrap();
+    let env = pod.agent().unwrap()["env"].as_array().unwrap().clone();
+    let config = env.iter().find(|e| e["name"] == cloudpass_api::agent::AGENT_CONFIG_ENV).unwrap();
+    let config: serde_json::Value = serde_json::from_str(config["value"].as_str().unwrap()).unwrap();
+    assert_eq!(config["policyNamespace"], ns, "{config}");
+
+    // The token is the other cluster's (TokenRequest there, bound to its pod).
+    let mut running = stack.node.run(&remote, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let result = running.run_app("api", S3_APP).await.unwrap().ok_json().unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    let session = format!("remote-{}", running.pod.name);
+    assert_eq!(result["identity"], format!("arn:aws:sts::123456789012:assumed-role/remote-orders-s3/{session}"));
+    let record = stack
+        .broker
+        .audit_records()
+        .into_iter()
+        .find(|r| r["remoteIssuer"] == remote.issuer.as_str() && r["outcome"] == "allowed")
+        .expect("an allowed audit record for the remote pod");
+    assert_eq!(record["remoteNamespace"], ns);
+    assert_eq!(record["namespace"], ns);
+    running.stop();
+}

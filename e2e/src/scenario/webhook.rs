@@ -42,6 +42,36 @@ impl RunningWebhook {
     /// `cloudpass.dev/injection=enabled` (except kube-system and `namespace`) with
     /// `failurePolicy: Fail`, as the chart does, and waits until it is ready.
     pub async fn start(cp: &ControlPlane, binary: &Path, broker: &RunningBroker, namespace: &str) -> Result<Self> {
+        Self::start_with(cp, binary, broker, namespace, &[]).await
+    }
+
+    /// Starts a webhook in `cp`, **another** cluster than the broker's (`broker_cp`): it
+    /// reads the compiled configs of the broker's cluster (`--config-kubeconfig`, its
+    /// `namespace`) and marks its agents as remote (`--remote-cluster`), so that they name
+    /// their namespace to the broker.
+    pub async fn start_remote(
+        cp: &ControlPlane,
+        binary: &Path,
+        broker: &RunningBroker,
+        broker_cp: &ControlPlane,
+        namespace: &str,
+    ) -> Result<Self> {
+        let extra = [
+            "--remote-cluster=true".to_owned(),
+            format!("--config-kubeconfig={}", broker_cp.kubeconfig.display()),
+            format!("--config-namespace={namespace}"),
+        ];
+        Self::start_with(cp, binary, broker, namespace, &extra).await
+    }
+
+    /// [`RunningWebhook::start`] with extra flags.
+    pub async fn start_with(
+        cp: &ControlPlane,
+        binary: &Path,
+        broker: &RunningBroker,
+        namespace: &str,
+        extra: &[String],
+    ) -> Result<Self> {
         let dir = cp.dir().join("webhook");
         std::fs::create_dir_all(&dir)?;
         let ca = TestCa::new("cloudpass-webhook-ca")?;
@@ -72,7 +102,9 @@ impl RunningWebhook {
             "--log-format=json".into(),
             "--log-level=info".into(),
         ]
-        .into();
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect();
         let http = reqwest::Client::builder()
             .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?])
             .timeout(Duration::from_secs(5))
