@@ -20,7 +20,7 @@ use cloudpass_api::agent::{AgentConfig, AgentDelivery, AgentEndpoint};
 use cloudpass_e2e::{
     ControlPlane,
     broker::{BrokerOptions, RunningBroker, pod_token},
-    fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+    fakes::aws_sts::AwsRoleTrust,
     moto::MotoServer,
     process::free_port,
 };
@@ -114,18 +114,7 @@ async fn run() {
     let moto = MotoServer::start().await.unwrap();
     let s3 = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
     let role = moto.create_role("bench", &s3).await.unwrap();
-    let gate = StsGate::start(
-        StsGateConfig {
-            moto_url: moto.url().to_owned(),
-            providers: vec![AwsOidcProvider { url: broker.url.clone(), client_ids: vec!["sts.amazonaws.com".into()] }],
-            roles: vec![AwsRoleTrust::new(&role, &broker.url, "system:cloudpass:*")],
-            issuer_ca_pem: broker.ca.cert_pem(),
-            forward_credentials: None,
-        },
-        &broker.ca,
-    )
-    .await
-    .unwrap();
+    let gate = broker.sts_gate(&moto, vec![AwsRoleTrust::new(&role, &broker.url, "system:cloudpass:*")]).await.unwrap();
     // The API the proxy reaches: HTTPS on loopback with a certificate of the broker's CA.
     let api = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
     let (api_addr, _api) = cloudpass_e2e::tls::serve_https(api, &broker.ca.issue_server(&[]).unwrap()).await.unwrap();

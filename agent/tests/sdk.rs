@@ -40,7 +40,7 @@ use cloudpass_e2e::{
     broker::{BrokerOptions, RunningBroker, pod_token},
     certs::TestCa,
     fakes::{
-        aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+        aws_sts::{AwsRoleTrust, StsGate},
         entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
         google::{GoogleConfig, GoogleFake, ServiceAccount, WorkloadIdentityProvider},
         jwt::unverified_claims,
@@ -448,18 +448,7 @@ async fn aws_bed(ns: &str, provider: &str) -> AwsBed {
     let role = moto.create_role("orders-s3", &s3_only).await.unwrap();
     let mut trust = AwsRoleTrust::new(&role, &b.url, &format!("system:cloudpass:{ns}:{provider}"));
     trust.audiences = vec!["sts.amazonaws.com".into()];
-    let gate = StsGate::start(
-        StsGateConfig {
-            moto_url: moto.url().to_owned(),
-            providers: vec![AwsOidcProvider { url: b.url.clone(), client_ids: vec!["sts.amazonaws.com".into()] }],
-            roles: vec![trust],
-            issuer_ca_pem: b.ca.cert_pem(),
-            forward_credentials: None,
-        },
-        &b.ca,
-    )
-    .await
-    .unwrap();
+    let gate = b.sts_gate(&moto, vec![trust]).await.unwrap();
     AwsBed { moto, gate, role }
 }
 

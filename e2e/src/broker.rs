@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 use crate::{
     ControlPlane, TokenOptions,
     certs::TestCa,
+    fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+    moto::MotoServer,
     process::{ManagedProcess, free_port},
 };
 
@@ -154,6 +156,26 @@ impl RunningBroker {
     /// `/metrics`.
     pub async fn metrics(&self) -> Result<String> {
         Ok(self.http.get(format!("{}/metrics", self.metrics_url)).send().await?.text().await?)
+    }
+
+    /// An STS gate in front of `moto` that knows this broker's issuer as an IAM OIDC
+    /// provider (client ID `sts.amazonaws.com`) and lets it assume `roles`; served with
+    /// a certificate of this broker's CA, which the broker trusts upstream.
+    pub async fn sts_gate(&self, moto: &MotoServer, roles: Vec<AwsRoleTrust>) -> Result<StsGate> {
+        StsGate::start(
+            StsGateConfig {
+                moto_url: moto.url().to_owned(),
+                providers: vec![AwsOidcProvider {
+                    url: self.url.clone(),
+                    client_ids: vec!["sts.amazonaws.com".into()],
+                }],
+                roles,
+                issuer_ca_pem: self.ca.cert_pem(),
+                forward_credentials: None,
+            },
+            &self.ca,
+        )
+        .await
     }
 }
 

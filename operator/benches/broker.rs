@@ -18,7 +18,7 @@ use std::{
 use cloudpass_e2e::{
     ControlPlane,
     broker::{BrokerOptions, RunningBroker, pod_token},
-    fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+    fakes::aws_sts::AwsRoleTrust,
     moto::MotoServer,
 };
 use serde_json::{Value, json};
@@ -81,18 +81,7 @@ async fn run() {
     let moto = MotoServer::start().await.unwrap();
     let s3 = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
     let role = moto.create_role("bench", &s3).await.unwrap();
-    let gate = StsGate::start(
-        StsGateConfig {
-            moto_url: moto.url().to_owned(),
-            providers: vec![AwsOidcProvider { url: broker.url.clone(), client_ids: vec!["sts.amazonaws.com".into()] }],
-            roles: vec![AwsRoleTrust::new(&role, &broker.url, "system:cloudpass:*")],
-            issuer_ca_pem: broker.ca.cert_pem(),
-            forward_credentials: None,
-        },
-        &broker.ca,
-    )
-    .await
-    .unwrap();
+    let gate = broker.sts_gate(&moto, vec![AwsRoleTrust::new(&role, &broker.url, "system:cloudpass:*")]).await.unwrap();
     let objects = json!([
         {"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": "this-cluster"},
          "spec": {"kubernetesServiceAccount": {}}},

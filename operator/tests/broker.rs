@@ -343,10 +343,7 @@ fn sdk(kind: &str, extra: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_sts_credentials_through_the_gate_work_in_moto() {
-    use cloudpass_e2e::{
-        fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
-        moto::MotoServer,
-    };
+    use cloudpass_e2e::{fakes::aws_sts::AwsRoleTrust, moto::MotoServer};
     let b = broker();
     let cp = b.cp;
     let _logs = cp.logs_on_panic();
@@ -359,18 +356,7 @@ async fn aws_sts_credentials_through_the_gate_work_in_moto() {
     let role = moto.create_role("orders-s3", &s3_all).await.unwrap();
     let mut trust = AwsRoleTrust::new(&role, &b.url, &format!("system:cloudpass:{ns}:s3"));
     trust.audiences = vec!["sts.amazonaws.com".into()];
-    let gate = StsGate::start(
-        StsGateConfig {
-            moto_url: moto.url().to_owned(),
-            providers: vec![AwsOidcProvider { url: b.url.clone(), client_ids: vec!["sts.amazonaws.com".into()] }],
-            roles: vec![trust],
-            issuer_ca_pem: b.ca.cert_pem(),
-            forward_credentials: None,
-        },
-        &b.ca,
-    )
-    .await
-    .unwrap();
+    let gate = b.sts_gate(&moto, vec![trust]).await.unwrap();
     let sts = |subject: &str, audience: Option<&str>| {
         let mut spec = json!({"roleArn": role, "region": "us-east-1", "stsEndpoint": gate.url(), "subject": subject,
                               "sessionName": "cloudpass-{pod}"});
