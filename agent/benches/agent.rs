@@ -19,6 +19,7 @@ use std::{
 use cloudpass_api::agent::{AgentConfig, AgentDelivery, AgentEndpoint};
 use cloudpass_e2e::{
     ControlPlane,
+    bench::{concurrent_load, percentile},
     broker::{BrokerOptions, RunningBroker, pod_token},
     fakes::aws_sts::AwsRoleTrust,
     moto::MotoServer,
@@ -49,41 +50,18 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
-}
-
 /// CONCURRENCY clients for LOAD_SECONDS; (requests/s, p50 ms, p99 ms).
-async fn load(request: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync>) -> (f64, f64, f64) {
-    let warm = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < warm {
-        assert!(request().send().await.unwrap().status().is_success());
-    }
-    let started = Instant::now();
-    let until = started + Duration::from_secs(LOAD_SECONDS);
-    let tasks: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let request = request.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while Instant::now() < until {
-                    let t = Instant::now();
-                    let response = request().send().await.unwrap();
-                    assert!(response.status().is_success());
-                    let _ = response.bytes().await;
-                    latencies.push(t.elapsed());
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
-    all.sort();
-    (rate, percentile(&all, 0.5), percentile(&all, 0.99))
+async fn load(request: impl Fn() -> reqwest::RequestBuilder + Send + Sync + 'static) -> (f64, f64, f64) {
+    let request = Arc::new(request);
+    concurrent_load(CONCURRENCY, Duration::from_millis(500), Duration::from_secs(LOAD_SECONDS), move || {
+        let request = request.clone();
+        async move {
+            let Ok(response) = request().send().await else { return false };
+            let ok = response.status().is_success();
+            ok && response.bytes().await.is_ok()
+        }
+    })
+    .await
 }
 
 async fn sequential(request: impl Fn() -> reqwest::RequestBuilder) -> (f64, f64) {
@@ -200,10 +178,10 @@ async fn run() {
     let auth = std::fs::read_to_string(shared.join(cloudpass_api::agent::AWS_TOKEN_FILE)).unwrap();
     let client = http.clone();
     let healthz = format!("http://127.0.0.1:{health}/healthz");
-    let (base_rate, b50, b99) = load(Arc::new(move || client.get(&healthz))).await;
+    let (base_rate, b50, b99) = load(move || client.get(&healthz)).await;
     let client = http.clone();
     let creds = format!("http://127.0.0.1:{aws_port}{}", cloudpass_api::agent::AWS_CREDENTIALS_PATH);
-    let (rate, c50, c99) = load(Arc::new(move || client.get(&creds).header("authorization", &auth))).await;
+    let (rate, c50, c99) = load(move || client.get(&creds).header("authorization", &auth)).await;
     let peak = rss_kib(pid, "VmHWM:");
 
     let direct = reqwest::Client::builder()

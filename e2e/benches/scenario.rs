@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use cloudpass_e2e::{
     ControlPlane,
+    bench::percentile,
     scenario::{
         Binaries, Stack,
         aws::{AksToS3, AwsCloud},
@@ -33,11 +34,6 @@ const REVOCATIONS: usize = 10;
 const PODS: usize = 10;
 const NS: &str = "bench-scenario";
 const POLICY: &str = "orders-to-s3";
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1e3
-}
 
 fn summary(name: &str, mut samples: Vec<Duration>) {
     samples.sort();

@@ -3,6 +3,7 @@
 //! the Kubernetes API; the end-to-end tests in `e2e/tests/` talk to the real thing.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod broker;
 pub mod certs;
 pub mod chart;

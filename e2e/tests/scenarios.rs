@@ -32,15 +32,21 @@ fn assert_no_secret(text: &str, secrets: &[&str], what: &str) {
     }
 }
 
+/// An opted-in namespace with the AKS to S3 example applied and its policy Ready.
+async fn aks_to_s3_applied(stack: &Stack<'static>, ns: &str) -> AksToS3 {
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+    setup
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aks_to_s3_with_boto3() {
     let _one = exclusive().await;
     let stack = Stack::shared();
     let _logs = stack.cp.logs_on_panic();
     let ns = "scenario-aks-s3";
-    stack.opted_in_namespace(ns).await.unwrap();
-    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
-    setup.apply(stack).await.unwrap();
+    let setup = aks_to_s3_applied(stack, ns).await;
 
     let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
     assert!(pod.is_injected(), "{}", pod.stored);
@@ -86,9 +92,7 @@ async fn a_pod_no_policy_selects_gets_nothing() {
     let stack = Stack::shared();
     let _logs = stack.cp.logs_on_panic();
     let ns = "scenario-unselected";
-    stack.opted_in_namespace(ns).await.unwrap();
-    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
-    setup.apply(stack).await.unwrap();
+    let setup = aks_to_s3_applied(stack, ns).await;
     // The webhook has loaded the namespace's policy: an orders pod would be injected.
     cloudpass_e2e::scenario::AdmittedPod::wait_until_injectable(stack.cp, ns, &setup.pod, Duration::from_secs(30))
         .await
@@ -254,9 +258,7 @@ async fn deleting_the_policy_denies_the_next_refresh() {
     let stack = Stack::shared();
     let _logs = stack.cp.logs_on_panic();
     let ns = "scenario-revoke";
-    stack.opted_in_namespace(ns).await.unwrap();
-    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
-    setup.apply(stack).await.unwrap();
+    let setup = aks_to_s3_applied(stack, ns).await;
     let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
     let mut running = stack.node.run(stack.cp, pod).await.unwrap();
     running.wait_started(Duration::from_secs(30)).await.unwrap();
@@ -349,9 +351,7 @@ async fn with_the_webhook_down_opted_in_pods_are_refused_loudly() {
     let stack = Stack::shared();
     let _logs = stack.cp.logs_on_panic();
     let ns = "scenario-webhook-down";
-    stack.opted_in_namespace(ns).await.unwrap();
-    let setup = AksToS3::prepare(stack, aws(), ns).await.unwrap();
-    setup.apply(stack).await.unwrap();
+    let setup = aks_to_s3_applied(stack, ns).await;
     cloudpass_e2e::scenario::AdmittedPod::wait_until_injectable(stack.cp, ns, &setup.pod, Duration::from_secs(30))
         .await
         .unwrap();

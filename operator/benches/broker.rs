@@ -10,13 +10,11 @@
 //!   run: the same AssumeRoleWithWebIdentity sent straight to the gate with a token
 //!   signed by the broker's own key. The difference is the broker's overhead.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use cloudpass_e2e::{
     ControlPlane,
+    bench::{concurrent_load, percentile},
     broker::{BrokerOptions, RunningBroker, pod_token},
     fakes::aws_sts::AwsRoleTrust,
     moto::MotoServer,
@@ -28,46 +26,13 @@ const HOT_SECONDS: u64 = 5;
 const COLD_PODS: usize = 40;
 const NS: &str = "bench-broker";
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1e3
-}
-
 /// Runs `request` from CONCURRENCY tasks for HOT_SECONDS; (requests/s, p50 ms, p99 ms).
 async fn load<F, Fut>(request: F) -> (f64, f64, f64)
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = bool> + Send,
 {
-    let request = Arc::new(request);
-    // Warm the connections up.
-    let warm_until = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < warm_until {
-        assert!(request().await);
-    }
-    let started = Instant::now();
-    let until = started + Duration::from_secs(HOT_SECONDS);
-    let tasks: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let request = request.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while Instant::now() < until {
-                    let t = Instant::now();
-                    assert!(request().await, "a request failed under load");
-                    latencies.push(t.elapsed());
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort();
-    (all.len() as f64 / elapsed, percentile(&all, 0.5), percentile(&all, 0.99))
+    concurrent_load(CONCURRENCY, Duration::from_secs(1), Duration::from_secs(HOT_SECONDS), request).await
 }
 
 async fn run() {

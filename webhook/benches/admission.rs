@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cloudpass_e2e::{ControlPlane, WebhookRegistration, certs::TestCa, process::ManagedProcess, repo_root};
+use cloudpass_e2e::{
+    ControlPlane, WebhookRegistration, bench::percentile, certs::TestCa, process::ManagedProcess, repo_root,
+};
 use cloudpass_webhook::{
     admission::Admission,
     config::Configs,
@@ -105,10 +107,6 @@ fn in_process() {
     println!("in-process admission (one core, 50 policies in the namespace, injecting):");
     println!("  parse only (baseline):      {parse_rate:>10.0} reviews/s");
     println!("  full review + answer:       {rate:>10.0} reviews/s  ({:.2}x the baseline cost)", parse_rate / rate);
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
 }
 
 fn orders_pod() -> Pod {

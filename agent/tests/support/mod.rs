@@ -1,4 +1,4 @@
-//! Test helpers: a throwaway CA, an HTTPS server for an axum router, and a scriptable
+//! Test helpers: a throwaway CA and HTTPS server (the test bed's), and a scriptable
 //! stand-in for the broker that speaks the broker's wire types
 //! (`cloudpass_api::broker`).
 //!
@@ -31,77 +31,32 @@ use cloudpass_api::{
     broker::{BrokerError, Credential, CredentialRequest, CredentialResponse, ErrorCode},
     secret::SecretString,
 };
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-    service::TowerToHyperService,
+use cloudpass_e2e::{
+    certs::{CertPair, TestCa},
+    tls::serve_https,
 };
 use jiff::{SignedDuration, Timestamp};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_rustls::TlsAcceptor;
+use tokio::task::JoinHandle;
 
-/// A CA and one serving certificate for `localhost` and 127.0.0.1.
+/// A CA and one serving certificate for `localhost` and 127.0.0.1 (the test bed's).
 pub struct Tls {
     /// CA certificate, PEM.
     pub ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
+    serving: CertPair,
 }
 
 impl Tls {
     /// A fresh CA and serving certificate.
     pub fn new() -> Self {
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.distinguished_name.push(DnType::CommonName, "agent test CA");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
-        leaf.distinguished_name.push(DnType::CommonName, "localhost");
-        leaf.subject_alt_names =
-            vec![SanType::DnsName("localhost".try_into().unwrap()), SanType::IpAddress("127.0.0.1".parse().unwrap())];
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = leaf.signed_by(&key, &issuer).unwrap();
-        Self { ca_pem: issuer.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+        let ca = TestCa::new("agent test CA").unwrap();
+        Self { ca_pem: ca.cert_pem(), serving: ca.issue_server(&[]).unwrap() }
     }
 
     /// Serves `router` over HTTPS on a free loopback port until the handle is aborted
     /// (which also closes open connections).
     pub async fn serve(&self, router: Router) -> (SocketAddr, JoinHandle<()>) {
-        let certs = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let handle = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
-                while connections.try_join_next().is_some() {}
-                let acceptor = acceptor.clone();
-                let service = TowerToHyperService::new(router.clone());
-                connections.spawn(async move {
-                    if let Ok(tls) = acceptor.accept(tcp).await {
-                        let _ =
-                            auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await;
-                    }
-                });
-            }
-        });
-        (addr, handle)
+        serve_https(router, &self.serving).await.unwrap()
     }
 }
 
