@@ -249,17 +249,21 @@ fn default_time_zone() -> String {
     "UTC".to_owned()
 }
 
-/// A daily window of local time on some days of the week, e.g. office hours.
+/// A daily window of local time on some days of the week, e.g. office hours
+/// (`09:00`–`17:00`) or a night shift (`22:00`–`06:00`). A window whose end is not after
+/// its start crosses midnight: it opens on each listed day at `start` and closes the next
+/// day at `end`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "self.start < self.end", "message": "start must be before end; split a window that crosses midnight into two"}]))]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "self.start != self.end", "message": "start and end must differ; use 00:00-24:00 for a whole day"}]))]
 pub struct TimeWindow {
     /// IANA time zone the times are in (`Europe/Berlin`). Default: `UTC`. The operator
     /// checks that the zone exists.
     #[serde(default = "default_time_zone")]
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+){0,2}$"))]
     pub time_zone: String,
-    /// Days on which the window applies. Default: every day.
+    /// Days on which the window opens (for a window crossing midnight, the day it starts).
+    /// Default: every day.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 7))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]

@@ -289,9 +289,12 @@ async fn a_closed_time_window_is_denied_with_its_reason() {
     let ns = "scenario-window";
     stack.opted_in_namespace(ns).await.unwrap();
     let mut setup = HttpApiScenario::api_key(stack, ns).await.unwrap();
-    // Open from two to three hours from now (UTC): closed now, whatever the hour.
-    let hour = |h: i64| format!("{:02}:00", (jiff::Timestamp::now().as_second() / 3600 + h).rem_euclid(24));
-    let window = json!({"timeWindows": [{"timeZone": "UTC", "start": hour(2), "end": hour(3)}]});
+    // Open from two to three hours from now (UTC): closed now, whatever the hour. After
+    // 21:00 the window crosses midnight (e.g. 23:00-00:00), which a window may do.
+    let this_hour = jiff::Timestamp::now().as_second() / 3600;
+    let hour = |h: i64| format!("{:02}:00", (this_hour + h).rem_euclid(24));
+    let (start, end) = (hour(2), hour(3));
+    let window = json!({"timeWindows": [{"timeZone": "UTC", "start": start, "end": end}]});
     setup.example.set("AccessPolicy", &setup.policy.clone(), "/spec/conditions", window).unwrap();
     setup.apply(stack).await.unwrap();
 
@@ -301,7 +304,7 @@ async fn a_closed_time_window_is_denied_with_its_reason() {
     // ...but the broker refuses, saying why, and the agent does not become ready.
     let denied = audited(stack, ns, &running.pod.name, "denied").await;
     let reason = denied["reason"].as_str().unwrap();
-    assert!(reason.contains(&format!("outside the policy's time windows: {}-{} UTC", hour(2), hour(3))), "{reason}");
+    assert!(reason.contains(&format!("outside the policy's time windows: {start}-{end} UTC")), "{reason}");
     assert!(!running.probe().unwrap(), "the agent must not report ready without a credential");
     assert!(
         running.agent_log_text().contains("outside the policy's time windows"),

@@ -20,20 +20,24 @@ fn weekday(day: jiff::civil::Weekday) -> Weekday {
     }
 }
 
-/// Whether `now` falls inside `window` (in the window's time zone).
+/// Whether `now` falls inside `window` (in the window's time zone). A window whose end is
+/// not after its start crosses midnight, and its `days` name the day it opens.
 pub fn in_window(window: &TimeWindow, now: jiff::Timestamp) -> Result<bool, String> {
     let tz = jiff::tz::TimeZone::get(&window.time_zone)
         .map_err(|_| format!("time zone {:?} is unknown", window.time_zone))?;
-    let local = now.to_zoned(tz);
-    if !window.days.is_empty() && !window.days.contains(&weekday(local.weekday())) {
-        return Ok(false);
-    }
     let (start, end) = match (minutes(&window.start), minutes(&window.end)) {
-        (Some(s), Some(e)) => (s, e),
+        (Some(s), Some(e)) if s != e => (s, e),
         _ => return Err(format!("window {}-{} is malformed", window.start, window.end)),
     };
+    let local = now.to_zoned(tz);
+    let opens_on = |day: jiff::civil::Weekday| window.days.is_empty() || window.days.contains(&weekday(day));
     let at = i32::from(local.hour()) * 60 + i32::from(local.minute());
-    Ok(start <= at && at < end)
+    Ok(if start < end {
+        opens_on(local.weekday()) && start <= at && at < end
+    } else {
+        // Before midnight it is the window opened today; after, the one opened yesterday.
+        (opens_on(local.weekday()) && start <= at) || (opens_on(local.weekday().previous()) && at < end)
+    })
 }
 
 /// `Ok` when every condition holds at `now`, else why not.
@@ -85,5 +89,26 @@ mod tests {
         let err = check(Some(&closed), t).unwrap_err();
         assert!(err.contains("outside the policy's time windows: 22:00-23:00 UTC"), "{err}");
         assert!(check(None, t).is_ok());
+    }
+
+    #[test]
+    fn a_window_whose_end_is_not_after_its_start_crosses_midnight() {
+        let night = |days: &[Weekday]| window("UTC", days, "22:00", "06:00");
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        // 2026-11-22 is a Sunday, 2026-11-23 a Monday.
+        assert!(in_window(&night(&[]), at("2026-11-22T23:30:00Z")).unwrap());
+        assert!(in_window(&night(&[]), at("2026-11-23T05:59:00Z")).unwrap());
+        assert!(!in_window(&night(&[]), at("2026-11-23T06:00:00Z")).unwrap(), "end is exclusive");
+        assert!(!in_window(&night(&[]), at("2026-11-23T12:00:00Z")).unwrap());
+        assert!(in_window(&night(&[]), at("2026-11-23T22:00:00Z")).unwrap(), "start is inclusive");
+        // `days` names the day the window opens: Sunday night runs into Monday morning.
+        assert!(in_window(&night(&[Weekday::Sunday]), at("2026-11-23T03:00:00Z")).unwrap());
+        assert!(!in_window(&night(&[Weekday::Sunday]), at("2026-11-23T23:00:00Z")).unwrap());
+        assert!(!in_window(&night(&[Weekday::Monday]), at("2026-11-23T03:00:00Z")).unwrap());
+        assert!(in_window(&night(&[Weekday::Monday]), at("2026-11-23T23:00:00Z")).unwrap());
+        // Ending at 00:00 is ending at midnight.
+        assert!(in_window(&window("UTC", &[], "23:00", "00:00"), at("2026-11-23T23:59:00Z")).unwrap());
+        assert!(!in_window(&window("UTC", &[], "23:00", "00:00"), at("2026-11-23T00:30:00Z")).unwrap());
+        assert!(in_window(&window("UTC", &[], "10:00", "10:00"), at("2026-11-23T10:00:00Z")).is_err());
     }
 }
