@@ -3,11 +3,18 @@
 //! `caBundle` of a MutatingWebhookConfiguration, a ConfigMap, or both), and rotation well
 //! before expiry. The webhook and the operator's broker both use it.
 //!
-//! Rotation never breaks clients that read the published bundle: a new CA is added to
-//! the bundle (next to the old one) before any serving certificate signed by it is used,
-//! and the old CA stays in the bundle until it expires. A serving certificate is renewed from the current CA when a
-//! third of its lifetime is left; the CA likewise. The Secret is the source of truth and
-//! is written with optimistic concurrency, so replicas racing to rotate cannot both win.
+//! Rotation never breaks clients that read the published bundle, however late they see
+//! it. With a CA lifetime V:
+//! - when a third of V is left, the next CA is *staged*: created and added to the bundle,
+//!   but nothing is signed with it yet;
+//! - a sixth of V later it is *promoted*: it signs a new serving certificate, and the old
+//!   CA stays in the bundle, *retired*, until it expires.
+//!
+//! So every client has had V/6 to pick up a new CA before anything it signed is served
+//! (ten months for the default five years; a pod admitted since then trusts both). A
+//! serving certificate is renewed when a third of its own lifetime is left. The Secret is
+//! the source of truth and is written with optimistic concurrency, so replicas racing to
+//! rotate cannot both win.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -35,9 +42,15 @@ const CA_KEY: &str = "ca.key";
 const BUNDLE: &str = "ca-bundle.crt";
 const TLS_CERT: &str = "tls.crt";
 const TLS_KEY: &str = "tls.key";
+const NEXT_CA_CERT: &str = "next-ca.crt";
+const NEXT_CA_KEY: &str = "next-ca.key";
+const PREVIOUS_CA_CERT: &str = "previous-ca.crt";
 const CA_NOT_AFTER: &str = "cloudpass.dev/ca-not-after";
 const CA_NAME: &str = "cloudpass.dev/ca-name";
 const CERT_NOT_AFTER: &str = "cloudpass.dev/cert-not-after";
+const NEXT_CA_NAME: &str = "cloudpass.dev/next-ca-name";
+const NEXT_CA_NOT_AFTER: &str = "cloudpass.dev/next-ca-not-after";
+const NEXT_CA_STAGED_AT: &str = "cloudpass.dev/next-ca-staged-at";
 const PREVIOUS_CA_NOT_AFTER: &str = "cloudpass.dev/previous-ca-not-after";
 /// Key of the CA bundle in the published ConfigMap (the name cert-manager and most
 /// tools use for a CA file).
@@ -67,15 +80,24 @@ pub struct CertSettings {
     pub cert_validity: Duration,
 }
 
+/// A CA: its certificate, key, unique name and expiry (unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Ca {
+    cert: String,
+    key: String,
+    name: String,
+    not_after: i64,
+}
+
 /// The material in the Secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Material {
-    ca_cert: String,
-    ca_key: String,
-    ca_name: String,
-    ca_not_after: i64,
-    bundle: String,
-    previous_ca_not_after: Option<i64>,
+    /// The CA that signs the serving certificate.
+    ca: Ca,
+    /// A staged CA (and when it was staged): trusted, not yet signing.
+    next: Option<(Ca, i64)>,
+    /// A retired CA's certificate and expiry: trusted until then.
+    previous: Option<(String, i64)>,
     tls_cert: String,
     tls_key: String,
     cert_not_after: i64,
@@ -112,24 +134,19 @@ fn ca_params(name: &str, not_after: i64) -> Result<CertificateParams, Error> {
     Ok(params)
 }
 
-fn new_ca(settings: &CertSettings) -> Result<(String, String, String, i64), Error> {
+fn new_ca(settings: &CertSettings) -> Result<Ca, Error> {
     let key = KeyPair::generate().map_err(rcgen_err)?;
     let not_after = now() + settings.ca_validity.as_secs() as i64;
     // A unique name per CA, so that the old and the new CA are told apart during overlap.
     let name = format!("{}-ca-{}", settings.owner, random_hex(6));
     let cert = ca_params(&name, not_after)?.self_signed(&key).map_err(rcgen_err)?;
-    Ok((cert.pem(), key.serialize_pem(), name, not_after))
+    Ok(Ca { cert: cert.pem(), key: key.serialize_pem(), name, not_after })
 }
 
-fn issue_serving(
-    settings: &CertSettings,
-    ca_name: &str,
-    ca_key_pem: &str,
-    ca_not_after: i64,
-) -> Result<(String, String, i64), Error> {
-    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(rcgen_err)?;
+fn issue_serving(settings: &CertSettings, ca: &Ca) -> Result<(String, String, i64), Error> {
+    let ca_key = KeyPair::from_pem(&ca.key).map_err(rcgen_err)?;
     // The issuer is rebuilt from the CA's name and key: all a signature needs.
-    let issuer = Issuer::new(ca_params(ca_name, ca_not_after)?, ca_key);
+    let issuer = Issuer::new(ca_params(&ca.name, ca.not_after)?, ca_key);
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rcgen_err)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, settings.names.first().cloned().unwrap_or_else(|| settings.owner.clone()));
@@ -145,7 +162,7 @@ fn issue_serving(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     // Never outlive the CA that signs it.
-    let not_after = (now() + settings.cert_validity.as_secs() as i64).min(ca_not_after);
+    let not_after = (now() + settings.cert_validity.as_secs() as i64).min(ca.not_after);
     params.not_before = offset(now() - 300)?;
     params.not_after = offset(not_after)?;
     let key = KeyPair::generate().map_err(rcgen_err)?;
@@ -160,19 +177,16 @@ fn due(not_after: i64, validity: Duration) -> bool {
 
 impl Material {
     fn fresh(settings: &CertSettings) -> Result<Self, Error> {
-        let (ca_cert, ca_key, ca_name, ca_not_after) = new_ca(settings)?;
-        let (tls_cert, tls_key, cert_not_after) = issue_serving(settings, &ca_name, &ca_key, ca_not_after)?;
-        Ok(Self {
-            bundle: ca_cert.clone(),
-            ca_cert,
-            ca_key,
-            ca_name,
-            ca_not_after,
-            previous_ca_not_after: None,
-            tls_cert,
-            tls_key,
-            cert_not_after,
-        })
+        let ca = new_ca(settings)?;
+        let (tls_cert, tls_key, cert_not_after) = issue_serving(settings, &ca)?;
+        Ok(Self { ca, next: None, previous: None, tls_cert, tls_key, cert_not_after })
+    }
+
+    /// Every CA a client must trust: the staged, the current and the retired one.
+    fn bundle(&self) -> String {
+        let next = self.next.as_ref().map(|(ca, _)| ca.cert.as_str());
+        let previous = self.previous.as_ref().map(|(cert, _)| cert.as_str());
+        [next, Some(self.ca.cert.as_str()), previous].into_iter().flatten().collect()
     }
 
     fn from_secret(secret: &Secret) -> Option<Self> {
@@ -180,13 +194,23 @@ impl Material {
         let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok());
         let ann = secret.annotations();
         let num = |k: &str| ann.get(k).and_then(|v| v.parse::<i64>().ok());
+        let next = match (text(NEXT_CA_CERT), text(NEXT_CA_KEY), ann.get(NEXT_CA_NAME)) {
+            (Some(cert), Some(key), Some(name)) => Some((
+                Ca { cert, key, name: name.clone(), not_after: num(NEXT_CA_NOT_AFTER)? },
+                num(NEXT_CA_STAGED_AT)?,
+            )),
+            _ => None,
+        };
+        let previous = text(PREVIOUS_CA_CERT).zip(num(PREVIOUS_CA_NOT_AFTER));
         Some(Self {
-            ca_cert: text(CA_CERT)?,
-            ca_key: text(CA_KEY)?,
-            ca_name: ann.get(CA_NAME)?.clone(),
-            ca_not_after: num(CA_NOT_AFTER)?,
-            bundle: text(BUNDLE)?,
-            previous_ca_not_after: num(PREVIOUS_CA_NOT_AFTER),
+            ca: Ca {
+                cert: text(CA_CERT)?,
+                key: text(CA_KEY)?,
+                name: ann.get(CA_NAME)?.clone(),
+                not_after: num(CA_NOT_AFTER)?,
+            },
+            next,
+            previous,
             tls_cert: text(TLS_CERT)?,
             tls_key: text(TLS_KEY)?,
             cert_not_after: num(CERT_NOT_AFTER)?,
@@ -194,49 +218,70 @@ impl Material {
     }
 
     fn apply_to(&self, secret: &mut Secret) {
-        let data = [
-            (CA_CERT, &self.ca_cert),
-            (CA_KEY, &self.ca_key),
-            (BUNDLE, &self.bundle),
+        let bundle = self.bundle();
+        let mut data = vec![
+            (CA_CERT, &self.ca.cert),
+            (CA_KEY, &self.ca.key),
+            (BUNDLE, &bundle),
             (TLS_CERT, &self.tls_cert),
             (TLS_KEY, &self.tls_key),
         ];
+        if let Some((next, _)) = &self.next {
+            data.extend([(NEXT_CA_CERT, &next.cert), (NEXT_CA_KEY, &next.key)]);
+        }
+        if let Some((cert, _)) = &self.previous {
+            data.push((PREVIOUS_CA_CERT, cert));
+        }
         secret.data = Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect());
         let ann = secret.metadata.annotations.get_or_insert_with(BTreeMap::new);
-        ann.insert(CA_NAME.into(), self.ca_name.clone());
-        ann.insert(CA_NOT_AFTER.into(), self.ca_not_after.to_string());
+        for key in [NEXT_CA_NAME, NEXT_CA_NOT_AFTER, NEXT_CA_STAGED_AT, PREVIOUS_CA_NOT_AFTER] {
+            ann.remove(key);
+        }
+        ann.insert(CA_NAME.into(), self.ca.name.clone());
+        ann.insert(CA_NOT_AFTER.into(), self.ca.not_after.to_string());
         ann.insert(CERT_NOT_AFTER.into(), self.cert_not_after.to_string());
-        match self.previous_ca_not_after {
-            Some(t) => ann.insert(PREVIOUS_CA_NOT_AFTER.into(), t.to_string()),
-            None => ann.remove(PREVIOUS_CA_NOT_AFTER),
-        };
+        if let Some((next, staged_at)) = &self.next {
+            ann.insert(NEXT_CA_NAME.into(), next.name.clone());
+            ann.insert(NEXT_CA_NOT_AFTER.into(), next.not_after.to_string());
+            ann.insert(NEXT_CA_STAGED_AT.into(), staged_at.to_string());
+        }
+        if let Some((_, not_after)) = &self.previous {
+            ann.insert(PREVIOUS_CA_NOT_AFTER.into(), not_after.to_string());
+        }
     }
 
-    /// The next material, or `None` when nothing is due.
+    /// The next material, or `None` when nothing is due. Staging and promoting a CA
+    /// never happen in the same round, so a staged CA is always published (by the round
+    /// that staged it) before it signs.
     fn rotated(&self, settings: &CertSettings) -> Result<Option<Self>, Error> {
+        let validity = settings.ca_validity.as_secs() as i64;
         let mut next = self.clone();
-        if next.previous_ca_not_after.is_some_and(|t| t <= now()) {
-            // The old CA has expired: nothing it signed can be valid any more.
-            next.bundle = next.ca_cert.clone();
-            next.previous_ca_not_after = None;
+        if next.previous.as_ref().is_some_and(|(_, not_after)| *not_after <= now()) {
+            // The retired CA has expired: nothing it signed can be valid any more.
+            next.previous = None;
         }
-        if due(self.ca_not_after, settings.ca_validity) {
-            let (ca_cert, ca_key, ca_name, ca_not_after) = new_ca(settings)?;
-            next.bundle = format!("{ca_cert}{}", self.ca_cert);
-            next.previous_ca_not_after = Some(self.ca_not_after);
-            next.ca_cert = ca_cert;
-            next.ca_key = ca_key;
-            next.ca_name = ca_name;
-            next.ca_not_after = ca_not_after;
-            info!(ca = %next.ca_name, "CA rotated; the previous CA stays trusted until it expires");
+        match next.next.take() {
+            // Promote after a sixth of the lifetime, or at once if the current CA is
+            // about to expire (a replica that was down for long).
+            Some((staged, staged_at)) if now() >= staged_at + validity / 6 || self.ca.not_after - now() < 60 => {
+                info!(ca = %staged.name, "staged CA promoted; the previous CA stays trusted until it expires");
+                next.previous = Some((self.ca.cert.clone(), self.ca.not_after));
+                next.ca = staged;
+            }
+            Some(staged) => next.next = Some(staged),
+            None if due(self.ca.not_after, settings.ca_validity) => {
+                let staged = new_ca(settings)?;
+                info!(ca = %staged.name, "next CA staged: published now, signing later");
+                next.next = Some((staged, now()));
+            }
+            None => {}
         }
-        if next.ca_name != self.ca_name || due(self.cert_not_after, settings.cert_validity) {
-            let (tls_cert, tls_key, cert_not_after) =
-                issue_serving(settings, &next.ca_name, &next.ca_key, next.ca_not_after)?;
+        if next.ca.name != self.ca.name || due(self.cert_not_after, settings.cert_validity) {
+            let (tls_cert, tls_key, cert_not_after) = issue_serving(settings, &next.ca)?;
             next.tls_cert = tls_cert;
             next.tls_key = tls_key;
             next.cert_not_after = cert_not_after;
-            info!(ca = %next.ca_name, "serving certificate renewed");
+            info!(ca = %next.ca.name, "serving certificate renewed");
         }
         Ok((next != *self).then_some(next))
     }
@@ -299,8 +344,6 @@ impl CertManager {
                         )));
                     };
                     let Some(next) = current.rotated(&self.settings)? else { break current };
-                    // Trust the new CA before anything it signed is served.
-                    self.sync_bundle(&format!("{}{}", next.bundle, current.bundle)).await?;
                     next.apply_to(&mut secret);
                     match api.replace(&self.settings.secret_name, &PostParams::default(), &secret).await {
                         Ok(_) => break next,
@@ -311,7 +354,7 @@ impl CertManager {
                 }
             }
         };
-        self.sync_bundle(&material.bundle).await?;
+        self.sync_bundle(&material.bundle()).await?;
         let pair = (material.tls_cert.clone(), material.tls_key.clone());
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.as_ref() != Some(&pair) {
@@ -432,33 +475,72 @@ mod tests {
         }
     }
 
+    fn round_trip(m: &Material) -> Material {
+        let mut secret = Secret::default();
+        m.apply_to(&mut secret);
+        Material::from_secret(&secret).expect("a Secret it wrote")
+    }
+
     #[test]
     fn fresh_material_is_not_due_and_round_trips_through_a_secret() {
         let s = settings(3 * 86400, 86400);
         let m = Material::fresh(&s).unwrap();
         assert!(m.rotated(&s).unwrap().is_none(), "nothing is due right after creation");
-        let mut secret = Secret::default();
-        m.apply_to(&mut secret);
-        assert_eq!(Material::from_secret(&secret), Some(m));
+        assert_eq!(round_trip(&m), m);
+        assert_eq!(m.bundle(), m.ca.cert);
     }
 
     #[test]
-    fn a_due_ca_is_rotated_with_overlap() {
-        let long = settings(3 * 86400, 86400);
-        let m = Material::fresh(&long).unwrap();
-        // With a validity far longer than what is left, everything is due.
-        let short = settings(100 * 86400, 100 * 86400);
-        let next = m.rotated(&short).unwrap().expect("rotation due");
-        assert_ne!(next.ca_name, m.ca_name);
-        assert_ne!(next.tls_cert, m.tls_cert);
-        assert!(next.bundle.contains(&m.ca_cert) && next.bundle.contains(&next.ca_cert), "both CAs trusted");
-        assert_eq!(next.previous_ca_not_after, Some(m.ca_not_after));
+    fn a_due_ca_is_staged_first_then_promoted_with_the_old_one_still_trusted() {
+        let m = Material::fresh(&settings(3 * 86400, 86400)).unwrap();
+        // With a validity far longer than what is left, the CA is due.
+        let long = settings(100 * 86400, 100 * 86400);
+        let staged = m.rotated(&long).unwrap().expect("staging due");
+        let (next_ca, staged_at) = staged.next.clone().expect("a CA is staged");
+        assert_eq!(staged.ca, m.ca, "a staged CA does not sign yet");
+        assert!(staged.bundle().contains(&m.ca.cert) && staged.bundle().contains(&next_ca.cert), "both trusted");
+        assert_eq!(round_trip(&staged), staged);
+        let again = staged.rotated(&long).unwrap().unwrap_or_else(|| staged.clone());
+        assert_eq!(again.ca, m.ca, "not promoted before a sixth of the lifetime has passed");
+
+        let mut aged = staged.clone();
+        aged.next = Some((next_ca.clone(), staged_at - long.ca_validity.as_secs() as i64 / 6));
+        let promoted = aged.rotated(&long).unwrap().expect("promotion due");
+        assert_eq!(promoted.ca, next_ca);
+        assert_eq!(promoted.next, None);
+        assert_eq!(promoted.previous, Some((m.ca.cert.clone(), m.ca.not_after)), "the old CA is retired, not dropped");
+        assert_ne!(promoted.tls_cert, staged.tls_cert, "the serving certificate comes from the new CA");
+        let certs = |b: String| {
+            let mut v: Vec<String> = b.split_inclusive("-----END CERTIFICATE-----\n").map(str::to_owned).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(certs(promoted.bundle()), certs(staged.bundle()), "promotion changes nothing clients trust");
+        assert_eq!(round_trip(&promoted), promoted);
+
+        let mut expired = promoted.clone();
+        expired.previous.as_mut().unwrap().1 = now() - 1;
+        let pruned = expired.rotated(&settings(100 * 86400, 86400)).unwrap().expect("pruning due");
+        assert_eq!(pruned.previous, None);
+        assert_eq!(pruned.bundle(), pruned.ca.cert, "an expired CA leaves the bundle");
+    }
+
+    #[test]
+    fn a_ca_is_never_staged_and_promoted_in_the_same_round() {
+        let s = settings(30, 30);
+        let m = Material::fresh(&s).unwrap();
+        let mut nearly_expired = m.clone();
+        nearly_expired.ca.not_after = now() + 5;
+        let next = nearly_expired.rotated(&s).unwrap().expect("staging due");
+        assert_eq!(next.ca, nearly_expired.ca, "staged only: clients have not seen the new CA yet");
+        let promoted = next.rotated(&s).unwrap().expect("promoted at once, the current CA being about to expire");
+        assert_eq!(promoted.ca, next.next.unwrap().0);
     }
 
     #[test]
     fn serving_certificates_never_outlive_their_ca() {
         let s = settings(3600, 86400);
         let m = Material::fresh(&s).unwrap();
-        assert!(m.cert_not_after <= m.ca_not_after);
+        assert!(m.cert_not_after <= m.ca.not_after);
     }
 }
