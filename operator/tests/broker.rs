@@ -168,6 +168,10 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
     cp.apply_yaml(Some(ns), providers).unwrap();
     let http = |hosts: &[&str]| json!({"kind": "http", "hosts": hosts});
     let header = |format: &str| json!({"httpHeader": {"name": "Authorization", "format": format}});
+    // From two to three hours from now (UTC): closed, whatever the hour the test runs.
+    let this_hour = jiff::Timestamp::now().as_second() / 3600;
+    let hour = |h: i64| format!("{:02}:00", (this_hour + h).rem_euclid(24));
+    let (start, end) = (hour(2), hour(3));
     for doc in [
         policy("weather", "orders", "weather-key", http(&["api.weather.example.com"]), header("{token}"), None),
         policy("db", "orders", "db-login", http(&["db.example.com"]), header("Basic {basic}"), None),
@@ -179,7 +183,7 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
             "weather-key",
             http(&["night.weather.example.com"]),
             header("{token}"),
-            Some(json!({"timeWindows": [{"timeZone": "UTC", "days": [], "start": "00:00", "end": "00:01"}]})),
+            Some(json!({"timeWindows": [{"timeZone": "UTC", "days": [], "start": start, "end": end}]})),
         ),
     ] {
         cp.apply_yaml(Some(ns), &doc).unwrap();
@@ -228,7 +232,7 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
     denied(&answer, "policy not-mine does not select pod orders-1");
     let (status, answer) = b.ask(Some(&w.token), json!({"policy": "night-only"})).await;
     assert_eq!(status, 403);
-    denied(&answer, "outside the policy's time windows: 00:00-00:01 UTC");
+    denied(&answer, &format!("outside the policy's time windows: {start}-{end} UTC"));
     let (status, answer) = b.ask(Some(&w.token), json!({"policy": "nothing-here"})).await;
     assert_eq!(status, 403);
     denied(&answer, "no Ready AccessPolicy nothing-here in namespace broker-k8s");
