@@ -354,11 +354,16 @@ impl ControlPlane {
             self.invalidate_discovery_cache();
             let listed =
                 self.kubectl_ok(&["api-resources", "--api-group=cloudpass.dev", "-o", "name"]).unwrap_or_default();
-            if ["trustproviders", "credentialproviders", "accesspolicies"].iter().all(|r| listed.contains(r)) {
+            let kinds = ["trustproviders", "credentialproviders", "accesspolicies"];
+            // Discovery and the OpenAPI document (what `kubectl explain` and
+            // `--validate=strict` read) are published separately; wait for both.
+            if kinds.iter().all(|r| listed.contains(r))
+                && kinds.iter().all(|r| self.kubectl_ok(&["explain", &format!("{r}.spec")]).is_ok())
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the cloudpass CRDs never appeared in API discovery; listed: {listed}");
+                bail!("the cloudpass CRDs never appeared in API discovery and OpenAPI; listed: {listed}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
