@@ -136,6 +136,7 @@ async fn run() {
             AgentDelivery {
                 policy: "to-s3".into(),
                 endpoint: AgentEndpoint::AwsContainerCredentials { port: aws_port },
+                evidence: vec![],
             },
             AgentDelivery {
                 policy: "to-api".into(),
@@ -146,6 +147,7 @@ async fn run() {
                     name: "X-Api-Key".into(),
                     format: "{token}".into(),
                 },
+                evidence: vec![],
             },
         ],
     };

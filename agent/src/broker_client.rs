@@ -12,7 +12,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use cloudpass_api::{
-    agent::AgentEndpoint,
+    agent::{AgentDelivery, AgentEndpoint, EvidenceSource},
     broker::{BrokerError, CREDENTIALS_PATH, Credential, CredentialRequest, CredentialResponse},
     secret::SecretString,
 };
@@ -25,6 +25,7 @@ use crate::{
     common::{Shared, random_fraction},
     config::{BrokerSettings, RetrySettings},
     error::AgentError,
+    evidence::EvidenceGatherer,
     store::{Fetched, credential_type},
 };
 
@@ -39,11 +40,12 @@ pub struct BrokerClient {
     endpoint: String,
     token_file: PathBuf,
     policy_namespace: Option<String>,
+    evidence: EvidenceGatherer,
 }
 
 /// An error's message with its causes (`reqwest` puts the useful part, such as
 /// "connection refused" or the certificate problem, in the source chain).
-fn chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -76,7 +78,8 @@ impl BrokerClient {
             if settings.trust_system_roots { builder.tls_certs_merge(certs) } else { builder.tls_certs_only(certs) };
         let http = builder.build().map_err(|e| AgentError::Tls(format!("broker client: {}", chain(&e))))?;
         let endpoint = format!("{}{CREDENTIALS_PATH}", settings.url.trim_end_matches('/'));
-        Ok(Self { http, endpoint, token_file: settings.token_file.clone(), policy_namespace: None })
+        let evidence = EvidenceGatherer::new(settings.evidence.clone(), settings.timeout)?;
+        Ok(Self { http, endpoint, token_file: settings.token_file.clone(), policy_namespace: None, evidence })
     }
 
     /// Names `namespace` in every request: for an agent in another cluster than the
@@ -96,14 +99,11 @@ impl BrokerClient {
         Ok(SecretString::new(token))
     }
 
-    /// Fetches the credential of `policy`.
-    pub async fn fetch(&self, policy: &str) -> Result<CredentialResponse, AgentError> {
+    /// Fetches the credential of `policy`, presenting the evidence of `sources`.
+    pub async fn fetch(&self, policy: &str, sources: &[EvidenceSource]) -> Result<CredentialResponse, AgentError> {
         let token = self.token().await?;
-        let body = CredentialRequest {
-            policy: policy.to_owned(),
-            namespace: self.policy_namespace.clone(),
-            evidence: Default::default(),
-        };
+        let evidence = self.evidence.gather(sources).await?;
+        let body = CredentialRequest { policy: policy.to_owned(), namespace: self.policy_namespace.clone(), evidence };
         let mut response = self
             .http
             .post(&self.endpoint)
@@ -187,14 +187,14 @@ pub fn backoff(retry: RetrySettings, failures: u32, jitter: f64) -> Duration {
 /// delay until the next one.
 pub async fn refresh_once(
     client: &BrokerClient,
-    policy: &str,
-    endpoint: &AgentEndpoint,
+    delivery: &AgentDelivery,
     shared: &Shared,
     retry: RetrySettings,
     failures: &mut u32,
 ) -> Duration {
-    let result = client.fetch(policy).await.and_then(|answer| {
-        check_credential(policy, endpoint, &answer.credential)?;
+    let policy = delivery.policy.as_str();
+    let result = client.fetch(policy, &delivery.evidence).await.and_then(|answer| {
+        check_credential(policy, &delivery.endpoint, &answer.credential)?;
         if answer.expires_at <= Timestamp::now() {
             return Err(AgentError::BrokerResponse(format!("credential expired at {}", answer.expires_at)));
         }
@@ -249,8 +249,7 @@ pub async fn refresh_once(
 /// Keeps `policy`'s credential fresh until `shutdown` turns true (or its sender goes).
 pub async fn refresh_loop(
     client: Arc<BrokerClient>,
-    policy: String,
-    endpoint: AgentEndpoint,
+    delivery: AgentDelivery,
     shared: Shared,
     retry: RetrySettings,
     mut shutdown: watch::Receiver<bool>,
@@ -258,7 +257,7 @@ pub async fn refresh_loop(
     let mut failures = 0;
     loop {
         let delay = tokio::select! {
-            delay = refresh_once(&client, &policy, &endpoint, &shared, retry, &mut failures) => delay,
+            delay = refresh_once(&client, &delivery, &shared, retry, &mut failures) => delay,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         tokio::select! {

@@ -20,7 +20,10 @@ use cloudpass_api::{
 };
 use cloudpass_cli::LogArgs;
 
-use crate::error::AgentError;
+use crate::{
+    error::AgentError,
+    evidence::{AwsSource, EvidenceSettings, LINK_LOCAL_METADATA},
+};
 
 /// The cloudpass agent: fetches this pod's credentials from the cloudpass broker and
 /// serves them on loopback to unchanged cloud SDKs (AWS container credentials, Azure
@@ -102,6 +105,17 @@ pub struct RunArgs {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "CLOUDPASS_SHUTDOWN_GRACE", default_value = "5s")]
     pub shutdown_grace: TextDuration,
+    /// Azure Instance Metadata Service, for `azureManagedIdentity` evidence.
+    #[arg(long, env = "CLOUDPASS_AZURE_IMDS_URL", default_value = LINK_LOCAL_METADATA)]
+    pub azure_imds_url: String,
+    /// GKE / Compute Engine metadata server, for `gcpIdentityToken` evidence.
+    #[arg(long, env = "CLOUDPASS_GCP_METADATA_URL", default_value = LINK_LOCAL_METADATA)]
+    pub gcp_metadata_url: String,
+    /// AWS instance metadata service (IMDSv2), for `awsRole` evidence when neither AWS
+    /// keys nor `AWS_CONTAINER_CREDENTIALS_FULL_URI` are set (the standard AWS variables,
+    /// `AWS_REGION` and `AWS_ENDPOINT_URL_STS` included, are read as the AWS SDKs do).
+    #[arg(long, env = "CLOUDPASS_AWS_IMDS_URL", default_value = LINK_LOCAL_METADATA)]
+    pub aws_imds_url: String,
 }
 
 fn default_token_file() -> String {
@@ -121,6 +135,8 @@ pub struct BrokerSettings {
     pub token_file: PathBuf,
     /// Time limit of one request.
     pub timeout: Duration,
+    /// Where cloud evidence comes from.
+    pub evidence: EvidenceSettings,
 }
 
 /// Retry delays after failed fetches.
@@ -181,6 +197,12 @@ impl RunArgs {
                 trust_system_roots: self.broker_trust_system_roots,
                 token_file: PathBuf::from(self.token_file),
                 timeout: self.broker_timeout.as_std(),
+                evidence: EvidenceSettings {
+                    azure_imds_url: self.azure_imds_url,
+                    gcp_metadata_url: self.gcp_metadata_url,
+                    aws_imds_url: self.aws_imds_url,
+                    aws: AwsSource::from_env(),
+                },
             },
             config,
             shared_dir: self.shared_dir,
@@ -372,6 +394,7 @@ mod tests {
                 trust_system_roots: false,
                 token_file: "/t".into(),
                 timeout: Duration::from_secs(1),
+                evidence: Default::default(),
             },
             shared_dir: "/s".into(),
             identity_header: Some(SecretString::new("h")),
@@ -383,7 +406,7 @@ mod tests {
     }
 
     fn d(policy: &str, endpoint: AgentEndpoint) -> AgentDelivery {
-        AgentDelivery { policy: policy.into(), endpoint }
+        AgentDelivery { policy: policy.into(), endpoint, evidence: vec![] }
     }
 
     fn azure(resource: &str) -> AgentEndpoint {

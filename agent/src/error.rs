@@ -94,6 +94,14 @@ pub enum AgentError {
     /// A request could not be signed with SigV4.
     #[error("SigV4: {0}")]
     Signing(String),
+    /// Cloud evidence for a trust provider could not be gathered.
+    #[error("evidence for trust provider {trust_provider}: {message}")]
+    Evidence {
+        /// The TrustProvider it was for.
+        trust_provider: String,
+        /// What failed (never a token).
+        message: String,
+    },
 }
 
 impl AgentError {
@@ -119,6 +127,7 @@ impl AgentError {
             Self::Upstream { .. } => "upstream",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::Signing(_) => "signing",
+            Self::Evidence { .. } => "evidence",
         }
     }
 

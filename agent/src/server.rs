@@ -150,14 +150,7 @@ impl Agent {
         let refreshers = deliveries
             .iter()
             .map(|d| {
-                tokio::spawn(refresh_loop(
-                    client.clone(),
-                    d.policy.clone(),
-                    d.endpoint.clone(),
-                    shared.clone(),
-                    settings.retry,
-                    stopped.clone(),
-                ))
+                tokio::spawn(refresh_loop(client.clone(), d.clone(), shared.clone(), settings.retry, stopped.clone()))
             })
             .collect();
         for (kind, addr) in &listeners {

@@ -44,13 +44,18 @@ fn google_token() -> Credential {
 
 fn deliveries(aws: u16, azure: u16, gcp: u16) -> Vec<AgentDelivery> {
     vec![
-        AgentDelivery { policy: "s3".into(), endpoint: AgentEndpoint::AwsContainerCredentials { port: aws } },
+        AgentDelivery {
+            policy: "s3".into(),
+            endpoint: AgentEndpoint::AwsContainerCredentials { port: aws },
+            evidence: vec![],
+        },
         AgentDelivery {
             policy: "blob".into(),
             endpoint: AgentEndpoint::AzureManagedIdentity {
                 port: azure,
                 resource: "https://storage.azure.com/".into(),
             },
+            evidence: vec![],
         },
         AgentDelivery {
             policy: "gcs".into(),
@@ -58,6 +63,7 @@ fn deliveries(aws: u16, azure: u16, gcp: u16) -> Vec<AgentDelivery> {
                 port: gcp,
                 scopes: vec!["https://www.googleapis.com/auth/cloud-platform".into()],
             },
+            evidence: vec![],
         },
     ]
 }

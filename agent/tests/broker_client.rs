@@ -20,7 +20,7 @@ use cloudpass_agent::{
     store::CredentialStore,
 };
 use cloudpass_api::{
-    agent::AgentEndpoint,
+    agent::{AgentDelivery, AgentEndpoint},
     broker::{Credential, ErrorCode},
 };
 use reqwest::StatusCode;
@@ -38,13 +38,13 @@ async fn presents_the_current_token_and_reads_the_credential() {
     let files = Files::new("token-one\n");
     let client = client(&broker, &files);
 
-    let answer = client.fetch("s3").await.unwrap();
+    let answer = client.fetch("s3", &[]).await.unwrap();
     assert_eq!(answer.policy, "s3");
     assert!(matches!(answer.credential, Credential::Aws { ref access_key_id, .. } if access_key_id == "ASIATESTKEY"));
 
     // The kubelet rotates the token: the next request carries the new one.
     files.set_token("token-two");
-    client.fetch("s3").await.unwrap();
+    client.fetch("s3", &[]).await.unwrap();
     let seen = broker.seen();
     assert_eq!(seen[0].authorization, "Bearer token-one", "read from the file, trailing newline trimmed");
     assert_eq!(seen[1].authorization, "Bearer token-two");
@@ -61,20 +61,20 @@ async fn broker_errors_are_typed_with_the_brokers_message() {
     broker.script("b", vec![err(403, ErrorCode::Denied, "trust provider eks refused: namespace")]);
     broker.script("c", vec![(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!("not json of a broker error"))]);
 
-    let e = client.fetch("a").await.unwrap_err();
+    let e = client.fetch("a", &[]).await.unwrap_err();
     assert!(
         matches!(&e, AgentError::Broker { status: 401, code: ErrorCode::Unauthenticated, message, .. } if message.contains("audience")),
         "{e}"
     );
-    let e = client.fetch("b").await.unwrap_err();
+    let e = client.fetch("b", &[]).await.unwrap_err();
     assert!(e.is_denial() && e.to_string().contains("trust provider eks refused"), "{e}");
-    let e = client.fetch("c").await.unwrap_err();
+    let e = client.fetch("c", &[]).await.unwrap_err();
     assert_eq!(e.metric_label(), "invalid_response", "{e}");
 
     // Missing or empty token file: a local error, the broker is not called.
     let calls = broker.seen().len();
     files.set_token("  \n");
-    assert_eq!(client.fetch("a").await.unwrap_err().metric_label(), "token");
+    assert_eq!(client.fetch("a", &[]).await.unwrap_err().metric_label(), "token");
     assert_eq!(broker.seen().len(), calls);
 }
 
@@ -85,7 +85,7 @@ async fn only_the_configured_ca_is_trusted() {
     let files = Files::new("t");
     let mut s = settings(&broker, &files, vec![]);
     s.broker.ca_pem = Some(Tls::new().ca_pem);
-    let e = BrokerClient::new(&s.broker).unwrap().fetch("s3").await.unwrap_err();
+    let e = BrokerClient::new(&s.broker).unwrap().fetch("s3", &[]).await.unwrap_err();
     assert_eq!(e.metric_label(), "unreachable", "{e}");
     assert!(broker.seen().is_empty(), "the token never reached an untrusted server");
     s.broker.ca_pem = Some("not a pem".into());
@@ -103,8 +103,7 @@ fn start_loop(broker: &FakeBroker, files: &Files, policy: &str, endpoint: AgentE
     let retry = RetrySettings { initial: Duration::from_millis(50), max: Duration::from_millis(200) };
     tokio::spawn(refresh_loop(
         Arc::new(client(broker, files)),
-        policy.into(),
-        endpoint,
+        AgentDelivery { policy: policy.into(), endpoint, evidence: vec![] },
         shared.clone(),
         retry,
         stopped,

@@ -60,6 +60,7 @@ impl Setup {
                     name: "Authorization".into(),
                     format: "Bearer {token}".into(),
                 },
+                evidence: vec![],
             },
             AgentDelivery {
                 policy: "sig".into(),
@@ -70,6 +71,7 @@ impl Setup {
                     service: Some("s3".into()),
                     region: Some("eu-west-1".into()),
                 },
+                evidence: vec![],
             },
             AgentDelivery {
                 policy: "dead".into(),
@@ -80,6 +82,7 @@ impl Setup {
                     name: "X-Key".into(),
                     format: "{token}".into(),
                 },
+                evidence: vec![],
             },
         ];
         let mut s = settings(&broker, &files, deliveries);

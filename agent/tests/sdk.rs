@@ -29,9 +29,13 @@ use axum::{
 use cloudpass_agent::{
     Agent, EndpointKind, Settings,
     config::{BrokerSettings, RetrySettings},
+    evidence::{AwsSource, EvidenceSettings},
 };
 use cloudpass_api::{
-    agent::{AWS_CREDENTIALS_PATH, AWS_TOKEN_FILE, AZURE_TOKEN_PATH, AgentConfig, AgentDelivery, AgentEndpoint},
+    agent::{
+        AWS_CREDENTIALS_PATH, AWS_TOKEN_FILE, AZURE_TOKEN_PATH, AgentConfig, AgentDelivery, AgentEndpoint,
+        EvidenceSource,
+    },
     broker::Credential,
     secret::SecretString,
 };
@@ -41,9 +45,10 @@ use cloudpass_e2e::{
     certs::TestCa,
     fakes::{
         aws_sts::{AwsRoleTrust, StsGate},
-        entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
+        entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential, ManagedIdentityClaims},
         google::{GoogleConfig, GoogleFake, ServiceAccount, WorkloadIdentityProvider},
         jwt::unverified_claims,
+        metadata::{AwsRoleCredentials, AzureIdentity, GoogleIdentity, MetadataFake, MetadataIdentities},
         oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
     },
     moto::MotoServer,
@@ -176,7 +181,7 @@ impl PodFiles {
 }
 
 fn delivery(policy: &str, endpoint: AgentEndpoint) -> AgentDelivery {
-    AgentDelivery { policy: policy.into(), endpoint }
+    AgentDelivery { policy: policy.into(), endpoint, evidence: vec![] }
 }
 
 /// Settings of an in-process agent for `broker_url` (the broker itself or a relay to it),
@@ -192,6 +197,7 @@ fn settings(broker_url: &str, files: &PodFiles, identity_header: &str, deliverie
             trust_system_roots: false,
             token_file: files.token_file(),
             timeout: Duration::from_secs(5),
+            evidence: Default::default(),
         },
         shared_dir: files.shared_dir(),
         identity_header: Some(SecretString::new(identity_header)),
@@ -1160,5 +1166,223 @@ async fn no_secret_appears_in_the_agents_or_the_brokers_logs() {
         assert!(!agent_log.contains(value), "{what} appears in the agent's log");
         assert!(!metrics.contains(value), "{what} appears in the agent's metrics");
         assert!(!broker_log.contains(value), "{what} appears in the broker's log");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cloud evidence: trust providers that need proof from the cloud the pod runs in.
+
+/// Role credentials of `role`, as moto's STS issues them to an instance or a pod.
+async fn role_credentials(aws: &AwsBed, role_name: &str) -> AwsRoleCredentials {
+    const ASSUME: &str = r#"
+import boto3, json, os
+c = boto3.client("sts").assume_role(RoleArn=os.environ["ROLE"], RoleSessionName="i-0abc")["Credentials"]
+print(json.dumps([c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"]]))
+"#;
+    let out = aws.moto.python_with_env(ASSUME, &[("ROLE", &aws.role)]).await.unwrap();
+    let [id, secret, token]: [String; 3] = serde_json::from_str(out.trim()).unwrap();
+    AwsRoleCredentials {
+        role_name: role_name.into(),
+        access_key_id: id,
+        secret_access_key: secret,
+        session_token: token,
+    }
+}
+
+/// A proxy delivery of `policy` (any host; the broker's answer is what counts) with the
+/// evidence the webhook derives from the policy's trust providers.
+fn evidence_delivery(policy: &str, evidence: Vec<EvidenceSource>) -> AgentDelivery {
+    AgentDelivery {
+        policy: policy.into(),
+        endpoint: AgentEndpoint::HttpHeader {
+            port: 0,
+            hosts: vec![format!("{policy}.example.com")],
+            upstream_port: 443,
+            name: "X-Api-Key".into(),
+            format: "{token}".into(),
+        },
+        evidence,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_presents_evidence_from_the_metadata_services_of_its_node() {
+    let b = bed();
+    let _logs = b.cp.logs_on_panic();
+    let ns = "sdk-evidence";
+    let entra = Arc::new(entra(ns, "unused").await);
+    let (google, _) = google(ns, "unused").await;
+    let google = Arc::new(google);
+    let aws = aws_bed(ns, "unused").await;
+    let trust = |name: &str, spec: Value| {
+        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": name}, "spec": spec})
+            .to_string()
+    };
+    let via = |name: &str, trust: &str| {
+        let mut doc: Value = serde_json::from_str(&policy(
+            name,
+            "key",
+            json!({"kind": "http", "hosts": [format!("{name}.example.com")]}),
+            json!({"httpHeader": {"name": "X-Api-Key", "format": "{token}"}}),
+        ))
+        .unwrap();
+        doc["spec"]["trustProviders"] = json!([{"name": "this-cluster"}, {"name": trust}]);
+        doc.to_string()
+    };
+    let token = namespace(
+        ns,
+        &[
+            trust(
+                "azure-mi",
+                json!({"azureManagedIdentity": {"tenantId": TENANT, "audiences": ["api://cloudpass"],
+                       "objectIds": [OBJECT_ID], "authorityHost": entra.url()}}),
+            ),
+            trust(
+                "gcp-id",
+                json!({"gcpIdentityToken": {"audiences": ["https://cloudpass.example"], "projectIds": ["orders-project"],
+                       "issuer": google.url(), "jwksUri": format!("{}/oauth2/v3/certs", google.url())}}),
+            ),
+            trust("aws-role", json!({"awsRole": {"roleArns": [aws.role], "stsEndpoints": [aws.gate.url()]}})),
+            secret("key", json!({"api-key": format!("k-{}", random_hex(8))})),
+            credential_provider("key", json!({"apiKey": {"secretRef": {"name": "key", "key": "api-key"}}})),
+            via("via-azure", "azure-mi"),
+            via("via-gcp", "gcp-id"),
+            via("via-aws", "aws-role"),
+        ],
+        &["via-azure", "via-gcp", "via-aws"],
+    )
+    .await;
+    let identity = ManagedIdentityClaims {
+        subscription_id: "5d2f1a0b-9c8e-4d7f-a6b5-c4d3e2f1a0b9".into(),
+        resource_group: "aks-nodes".into(),
+        name: "orders".into(),
+        object_id: OBJECT_ID.into(),
+        client_id: CLIENT_ID.into(),
+        audience: String::new(),
+    };
+    let evidence = |policy: &str| match policy {
+        "via-azure" => vec![EvidenceSource::AzureManagedIdentity {
+            trust_provider: "azure-mi".into(),
+            resource: "api://cloudpass".into(),
+        }],
+        "via-gcp" => vec![EvidenceSource::GcpIdentityToken {
+            trust_provider: "gcp-id".into(),
+            audience: "https://cloudpass.example".into(),
+        }],
+        _ => vec![EvidenceSource::AwsGetCallerIdentity { trust_provider: "aws-role".into() }],
+    };
+
+    // A node whose managed identity, service account and instance role are all trusted:
+    // every credential arrives, each against evidence the agent gathered itself.
+    let node = MetadataFake::start(MetadataIdentities {
+        azure: Some(AzureIdentity { entra: entra.clone(), claims: identity.clone() }),
+        google: Some(GoogleIdentity {
+            google: google.clone(),
+            email: "node@orders-project.iam.gserviceaccount.com".into(),
+            project_id: "orders-project".into(),
+        }),
+        aws_instance_role: Some(role_credentials(&aws, "orders-s3").await),
+        aws_pod_identity: None,
+    })
+    .await
+    .unwrap();
+    let files = PodFiles::new(&token);
+    let mut s = settings(
+        &b.broker.url,
+        &files,
+        "unused",
+        ["via-azure", "via-gcp", "via-aws"].iter().map(|p| evidence_delivery(p, evidence(p))).collect(),
+    );
+    s.broker.evidence = EvidenceSettings {
+        azure_imds_url: node.url().into(),
+        gcp_metadata_url: node.url().into(),
+        aws_imds_url: node.url().into(),
+        aws: AwsSource {
+            region: Some("us-east-1".into()),
+            sts_endpoint: Some(aws.gate.url().into()),
+            ..Default::default()
+        },
+    };
+    let agent = start_agent(s).await;
+    for service in ["azure", "google", "aws-imds"] {
+        assert!(node.requests(service) >= 1, "{service} was asked");
+    }
+    let records = b.broker.audit_records();
+    let passed = |policy: &str, provider: &str| {
+        records
+            .iter()
+            .filter(|r| r["namespace"] == ns && r["policy"] == policy && r["outcome"] == "allowed")
+            .flat_map(|r| r["trustProviders"].as_array().cloned().unwrap_or_default())
+            .find(|t| t["name"] == provider && t["passed"] == true)
+            .unwrap_or_else(|| panic!("no allowed decision of {policy} through {provider}: {records:?}"))
+    };
+    assert!(passed("via-azure", "azure-mi")["detail"].as_str().unwrap().contains(OBJECT_ID));
+    assert!(passed("via-gcp", "gcp-id")["detail"].as_str().unwrap().contains("node@orders-project"));
+    assert!(passed("via-aws", "aws-role")["detail"].as_str().unwrap().contains("orders-s3"));
+    agent.shutdown().await;
+
+    // Another node: EKS Pod Identity credentials of the trusted role, but a Google service
+    // account of another project. AWS passes; Google is refused, saying why; nothing the
+    // metadata services handed out reaches the logs.
+    let pod_identity_token = format!("eks-pod-identity-{}", random_hex(16));
+    let pod_role = role_credentials(&aws, "orders-s3").await;
+    let other = MetadataFake::start(MetadataIdentities {
+        google: Some(GoogleIdentity {
+            google: google.clone(),
+            email: "intruder@other-project.iam.gserviceaccount.com".into(),
+            project_id: "other-project".into(),
+        }),
+        aws_pod_identity: Some((pod_role.clone(), pod_identity_token.clone())),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let token_file = files.dir.path().join("eks-pod-identity-token");
+    std::fs::write(&token_file, &pod_identity_token).unwrap();
+    let mut s = settings(
+        &b.broker.url,
+        &files,
+        "unused",
+        ["via-gcp", "via-aws"].iter().map(|p| evidence_delivery(p, evidence(p))).collect(),
+    );
+    s.broker.evidence = EvidenceSettings {
+        azure_imds_url: other.url().into(),
+        gcp_metadata_url: other.url().into(),
+        aws_imds_url: other.url().into(),
+        aws: AwsSource {
+            container_credentials_uri: Some(other.pod_identity_url()),
+            container_authorization_token_file: Some(token_file),
+            region: Some("us-east-1".into()),
+            sts_endpoint: Some(aws.gate.url().into()),
+            ..Default::default()
+        },
+    };
+    let agent = Agent::start(s).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        let gcp = agent.store().valid("via-gcp").err().map(|e| e.to_string()).unwrap_or_default();
+        if agent.store().valid("via-aws").is_ok() && gcp.contains("refused the caller") {
+            break gcp;
+        }
+        assert!(Instant::now() < deadline, "via-aws: {:?}, via-gcp: {gcp}", agent.store().valid("via-aws").err());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(refusal.contains("trust provider gcp-id refused the caller: project"), "{refusal}");
+    assert!(other.requests("aws-pod-identity") >= 1 && other.requests("aws-imds") == 0, "Pod Identity comes first");
+    let metrics = reqwest::get(format!("http://{}/metrics", agent.local_addr(EndpointKind::Health).unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    agent.shutdown().await;
+    let broker_log = b.broker.log_text();
+    for (what, value) in [
+        ("the Pod Identity token", pod_identity_token.as_str()),
+        ("the role's secret key", pod_role.secret_access_key.as_str()),
+        ("the role's session token", pod_role.session_token.as_str()),
+    ] {
+        assert!(!broker_log.contains(value), "{what} appears in the broker's log");
+        assert!(!metrics.contains(value), "{what} appears in the agent's metrics");
     }
 }

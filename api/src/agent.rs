@@ -58,6 +58,47 @@ pub struct AgentDelivery {
     pub policy: String,
     /// The endpoint serving it.
     pub endpoint: AgentEndpoint,
+    /// Cloud evidence the policy's trust providers need beyond the pod's token, gathered
+    /// by the agent from the cloud the pod runs in before every credential request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<EvidenceSource>,
+}
+
+/// Where the agent gets one piece of evidence, for one trust provider.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase", deny_unknown_fields)]
+pub enum EvidenceSource {
+    /// A `sts:GetCallerIdentity` request pre-signed with the pod's own AWS credentials
+    /// (environment, EKS Pod Identity, IRSA web identity, or the instance role).
+    AwsGetCallerIdentity {
+        /// Name of the `awsRole` TrustProvider.
+        trust_provider: String,
+    },
+    /// An Entra token of the managed identity, from the Azure Instance Metadata Service.
+    AzureManagedIdentity {
+        /// Name of the `azureManagedIdentity` TrustProvider.
+        trust_provider: String,
+        /// Resource (audience) to ask for.
+        resource: String,
+    },
+    /// A Google-signed identity token from the GKE or Compute Engine metadata server.
+    GcpIdentityToken {
+        /// Name of the `gcpIdentityToken` TrustProvider.
+        trust_provider: String,
+        /// Audience to ask for.
+        audience: String,
+    },
+}
+
+impl EvidenceSource {
+    /// Name of the TrustProvider the evidence is for.
+    pub fn trust_provider(&self) -> &str {
+        match self {
+            Self::AwsGetCallerIdentity { trust_provider }
+            | Self::AzureManagedIdentity { trust_provider, .. }
+            | Self::GcpIdentityToken { trust_provider, .. } => trust_provider,
+        }
+    }
 }
 
 /// An endpoint the agent serves on loopback.
@@ -126,7 +167,14 @@ mod tests {
             health_port: 15020,
             policy_namespace: None,
             deliveries: vec![
-                AgentDelivery { policy: "s3".into(), endpoint: AgentEndpoint::AwsContainerCredentials { port: 15021 } },
+                AgentDelivery {
+                    policy: "s3".into(),
+                    endpoint: AgentEndpoint::AwsContainerCredentials { port: 15021 },
+                    evidence: vec![EvidenceSource::GcpIdentityToken {
+                        trust_provider: "gke".into(),
+                        audience: "cloudpass".into(),
+                    }],
+                },
                 AgentDelivery {
                     policy: "api".into(),
                     endpoint: AgentEndpoint::HttpHeader {
@@ -136,11 +184,13 @@ mod tests {
                         name: "Authorization".into(),
                         format: "Bearer {token}".into(),
                     },
+                    evidence: vec![],
                 },
             ],
         };
         let json = serde_json::to_string(&config).unwrap();
         assert!(json.contains(r#""type":"awsContainerCredentials""#), "{json}");
+        assert!(json.contains(r#""evidence":[{"type":"gcpIdentityToken","trustProvider":"gke""#), "{json}");
         assert_eq!(serde_json::from_str::<AgentConfig>(&json).unwrap(), config);
         assert!(serde_json::from_str::<AgentConfig>(&json.replace("healthPort", "helthPort")).is_err());
     }

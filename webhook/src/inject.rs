@@ -8,8 +8,8 @@ use cloudpass_api::{
     INJECT_ANNOTATION,
     agent::{
         AGENT_CONFIG_ENV, AGENT_CONTAINER, AWS_CREDENTIALS_PATH, AWS_TOKEN_FILE, AZURE_TOKEN_PATH, AgentConfig,
-        AgentDelivery, AgentEndpoint, BROKER_CA_ENV, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR,
-        SKIPPED_ANNOTATION, TOKEN_DIR, TOKEN_FILE,
+        AgentDelivery, AgentEndpoint, BROKER_CA_ENV, EvidenceSource, INJECTED_ANNOTATION, POLICIES_ANNOTATION,
+        SHARED_DIR, SKIPPED_ANNOTATION, TOKEN_DIR, TOKEN_FILE,
     },
     config::{CompiledPolicy, NamespaceConfig},
     policy::ServerKind,
@@ -208,6 +208,32 @@ fn app_env(kind: DeliveryKind, ports: &Ports, identity_header: &str, existing: &
     }
 }
 
+/// The cloud evidence the agent gathers for `policy`: one source per trust provider that
+/// needs more than the pod's token. `oidc` evidence comes from outside any pod.
+fn evidence(policy: &CompiledPolicy, config: Option<&NamespaceConfig>) -> Vec<EvidenceSource> {
+    let Some(config) = config else { return vec![] };
+    policy
+        .trust_providers
+        .iter()
+        .filter_map(|name| {
+            let spec = config.trust_providers.get(name)?;
+            let trust_provider = name.clone();
+            if spec.aws_role.is_some() {
+                Some(EvidenceSource::AwsGetCallerIdentity { trust_provider })
+            } else if let Some(azure) = &spec.azure_managed_identity {
+                Some(EvidenceSource::AzureManagedIdentity {
+                    trust_provider,
+                    resource: azure.audiences.first()?.clone(),
+                })
+            } else if let Some(gcp) = &spec.gcp_identity_token {
+                Some(EvidenceSource::GcpIdentityToken { trust_provider, audience: gcp.audiences.first()?.clone() })
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
 fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> AgentEndpoint {
     let upstream_port = policy.server.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(443);
     match kind {
@@ -383,8 +409,11 @@ pub fn decide(
             delivered = true;
         }
         if delivered {
-            deliveries
-                .push(AgentDelivery { policy: policy.name.clone(), endpoint: endpoint(policy, kind, &settings.ports) });
+            deliveries.push(AgentDelivery {
+                policy: policy.name.clone(),
+                endpoint: endpoint(policy, kind, &settings.ports),
+                evidence: evidence(policy, config),
+            });
             served.push(policy.name.clone());
         }
     }
@@ -652,6 +681,61 @@ mod tests {
         let ann = p.metadata.annotations.unwrap();
         assert_eq!(ann[INJECTED_ANNOTATION], "0.1.0");
         assert_eq!(ann[POLICIES_ANNOTATION], "s3");
+    }
+
+    #[test]
+    fn the_agent_is_told_which_cloud_evidence_each_policy_needs() {
+        let trust = |spec: serde_json::Value| serde_json::from_value(spec).unwrap();
+        let trust = [
+            ("k8s".to_owned(), trust(json!({"kubernetesServiceAccount": {}}))),
+            ("aws-role".to_owned(), trust(json!({"awsRole": {"accountIds": ["123456789012"]}}))),
+            (
+                "azure-mi".to_owned(),
+                trust(json!({"azureManagedIdentity": {"tenantId": "8c1d3f0e-7b6a-4e55-9f21-0a3b5c7d9e11",
+                    "audiences": ["api://cloudpass", "api://other"], "objectIds": ["0b7e6d5c-4a39-4e28-8f17-2d3c4b5a6978"]}})),
+            ),
+            (
+                "gcp-id".to_owned(),
+                trust(json!({"gcpIdentityToken": {"audiences": ["https://cloudpass.example"], "projectIds": ["p"]}})),
+            ),
+            ("ci".to_owned(), trust(json!({"oidc": {"issuer": "https://ci.example", "audiences": ["c"], "subjects": ["s"]}}))),
+        ]
+        .into();
+        let cred = [(
+            "cred".to_owned(),
+            serde_json::from_value(json!({"awsSts": {"roleArn": "arn:aws:iam::123456789012:role/r"}})).unwrap(),
+        )]
+        .into();
+        let all = json!({"trustProviders": ["k8s", "aws-role", "azure-mi", "gcp-id", "ci"]});
+        let policies = serde_json::from_value(json!([
+            policy("s3", aws(), all),
+            policy("plain", json!({"kind": "gcp"}), json!({}))
+        ]))
+        .unwrap();
+        let cfg = NamespaceConfig::new("team", trust, cred, policies);
+        let d = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "proof");
+        let p = d.mutated.unwrap();
+        let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let json = agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.clone().unwrap();
+        let agent_config: AgentConfig = serde_json::from_str(&json).unwrap();
+        let evidence =
+            |policy: &str| agent_config.deliveries.iter().find(|d| d.policy == policy).unwrap().evidence.clone();
+        assert_eq!(
+            evidence("s3"),
+            [
+                EvidenceSource::AwsGetCallerIdentity { trust_provider: "aws-role".into() },
+                EvidenceSource::AzureManagedIdentity {
+                    trust_provider: "azure-mi".into(),
+                    resource: "api://cloudpass".into()
+                },
+                EvidenceSource::GcpIdentityToken {
+                    trust_provider: "gcp-id".into(),
+                    audience: "https://cloudpass.example".into()
+                },
+            ],
+            "the pod's token and OIDC tokens from elsewhere need nothing gathered"
+        );
+        assert_eq!(evidence("plain"), []);
     }
 
     #[test]

@@ -207,6 +207,7 @@ pub fn settings(broker: &FakeBroker, files: &Files, deliveries: Vec<AgentDeliver
             trust_system_roots: false,
             token_file: files.token_file(),
             timeout: Duration::from_secs(5),
+            evidence: Default::default(),
         },
         shared_dir: files.shared_dir(),
         identity_header: Some(SecretString::new("identity-proof")),

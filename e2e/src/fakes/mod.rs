@@ -13,6 +13,9 @@
 //! - [`aws_sts`]: a gate in front of moto's STS for `AssumeRoleWithWebIdentity`;
 //! - [`entra`]: the Microsoft Entra token endpoint (client assertions, managed identities);
 //! - [`google`]: Google STS token exchange, IAM Credentials impersonation, identity tokens;
+//! - [`metadata`]: the link-local metadata services a pod's cloud evidence comes from
+//!   (Azure IMDS, the GKE metadata server, AWS IMDSv2, the EKS Pod Identity agent), plain
+//!   HTTP like the real ones;
 //! - [`oauth2`]: a plain OAuth 2.0 client-credentials token endpoint;
 //! - [`test_issuer`]: an OIDC issuer to test the fakes without the broker.
 //!
@@ -22,6 +25,7 @@ pub mod aws_sts;
 pub mod entra;
 pub mod google;
 pub mod jwt;
+pub mod metadata;
 pub mod oauth2;
 pub mod test_issuer;
 
