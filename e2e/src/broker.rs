@@ -29,8 +29,6 @@ pub struct RunningBroker {
     pub metrics_url: String,
     /// CA of the broker's certificate; also trusted by the broker for upstream HTTPS.
     pub ca: TestCa,
-    /// A client trusting only [`RunningBroker::ca`].
-    pub http: reqwest::Client,
     log: PathBuf,
 }
 
@@ -105,9 +103,7 @@ impl RunningBroker {
         let log = dir.join("operator.log");
         let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();
         let process = ManagedProcess::spawn("operator", binary, &args, &log, &[("KUBECONFIG", &kubeconfig)])?;
-        let http = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?])
-            .build()?;
+        let http = client_trusting(&ca)?;
         let metrics_url = format!("http://127.0.0.1:{metrics_port}");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -120,7 +116,7 @@ impl RunningBroker {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Self { process, url, metrics_url, ca, http, log })
+        Ok(Self { process, url, metrics_url, ca, log })
     }
 
     /// Where the operator's output (logs and audit records) goes.
@@ -142,9 +138,16 @@ impl RunningBroker {
             .collect()
     }
 
+    /// A new client trusting only [`RunningBroker::ca`]. New, because the broker outlives
+    /// the tokio runtime of each test while a client's pooled connections do not: a
+    /// shared client would hand a later test a connection of a dropped runtime.
+    pub fn http(&self) -> reqwest::Client {
+        client_trusting(&self.ca).expect("the test CA makes a client")
+    }
+
     /// `POST /v1/credentials` with `token` as bearer; the status and JSON body.
     pub async fn ask(&self, token: Option<&str>, body: &Value) -> Result<(u16, Value)> {
-        let mut req = self.http.post(format!("{}/v1/credentials", self.url)).json(body);
+        let mut req = self.http().post(format!("{}/v1/credentials", self.url)).json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -155,7 +158,7 @@ impl RunningBroker {
 
     /// `/metrics`.
     pub async fn metrics(&self) -> Result<String> {
-        Ok(self.http.get(format!("{}/metrics", self.metrics_url)).send().await?.text().await?)
+        Ok(self.http().get(format!("{}/metrics", self.metrics_url)).send().await?.text().await?)
     }
 
     /// An STS gate in front of `moto` that knows this broker's issuer as an IAM OIDC
@@ -177,6 +180,12 @@ impl RunningBroker {
         )
         .await
     }
+}
+
+fn client_trusting(ca: &TestCa) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?])
+        .build()?)
 }
 
 /// Creates a pod (stored, not run: there is no kubelet) running as `service_account`

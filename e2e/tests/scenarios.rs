@@ -411,6 +411,86 @@ async fn gke_to_s3_only_the_named_container_gets_credentials() {
     assert!((7000..=7200).contains(&left), "{left}s left");
 }
 
+/// GKE → S3 where the policy also trusts the pod's Google service account
+/// (`gcpIdentityToken`): the webhook tells the agent to bring an identity token, the
+/// agent asks the node's metadata server for one, and the broker verifies it against
+/// Google's keys besides the pod's own token. A pod on a node that speaks for another
+/// service account is refused, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gke_to_s3_also_proven_by_the_pods_google_identity_from_the_metadata_server() {
+    use std::sync::Arc;
+
+    use cloudpass_e2e::{
+        fakes::{
+            google::{GoogleConfig, GoogleFake},
+            metadata::{GoogleIdentity, MetadataFake, MetadataIdentities},
+        },
+        scenario::{Node, aws::S3Direction},
+    };
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-gke-evidence";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let ca = &stack.broker.ca;
+    let google = GoogleConfig { providers: vec![], service_accounts: vec![], issuer_ca_pem: ca.cert_pem() };
+    let google = Arc::new(GoogleFake::start(google, ca).await.unwrap());
+    let trusted = "exporter@orders-project.iam.gserviceaccount.com";
+    let trust = json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider",
+        "metadata": {"name": "gke-workload-identity"},
+        "spec": {"gcpIdentityToken": {"audiences": ["https://cloudpass.example.com"], "serviceAccountEmails": [trusted],
+                 "issuer": google.url(), "jwksUri": format!("{}/oauth2/v3/certs", google.url())}}});
+    stack.cp.apply_yaml(Some(ns), &trust.to_string()).unwrap();
+    let mut setup = S3Direction::gke(stack, aws(), ns).await.unwrap();
+    let policy = setup.policy.clone();
+    let mut trusts = setup.example.get("AccessPolicy", &policy).unwrap()["spec"]["trustProviders"].clone();
+    trusts.as_array_mut().unwrap().push(json!({"name": "gke-workload-identity"}));
+    setup.example.set("AccessPolicy", &policy, "/spec/trustProviders", trusts).unwrap();
+    setup.apply(stack).await.unwrap();
+    let node_speaking_for = |email: &str| {
+        let identity =
+            GoogleIdentity { google: google.clone(), email: email.into(), project_id: "orders-project".into() };
+        MetadataFake::start(MetadataIdentities { google: Some(identity), ..Default::default() })
+    };
+
+    let metadata = node_speaking_for(trusted).await.unwrap();
+    let node = Node { metadata_url: Some(metadata.url().into()), ..stack.node.clone() };
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let agent_config = pod.agent().unwrap()["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == cloudpass_api::agent::AGENT_CONFIG_ENV)
+        .unwrap()["value"]
+        .clone();
+    assert!(agent_config.as_str().unwrap().contains(r#""evidence":[{"type":"gcpIdentityToken""#), "{agent_config}");
+    let mut running = node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let result = running.run_app("exporter", S3_APP).await.unwrap().ok_json().unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(metadata.requests("google") >= 1, "the agent asked the node's metadata server");
+    let allowed = audited(stack, ns, &running.pod.name, "allowed").await;
+    let google_result = allowed["trustProviders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "gke-workload-identity")
+        .cloned()
+        .unwrap_or_else(|| panic!("{allowed}"));
+    assert_eq!(google_result["passed"], true, "{allowed}");
+    assert!(google_result["detail"].as_str().unwrap().contains(trusted), "{allowed}");
+    drop(running);
+
+    let stranger = node_speaking_for("intruder@orders-project.iam.gserviceaccount.com").await.unwrap();
+    let node = Node { metadata_url: Some(stranger.url().into()), ..stack.node.clone() };
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let mut running = node.run(stack.cp, pod).await.unwrap();
+    let denied = audited(stack, ns, &running.pod.name, "denied").await;
+    let reason = denied["reason"].as_str().unwrap();
+    assert!(reason.contains("trust provider gke-workload-identity refused the caller: service account"), "{reason}");
+    assert!(running.wait_started(Duration::from_secs(2)).await.is_err(), "no credential, not started");
+}
+
 /// A pod of a second cluster, injected by that cluster's webhook (which reads this
 /// cluster's compiled configs), verified by this cluster's broker against the second
 /// cluster's keys (a `kubernetesServiceAccount` TrustProvider with its issuer and inline

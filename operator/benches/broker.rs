@@ -70,14 +70,14 @@ async fn run() {
     }
 
     // Hot path and its baseline, on the same client (shared connections).
-    let http = broker.http.clone();
+    let http = broker.http();
     let jwks_url = format!("{}/openid/v1/jwks", broker.url);
     let (base_rate, base50, base99) = load(move || {
         let (http, url) = (http.clone(), jwks_url.clone());
         async move { http.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
     })
     .await;
-    let http = broker.http.clone();
+    let http = broker.http();
     let url = format!("{}/v1/credentials", broker.url);
     let token = hot_token.clone();
     let calls_before = gate.calls();

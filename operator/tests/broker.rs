@@ -206,10 +206,10 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
     assert_eq!(status, 200, "{answer}");
     let jwt = answer["credential"]["token"].as_str().unwrap().to_owned();
     let discovery: Value =
-        b.http.get(format!("{}/.well-known/openid-configuration", b.url)).send().await.unwrap().json().await.unwrap();
+        b.http().get(format!("{}/.well-known/openid-configuration", b.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(discovery["issuer"], b.url.as_str());
     let jwks: jsonwebtoken::jwk::JwkSet =
-        b.http.get(discovery["jwks_uri"].as_str().unwrap()).send().await.unwrap().json().await.unwrap();
+        b.http().get(discovery["jwks_uri"].as_str().unwrap()).send().await.unwrap().json().await.unwrap();
     let header = jsonwebtoken::decode_header(&jwt).unwrap();
     assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
     let key = jsonwebtoken::DecodingKey::from_jwk(jwks.find(header.kid.as_deref().unwrap()).unwrap()).unwrap();
@@ -263,7 +263,7 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
 
     // Bad requests.
     let raw =
-        |body: &'static str| b.http.post(format!("{}/v1/credentials", b.url)).bearer_auth(&w.token).body(body).send();
+        |body: &'static str| b.http().post(format!("{}/v1/credentials", b.url)).bearer_auth(&w.token).body(body).send();
     let resp = raw("{not json").await.unwrap();
     assert_eq!(resp.status(), 400);
     let answer: Value = resp.json().await.unwrap();
@@ -271,9 +271,9 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
     let resp = raw(r#"{"policy":"weather","pod":"other"}"#).await.unwrap();
     assert_eq!(resp.status(), 400);
     let big = format!(r#"{{"policy":"{}"}}"#, "x".repeat(100_000));
-    let resp = b.http.post(format!("{}/v1/credentials", b.url)).bearer_auth(&w.token).body(big).send().await.unwrap();
+    let resp = b.http().post(format!("{}/v1/credentials", b.url)).bearer_auth(&w.token).body(big).send().await.unwrap();
     assert_eq!(resp.status(), 413);
-    assert_eq!(b.http.get(format!("{}/v1/nothing", b.url)).send().await.unwrap().status(), 404);
+    assert_eq!(b.http().get(format!("{}/v1/nothing", b.url)).send().await.unwrap().status(), 404);
 
     // Deleting the policy revokes: the next request is denied.
     cp.kubectl_ok(&["delete", "accesspolicy", "db", "-n", ns]).unwrap();

@@ -74,7 +74,12 @@ impl<'a> Stack<'a> {
         let webhook = RunningWebhook::start(cp, &binaries.webhook, &broker, SYSTEM_NAMESPACE).await?;
         let trust_bundle = cp.dir().join("scenario-trust-bundle.pem");
         std::fs::write(&trust_bundle, broker.ca.cert_pem())?;
-        let node = Node { agent: binaries.agent.clone(), python: crate::python::interpreter()?, trust_bundle };
+        let node = Node {
+            agent: binaries.agent.clone(),
+            python: crate::python::interpreter()?,
+            trust_bundle,
+            metadata_url: None,
+        };
         Ok(Self { cp, broker, webhook, node, binaries })
     }
 

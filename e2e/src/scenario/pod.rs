@@ -224,6 +224,9 @@ pub struct Node {
     /// PEM bundle the "images" trust: the test bed's CA, which signed the emulators'
     /// and fakes' certificates.
     pub trust_bundle: PathBuf,
+    /// The node's link-local metadata services (`http://169.254.169.254` on a cloud
+    /// node), when the scenario runs a fake of them.
+    pub metadata_url: Option<String>,
 }
 
 impl Node {
@@ -357,9 +360,13 @@ impl RunningPod {
             .filter_map(|a| a.as_str())
             .map(|a| remap(a, &mounts))
             .collect();
-        // The only additions: the agent's fixed paths, moved with their volumes.
+        // The only additions: the agent's fixed paths, moved with their volumes...
         args.push(format!("--token-file={}", remap(&format!("{TOKEN_DIR}/{TOKEN_FILE}"), &mounts)));
         args.push(format!("--shared-dir={}", remap(SHARED_DIR, &mounts)));
+        // ...and the node's metadata address, moved to its fake.
+        if let Some(url) = &self.node.metadata_url {
+            args.extend(["azure-imds-url", "gcp-metadata-url", "aws-imds-url"].map(|flag| format!("--{flag}={url}")));
+        }
         let mut env = self.env_of(&agent)?;
         env.push(("SSL_CERT_FILE".into(), self.node.trust_bundle.to_string_lossy().into_owned()));
         // `env -i`: the container's environment only, nothing of the test process.

@@ -108,6 +108,8 @@ impl RunningWebhook {
         let http = reqwest::Client::builder()
             .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?])
             .timeout(Duration::from_secs(5))
+            // The webhook outlives each test's runtime; pooled connections would not.
+            .pool_max_idle_per_host(0)
             .build()?;
         let webhook = Self {
             process: Mutex::new(None),
