@@ -9,7 +9,8 @@
 //!   request signed with them (SigV4) and handed to the broker, which sends it to STS.
 //!   The credentials themselves never leave the pod.
 //! - `azureManagedIdentity`: a token from the Azure Instance Metadata Service
-//!   (`Metadata: true`) for the trust provider's audience.
+//!   (`Metadata: true`) for the trust provider's audience (and its client ID, when it
+//!   names exactly one).
 //! - `gcpIdentityToken`: an identity token from the GKE or Compute Engine metadata server
 //!   (`Metadata-Flavor: Google`, `format=full`) for the trust provider's audience.
 //!
@@ -175,12 +176,13 @@ impl EvidenceGatherer {
                         evidence.aws_get_caller_identity = Some(self.aws(source).await?);
                     }
                 }
-                EvidenceSource::AzureManagedIdentity { trust_provider, resource } => {
+                EvidenceSource::AzureManagedIdentity { trust_provider, resource, client_id } => {
                     let url = format!(
                         "{}/metadata/identity/oauth2/token",
                         self.settings.azure_imds_url.trim_end_matches('/')
                     );
-                    let query = [("api-version", "2018-02-01"), ("resource", resource.as_str())];
+                    let mut query = vec![("api-version", "2018-02-01"), ("resource", resource.as_str())];
+                    query.extend(client_id.as_deref().map(|id| ("client_id", id)));
                     let request = self.http.get(with_query(source, &url, &query)?).header("Metadata", "true");
                     let body = self.send(source, request).await?;
                     let token: ImdsToken = serde_json::from_slice(&body)

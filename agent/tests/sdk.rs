@@ -1235,7 +1235,7 @@ async fn the_agent_presents_evidence_from_the_metadata_services_of_its_node() {
             trust(
                 "azure-mi",
                 json!({"azureManagedIdentity": {"tenantId": TENANT, "audiences": ["api://cloudpass"],
-                       "objectIds": [OBJECT_ID], "authorityHost": entra.url()}}),
+                       "objectIds": [OBJECT_ID], "clientIds": [CLIENT_ID], "authorityHost": entra.url()}}),
             ),
             trust(
                 "gcp-id",
@@ -1264,6 +1264,7 @@ async fn the_agent_presents_evidence_from_the_metadata_services_of_its_node() {
         "via-azure" => vec![EvidenceSource::AzureManagedIdentity {
             trust_provider: "azure-mi".into(),
             resource: "api://cloudpass".into(),
+            client_id: Some(CLIENT_ID.into()),
         }],
         "via-gcp" => vec![EvidenceSource::GcpIdentityToken {
             trust_provider: "gcp-id".into(),
@@ -1275,7 +1276,7 @@ async fn the_agent_presents_evidence_from_the_metadata_services_of_its_node() {
     // A node whose managed identity, service account and instance role are all trusted:
     // every credential arrives, each against evidence the agent gathered itself.
     let node = MetadataFake::start(MetadataIdentities {
-        azure: Some(AzureIdentity { entra: entra.clone(), claims: identity.clone() }),
+        azure: Some(AzureIdentity { entra: entra.clone(), claims: identity.clone(), one_of_several: true }),
         google: Some(GoogleIdentity {
             google: google.clone(),
             email: "node@orders-project.iam.gserviceaccount.com".into(),

@@ -80,6 +80,10 @@ pub enum EvidenceSource {
         trust_provider: String,
         /// Resource (audience) to ask for.
         resource: String,
+        /// Client ID of the user-assigned identity to ask for, when the trust provider
+        /// names exactly one (IMDS needs it on nodes with several identities).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<String>,
     },
     /// A Google-signed identity token from the GKE or Compute Engine metadata server.
     GcpIdentityToken {

@@ -224,6 +224,10 @@ fn evidence(policy: &CompiledPolicy, config: Option<&NamespaceConfig>) -> Vec<Ev
                 Some(EvidenceSource::AzureManagedIdentity {
                     trust_provider,
                     resource: azure.audiences.first()?.clone(),
+                    client_id: match azure.client_ids.as_slice() {
+                        [one] => Some(one.clone()),
+                        _ => None,
+                    },
                 })
             } else if let Some(gcp) = &spec.gcp_identity_token {
                 Some(EvidenceSource::GcpIdentityToken { trust_provider, audience: gcp.audiences.first()?.clone() })
@@ -692,7 +696,8 @@ mod tests {
             (
                 "azure-mi".to_owned(),
                 trust(json!({"azureManagedIdentity": {"tenantId": "8c1d3f0e-7b6a-4e55-9f21-0a3b5c7d9e11",
-                    "audiences": ["api://cloudpass", "api://other"], "objectIds": ["0b7e6d5c-4a39-4e28-8f17-2d3c4b5a6978"]}})),
+                    "audiences": ["api://cloudpass", "api://other"], "objectIds": ["0b7e6d5c-4a39-4e28-8f17-2d3c4b5a6978"],
+                    "clientIds": ["4f9e2c1a-33b7-4d8e-a1f0-6c2b9e8d7a55"]}})),
             ),
             (
                 "gcp-id".to_owned(),
@@ -726,7 +731,8 @@ mod tests {
                 EvidenceSource::AwsGetCallerIdentity { trust_provider: "aws-role".into() },
                 EvidenceSource::AzureManagedIdentity {
                     trust_provider: "azure-mi".into(),
-                    resource: "api://cloudpass".into()
+                    resource: "api://cloudpass".into(),
+                    client_id: Some("4f9e2c1a-33b7-4d8e-a1f0-6c2b9e8d7a55".into())
                 },
                 EvidenceSource::GcpIdentityToken {
                     trust_provider: "gcp-id".into(),

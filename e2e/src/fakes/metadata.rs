@@ -6,7 +6,8 @@
 //! overlap).
 //!
 //! Each route checks what the real service checks before answering: Azure's
-//! `Metadata: true` header, `api-version` and `resource`; Google's
+//! `Metadata: true` header, `api-version`, `resource` and, when given, the identity's
+//! `client_id`; Google's
 //! `Metadata-Flavor: Google` header and a non-empty `audience`; IMDSv2's session token
 //! (obtained with a `PUT` carrying a TTL); the Pod Identity agent's `Authorization`
 //! token. All of them refuse requests carrying `X-Forwarded-For`, as the real ones do, so
@@ -43,6 +44,9 @@ pub struct AzureIdentity {
     pub entra: Arc<EntraFake>,
     /// Who it is.
     pub claims: ManagedIdentityClaims,
+    /// Whether the node has other user-assigned identities too, so that IMDS answers
+    /// only requests naming this one's `client_id`.
+    pub one_of_several: bool,
 }
 
 /// The Google service account of the node or pod.
@@ -196,6 +200,19 @@ async fn azure_token(
     let Some(identity) = &state.identities.azure else {
         return azure_error(StatusCode::BAD_REQUEST, "invalid_request", "Identity not found");
     };
+    match query.get("client_id") {
+        Some(id) if !id.eq_ignore_ascii_case(&identity.claims.client_id) => {
+            return azure_error(StatusCode::BAD_REQUEST, "invalid_request", "Identity not found");
+        }
+        None if identity.one_of_several => {
+            return azure_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request",
+            );
+        }
+        _ => {}
+    }
     let claims = ManagedIdentityClaims { audience: resource.clone(), ..identity.claims.clone() };
     let token = identity.entra.mint_managed_identity_token(&claims);
     let now = now();
