@@ -150,7 +150,13 @@ pub fn check_credential(policy: &str, endpoint: &AgentEndpoint, credential: &Cre
         AgentEndpoint::GcpMetadata { .. } => {
             matches!(credential, Credential::AccessToken { .. } | Credential::Jwt { .. })
         }
-        AgentEndpoint::HttpHeader { format, .. } => crate::proxy::header_value(format, credential).is_ok(),
+        AgentEndpoint::HttpHeader { format, .. } => {
+            // Checked at fetch time, so that the agent does not report ready with a
+            // credential every request would fail on; the reason says why.
+            return crate::proxy::header_value(format, credential)
+                .map(drop)
+                .map_err(|reason| AgentError::UnusableCredential { policy: policy.into(), reason });
+        }
     };
     if ok {
         Ok(())

@@ -69,6 +69,15 @@ pub enum AgentError {
         /// Delivery kind.
         endpoint: &'static str,
     },
+    /// The broker's credential cannot be delivered as configured (a header format whose
+    /// placeholder the credential does not fill, a value a header cannot carry).
+    #[error("credential of policy {policy} cannot be delivered: {reason}")]
+    UnusableCredential {
+        /// Policy.
+        policy: String,
+        /// Why (never the value).
+        reason: String,
+    },
     /// No valid credential is held for a policy (not fetched yet, expired, or refused).
     #[error("no valid credential for policy {policy}: {reason}")]
     NoCredential {
@@ -123,6 +132,7 @@ impl AgentError {
             },
             Self::BrokerResponse(_) => "invalid_response",
             Self::WrongCredential { .. } => "wrong_credential",
+            Self::UnusableCredential { .. } => "unusable_credential",
             Self::NoCredential { .. } => "no_credential",
             Self::Upstream { .. } => "upstream",
             Self::BodyTooLarge { .. } => "body_too_large",

@@ -144,6 +144,14 @@ pub fn header_value(format: &str, credential: &Credential) -> Result<SecretStrin
         }
     }
     out.push_str(rest);
+    // A header cannot carry control characters; a line break would split it. The usual
+    // cause is a Secret written with a trailing newline. Never echo the value.
+    if out.chars().any(|c| c.is_control() && c != '\t') {
+        let from = if format.chars().any(|c| c.is_control() && c != '\t') { "the format" } else { "the credential" };
+        return Err(format!(
+            "{from} contains a line break or another control character, which a header cannot carry (a trailing newline in the Secret?)"
+        ));
+    }
     Ok(SecretString::new(out))
 }
 
@@ -509,6 +517,13 @@ mod tests {
         // A credential containing a placeholder is not expanded again.
         let tricky = api_key("{basic}");
         assert_eq!(header_value("{token}", &tricky).unwrap().expose(), "{basic}");
+        let newline = Credential::ApiKey { key: SecretString::new("k-123\n") };
+        let e = header_value("{token}", &newline).unwrap_err();
+        assert!(e.starts_with("the credential contains a line break") && !e.contains("k-123"), "{e}");
+        assert!(
+            header_value("BB\0\n{token}", &key).unwrap_err().starts_with("the format"),
+            "found by fuzz/hosts_and_formats"
+        );
     }
 
     #[test]

@@ -2,9 +2,15 @@
 
 use cloudpass_api::policy::{AccessConditions, TimeWindow, Weekday};
 
+/// Minutes since midnight of `HH:MM` (`24:00` included); `None` for anything else. The
+/// CRD enforces the form, but the broker reads it from a ConfigMap and checks again.
 fn minutes(hh_mm: &str) -> Option<i32> {
     let (h, m) = hh_mm.split_once(':')?;
-    Some(h.parse::<i32>().ok()? * 60 + m.parse::<i32>().ok()?)
+    if h.len() != 2 || m.len() != 2 || !(h.bytes().chain(m.bytes())).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (h, m) = (h.parse::<i32>().ok()?, m.parse::<i32>().ok()?);
+    ((h < 24 && m < 60) || (h == 24 && m == 0)).then_some(h * 60 + m)
 }
 
 fn weekday(day: jiff::civil::Weekday) -> Weekday {
@@ -110,5 +116,18 @@ mod tests {
         assert!(in_window(&window("UTC", &[], "23:00", "00:00"), at("2026-11-23T23:59:00Z")).unwrap());
         assert!(!in_window(&window("UTC", &[], "23:00", "00:00"), at("2026-11-23T00:30:00Z")).unwrap());
         assert!(in_window(&window("UTC", &[], "10:00", "10:00"), at("2026-11-23T10:00:00Z")).is_err());
+    }
+
+    #[test]
+    fn malformed_times_are_refused_not_misread() {
+        let t: jiff::Timestamp = "2026-11-23T08:30:00Z".parse().unwrap();
+        // The first found by fuzz/durations_and_windows: an hour that overflowed.
+        for (start, end) in
+            [("02544025444:01", "06:00"), ("9:00", "17:00"), ("25:00", "26:00"), ("08:60", "09:00"), ("+8:00", "09:00")]
+        {
+            let e = in_window(&window("UTC", &[], start, end), t).unwrap_err();
+            assert!(e.contains("is malformed"), "{start}-{end}: {e}");
+        }
+        assert!(in_window(&window("UTC", &[], "00:00", "24:00"), t).unwrap());
     }
 }
