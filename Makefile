@@ -30,9 +30,11 @@ crds: ## Regenerate crds/ (and the chart's copy) from the Rust types in api/
 	cp crds/*.yaml charts/cloudpass/crds/
 
 .PHONY: lint
-lint: ## cargo fmt --check and clippy with warnings as errors
+lint: ## cargo fmt --check and clippy with warnings as errors (the fuzz targets included)
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked --target-dir target -- -D warnings
 
 .PHONY: test
 test: tools ## Build the tools if needed, then run every unit and end-to-end test
@@ -46,6 +48,18 @@ bench: tools ## Run the benchmarks against the real local apiserver and print th
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-webhook --bench admission
 	$(CARGO) build --release --locked -p cloudpass-operator -p cloudpass-webhook -p cloudpass-agent
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-e2e --bench scenario
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = sts_xml broker_request agent_config namespace_config admission_pod hosts_and_formats durations_and_windows
+
+.PHONY: fuzz
+fuzz: ## Run every fuzz target for FUZZ_SECONDS (default 60) each; needs nightly Rust, installs cargo-fuzz
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$target && \
+	  cargo +nightly fuzz run $$target corpus/$$target seeds/$$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 .PHONY: tools-go-mod
 tools-go-mod: ## Regenerate e2e/tools/go.mod after changing e2e/tools/versions.env
