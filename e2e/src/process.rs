@@ -109,15 +109,23 @@ impl ManagedProcess {
         self.stop();
     }
 
-    /// Stops the server and waits for it (at most ~6 s).
+    /// Stops the server and waits for it (at most ~6 s), then kills what is left. Waits
+    /// for the server itself, not only its wrapper: on Ctrl-C the whole process group
+    /// gets SIGINT, the wrapper shell dies at once, and the server may still be shutting
+    /// down.
     pub fn stop(&mut self) {
+        let server = self.pid();
         drop(self.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(6);
         while Instant::now() < deadline {
-            if !matches!(self.wrapper.try_wait(), Ok(None)) {
+            let wrapper_done = !matches!(self.wrapper.try_wait(), Ok(None));
+            if wrapper_done && server.is_none_or(|pid| !is_running(pid)) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(pid) = server.filter(|pid| is_running(*pid)) {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
         }
         let _ = self.wrapper.kill();
         let _ = self.wrapper.wait();
