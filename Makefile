@@ -49,6 +49,16 @@ bench: tools ## Run the benchmarks against the real local apiserver and print th
 	$(CARGO) build --release --locked -p cloudpass-operator -p cloudpass-webhook -p cloudpass-agent
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-e2e --bench scenario
 
+MUSL_TARGET = x86_64-unknown-linux-musl
+
+.PHONY: agent-static
+agent-static: ## Build a fully static cloudpass-agent (musl) into target/x86_64-unknown-linux-musl/release; installs the Rust target and musl-tools if missing
+	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
+	@command -v musl-gcc >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y musl-tools; } \
+	  || { echo "musl-gcc is missing: install Debian's musl-tools"; exit 1; }
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --locked -p cloudpass-agent --target $(MUSL_TARGET)
+	@file target/$(MUSL_TARGET)/release/cloudpass-agent; ls -l target/$(MUSL_TARGET)/release/cloudpass-agent
+
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS = sts_xml broker_request agent_config namespace_config admission_pod hosts_and_formats durations_and_windows
 
