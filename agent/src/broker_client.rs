@@ -26,6 +26,7 @@ use crate::{
     config::{BrokerSettings, RetrySettings},
     error::AgentError,
     evidence::EvidenceGatherer,
+    outbound::{BodyError, chain, read_limited},
     store::{Fetched, credential_type},
 };
 
@@ -41,19 +42,6 @@ pub struct BrokerClient {
     token_file: PathBuf,
     policy_namespace: Option<String>,
     evidence: EvidenceGatherer,
-}
-
-/// An error's message with its causes (`reqwest` puts the useful part, such as
-/// "connection refused" or the certificate problem, in the source chain).
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl BrokerClient {
@@ -78,7 +66,7 @@ impl BrokerClient {
             if settings.trust_system_roots { builder.tls_certs_merge(certs) } else { builder.tls_certs_only(certs) };
         let http = builder.build().map_err(|e| AgentError::Tls(format!("broker client: {}", chain(&e))))?;
         let endpoint = format!("{}{CREDENTIALS_PATH}", settings.url.trim_end_matches('/'));
-        let evidence = EvidenceGatherer::new(settings.evidence.clone(), settings.timeout)?;
+        let evidence = EvidenceGatherer::new(settings.evidence.clone(), settings.timeout);
         Ok(Self { http, endpoint, token_file: settings.token_file.clone(), policy_namespace: None, evidence })
     }
 
@@ -104,7 +92,7 @@ impl BrokerClient {
         let token = self.token().await?;
         let evidence = self.evidence.gather(sources).await?;
         let body = CredentialRequest { policy: policy.to_owned(), namespace: self.policy_namespace.clone(), evidence };
-        let mut response = self
+        let response = self
             .http
             .post(&self.endpoint)
             .header(AUTHORIZATION, format!("Bearer {}", token.expose()))
@@ -113,13 +101,10 @@ impl BrokerClient {
             .await
             .map_err(|e| AgentError::BrokerUnreachable(chain(&e)))?;
         let status = response.status();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| AgentError::BrokerUnreachable(chain(&e)))? {
-            if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                return Err(AgentError::BrokerResponse(format!("answer larger than {MAX_RESPONSE_BYTES} bytes")));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+        let bytes = read_limited(response, MAX_RESPONSE_BYTES).await.map_err(|e| match e {
+            BodyError::Read(why) => AgentError::BrokerUnreachable(why),
+            BodyError::TooLarge(limit) => AgentError::BrokerResponse(format!("answer larger than {limit} bytes")),
+        })?;
         if status != StatusCode::OK {
             return Err(match serde_json::from_slice::<BrokerError>(&bytes) {
                 Ok(e) => AgentError::Broker {

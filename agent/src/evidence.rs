@@ -20,6 +20,7 @@
 use std::{
     collections::BTreeMap,
     path::PathBuf,
+    sync::OnceLock,
     time::{Duration, SystemTime},
 };
 
@@ -33,7 +34,10 @@ use cloudpass_api::{
 use reqwest::{Method, redirect::Policy};
 use serde::Deserialize;
 
-use crate::AgentError;
+use crate::{
+    AgentError,
+    outbound::{BodyError, chain, read_limited},
+};
 
 /// The link-local address of every cloud's metadata service.
 pub const LINK_LOCAL_METADATA: &str = "http://169.254.169.254";
@@ -144,7 +148,9 @@ fn with_query(source: &EvidenceSource, url: &str, query: &[(&str, &str)]) -> Res
 
 /// Gathers evidence for the deliveries of one agent.
 pub struct EvidenceGatherer {
-    http: reqwest::Client,
+    /// Built on first use: most agents gather no evidence and need no second client.
+    http: OnceLock<reqwest::Client>,
+    timeout: Duration,
     settings: EvidenceSettings,
 }
 
@@ -154,16 +160,23 @@ fn failed(source: &EvidenceSource, message: impl Into<String>) -> AgentError {
 
 impl EvidenceGatherer {
     /// A gatherer whose every request is bounded by `timeout`.
-    pub fn new(settings: EvidenceSettings, timeout: Duration) -> Result<Self, AgentError> {
+    pub fn new(settings: EvidenceSettings, timeout: Duration) -> Self {
+        Self { http: OnceLock::new(), timeout, settings }
+    }
+
+    fn http(&self) -> Result<&reqwest::Client, AgentError> {
+        if let Some(http) = self.http.get() {
+            return Ok(http);
+        }
         let http = reqwest::Client::builder()
             .no_proxy()
             .redirect(Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout)
             .user_agent(concat!("cloudpass-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| AgentError::Config(format!("evidence client: {e}")))?;
-        Ok(Self { http, settings })
+        Ok(self.http.get_or_init(|| http))
     }
 
     /// The evidence for `sources` (empty when there are none).
@@ -183,7 +196,7 @@ impl EvidenceGatherer {
                     );
                     let mut query = vec![("api-version", "2018-02-01"), ("resource", resource.as_str())];
                     query.extend(client_id.as_deref().map(|id| ("client_id", id)));
-                    let request = self.http.get(with_query(source, &url, &query)?).header("Metadata", "true");
+                    let request = self.http()?.get(with_query(source, &url, &query)?).header("Metadata", "true");
                     let body = self.send(source, request).await?;
                     let token: ImdsToken = serde_json::from_slice(&body)
                         .map_err(|e| failed(source, format!("Azure IMDS answer not understood: {e}")))?;
@@ -195,7 +208,8 @@ impl EvidenceGatherer {
                         self.settings.gcp_metadata_url.trim_end_matches('/')
                     );
                     let query = [("audience", audience.as_str()), ("format", "full")];
-                    let request = self.http.get(with_query(source, &url, &query)?).header("Metadata-Flavor", "Google");
+                    let request =
+                        self.http()?.get(with_query(source, &url, &query)?).header("Metadata-Flavor", "Google");
                     let body = self.send(source, request).await?;
                     let token = String::from_utf8(body)
                         .ok()
@@ -212,21 +226,16 @@ impl EvidenceGatherer {
     /// Sends `request`, returning the body of a 200 answer; errors name the status only
     /// (a metadata error body may echo a token).
     async fn send(&self, source: &EvidenceSource, request: reqwest::RequestBuilder) -> Result<Vec<u8>, AgentError> {
-        let mut response = request.send().await.map_err(|e| {
-            failed(source, format!("metadata service unreachable: {}", crate::broker_client::chain(&e)))
-        })?;
+        let response =
+            request.send().await.map_err(|e| failed(source, format!("metadata service unreachable: {}", chain(&e))))?;
         let status = response.status();
         if !status.is_success() {
             return Err(failed(source, format!("metadata service answered HTTP {status}")));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| failed(source, e.to_string()))? {
-            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                return Err(failed(source, format!("metadata answer larger than {MAX_ANSWER_BYTES} bytes")));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        read_limited(response, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+            BodyError::Read(why) => failed(source, why),
+            BodyError::TooLarge(limit) => failed(source, format!("metadata answer larger than {limit} bytes")),
+        })
     }
 
     /// The pod's AWS credentials, in the SDKs' order.
@@ -249,7 +258,7 @@ impl EvidenceGatherer {
                 )),
                 (None, token) => token.clone(),
             };
-            let request = self.http.get(uri);
+            let request = self.http()?.get(uri);
             match token {
                 Some(token) => request.header(reqwest::header::AUTHORIZATION, token.expose()),
                 None => request,
@@ -257,8 +266,8 @@ impl EvidenceGatherer {
         } else {
             // IMDSv2: a session token first, then the role's credentials.
             let base = format!("{}/latest", self.settings.aws_imds_url.trim_end_matches('/'));
-            let put = self
-                .http
+            let http = self.http()?;
+            let put = http
                 .request(Method::PUT, format!("{base}/api/token"))
                 .header("X-aws-ec2-metadata-token-ttl-seconds", "60");
             let session = SecretString::new(
@@ -266,7 +275,7 @@ impl EvidenceGatherer {
                     .map_err(|_| failed(source, "IMDS session token is not text"))?,
             );
             let roles_url = format!("{base}/meta-data/iam/security-credentials/");
-            let get = |url: String| self.http.get(url).header("X-aws-ec2-metadata-token", session.expose());
+            let get = |url: String| http.get(url).header("X-aws-ec2-metadata-token", session.expose());
             let roles = String::from_utf8(self.send(source, get(roles_url.clone())).await?).unwrap_or_default();
             let role = roles
                 .lines()
@@ -337,7 +346,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let gatherer = EvidenceGatherer::new(settings, Duration::from_secs(1)).unwrap();
+        let gatherer = EvidenceGatherer::new(settings, Duration::from_secs(1));
         let source = EvidenceSource::AwsGetCallerIdentity { trust_provider: "aws".into() };
         let evidence = gatherer.gather(&[source.clone(), source]).await.unwrap();
         let signed = evidence.aws_get_caller_identity.unwrap();

@@ -24,6 +24,7 @@ pub mod evidence;
 pub mod gcp;
 pub mod health;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy;
 pub mod server;
 pub mod store;
