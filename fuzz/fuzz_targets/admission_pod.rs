@@ -51,9 +51,9 @@ fn config() -> &'static NamespaceConfig {
     })
 }
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(pod) = serde_json::from_slice::<Pod>(data) else { return };
-    let settings = InjectSettings {
+fn settings() -> &'static InjectSettings {
+    static SETTINGS: OnceLock<InjectSettings> = OnceLock::new();
+    SETTINGS.get_or_init(|| InjectSettings {
         image: "cloudpass-agent:fuzz".into(),
         pull_policy: "IfNotPresent".into(),
         agent_path: "/usr/local/bin/cloudpass-agent".into(),
@@ -63,6 +63,10 @@ fuzz_target!(|data: &[u8]| {
         token_seconds: 3600,
         version: "0.0.0".into(),
         remote_cluster: false,
-    };
-    let _ = decide(&pod, Some(config()), &settings, "proof");
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(pod) = serde_json::from_slice::<Pod>(data) else { return };
+    let _ = decide(&pod, Some(config()), settings(), "proof");
 });
