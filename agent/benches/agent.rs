@@ -19,10 +19,8 @@ use std::{
 use cloudpass_api::agent::{AgentConfig, AgentDelivery, AgentEndpoint};
 use cloudpass_e2e::{
     ControlPlane,
-    bench::{concurrent_load, percentile},
-    broker::{BrokerOptions, RunningBroker, pod_token},
-    fakes::aws_sts::AwsRoleTrust,
-    moto::MotoServer,
+    bench::{BrokerBench, concurrent_load, percentile},
+    broker::pod_token,
     process::free_port,
 };
 use serde_json::json;
@@ -83,16 +81,8 @@ async fn sequential(request: impl Fn() -> reqwest::RequestBuilder) -> (f64, f64)
 async fn run() {
     let cp = ControlPlane::shared();
     let operator = cloudpass_e2e::workspace_binary("cloudpass-operator").unwrap();
-    let options =
-        BrokerOptions { namespace: "cloudpass-bench-agent".into(), log_level: "warn".into(), ..Default::default() };
-    let broker = RunningBroker::start(cp, &operator, &options).await.unwrap();
-    cp.create_namespace(NS, &[]).await.unwrap();
-    cp.create_service_account(NS, "orders").await.unwrap();
-
-    let moto = MotoServer::start().await.unwrap();
-    let s3 = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
-    let role = moto.create_role("bench", &s3).await.unwrap();
-    let gate = broker.sts_gate(&moto, vec![AwsRoleTrust::new(&role, &broker.url, "system:cloudpass:*")]).await.unwrap();
+    let BrokerBench { broker, moto: _moto, role, gate } =
+        BrokerBench::start(cp, &operator, "cloudpass-bench-agent", NS).await.unwrap();
     // The API the proxy reaches: HTTPS on loopback with a certificate of the broker's CA.
     let api = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
     let (api_addr, _api) = cloudpass_e2e::tls::serve_https(api, &broker.ca.issue_server(&[]).unwrap()).await.unwrap();

@@ -43,6 +43,7 @@ use cloudpass_e2e::{
     ControlPlane,
     broker::{BrokerOptions, RunningBroker, pod_token},
     certs::TestCa,
+    cloudpass_object,
     fakes::{
         aws_sts::{AwsRoleTrust, StsGate},
         entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential, ManagedIdentityClaims},
@@ -106,17 +107,15 @@ spec:
 "#;
 
 fn credential_provider(name: &str, spec: Value) -> String {
-    json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "CredentialProvider", "metadata": {"name": name}, "spec": spec})
-        .to_string()
+    cloudpass_object("CredentialProvider", name, spec).to_string()
 }
 
 /// A policy for the pods labelled `app: orders`.
 fn policy(name: &str, credential: &str, server: Value, delivery: Value) -> String {
-    json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": name},
-           "spec": {"client": {"podSelector": {"matchLabels": {"app": "orders"}}},
-                    "trustProviders": [{"name": "this-cluster"}],
-                    "server": server, "credentialProvider": {"name": credential}, "delivery": delivery}})
-    .to_string()
+    let spec = json!({"client": {"podSelector": {"matchLabels": {"app": "orders"}}},
+                      "trustProviders": [{"name": "this-cluster"}],
+                      "server": server, "credentialProvider": {"name": credential}, "delivery": delivery});
+    cloudpass_object("AccessPolicy", name, spec).to_string()
 }
 
 fn secret(name: &str, data: Value) -> String {
@@ -1214,10 +1213,7 @@ async fn the_agent_presents_evidence_from_the_metadata_services_of_its_node() {
     let (google, _) = google(ns, "unused").await;
     let google = Arc::new(google);
     let aws = aws_bed(ns, "unused").await;
-    let trust = |name: &str, spec: Value| {
-        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": name}, "spec": spec})
-            .to_string()
-    };
+    let trust = |name: &str, spec: Value| cloudpass_object("TrustProvider", name, spec).to_string();
     let via = |name: &str, trust: &str| {
         let mut doc: Value = serde_json::from_str(&policy(
             name,

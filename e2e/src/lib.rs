@@ -20,6 +20,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 pub use control_plane::{ControlPlane, TokenOptions, WebhookRegistration};
 
+/// A cloudpass object (`TrustProvider`, `CredentialProvider`, `AccessPolicy`) named
+/// `name` with `spec`, as JSON for `kubectl apply`.
+pub fn cloudpass_object(kind: &str, name: &str, spec: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec})
+}
+
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repository root")

@@ -8,10 +8,13 @@
 
 use std::{sync::OnceLock, time::Duration};
 
-use cloudpass_e2e::scenario::{
-    Stack,
-    aws::{AksToS3, AwsCloud, S3_APP},
-    exclusive,
+use cloudpass_e2e::{
+    cloudpass_object,
+    scenario::{
+        Stack,
+        aws::{AksToS3, AwsCloud, S3_APP},
+        exclusive,
+    },
 };
 use serde_json::json;
 
@@ -436,10 +439,12 @@ async fn gke_to_s3_also_proven_by_the_pods_google_identity_from_the_metadata_ser
     let google = GoogleConfig { providers: vec![], service_accounts: vec![], issuer_ca_pem: ca.cert_pem() };
     let google = Arc::new(GoogleFake::start(google, ca).await.unwrap());
     let trusted = "exporter@orders-project.iam.gserviceaccount.com";
-    let trust = json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider",
-        "metadata": {"name": "gke-workload-identity"},
-        "spec": {"gcpIdentityToken": {"audiences": ["https://cloudpass.example.com"], "serviceAccountEmails": [trusted],
-                 "issuer": google.url(), "jwksUri": format!("{}/oauth2/v3/certs", google.url())}}});
+    let trust = cloudpass_object(
+        "TrustProvider",
+        "gke-workload-identity",
+        json!({"gcpIdentityToken": {"audiences": ["https://cloudpass.example.com"], "serviceAccountEmails": [trusted],
+               "issuer": google.url(), "jwksUri": format!("{}/oauth2/v3/certs", google.url())}}),
+    );
     stack.cp.apply_yaml(Some(ns), &trust.to_string()).unwrap();
     let mut setup = S3Direction::gke(stack, aws(), ns).await.unwrap();
     let policy = setup.policy.clone();
@@ -526,18 +531,27 @@ async fn a_pod_of_another_cluster_reaches_s3_through_this_brokers_policies() {
     let gate = aws.gate(&broker.url, &broker.ca.cert_pem(), &broker.ca, vec![trust]).await.unwrap();
     let (_, jwks) = remote.issuer_documents().await.unwrap();
     let objects = [
-        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": "shop-cluster"},
-               "spec": {"kubernetesServiceAccount": {"issuer": remote.issuer, "jwks": jwks.to_string(),
-                        "namespaces": [ns], "serviceAccounts": ["orders"]}}}),
-        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "CredentialProvider", "metadata": {"name": "orders-s3"},
-               "spec": {"awsSts": {"roleArn": role, "region": "us-east-1", "stsEndpoint": gate.url(),
-                        "sessionName": "remote-{pod}"}}}),
+        cloudpass_object(
+            "TrustProvider",
+            "shop-cluster",
+            json!({"kubernetesServiceAccount": {"issuer": remote.issuer, "jwks": jwks.to_string(),
+                   "namespaces": [ns], "serviceAccounts": ["orders"]}}),
+        ),
+        cloudpass_object(
+            "CredentialProvider",
+            "orders-s3",
+            json!({"awsSts": {"roleArn": role, "region": "us-east-1", "stsEndpoint": gate.url(),
+                   "sessionName": "remote-{pod}"}}),
+        ),
         // The broker cannot see the other cluster's pod labels: the policy selects by
         // service account only.
-        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "orders-to-s3"},
-               "spec": {"client": {"podSelector": {}, "serviceAccountName": "orders"},
-                        "trustProviders": [{"name": "shop-cluster"}], "server": {"kind": "aws"},
-                        "credentialProvider": {"name": "orders-s3"}}}),
+        cloudpass_object(
+            "AccessPolicy",
+            "orders-to-s3",
+            json!({"client": {"podSelector": {}, "serviceAccountName": "orders"},
+                   "trustProviders": [{"name": "shop-cluster"}], "server": {"kind": "aws"},
+                   "credentialProvider": {"name": "orders-s3"}}),
+        ),
     ];
     for o in &objects {
         stack.cp.apply_yaml(Some(ns), &o.to_string()).unwrap();

@@ -14,10 +14,8 @@ use std::time::{Duration, Instant};
 
 use cloudpass_e2e::{
     ControlPlane,
-    bench::{concurrent_load, percentile},
-    broker::{BrokerOptions, RunningBroker, pod_token},
-    fakes::aws_sts::AwsRoleTrust,
-    moto::MotoServer,
+    bench::{BrokerBench, concurrent_load, percentile},
+    broker::pod_token,
 };
 use serde_json::{Value, json};
 
@@ -38,15 +36,8 @@ where
 async fn run() {
     let cp = ControlPlane::shared();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
-    let options = BrokerOptions { namespace: "cloudpass-bench".into(), log_level: "warn".into(), ..Default::default() };
-    let broker = RunningBroker::start(cp, binary, &options).await.unwrap();
-    cp.create_namespace(NS, &[]).await.unwrap();
-    cp.create_service_account(NS, "orders").await.unwrap();
-
-    let moto = MotoServer::start().await.unwrap();
-    let s3 = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
-    let role = moto.create_role("bench", &s3).await.unwrap();
-    let gate = broker.sts_gate(&moto, vec![AwsRoleTrust::new(&role, &broker.url, "system:cloudpass:*")]).await.unwrap();
+    let BrokerBench { broker, moto: _moto, role, gate } =
+        BrokerBench::start(cp, binary, "cloudpass-bench", NS).await.unwrap();
     let objects = json!([
         {"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": "this-cluster"},
          "spec": {"kubernetesServiceAccount": {}}},

@@ -13,6 +13,7 @@ use std::{
 use cloudpass_e2e::{
     ControlPlane, TokenOptions,
     broker::{BrokerOptions, RunningBroker},
+    cloudpass_object,
 };
 use serde_json::{Value, json};
 
@@ -124,8 +125,7 @@ fn policy(
     if let Some(c) = conditions {
         spec["conditions"] = c;
     }
-    json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": name}, "spec": spec})
-        .to_string()
+    cloudpass_object("AccessPolicy", name, spec).to_string()
 }
 
 #[tokio::test]
@@ -333,8 +333,7 @@ async fn apply_ready(cp: &ControlPlane, ns: &str, docs: &[String], policies: &[&
 }
 
 fn credential_provider(name: &str, spec: Value) -> String {
-    json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "CredentialProvider", "metadata": {"name": name}, "spec": spec})
-        .to_string()
+    cloudpass_object("CredentialProvider", name, spec).to_string()
 }
 
 fn sdk(kind: &str, extra: Value) -> Value {
@@ -686,9 +685,7 @@ async fn jwt_and_aws_role_trust_providers() {
     let read_only =
         json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]});
     let role = moto.create_role("ci-runner", &read_only).await.unwrap();
-    let trust = |name: &str, spec: Value| {
-        json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": name}, "spec": spec}).to_string()
-    };
+    let trust = |name: &str, spec: Value| cloudpass_object("TrustProvider", name, spec).to_string();
     let sub = "0b1c2d3e-aaaa-bbbb-cccc-1234567890ab";
     let docs = vec![
         K8S_TRUST.to_owned(),
@@ -867,9 +864,12 @@ async fn another_clusters_tokens_are_verified_by_its_keys() {
 
     let ns = "broker-remote";
     cp.create_namespace(ns, &[]).await.unwrap();
-    let trust = json!({"apiVersion": "cloudpass.dev/v1alpha1", "kind": "TrustProvider", "metadata": {"name": "shop-cluster"},
-        "spec": {"kubernetesServiceAccount": {"issuer": remote.issuer, "jwks": jwks.to_string(),
-                 "namespaces": ["shop"], "serviceAccounts": ["orders"]}}});
+    let trust = cloudpass_object(
+        "TrustProvider",
+        "shop-cluster",
+        json!({"kubernetesServiceAccount": {"issuer": remote.issuer, "jwks": jwks.to_string(),
+               "namespaces": ["shop"], "serviceAccounts": ["orders"]}}),
+    );
     let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
     let mut any_pod: Value = serde_json::from_str(&policy(
         "from-shop",
