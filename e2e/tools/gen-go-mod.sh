@@ -28,7 +28,9 @@ for m in $modules; do
 done
 echo "replaced $(echo "$modules" | wc -w) staging modules with ${staging}"
 go get "k8s.io/kubernetes@${k8s}"
-go get -tool k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl
+go get -tool k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy \
+  k8s.io/kubernetes/cmd/kubectl
 # etcd: the version k8s.io/kubernetes itself was tested with (its go.mod requires it).
 etcd_version=$(sed -n 's#^[[:space:]]*go.etcd.io/etcd/server/v3 \(v[0-9.]*\).*#\1#p' "$gomod_file" | head -n1)
 go get -tool "go.etcd.io/etcd/server/v3@${etcd_version}"
