@@ -9,6 +9,7 @@ pub mod certs;
 pub mod chart;
 pub mod control_plane;
 pub mod fakes;
+pub mod images;
 pub mod moto;
 pub mod process;
 pub mod python;
