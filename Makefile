@@ -49,14 +49,15 @@ bench: tools ## Run the benchmarks against the real local apiserver and print th
 	$(CARGO) build --release --locked -p cloudpass-operator -p cloudpass-webhook -p cloudpass-agent
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-e2e --bench scenario
 
+.PHONY: images
+images: ## Build the operator, webhook and agent images (as the Dockerfile says), the pause and test-apps images, without a container engine, into target/images
+	$(CARGO) run -q --locked -p cloudpass-e2e --bin cloudpass-images
+
 MUSL_TARGET = x86_64-unknown-linux-musl
 
 .PHONY: agent-static
-agent-static: ## Build a fully static cloudpass-agent (musl) into target/x86_64-unknown-linux-musl/release; installs the Rust target and musl-tools if missing
-	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
-	@command -v musl-gcc >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y musl-tools; } \
-	  || { echo "musl-gcc is missing: install Debian's musl-tools"; exit 1; }
-	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --locked -p cloudpass-agent --target $(MUSL_TARGET)
+agent-static: ## Build the static (musl) operator, webhook and agent with images/build-binaries.sh, as the images have them, into target/x86_64-unknown-linux-musl/release
+	images/build-binaries.sh target/images/binaries
 	@file target/$(MUSL_TARGET)/release/cloudpass-agent; ls -l target/$(MUSL_TARGET)/release/cloudpass-agent
 
 FUZZ_SECONDS ?= 60
