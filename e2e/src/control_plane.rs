@@ -46,11 +46,13 @@ pub struct ControlPlane {
     // Field order is drop order: stop the apiserver before etcd, then delete the files.
     apiserver: Mutex<ManagedProcess>,
     etcd: Mutex<ManagedProcess>,
-    dir: TempDir,
-    // A shared control plane is never dropped; this watchdog deletes its files once
-    // the test process has exited (see crate::process for the pipe mechanism).
-    _cleanup: DirCleanup,
-    /// `https://127.0.0.1:<port>`.
+    dir: PlaneDir,
+    /// The CA of the apiserver's serving certificate and of every client certificate it
+    /// accepts (also the kubelet's, on a node cluster).
+    pub ca: TestCa,
+    /// The service-account signing key (PEM), which a controller-manager also needs.
+    pub sa_key_file: PathBuf,
+    /// `https://127.0.0.1:<port>` (`https://<node IP>:<port>` on a node cluster).
     pub server: String,
     /// The apiserver's CA certificate, PEM.
     pub ca_pem: String,
@@ -74,6 +76,59 @@ pub struct TokenOptions {
 impl Default for TokenOptions {
     fn default() -> Self {
         Self { audiences: vec![cloudpass_api::BROKER_AUDIENCE.to_owned()], expiration_seconds: 3600, bound_pod: None }
+    }
+}
+
+/// How to start a control plane: the defaults are an apiserver on loopback for suites
+/// that need no node; [`crate::cluster::Cluster`] sets the rest.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneOptions {
+    /// Address the apiserver binds and advertises (the `kubernetes` Service's endpoint).
+    pub address: std::net::IpAddr,
+    /// Directory for its files; a fresh temporary directory (deleted after the test
+    /// process exits) when `None`.
+    pub dir: Option<PathBuf>,
+    /// The Service IP range.
+    pub service_cidr: String,
+    /// Further names and addresses of the apiserver's serving certificate.
+    pub extra_sans: Vec<String>,
+    /// Further apiserver flags; a flag given here replaces a default of the same name.
+    pub extra_args: Vec<String>,
+    /// Give the apiserver a client certificate for kubelets (logs, exec) and make it
+    /// verify their serving certificates with this control plane's CA.
+    pub kubelet_client: bool,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        Self {
+            address: std::net::Ipv4Addr::LOCALHOST.into(),
+            dir: None,
+            service_cidr: "10.0.0.0/24".into(),
+            extra_sans: Vec::new(),
+            extra_args: Vec::new(),
+            kubelet_client: false,
+        }
+    }
+}
+
+/// The control plane's directory: a temporary one, or one its owner manages.
+enum PlaneDir {
+    Temporary {
+        dir: TempDir,
+        // A shared control plane is never dropped; this watchdog deletes its files once
+        // the test process has exited (see crate::process for the pipe mechanism).
+        _cleanup: DirCleanup,
+    },
+    Owned(PathBuf),
+}
+
+impl PlaneDir {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Temporary { dir, .. } => dir.path(),
+            Self::Owned(path) => path,
+        }
     }
 }
 
@@ -102,14 +157,31 @@ impl ControlPlane {
 
     /// Starts a new control plane (prefer [`ControlPlane::shared`]; one per test binary).
     pub async fn start() -> Result<Self> {
+        Self::start_with(ControlPlaneOptions::default()).await
+    }
+
+    /// Starts a new control plane as `options` say.
+    pub async fn start_with(options: ControlPlaneOptions) -> Result<Self> {
         let started = Instant::now();
         let bin = tools_bin()?;
-        let dir = tempfile::Builder::new().prefix("cloudpass-cp-").tempdir()?;
+        let dir = match &options.dir {
+            Some(path) => {
+                fs::create_dir_all(path)?;
+                PlaneDir::Owned(path.clone())
+            }
+            None => {
+                let dir = tempfile::Builder::new().prefix("cloudpass-cp-").tempdir()?;
+                let cleanup = DirCleanup::spawn(dir.path())?;
+                PlaneDir::Temporary { dir, _cleanup: cleanup }
+            }
+        };
         let path = dir.path().to_path_buf();
-        let cleanup = DirCleanup::spawn(&path)?;
+        let address = options.address;
 
         let ca = TestCa::new("cloudpass-e2e-ca")?;
-        let serving = ca.issue_server(&[])?;
+        let mut names: Vec<String> = vec![address.to_string()];
+        names.extend(options.extra_sans.iter().cloned());
+        let serving = ca.issue_server(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
         let admin = ca.issue_client("cloudpass-e2e-admin", &["system:masters"])?;
         let sa_key = rcgen::KeyPair::generate()?;
         let write = |name: &str, text: &str| -> Result<PathBuf> {
@@ -143,7 +215,7 @@ impl ControlPlane {
             &path.join("etcd.log"),
             &[],
         )?;
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{}:{api_port}", host_in_url(address));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         wait_until("etcd /health", Duration::from_secs(30), &mut etcd, || {
             let http = http.clone();
@@ -153,28 +225,37 @@ impl ControlPlane {
         .await?;
 
         let issuer = server.clone();
+        let mut defaults = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--bind-address={address}"),
+            format!("--advertise-address={address}"),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", path.join("certs").display()),
+            format!("--tls-cert-file={}", serving_cert.display()),
+            format!("--tls-private-key-file={}", serving_key.display()),
+            format!("--client-ca-file={}", ca_file.display()),
+            "--authorization-mode=RBAC".into(),
+            format!("--service-account-issuer={issuer}"),
+            format!("--service-account-key-file={}", sa_pub_file.display()),
+            format!("--service-account-signing-key-file={}", sa_key_file.display()),
+            format!("--service-cluster-ip-range={}", options.service_cidr),
+            "--allow-privileged=true".into(),
+            "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ServiceAccount".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--v=1".into(),
+        ];
+        if options.kubelet_client {
+            let client = ca.issue_client("kube-apiserver-kubelet-client", &["system:masters"])?;
+            defaults.extend([
+                format!("--kubelet-client-certificate={}", write("kubelet-client.crt", &client.cert_pem)?.display()),
+                format!("--kubelet-client-key={}", write("kubelet-client.key", &client.key_pem)?.display()),
+                format!("--kubelet-certificate-authority={}", ca_file.display()),
+            ]);
+        }
         let mut apiserver = ManagedProcess::spawn(
             "kube-apiserver",
             &bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--cert-dir={}", path.join("certs").display()),
-                format!("--tls-cert-file={}", serving_cert.display()),
-                format!("--tls-private-key-file={}", serving_key.display()),
-                format!("--client-ca-file={}", ca_file.display()),
-                "--authorization-mode=RBAC".into(),
-                format!("--service-account-issuer={issuer}"),
-                format!("--service-account-key-file={}", sa_pub_file.display()),
-                format!("--service-account-signing-key-file={}", sa_key_file.display()),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--allow-privileged=true".into(),
-                "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ServiceAccount".into(),
-                "--endpoint-reconciler-type=none".into(),
-                "--v=1".into(),
-            ],
+            &merge_flags(&defaults, &options.extra_args),
             &path.join("kube-apiserver.log"),
             &[],
         )?;
@@ -197,10 +278,11 @@ impl ControlPlane {
         let plane = Self {
             apiserver: Mutex::new(apiserver),
             etcd: Mutex::new(etcd),
-            _cleanup: cleanup,
             dir,
             server,
             ca_pem: ca.cert_pem(),
+            ca,
+            sa_key_file,
             kubeconfig,
             issuer,
         };
@@ -436,6 +518,16 @@ impl ControlPlane {
         Ok(path)
     }
 
+    /// Writes a kubeconfig that authenticates with a new client certificate of this
+    /// control plane's CA for user `common_name` in `groups` (how the kubelet, kube-proxy
+    /// and the scheduler authenticate), named `kubeconfig-<file_name>`.
+    pub fn kubeconfig_for_user(&self, file_name: &str, common_name: &str, groups: &[&str]) -> Result<PathBuf> {
+        let pair = self.ca.issue_client(common_name, groups)?;
+        let path = self.dir().join(format!("kubeconfig-{file_name}"));
+        fs::write(&path, kubeconfig_yaml(&self.server, &self.ca_pem, &pair))?;
+        Ok(path)
+    }
+
     /// The issuer's discovery document and JWKS, fetched anonymously over HTTPS as a
     /// cloud would.
     pub async fn issuer_documents(&self) -> Result<(Value, Value)> {
@@ -522,6 +614,22 @@ impl ControlPlane {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         bail!("{resource} {namespace}/{name}: condition {type_}={status} not reached in {timeout:?}; last seen: {last}")
+    }
+}
+
+/// `defaults` with every flag of `overrides` replacing the default of the same name
+/// (`--name=value` flags), overrides appended in order.
+fn merge_flags(defaults: &[String], overrides: &[String]) -> Vec<String> {
+    let name = |flag: &str| flag.split_once('=').map_or(flag, |(n, _)| n).to_owned();
+    let overridden: Vec<String> = overrides.iter().map(|f| name(f)).collect();
+    defaults.iter().filter(|f| !overridden.contains(&name(f))).chain(overrides).cloned().collect()
+}
+
+/// An IP address as the host part of a URL (IPv6 in brackets).
+pub fn host_in_url(address: std::net::IpAddr) -> String {
+    match address {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
     }
 }
 
