@@ -39,11 +39,16 @@ impl TestCa {
         self.issuer.pem()
     }
 
-    /// A serving certificate for `localhost` and 127.0.0.1 plus the given extra names.
+    /// A serving certificate for `localhost`, 127.0.0.1 and the test bed's listen address
+    /// ([`crate::net::listen_address`]), plus the given extra names.
     pub fn issue_server(&self, extra_names: &[&str]) -> Result<CertPair> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = name("localhost", &[]);
         let mut sans = vec![SanType::DnsName("localhost".try_into()?), SanType::IpAddress("127.0.0.1".parse()?)];
+        let listen = crate::net::listen_address();
+        if !listen.is_loopback() {
+            sans.push(SanType::IpAddress(listen));
+        }
         for extra in extra_names {
             sans.push(match extra.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::process::{ManagedProcess, free_port};
+use crate::process::ManagedProcess;
 
 /// The account moto puts every resource in.
 pub const ACCOUNT_ID: &str = "123456789012";
@@ -62,16 +62,16 @@ impl MotoServer {
     pub async fn start() -> Result<Self> {
         let venv = crate::python::venv()?;
         let dir = tempfile::Builder::new().prefix("cloudpass-moto-").tempdir()?;
-        let port = free_port()?;
+        let port = crate::net::free_port()?;
         let process = ManagedProcess::spawn(
             "moto_server",
             &venv.join("bin/moto_server"),
-            &["-H".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
+            &["-H".into(), crate::net::listen_address().to_string(), "-p".into(), port.to_string()],
             &dir.path().join("moto.log"),
             &[],
         )?;
         let mut server =
-            Self { process, url: format!("http://127.0.0.1:{port}"), python: venv.join("bin/python"), dir };
+            Self { process, url: crate::net::local_url("http", port), python: venv.join("bin/python"), dir };
         server.wait_until_ready().await?;
         Ok(server)
     }

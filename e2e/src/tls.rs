@@ -27,11 +27,13 @@ pub fn server_config(pair: &CertPair) -> Result<rustls::ServerConfig> {
     Ok(config)
 }
 
-/// Serves `router` over HTTPS on a free loopback port until the task is aborted;
-/// aborting it also closes every open connection, like a process that stops.
+/// Serves `router` over HTTPS on a free port of the test bed's listen address
+/// ([`crate::net::listen_address`]: loopback unless a node needs otherwise) until the
+/// task is aborted; aborting it also closes every open connection, like a process that
+/// stops.
 pub async fn serve_https(router: axum::Router, pair: &CertPair) -> Result<(SocketAddr, JoinHandle<()>)> {
     let acceptor = TlsAcceptor::from(Arc::new(server_config(pair)?));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = TcpListener::bind((crate::net::listen_address(), 0)).await?;
     let addr = listener.local_addr()?;
     let handle = tokio::spawn(async move {
         // Connections live in this set, so they end with the accept loop.

@@ -11,7 +11,7 @@ use std::{sync::OnceLock, time::Duration};
 use cloudpass_e2e::{
     cloudpass_object,
     scenario::{
-        Stack,
+        Deployed, Stack,
         aws::{AksToS3, AwsCloud, S3_APP},
         exclusive,
     },

@@ -16,7 +16,6 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::SocketAddr,
     sync::{Arc, Mutex},
 };
 
@@ -128,8 +127,8 @@ impl MetadataFake {
             .route("/latest/meta-data/iam/security-credentials/{role}", get(imds_role_credentials))
             .route("/v1/credentials", get(pod_identity_credentials))
             .with_state(state.clone());
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let url = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
+        let listener = TcpListener::bind((crate::net::listen_address(), 0)).await?;
+        let url = crate::net::local_url("http", listener.local_addr()?.port());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });

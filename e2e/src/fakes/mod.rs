@@ -47,8 +47,8 @@ use tokio::task::JoinHandle;
 
 use crate::{certs::TestCa, tls::serve_https};
 
-/// An HTTPS server task on a free loopback port; dropping it stops the server and closes
-/// its connections.
+/// An HTTPS server task on a free port of the test bed's listen address; dropping it
+/// stops the server and closes its connections.
 pub(crate) struct Served {
     url: String,
     task: JoinHandle<()>,
@@ -59,7 +59,7 @@ impl Served {
     pub(crate) async fn start(router: axum::Router, ca: &TestCa) -> Result<Self> {
         let pair = ca.issue_server(&[])?;
         let (addr, task) = serve_https(router, &pair).await?;
-        Ok(Self { url: format!("https://127.0.0.1:{}", addr.port()), task })
+        Ok(Self { url: crate::net::local_url("https", addr.port()), task })
     }
 
     pub(crate) fn url(&self) -> &str {

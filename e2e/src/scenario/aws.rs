@@ -6,7 +6,7 @@
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
-use super::{Example, Stack};
+use super::{Deployed, Example};
 use crate::{
     certs::TestCa,
     fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
@@ -127,7 +127,7 @@ impl S3Direction {
     /// AKS → S3 (`examples/aks-to-s3.yaml`) for `namespace` (which must exist, opted in):
     /// the role keeps the example's ARN (moto's account), the subject is
     /// `system:cloudpass:<namespace>:orders-s3`.
-    pub async fn prepare(stack: &Stack<'_>, aws: &AwsCloud, namespace: &str) -> Result<Self> {
+    pub async fn prepare(stack: &dyn Deployed, aws: &AwsCloud, namespace: &str) -> Result<Self> {
         let example = Example::load("aks-to-s3")?;
         Self::setup(stack, aws, namespace, example, ("orders-s3", "orders-to-s3"), ("orders", "api"), None).await
     }
@@ -136,7 +136,7 @@ impl S3Direction {
     /// account (the example names another), the subject names the service account
     /// (`system:cloudpass:<namespace>:exporter-s3:exporter`), and the example's nightly
     /// time window is removed so the scenario runs at any hour. The pod is the CronJob's.
-    pub async fn gke(stack: &Stack<'_>, aws: &AwsCloud, namespace: &str) -> Result<Self> {
+    pub async fn gke(stack: &dyn Deployed, aws: &AwsCloud, namespace: &str) -> Result<Self> {
         let mut example = Example::load("gke-to-s3")?;
         let arn = example.get("CredentialProvider", "exporter-s3")?["spec"]["awsSts"]["roleArn"]
             .as_str()
@@ -159,7 +159,7 @@ impl S3Direction {
     }
 
     async fn setup(
-        stack: &Stack<'_>,
+        stack: &dyn Deployed,
         aws: &AwsCloud,
         namespace: &str,
         mut example: Example,
@@ -176,15 +176,14 @@ impl S3Direction {
             "Resource": [format!("arn:aws:s3:::{BUCKET}"), format!("arn:aws:s3:::{BUCKET}/*")]}]});
         let role_arn = aws.role(role_name, &s3).await?;
         aws.bucket(BUCKET).await?;
-        let broker = &stack.broker;
         let mut subject = format!("system:cloudpass:{namespace}:{provider}");
         if let Some(sa) = subject_service_account {
             subject = format!("{subject}:{sa}");
         }
-        let mut trust = AwsRoleTrust::new(&role_arn, &broker.url, &subject);
+        let mut trust = AwsRoleTrust::new(&role_arn, stack.issuer_url(), &subject);
         trust.audiences = vec![STS_AUDIENCE.into()];
         trust.max_session_duration = 43200;
-        let gate = aws.gate(&broker.url, &broker.ca.cert_pem(), &broker.ca, vec![trust]).await?;
+        let gate = aws.gate(stack.issuer_url(), &stack.issuer_ca_pem(), stack.cloud_ca(), vec![trust]).await?;
         example.set("CredentialProvider", provider, "/spec/awsSts/stsEndpoint", json!(gate.url()))?;
         // boto3 and the AWS CLI read the region from AWS_DEFAULT_REGION only, not from
         // AWS_REGION (which the other SDKs read).
@@ -198,9 +197,7 @@ impl S3Direction {
     }
 
     /// Applies the example's objects and waits until its policy is Ready.
-    pub async fn apply(&self, stack: &Stack<'_>) -> Result<String> {
-        let out = stack.cp.apply_yaml(Some(&self.namespace), &self.example.objects_yaml()?)?;
-        stack.wait_policy_ready(&self.namespace, &self.policy).await?;
-        Ok(out)
+    pub async fn apply(&self, stack: &dyn Deployed) -> Result<String> {
+        stack.apply_example(&self.namespace, &self.example, &self.policy).await
     }
 }

@@ -10,11 +10,11 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use super::{Example, Stack, emulators_bin};
+use super::{Deployed, Example, emulators_bin};
 use crate::{
     certs::TestCa,
     fakes::entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
-    process::{ManagedProcess, free_port},
+    process::ManagedProcess,
 };
 
 /// Azurite's well-known development account.
@@ -43,10 +43,10 @@ impl Azurite {
         let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         std::fs::write(&cert, &pair.cert_pem)?;
         std::fs::write(&key, &pair.key_pem)?;
-        let port = free_port()?;
+        let port = crate::net::free_port()?;
         let args: Vec<String> = vec![
             "--blobHost".into(),
-            "127.0.0.1".into(),
+            crate::net::listen_address().to_string(),
             "--blobPort".into(),
             port.to_string(),
             "--oauth".into(),
@@ -61,7 +61,7 @@ impl Azurite {
         ];
         let mut process =
             ManagedProcess::spawn("azurite", &bin.join("azurite-blob"), &args, &dir.path().join("azurite.log"), &[])?;
-        let url = format!("https://127.0.0.1:{port}");
+        let url = crate::net::local_url("https", port);
         let http = reqwest::Client::builder()
             .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?])
             .timeout(Duration::from_secs(2))
@@ -111,12 +111,11 @@ pub struct EksToAzureBlob {
 impl EksToAzureBlob {
     /// Sets up Entra and the example for `namespace` (which must exist, opted in), with
     /// the app writing to `azurite`.
-    pub async fn prepare(stack: &Stack<'_>, azurite: &Azurite, namespace: &str) -> Result<Self> {
+    pub async fn prepare(stack: &dyn Deployed, azurite: &Azurite, namespace: &str) -> Result<Self> {
         let mut example = Example::load("eks-to-azure-blob")?;
         let spec = &example.get("CredentialProvider", "azure-blob-writer")?["spec"]["azureWorkloadIdentity"];
         let tenant = spec["tenantId"].as_str().context("tenantId")?.to_owned();
         let client_id = spec["clientId"].as_str().context("clientId")?.to_owned();
-        let broker = &stack.broker;
         let subject = format!("system:cloudpass:{namespace}:azure-blob-writer");
         let entra = EntraFake::start(
             EntraConfig {
@@ -124,11 +123,11 @@ impl EksToAzureBlob {
                 apps: vec![EntraApp {
                     client_id,
                     object_id: "6d1f7a52-0c3e-4b8d-9a6f-2e5c4b3a1f00".into(),
-                    federated_credentials: vec![FederatedCredential::new(&broker.url, &subject)],
+                    federated_credentials: vec![FederatedCredential::new(stack.issuer_url(), &subject)],
                 }],
-                issuer_ca_pem: broker.ca.cert_pem(),
+                issuer_ca_pem: stack.issuer_ca_pem(),
             },
-            &broker.ca,
+            stack.cloud_ca(),
         )
         .await?;
         example.set(
@@ -146,9 +145,7 @@ impl EksToAzureBlob {
     }
 
     /// Applies the example's objects and waits until its policy is Ready.
-    pub async fn apply(&self, stack: &Stack<'_>) -> Result<String> {
-        let out = stack.cp.apply_yaml(Some(&self.namespace), &self.example.objects_yaml()?)?;
-        stack.wait_policy_ready(&self.namespace, "report-uploader-to-blob").await?;
-        Ok(out)
+    pub async fn apply(&self, stack: &dyn Deployed) -> Result<String> {
+        stack.apply_example(&self.namespace, &self.example, "report-uploader-to-blob").await
     }
 }

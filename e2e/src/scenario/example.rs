@@ -14,6 +14,12 @@ use crate::repo_root;
 /// the pod their controller would create.
 const WORKLOAD_KINDS: &[&str] = &["Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "ReplicaSet"];
 
+/// The ConfigMap, in each namespace of an app on the node, holding the CA of the cloud
+/// emulators' certificates (`ca.crt`).
+pub const CLOUD_CA_CONFIGMAP: &str = "cloud-ca";
+/// Where apps on the node find it.
+const CLOUD_CA_DIR: &str = "/etc/cloud-ca";
+
 /// An example's documents and the changes made to them.
 #[derive(Clone, Debug)]
 pub struct Example {
@@ -87,16 +93,82 @@ impl Example {
             .collect()
     }
 
+    /// The workload `name` (a Deployment, CronJob, ...), as YAML to apply.
+    pub fn workload_yaml(&self, name: &str) -> Result<String> {
+        Ok(serde_yaml::to_string(self.workload(name)?)?)
+    }
+
+    fn workload(&self, name: &str) -> Result<&Value> {
+        self.docs
+            .iter()
+            .find(|d| WORKLOAD_KINDS.contains(&d["kind"].as_str().unwrap_or_default()) && d["metadata"]["name"] == name)
+            .ok_or_else(|| anyhow!("no workload {name}"))
+    }
+
+    /// Makes workload `name` runnable on the test bed's node, recording each change:
+    /// container `container` runs `command` from `image` (the test apps image, which
+    /// holds the unchanged SDK programs) with `env` (the app's own settings for the local
+    /// emulators), and trusts the emulators' CA from the ConfigMap [`CLOUD_CA_CONFIGMAP`]
+    /// of its namespace (the app's own trust store, as an image would carry it).
+    pub fn run_on_node(
+        &mut self,
+        name: &str,
+        container: &str,
+        image: &str,
+        command: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        let mut changes = Vec::new();
+        let workload = self
+            .docs
+            .iter_mut()
+            .find(|d| WORKLOAD_KINDS.contains(&d["kind"].as_str().unwrap_or_default()) && d["metadata"]["name"] == name)
+            .ok_or_else(|| anyhow!("no workload {name}"))?;
+        let template = match workload["kind"].as_str() {
+            Some("CronJob") => &mut workload["spec"]["jobTemplate"]["spec"]["template"],
+            _ => &mut workload["spec"]["template"],
+        };
+        let spec = template["spec"].as_object_mut().context("pod template without spec")?;
+        let volumes = spec.entry("volumes").or_insert_with(|| json!([]));
+        volumes
+            .as_array_mut()
+            .context("volumes")?
+            .push(json!({"name": "cloud-ca", "configMap": {"name": CLOUD_CA_CONFIGMAP}}));
+        changes.push(format!("{name}: volume cloud-ca from ConfigMap {CLOUD_CA_CONFIGMAP}"));
+        let containers = spec.get_mut("containers").and_then(Value::as_array_mut).context("containers")?;
+        let c = containers
+            .iter_mut()
+            .find(|c| c["name"] == container)
+            .ok_or_else(|| anyhow!("workload {name} has no container {container}"))?;
+        c["image"] = json!(image);
+        c["command"] = json!(command);
+        changes.push(format!("{name}, container {container}: image {image}, command {}", command.join(" ")));
+        let mounts = c.as_object_mut().context("container")?.entry("volumeMounts").or_insert_with(|| json!([]));
+        mounts
+            .as_array_mut()
+            .context("volumeMounts")?
+            .push(json!({"name": "cloud-ca", "mountPath": CLOUD_CA_DIR, "readOnly": true}));
+        let bundle = format!("{CLOUD_CA_DIR}/ca.crt");
+        let list = c.as_object_mut().context("container")?.entry("env").or_insert_with(|| json!([]));
+        let list = list.as_array_mut().context("env")?;
+        let trust = [("SSL_CERT_FILE", bundle.as_str()), ("REQUESTS_CA_BUNDLE", bundle.as_str())];
+        for (k, v) in env.iter().chain(&trust) {
+            match list.iter_mut().find(|e| e["name"] == *k) {
+                Some(existing) => *existing = json!({"name": k, "value": v}),
+                None => list.push(json!({"name": k, "value": v})),
+            }
+            changes.push(format!("{name}, container {container}: env {k}={v}"));
+        }
+        self.changes.extend(changes);
+        Ok(())
+    }
+
     /// The pod the controller of workload `name` would create: its pod template, with a
     /// generated name. `env` entries are set in container `container` (replacing a
     /// variable of the same name): the app's own settings for the local emulators (an
     /// endpoint URL, a bucket name), recorded.
     pub fn pod(&mut self, name: &str, container: &str, env: &[(&str, &str)]) -> Result<Value> {
-        let workload = self
-            .docs
-            .iter()
-            .find(|d| WORKLOAD_KINDS.contains(&d["kind"].as_str().unwrap_or_default()) && d["metadata"]["name"] == name)
-            .ok_or_else(|| anyhow!("no workload {name}"))?;
+        let workload = self.workload(name)?;
         let template = match workload["kind"].as_str() {
             Some("CronJob") => &workload["spec"]["jobTemplate"]["spec"]["template"],
             _ => &workload["spec"]["template"],

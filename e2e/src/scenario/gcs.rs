@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 
-use super::{Example, Stack, emulators_bin};
+use super::{Deployed, Example, emulators_bin};
 use crate::{
     certs::TestCa,
     fakes::google::{GoogleConfig, GoogleFake, ServiceAccount, WorkloadIdentityProvider},
@@ -98,7 +98,7 @@ impl GcsGate {
         });
         let router = Router::new().fallback(handle).with_state(state.clone());
         let (addr, task) = serve_https(router, &ca.issue_server(&[])?).await?;
-        let url = format!("https://127.0.0.1:{}", addr.port());
+        let url = crate::net::local_url("https", addr.port());
         let args: Vec<String> = [
             "-scheme=http".into(),
             "-host=127.0.0.1".into(),
@@ -107,7 +107,7 @@ impl GcsGate {
             format!("-data={}", dir.path().join("data").display()),
             // Upload sessions and media links point back at the gate.
             format!("-external-url={url}"),
-            format!("-public-host=127.0.0.1:{}", addr.port()),
+            format!("-public-host={}", url.trim_start_matches("https://")),
             "-log-level=warn".into(),
         ]
         .into();
@@ -242,7 +242,7 @@ pub struct AnyToGcs {
 
 impl AnyToGcs {
     /// Sets up the Google side and the example for `namespace` (which must exist, opted in).
-    pub async fn prepare(stack: &Stack<'_>, namespace: &str) -> Result<Self> {
+    pub async fn prepare(stack: &dyn Deployed, namespace: &str) -> Result<Self> {
         let mut example = Example::load("any-to-gcs")?;
         let spec = &example.get("CredentialProvider", "gcs-reader")?["spec"]["gcpWorkloadIdentity"];
         let provider_name = spec["workloadIdentityProvider"].as_str().context("workloadIdentityProvider")?.to_owned();
@@ -252,8 +252,7 @@ impl AnyToGcs {
         let [_, number, _, _, _, pool, _, provider] = parts.as_slice() else {
             bail!("unexpected workloadIdentityProvider {provider_name}");
         };
-        let broker = &stack.broker;
-        let wip = WorkloadIdentityProvider::new(number, pool, provider, &broker.url);
+        let wip = WorkloadIdentityProvider::new(number, pool, provider, stack.issuer_url());
         let subject = format!("system:cloudpass:{namespace}:gcs-reader");
         let google = Arc::new(
             GoogleFake::start(
@@ -263,13 +262,13 @@ impl AnyToGcs {
                         email: email.clone(),
                         allowed_members: vec![wip.principal(&subject)],
                     }],
-                    issuer_ca_pem: broker.ca.cert_pem(),
+                    issuer_ca_pem: stack.issuer_ca_pem(),
                 },
-                &broker.ca,
+                stack.cloud_ca(),
             )
             .await?,
         );
-        let gcs = GcsGate::start(google.clone(), vec![format!("serviceAccount:{email}")], &broker.ca).await?;
+        let gcs = GcsGate::start(google.clone(), vec![format!("serviceAccount:{email}")], stack.cloud_ca()).await?;
         for field in ["stsEndpoint", "iamCredentialsEndpoint"] {
             example.set(
                 "CredentialProvider",
@@ -292,9 +291,7 @@ impl AnyToGcs {
     }
 
     /// Applies the example's objects and waits until its policy is Ready.
-    pub async fn apply(&self, stack: &Stack<'_>) -> Result<String> {
-        let out = stack.cp.apply_yaml(Some(&self.namespace), &self.example.objects_yaml()?)?;
-        stack.wait_policy_ready(&self.namespace, "dashboards-to-gcs").await?;
-        Ok(out)
+    pub async fn apply(&self, stack: &dyn Deployed) -> Result<String> {
+        stack.apply_example(&self.namespace, &self.example, "dashboards-to-gcs").await
     }
 }

@@ -31,15 +31,20 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 
-use super::{Example, Stack};
+use super::{Deployed, Example};
 use crate::{
     certs::TestCa,
     fakes::oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
     tls::server_config,
 };
 
-/// Where the APIs listen.
-pub const API_HOST: &str = "127.0.0.2";
+/// Where the APIs listen: 127.0.0.2 on loopback (the `NO_PROXY` the webhook sets names
+/// `127.0.0.1`, and the app's requests must go through the agent's proxy), else the test
+/// bed's listen address.
+pub fn api_host() -> String {
+    let listen = crate::net::listen_address();
+    if listen.is_loopback() { "127.0.0.2".into() } else { listen.to_string() }
+}
 /// The app: `requests` GETs `$API_URL$API_PATH` (through `HTTP_PROXY`) and prints the
 /// status and answer as JSON (last line).
 pub const HTTP_APP: &str = include_str!("apps/http_api.py");
@@ -68,7 +73,7 @@ struct ApiState {
     callers: Mutex<Vec<String>>,
 }
 
-/// An HTTPS API on [`API_HOST`]; stops on drop.
+/// An HTTPS API on [`api_host`]; stops on drop.
 pub struct HttpApi {
     task: JoinHandle<()>,
     state: Arc<ApiState>,
@@ -77,10 +82,11 @@ pub struct HttpApi {
 }
 
 impl HttpApi {
-    /// Serves the API over HTTPS with a certificate of `ca` for [`API_HOST`].
+    /// Serves the API over HTTPS with a certificate of `ca` for [`api_host`].
     pub async fn start(auth: ApiAuth, ca: &TestCa) -> Result<Self> {
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(&ca.issue_server(&[API_HOST])?)?));
-        let listener = TcpListener::bind((API_HOST, 0)).await.context("binding 127.0.0.2")?;
+        let host = api_host();
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(&ca.issue_server(&[&host])?)?));
+        let listener = TcpListener::bind((host.as_str(), 0)).await.with_context(|| format!("binding {host}"))?;
         let addr: SocketAddr = listener.local_addr()?;
         let state = Arc::new(ApiState { auth, served: AtomicU64::new(0), callers: Mutex::new(Vec::new()) });
         let router = Router::new().fallback(answer).with_state(state.clone());
@@ -157,9 +163,9 @@ pub struct HttpApiScenario {
 impl HttpApiScenario {
     /// `examples/http-api-key.yaml`: the Secret `weather-api` holds the key (created here
     /// with kubectl, as its comment says to), the policy's host is the local API.
-    pub async fn api_key(stack: &Stack<'_>, namespace: &str) -> Result<Self> {
+    pub async fn api_key(stack: &dyn Deployed, namespace: &str) -> Result<Self> {
         let key = "wx-7f3a9c1e5b2d";
-        stack.cp.kubectl_ok(&[
+        stack.cp().kubectl_ok(&[
             "create",
             "secret",
             "generic",
@@ -169,15 +175,15 @@ impl HttpApiScenario {
             &format!("--from-literal=api-key={key}"),
         ])?;
         let api =
-            HttpApi::start(ApiAuth::ApiKey { header: "X-API-Key".into(), key: key.into() }, &stack.broker.ca).await?;
+            HttpApi::start(ApiAuth::ApiKey { header: "X-API-Key".into(), key: key.into() }, stack.cloud_ca()).await?;
         let mut example = Example::load("http-api-key")?;
         let policy = "forecaster-to-weather-api";
-        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([API_HOST]))?;
+        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
         example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
         let pod = example.pod(
             "forecaster",
             "app",
-            &[("API_URL", &format!("http://{API_HOST}")), ("API_PATH", "/v1/forecast?city=berlin")],
+            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/forecast?city=berlin")],
         )?;
         Ok(Self { namespace: namespace.to_owned(), api, oauth2: None, example, pod, policy: policy.into() })
     }
@@ -186,9 +192,9 @@ impl HttpApiScenario {
     /// client; the Secret `partner-oauth` holds its secret; the token URL and the policy's
     /// host point here. The example's business-hours time window is removed, so that the
     /// scenario does not depend on the hour it runs (the time-window scenario covers it).
-    pub async fn oauth2(stack: &Stack<'_>, namespace: &str) -> Result<Self> {
+    pub async fn oauth2(stack: &dyn Deployed, namespace: &str) -> Result<Self> {
         let secret = "Oa-partner-5d41402a";
-        stack.cp.kubectl_ok(&[
+        stack.cp().kubectl_ok(&[
             "create",
             "secret",
             "generic",
@@ -207,12 +213,12 @@ impl HttpApiScenario {
                     }],
                     ..Default::default()
                 },
-                &stack.broker.ca,
+                stack.cloud_ca(),
             )
             .await?,
         );
         let api =
-            HttpApi::start(ApiAuth::OAuth2 { issuer: oauth2.clone(), scope: "invoices:read".into() }, &stack.broker.ca)
+            HttpApi::start(ApiAuth::OAuth2 { issuer: oauth2.clone(), scope: "invoices:read".into() }, stack.cloud_ca())
                 .await?;
         let mut example = Example::load("oauth2-client-credentials")?;
         let policy = "billing-to-partner-api";
@@ -222,21 +228,19 @@ impl HttpApiScenario {
             "/spec/oauth2ClientCredentials/tokenUrl",
             json!(oauth2.token_url()),
         )?;
-        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([API_HOST]))?;
+        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
         example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
         example.set("AccessPolicy", policy, "/spec/conditions", json!({}))?;
         let pod = example.pod(
             "billing",
             "billing",
-            &[("API_URL", &format!("http://{API_HOST}")), ("API_PATH", "/v1/invoices?status=open")],
+            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/invoices?status=open")],
         )?;
         Ok(Self { namespace: namespace.to_owned(), api, oauth2: Some(oauth2), example, pod, policy: policy.into() })
     }
 
     /// Applies the example's objects and waits until its policy is Ready.
-    pub async fn apply(&self, stack: &Stack<'_>) -> Result<String> {
-        let out = stack.cp.apply_yaml(Some(&self.namespace), &self.example.objects_yaml()?)?;
-        stack.wait_policy_ready(&self.namespace, &self.policy).await?;
-        Ok(out)
+    pub async fn apply(&self, stack: &dyn Deployed) -> Result<String> {
+        stack.apply_example(&self.namespace, &self.example, &self.policy).await
     }
 }

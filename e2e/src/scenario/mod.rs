@@ -25,6 +25,7 @@ pub mod binaries;
 pub mod example;
 pub mod gcs;
 pub mod http_api;
+pub mod installed;
 pub mod pod;
 pub mod webhook;
 
@@ -44,11 +45,58 @@ pub use webhook::RunningWebhook;
 use crate::{
     ControlPlane,
     broker::{BrokerOptions, RunningBroker},
+    certs::TestCa,
 };
 
 /// The operator's namespace (compiled configs, issuer keys, the webhook's registration
 /// excludes it).
 pub const SYSTEM_NAMESPACE: &str = "cloudpass-system";
+
+/// Where cloudpass runs, as the scenarios' cloud side sees it: the control plane, the
+/// issuer the clouds must trust, and the CA of the cloud fakes' certificates, which the
+/// broker trusts for its upstream calls. [`Stack`] runs the binaries as processes;
+/// [`installed::Installed`] is the Helm chart on a real node.
+pub trait Deployed: Sync {
+    /// The control plane.
+    fn cp(&self) -> &ControlPlane;
+    /// The issuer URL of every token the broker signs.
+    fn issuer_url(&self) -> &str;
+    /// The CA (PEM) of the issuer's HTTPS certificate, which the cloud fakes trust when
+    /// they fetch its keys.
+    fn issuer_ca_pem(&self) -> String;
+    /// The CA that signs the cloud fakes' and emulators' certificates.
+    fn cloud_ca(&self) -> &TestCa;
+
+    /// Waits until AccessPolicy `namespace/name` is Ready.
+    fn wait_policy_ready<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value>> + Send + 'a>> {
+        Box::pin(self.cp().wait_for_condition(
+            "accesspolicy",
+            namespace,
+            name,
+            "Ready",
+            "True",
+            Duration::from_secs(30),
+        ))
+    }
+
+    /// Applies `example`'s objects into `namespace` and waits until `policy` is Ready.
+    fn apply_example<'a>(
+        &'a self,
+        namespace: &'a str,
+        example: &'a Example,
+        policy: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>> {
+        Box::pin(async move {
+            let out = self.cp().apply_yaml(Some(namespace), &example.objects_yaml()?)?;
+            self.wait_policy_ready(namespace, policy).await?;
+            Ok(out)
+        })
+    }
+}
 
 /// The control plane with the operator (and its broker) and the webhook running.
 pub struct Stack<'a> {
@@ -86,11 +134,6 @@ impl<'a> Stack<'a> {
     /// Creates namespace `name` labelled `cloudpass.dev/injection=enabled`.
     pub async fn opted_in_namespace(&self, name: &str) -> Result<()> {
         self.cp.create_namespace(name, &[(cloudpass_api::INJECTION_LABEL, cloudpass_api::INJECTION_ENABLED)]).await
-    }
-
-    /// Waits until AccessPolicy `namespace/name` is Ready.
-    pub async fn wait_policy_ready(&self, namespace: &str, name: &str) -> Result<Value> {
-        self.cp.wait_for_condition("accesspolicy", namespace, name, "Ready", "True", Duration::from_secs(30)).await
     }
 
     /// Creates a pod through the apiserver (the webhook is called) and reads it back.
@@ -131,6 +174,24 @@ impl<'a> Stack<'a> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl Deployed for Stack<'_> {
+    fn cp(&self) -> &ControlPlane {
+        self.cp
+    }
+
+    fn issuer_url(&self) -> &str {
+        &self.broker.url
+    }
+
+    fn issuer_ca_pem(&self) -> String {
+        self.broker.ca.cert_pem()
+    }
+
+    fn cloud_ca(&self) -> &TestCa {
+        &self.broker.ca
     }
 }
 
