@@ -65,8 +65,9 @@ pub struct ClientSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
     pub service_account_name: Option<String>,
-    /// Containers that receive the credential settings (environment variables).
-    /// Default: every container of the pod. This decides where the settings go, not who
+    /// Containers that receive the credential settings (environment variables), init
+    /// containers included (they start after the agent). Default: every container and
+    /// init container of the pod. This decides where the settings go, not who
     /// can reach the agent: a pod's containers share its loopback, so the pod is the
     /// unit of access, and two policies needing the same single-valued endpoint conflict
     /// even when they name different containers.

@@ -354,7 +354,11 @@ pub fn decide(
     let mut uses_azure = false;
     // Per container: the delivery kinds already given, to give each single-valued endpoint once.
     let mut given: BTreeMap<String, Vec<DeliveryKind>> = BTreeMap::new();
-    let containers = mutated.spec.as_mut().expect("checked").containers.as_mut_slice();
+    // Init containers too: the agent, a native sidecar inserted first, is running before
+    // any of them starts, so a migration or a download step gets credentials like the app.
+    let spec = mutated.spec.as_mut().expect("checked");
+    let mut containers: Vec<&mut Container> =
+        spec.init_containers.iter_mut().flatten().chain(spec.containers.iter_mut()).collect();
 
     for policy in &selected {
         let Some(kind) = delivery_kind(policy) else { continue };
@@ -374,7 +378,7 @@ pub fn decide(
         }
         let mut delivered = false;
         for i in targets {
-            let container = &mut containers[i];
+            let container = &mut *containers[i];
             let existing = container.env.clone().unwrap_or_default();
             let kinds = given.entry(container.name.clone()).or_default();
             if kinds.contains(&kind) {
@@ -422,6 +426,7 @@ pub fn decide(
         }
     }
 
+    drop(containers);
     if deliveries.is_empty() {
         warnings.push(format!(
             "cloudpass: AccessPolicy {} selects this pod but no container could receive its credentials; agent not injected",
@@ -620,11 +625,11 @@ mod tests {
     }
 
     fn env_of(pod: &Pod, container: &str) -> BTreeMap<String, String> {
-        pod.spec
-            .as_ref()
-            .unwrap()
-            .containers
+        let spec = pod.spec.as_ref().unwrap();
+        spec.init_containers
             .iter()
+            .flatten()
+            .chain(&spec.containers)
             .find(|c| c.name == container)
             .unwrap()
             .env
@@ -843,6 +848,28 @@ mod tests {
         let twice = decide(&once, Some(&cfg), &settings(), "y");
         assert_eq!(twice.skipped, Some(Skip::AlreadyInjected));
         assert!(twice.mutated.is_none());
+    }
+
+    #[test]
+    fn init_containers_receive_credentials_too_and_start_after_the_agent() {
+        let submitted = pod(json!({
+            "initContainers": [{"name": "migrate", "image": "m:1"}, {"name": "shipper", "image": "s:1", "restartPolicy": "Always"}],
+            "containers": [app("web")],
+        }));
+        let all = config(json!([policy("s3", aws(), json!({}))]));
+        let p = decide(&submitted, Some(&all), &settings(), "x").mutated.unwrap();
+        let names: Vec<_> = p.spec.as_ref().unwrap().init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [AGENT_CONTAINER, "migrate", "shipper"], "the agent runs before any of them");
+        for container in ["migrate", "shipper", "web"] {
+            assert!(env_of(&p, container).contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"), "{container}");
+        }
+        // Named by the policy: only that init container.
+        let named =
+            config(json!([policy("s3", aws(), json!({"client": {"podSelector": {}, "containers": ["migrate"]}}))]));
+        let p = decide(&submitted, Some(&named), &settings(), "x").mutated.unwrap();
+        assert!(env_of(&p, "migrate").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
+        assert!(!env_of(&p, "web").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
+        assert!(!env_of(&p, "shipper").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
     }
 
     #[test]
