@@ -242,7 +242,10 @@ fn declared_files(stage: &Stage) -> BTreeMap<String, Vec<u8>> {
         for source in &copy.sources {
             let local = match (&copy.from, source.strip_prefix("/out/")) {
                 // What cargo built, independently of the assembler's staging.
-                (Some(_), Some(binary)) => repo.join("target/x86_64-unknown-linux-musl/release").join(binary),
+                (Some(_), Some(binary)) => {
+                    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or(repo.join("target"), |d| repo.join(d));
+                    target_dir.join("x86_64-unknown-linux-musl/release").join(binary)
+                }
                 (Some(_), None) => PathBuf::from(source),
                 (None, _) => repo.join(source),
             };

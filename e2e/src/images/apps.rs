@@ -94,8 +94,9 @@ fn cached(cache: &Store, cache_dir: &Path, name: &str, make: impl FnOnce() -> Re
     Ok(layer)
 }
 
-/// The host's apt source files that name `SUITE`: mmdebstrap then fetches from the same
-/// mirrors as this machine's apt (the default, deb.debian.org, otherwise).
+/// The host's apt source files for Debian `SUITE` (every repository they name is a
+/// Debian one): mmdebstrap then fetches from the same mirrors as this machine's apt, or
+/// from deb.debian.org if there is none. Third-party repositories are never used.
 fn host_sources() -> Vec<PathBuf> {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
@@ -109,9 +110,11 @@ fn host_sources() -> Vec<PathBuf> {
     files
         .into_iter()
         .filter(|f| {
-            fs::read_to_string(f).is_ok_and(|text| {
-                text.lines().any(|l| !l.trim_start().starts_with('#') && l.split_whitespace().any(|w| w == SUITE))
-            })
+            let Ok(text) = fs::read_to_string(f) else { return false };
+            let words: Vec<&str> =
+                text.lines().filter(|l| !l.trim_start().starts_with('#')).flat_map(|l| l.split_whitespace()).collect();
+            let uris: Vec<&&str> = words.iter().filter(|w| w.contains("://")).collect();
+            words.contains(&SUITE) && !uris.is_empty() && uris.iter().all(|u| u.contains("debian"))
         })
         .collect()
 }
