@@ -136,6 +136,7 @@ async fn run() {
                     upstream_port: api_addr.port(),
                     name: "X-Api-Key".into(),
                     format: "{token}".into(),
+                    ca_file: None,
                 },
                 evidence: vec![],
             },

@@ -43,6 +43,27 @@ pub fn new_authorization_token() -> SecretString {
     SecretString::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()))
 }
 
+/// The pod's authorization token: the one a previous run of the agent in this pod wrote
+/// to `dir` (a restarted sidecar keeps it, so an SDK that read the file just before the
+/// restart is not refused), or a new one written there.
+pub fn pod_authorization_token(dir: &Path) -> Result<(SecretString, PathBuf), AgentError> {
+    let path = dir.join(AWS_TOKEN_FILE);
+    if let Ok(existing) = std::fs::read_to_string(&path)
+        && is_authorization_token(&existing)
+    {
+        return Ok((SecretString::new(existing), path));
+    }
+    let token = new_authorization_token();
+    let path = write_token_file(dir, &token)?;
+    Ok((token, path))
+}
+
+/// Whether `text` is a token [`new_authorization_token`] makes: 43 URL-safe base64
+/// characters (32 random bytes), nothing else.
+fn is_authorization_token(text: &str) -> bool {
+    text.len() == 43 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Writes the token to `<dir>/aws-container-authorization-token`: no trailing newline
 /// (botocore and Go refuse header values with line breaks), mode 0644 (the app may run
 /// as another user), replaced atomically so an SDK never reads half a token.
@@ -233,6 +254,20 @@ pub(crate) mod tests {
         let (status, _, body) = call(&router, "/v1/aws/credentials", &[("authorization", "proof")]).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(body.contains("apiKey credential"), "{body}");
+    }
+
+    #[test]
+    fn a_restarted_agent_keeps_the_pods_token_and_replaces_a_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, path) = pod_authorization_token(dir.path()).unwrap();
+        let (again, _) = pod_authorization_token(dir.path()).unwrap();
+        assert_eq!(first.expose(), again.expose(), "the restart keeps what SDKs may just have read");
+        for damaged in ["", "short", &format!("{}\n", first.expose()), &"é".repeat(43)] {
+            std::fs::write(&path, damaged).unwrap();
+            let (fresh, _) = pod_authorization_token(dir.path()).unwrap();
+            assert!(is_authorization_token(fresh.expose()), "{damaged:?}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), fresh.expose());
+        }
     }
 
     #[test]

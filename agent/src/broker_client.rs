@@ -308,6 +308,7 @@ mod tests {
             upstream_port: 443,
             name: "Authorization".into(),
             format: format.into(),
+            ca_file: None,
         };
         assert!(check_credential("p", &aws_ep, &aws).is_ok());
         let err = check_credential("p", &aws_ep, &key).unwrap_err().to_string();

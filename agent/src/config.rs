@@ -420,6 +420,7 @@ mod tests {
             upstream_port: 443,
             name: name.into(),
             format: "Bearer {token}".into(),
+            ca_file: None,
         }
     }
 
@@ -439,6 +440,7 @@ mod tests {
                     upstream_port: 443,
                     service: None,
                     region: Some("eu-west-1".into()),
+                    ca_file: None,
                 },
             ),
         ]);

@@ -9,7 +9,7 @@
 //! intercept TLS. Redirects are passed back to the app, never followed, so a credential
 //! never travels to a host the policy does not name.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_sigv4::{
@@ -80,24 +80,33 @@ pub struct ProxyRoute {
     pub upstream_port: u16,
     /// What to add.
     pub action: Action,
+    /// CA bundle trusted for this upstream besides the system roots (`server.tls`).
+    pub ca_file: Option<String>,
 }
 
 impl ProxyRoute {
     /// The route of a proxy delivery (`None` for other endpoints or an invalid header
     /// name, which config validation refuses first).
     pub fn from_endpoint(policy: &str, endpoint: &AgentEndpoint) -> Option<Self> {
-        let (hosts, upstream_port, action) = match endpoint {
-            AgentEndpoint::HttpHeader { hosts, upstream_port, name, format, .. } => (
+        let (hosts, upstream_port, action, ca_file) = match endpoint {
+            AgentEndpoint::HttpHeader { hosts, upstream_port, name, format, ca_file, .. } => (
                 hosts,
                 upstream_port,
                 Action::Header { name: HeaderName::from_bytes(name.as_bytes()).ok()?, format: format.clone() },
+                ca_file,
             ),
-            AgentEndpoint::AwsSigV4 { hosts, upstream_port, service, region, .. } => {
-                (hosts, upstream_port, Action::SigV4 { service: service.clone(), region: region.clone() })
+            AgentEndpoint::AwsSigV4 { hosts, upstream_port, service, region, ca_file, .. } => {
+                (hosts, upstream_port, Action::SigV4 { service: service.clone(), region: region.clone() }, ca_file)
             }
             _ => return None,
         };
-        Some(Self { policy: policy.to_owned(), hosts: hosts.clone(), upstream_port: *upstream_port, action })
+        Some(Self {
+            policy: policy.to_owned(),
+            hosts: hosts.clone(),
+            upstream_port: *upstream_port,
+            action,
+            ca_file: ca_file.clone(),
+        })
     }
 }
 
@@ -261,16 +270,40 @@ pub fn upstream_client(extra_ca_pem: Option<&[u8]>) -> Result<reqwest::Client, A
         .map_err(|e| AgentError::Tls(format!("upstream client: {e}")))
 }
 
+/// The upstream clients of the proxy: one per CA bundle its routes trust, `None` for
+/// the system roots (plus the agent's `--upstream-ca-file`).
+pub type UpstreamClients = BTreeMap<Option<String>, reqwest::Client>;
+
+/// Builds a client for each distinct `ca_file` of `routes`, each trusting the system
+/// roots, `extra_ca_pem` and that file; fails naming the file that cannot be read.
+pub fn upstream_clients(routes: &[ProxyRoute], extra_ca_pem: Option<&[u8]>) -> Result<UpstreamClients, AgentError> {
+    let mut clients = UpstreamClients::new();
+    for ca_file in routes.iter().map(|r| r.ca_file.clone()) {
+        if clients.contains_key(&ca_file) {
+            continue;
+        }
+        let mut pem = extra_ca_pem.map(<[u8]>::to_vec).unwrap_or_default();
+        if let Some(path) = &ca_file {
+            let file = std::fs::read(path).map_err(|e| AgentError::Tls(format!("server CA bundle {path}: {e}")))?;
+            pem.extend_from_slice(b"\n");
+            pem.extend_from_slice(&file);
+        }
+        let client = upstream_client((!pem.is_empty()).then_some(pem.as_slice()))?;
+        clients.insert(ca_file, client);
+    }
+    Ok(clients)
+}
+
 struct ProxyState {
     routes: Vec<ProxyRoute>,
-    client: reqwest::Client,
+    clients: UpstreamClients,
     store: Arc<CredentialStore>,
     max_body: usize,
 }
 
-/// The proxy for `routes`, sending upstream with `client`.
-pub fn router(routes: Vec<ProxyRoute>, client: reqwest::Client, max_body: usize, shared: &Shared) -> Router {
-    let state = Arc::new(ProxyState { routes, client, store: shared.store.clone(), max_body });
+/// The proxy for `routes`, sending upstream with `clients` (see [`upstream_clients`]).
+pub fn router(routes: Vec<ProxyRoute>, clients: UpstreamClients, max_body: usize, shared: &Shared) -> Router {
+    let state = Arc::new(ProxyState { routes, clients, store: shared.store.clone(), max_body });
     guarded(Router::new().fallback(handle).with_state(state), EndpointKind::Proxy, shared.metrics.clone())
 }
 
@@ -302,6 +335,8 @@ pub struct Prepared {
     pub headers: HeaderMap,
     /// Body.
     pub body: reqwest::Body,
+    /// The route's CA bundle, which picks the upstream client.
+    pub ca_file: Option<String>,
 }
 
 /// Checks an app's request and turns it into the upstream request, or the refusal.
@@ -420,7 +455,7 @@ pub async fn prepare(
             }
         }
     };
-    Ok(Prepared { url, method: parts.method, headers, body })
+    Ok(Prepared { url, method: parts.method, headers, body, ca_file: route.ca_file.clone() })
 }
 
 async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Response {
@@ -429,7 +464,10 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
         Err(refusal) => return refusal,
     };
     let host = prepared.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned();
-    let upstream = state.client.request(prepared.method, &prepared.url).headers(prepared.headers).body(prepared.body);
+    let Some(client) = state.clients.get(&prepared.ca_file) else {
+        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "no upstream client for this route".into());
+    };
+    let upstream = client.request(prepared.method, &prepared.url).headers(prepared.headers).body(prepared.body);
     match upstream.send().await {
         Ok(response) => {
             let mut response = axum::http::Response::<reqwest::Body>::from(response).map(Body::new);
@@ -463,7 +501,26 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             upstream_port: 443,
             action,
+            ca_file: None,
         }
+    }
+
+    #[test]
+    fn one_upstream_client_per_server_ca_and_a_missing_bundle_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.internal".into()]).unwrap();
+        let pem_file = dir.path().join("ca.crt");
+        std::fs::write(&pem_file, ca.cert.pem()).unwrap();
+        let with = |policy: &str, file: Option<&std::path::Path>| ProxyRoute {
+            ca_file: file.map(|f| f.to_string_lossy().into_owned()),
+            ..route(policy, &[policy], bearer())
+        };
+        let routes = [with("a", Some(&pem_file)), with("b", Some(&pem_file)), with("c", None)];
+        let clients = upstream_clients(&routes, None).unwrap();
+        assert_eq!(clients.len(), 2, "shared by a and b, and the system roots for c");
+        let missing = dir.path().join("missing.crt");
+        let err = upstream_clients(&[with("d", Some(&missing))], None).unwrap_err().to_string();
+        assert!(err.contains("missing.crt"), "{err}");
     }
 
     fn bearer() -> Action {

@@ -67,15 +67,9 @@ impl Agent {
             groups.entry((kind, port_of(&delivery.endpoint))).or_default().push(delivery);
         }
         let aws_token = if groups.keys().any(|(kind, _)| *kind == EndpointKind::Aws) {
-            let token = aws::new_authorization_token();
-            let path = aws::write_token_file(&settings.shared_dir, &token)?;
-            info!(path = %path.display(), "AWS authorization token file written");
+            let (token, path) = aws::pod_authorization_token(&settings.shared_dir)?;
+            info!(path = %path.display(), "AWS authorization token file ready");
             Some(token)
-        } else {
-            None
-        };
-        let upstream = if groups.keys().any(|(kind, _)| *kind == EndpointKind::Proxy) {
-            Some(proxy::upstream_client(settings.upstream_ca_pem.as_deref())?)
         } else {
             None
         };
@@ -114,10 +108,10 @@ impl Agent {
                     gcp::router(list, &shared)
                 }
                 EndpointKind::Proxy => {
-                    let routes =
+                    let routes: Vec<_> =
                         group.iter().filter_map(|d| proxy::ProxyRoute::from_endpoint(&d.policy, &d.endpoint)).collect();
-                    let client = upstream.clone().expect("built above");
-                    proxy::router(routes, client, settings.sigv4_max_body_bytes, &shared)
+                    let clients = proxy::upstream_clients(&routes, settings.upstream_ca_pem.as_deref())?;
+                    proxy::router(routes, clients, settings.sigv4_max_body_bytes, &shared)
                 }
                 EndpointKind::Health => unreachable!("no delivery is a health endpoint"),
             };

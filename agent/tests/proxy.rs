@@ -50,6 +50,8 @@ impl Setup {
         broker.script("sig", vec![ok("sig", aws_keys(), 3600, 3000)]);
         broker.script("dead", vec![ok("dead", api_key("k"), 3600, 3000)]);
         let files = Files::new("t");
+        // The upstream's private CA, as the webhook mounts a policy's server.tls ConfigMap.
+        let ca_file = Some(files.write("server-ca.crt", &tls.ca_pem).to_string_lossy().into_owned());
         let deliveries = vec![
             AgentDelivery {
                 policy: "api".into(),
@@ -59,6 +61,7 @@ impl Setup {
                     upstream_port: upstream.port(),
                     name: "Authorization".into(),
                     format: "Bearer {token}".into(),
+                    ca_file: ca_file.clone(),
                 },
                 evidence: vec![],
             },
@@ -70,6 +73,7 @@ impl Setup {
                     upstream_port: upstream.port(),
                     service: Some("s3".into()),
                     region: Some("eu-west-1".into()),
+                    ca_file: ca_file.clone(),
                 },
                 evidence: vec![],
             },
@@ -81,12 +85,12 @@ impl Setup {
                     upstream_port: std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port(),
                     name: "X-Key".into(),
                     format: "{token}".into(),
+                    ca_file: None,
                 },
                 evidence: vec![],
             },
         ];
-        let mut s = settings(&broker, &files, deliveries);
-        s.upstream_ca_pem = Some(tls.ca_pem.clone().into_bytes());
+        let s = settings(&broker, &files, deliveries);
         let agent = Agent::start(s).await.unwrap();
         let store = agent.store().clone();
         assert!(support::eventually(Duration::from_secs(5), || store.not_ready().is_empty()).await);

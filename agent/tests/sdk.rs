@@ -766,6 +766,7 @@ async fn requests_through_the_proxy_gets_the_api_key_for_the_policys_host_only()
             upstream_port: api_port,
             name: "X-Api-Key".into(),
             format: "{token}".into(),
+            ca_file: None,
         },
     )];
     let agent = start_agent(settings(&b.broker.url, &files, "unused", deliveries)).await;
@@ -834,6 +835,7 @@ async fn plain_http_requests_signed_by_the_proxy_are_accepted_by_moto() {
             upstream_port: s3_port,
             service: Some("s3".into()),
             region: Some("us-east-1".into()),
+            ca_file: None,
         },
     )];
     let agent = start_agent(settings(&b.broker.url, &files, "unused", deliveries)).await;
@@ -950,6 +952,7 @@ async fn a_cached_credential_outlives_the_broker_until_it_expires() {
             upstream_port: api_port,
             name: "Authorization".into(),
             format: "Bearer {token}".into(),
+            ca_file: None,
         },
     )];
     let agent = start_agent(settings(&relay.url, &files, "unused", deliveries)).await;
@@ -1072,6 +1075,7 @@ async fn no_secret_appears_in_the_agents_or_the_brokers_logs() {
                     upstream_port: api_port,
                     name: "X-Api-Key".into(),
                     format: "{token}".into(),
+                    ca_file: None,
                 },
             ),
         ],
@@ -1199,6 +1203,7 @@ fn evidence_delivery(policy: &str, evidence: Vec<EvidenceSource>) -> AgentDelive
             upstream_port: 443,
             name: "X-Api-Key".into(),
             format: "{token}".into(),
+            ca_file: None,
         },
         evidence,
     }

@@ -16,6 +16,15 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/cloudpass.dev/serviceaccount";
 pub const TOKEN_FILE: &str = "token";
 /// In-memory directory shared with the app containers (read-only for them).
 pub const SHARED_DIR: &str = "/var/run/cloudpass.dev/shared";
+/// Where the agent finds the CA bundle of a policy's `server.tls` (mounted from its
+/// ConfigMap): `<SERVER_CA_DIR>/<policy>/ca.crt`.
+pub const SERVER_CA_DIR: &str = "/var/run/cloudpass.dev/server-ca";
+
+/// The CA bundle file of `policy`'s server in the agent's container.
+pub fn server_ca_file(policy: &str) -> String {
+    format!("{SERVER_CA_DIR}/{policy}/ca.crt")
+}
+
 /// File in [`SHARED_DIR`] holding the AWS container-credentials authorization token.
 pub const AWS_TOKEN_FILE: &str = "aws-container-authorization-token";
 /// Path of the agent's readiness endpoint (all credentials fetched) on its health port.
@@ -142,6 +151,9 @@ pub enum AgentEndpoint {
         name: String,
         /// Header value with `{token}` or `{basic}`.
         format: String,
+        /// CA bundle (PEM file) trusted for the upstream besides the system roots.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<String>,
     },
     /// HTTP proxy signing requests for the given hosts with AWS SigV4.
     AwsSigV4 {
@@ -157,6 +169,9 @@ pub enum AgentEndpoint {
         /// Signing region, if not derived from the host.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         region: Option<String>,
+        /// CA bundle (PEM file) trusted for the upstream besides the system roots.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<String>,
     },
 }
 
@@ -187,6 +202,7 @@ mod tests {
                         upstream_port: 443,
                         name: "Authorization".into(),
                         format: "Bearer {token}".into(),
+                        ca_file: Some(server_ca_file("api")),
                     },
                     evidence: vec![],
                 },

@@ -34,7 +34,8 @@ use crate::{
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.delivery.sdkEndpoint) || self.server.kind != 'http'", "message": "delivery sdkEndpoint serves cloud SDKs and needs server kind aws, azure or gcp; use httpHeader for an http server"},
     {"rule": "!has(self.delivery.awsSigV4) || self.server.kind == 'aws'", "message": "delivery awsSigV4 needs server kind aws"},
-    {"rule": "has(self.delivery.sdkEndpoint) || (has(self.server.hosts) && size(self.server.hosts) > 0)", "message": "server.hosts is required for the httpHeader and awsSigV4 deliveries: the agent's proxy serves only those hosts"}
+    {"rule": "has(self.delivery.sdkEndpoint) || (has(self.server.hosts) && size(self.server.hosts) > 0)", "message": "server.hosts is required for the httpHeader and awsSigV4 deliveries: the agent's proxy serves only those hosts"},
+    {"rule": "!has(self.server.tls) || !has(self.delivery.sdkEndpoint)", "message": "server.tls is for the httpHeader and awsSigV4 deliveries, whose proxy connects to the server; with sdkEndpoint the SDK connects itself"}
 ]))]
 pub struct AccessPolicySpec {
     /// Which pods of this namespace receive the credential.
@@ -141,6 +142,37 @@ pub struct Server {
         inner(length(min = 1, max = 256), regex(pattern = r"^https://www\.googleapis\.com/auth/[a-z0-9._/-]+$"))
     )]
     pub scopes: Vec<String>,
+    /// How the agent's proxy (the `httpHeader` and `awsSigV4` deliveries) verifies the
+    /// server's TLS certificate. Default: the system roots of the agent's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+}
+
+/// TLS settings of the agent's connections to the server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerTls {
+    /// CA certificates (PEM) the server's certificate chains to, trusted in addition to
+    /// the system roots: for an API with a private CA. A ConfigMap in this namespace,
+    /// mounted into the agent; a pod does not start while it is missing.
+    pub ca_config_map: ConfigMapKey,
+}
+
+/// A key of a ConfigMap in the policy's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKey {
+    /// Name of the ConfigMap.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+    /// The key holding the PEM bundle. Default: `ca.crt`.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
 }
 
 /// How the workload receives its credential. Exactly one is set; default `sdkEndpoint`.

@@ -12,14 +12,14 @@ use cloudpass_api::{
         SHARED_DIR, SKIPPED_ANNOTATION, TOKEN_DIR, TOKEN_FILE,
     },
     config::{CompiledPolicy, NamespaceConfig},
-    policy::ServerKind,
+    policy::{ConfigMapKey, ServerKind},
     selector::selector_matches,
 };
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, Container, EmptyDirVolumeSource, EnvVar, ExecAction, Pod, Probe, ProjectedVolumeSource,
-        ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-        VolumeProjection,
+        Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, ExecAction, KeyToPath, Pod,
+        Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::api::resource::Quantity,
 };
@@ -30,6 +30,10 @@ use crate::files::WatchedText;
 const TOKEN_VOLUME: &str = "cloudpass-token";
 const SHARED_VOLUME: &str = "cloudpass-shared";
 const NO_API_TOKEN_VOLUME: &str = "cloudpass-no-kube-api-token";
+/// Prefix of the volumes holding the CA bundles of policies' `server.tls`.
+const SERVER_CA_VOLUME: &str = "cloudpass-server-ca";
+/// Mode of the agent's projected token file (see where the volume is built).
+const TOKEN_FILE_MODE: i32 = 0o444;
 /// Where the kubelet would mount the pod's Kubernetes API token.
 const KUBE_API_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -240,6 +244,7 @@ fn evidence(policy: &CompiledPolicy, config: Option<&NamespaceConfig>) -> Vec<Ev
 
 fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> AgentEndpoint {
     let upstream_port = policy.server.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(443);
+    let ca_file = policy.server.tls.as_ref().map(|_| cloudpass_api::agent::server_ca_file(&policy.name));
     match kind {
         DeliveryKind::Aws => AgentEndpoint::AwsContainerCredentials { port: ports.aws },
         DeliveryKind::Azure => AgentEndpoint::AzureManagedIdentity {
@@ -261,6 +266,7 @@ fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> Agent
                 upstream_port,
                 name: h.name.clone(),
                 format: h.format.clone(),
+                ca_file,
             },
             (None, sig) => AgentEndpoint::AwsSigV4 {
                 port: ports.proxy,
@@ -268,6 +274,7 @@ fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> Agent
                 upstream_port,
                 service: sig.as_ref().and_then(|s| s.service.clone()),
                 region: sig.as_ref().and_then(|s| s.region.clone()),
+                ca_file,
             },
         },
     }
@@ -351,6 +358,8 @@ pub fn decide(
     let mut deliveries: Vec<AgentDelivery> = Vec::new();
     let mut served: Vec<String> = Vec::new();
     let mut needs_shared = false;
+    // Policies whose proxied server has a private CA, and its ConfigMap.
+    let mut server_cas: Vec<(String, ConfigMapKey)> = Vec::new();
     let mut uses_azure = false;
     // Per container: the delivery kinds already given, to give each single-valued endpoint once.
     let mut given: BTreeMap<String, Vec<DeliveryKind>> = BTreeMap::new();
@@ -417,6 +426,9 @@ pub fn decide(
             delivered = true;
         }
         if delivered {
+            if let (DeliveryKind::Proxy, Some(tls)) = (kind, &policy.server.tls) {
+                server_cas.push((policy.name.clone(), tls.ca_config_map.clone()));
+            }
             deliveries.push(AgentDelivery {
                 policy: policy.name.clone(),
                 endpoint: endpoint(policy, kind, &settings.ports),
@@ -472,6 +484,15 @@ pub fn decide(
             ..Default::default()
         });
     }
+    for (i, (policy, _)) in server_cas.iter().enumerate() {
+        let file = cloudpass_api::agent::server_ca_file(policy);
+        agent_mounts.push(VolumeMount {
+            name: format!("{SERVER_CA_VOLUME}-{i}"),
+            mount_path: file.trim_end_matches("/ca.crt").to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     let agent = agent_container(settings, agent_env, agent_mounts);
 
     let spec = mutated.spec.as_mut().expect("checked");
@@ -489,7 +510,11 @@ pub fn decide(
                 }),
                 ..Default::default()
             }]),
-            default_mode: Some(0o440),
+            // The kubelet writes the token as root and hands its ownership to the pod's
+            // user only when every container runs as the same UID, which an app seldom
+            // does with the agent's 65532; 0440 then left the agent unable to read it.
+            // Only the agent mounts this volume, so readable-by-all means by the agent.
+            default_mode: Some(TOKEN_FILE_MODE),
             ..Default::default()
         }),
         ..Default::default()
@@ -503,6 +528,24 @@ pub fn decide(
         }),
         ..Default::default()
     });
+    for (i, (_, config_map)) in server_cas.iter().enumerate() {
+        volumes.push(Volume {
+            name: format!("{SERVER_CA_VOLUME}-{i}"),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: config_map.key.clone(),
+                    path: "ca.crt".into(),
+                    ..Default::default()
+                }]),
+                // Required: a pod whose server CA is missing stays pending with an Event
+                // naming it, rather than starting an agent that cannot reach the server.
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     if needs_shared {
         volumes.push(Volume {
             name: SHARED_VOLUME.into(),
@@ -851,6 +894,45 @@ mod tests {
     }
 
     #[test]
+    fn a_private_server_ca_is_mounted_into_the_agent_and_named_in_its_config() {
+        let header = json!({"delivery": {"httpHeader": {"name": "X-Key", "format": "{token}"}}});
+        let private = json!({"kind": "http", "hosts": ["api.internal"], "tls": {"caConfigMap": {"name": "partner-ca", "key": "bundle.pem"}}});
+        let public = json!({"kind": "http", "hosts": ["api.example.com"]});
+        let cfg = config(json!([policy("internal", private, header.clone()), policy("public", public, header)]));
+        let p = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").mutated.unwrap();
+        let spec = p.spec.as_ref().unwrap();
+        let agent = &spec.init_containers.as_ref().unwrap()[0];
+        let mount = agent.volume_mounts.iter().flatten().find(|m| m.name.starts_with(SERVER_CA_VOLUME)).unwrap();
+        assert_eq!(mount.mount_path, "/var/run/cloudpass.dev/server-ca/internal");
+        assert_eq!(mount.read_only, Some(true));
+        let volume = spec.volumes.iter().flatten().find(|v| v.name == mount.name).unwrap();
+        let source = volume.config_map.as_ref().unwrap();
+        assert_eq!(source.name, "partner-ca");
+        assert_eq!(source.optional, Some(false), "a missing CA stops the pod with an Event, not silently");
+        let items = source.items.as_ref().unwrap();
+        assert_eq!((items[0].key.as_str(), items[0].path.as_str()), ("bundle.pem", "ca.crt"));
+        let env: BTreeMap<_, _> =
+            agent.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap())).collect();
+        let config: AgentConfig = serde_json::from_str(&env[AGENT_CONFIG_ENV]).unwrap();
+        let ca_files: Vec<_> = config
+            .deliveries
+            .iter()
+            .map(|d| match &d.endpoint {
+                AgentEndpoint::HttpHeader { ca_file, .. } => (d.policy.as_str(), ca_file.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            ca_files,
+            [("internal", Some("/var/run/cloudpass.dev/server-ca/internal/ca.crt".to_owned())), ("public", None)]
+        );
+        assert!(
+            spec.containers[0].volume_mounts.iter().flatten().all(|m| !m.name.starts_with(SERVER_CA_VOLUME)),
+            "the app does not get it"
+        );
+    }
+
+    #[test]
     fn init_containers_receive_credentials_too_and_start_after_the_agent() {
         let submitted = pod(json!({
             "initContainers": [{"name": "migrate", "image": "m:1"}, {"name": "shipper", "image": "s:1", "restartPolicy": "Always"}],
@@ -858,7 +940,8 @@ mod tests {
         }));
         let all = config(json!([policy("s3", aws(), json!({}))]));
         let p = decide(&submitted, Some(&all), &settings(), "x").mutated.unwrap();
-        let names: Vec<_> = p.spec.as_ref().unwrap().init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        let names: Vec<_> =
+            p.spec.as_ref().unwrap().init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
         assert_eq!(names, [AGENT_CONTAINER, "migrate", "shipper"], "the agent runs before any of them");
         for container in ["migrate", "shipper", "web"] {
             assert!(env_of(&p, container).contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"), "{container}");

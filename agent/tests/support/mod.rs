@@ -195,6 +195,13 @@ impl Files {
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.path().join("shared")
     }
+
+    /// Writes `contents` to `name` in the directory; its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
 }
 
 /// Settings for an agent talking to `broker`, with fast retries and ephemeral ports.
