@@ -19,6 +19,10 @@ use cloudpass_e2e::{
     cluster::Cluster,
     scenario::{
         Deployed,
+        aws::{AksToS3, AwsCloud, S3Direction},
+        azure::{Azurite, EksToAzureBlob},
+        gcs::AnyToGcs,
+        http_api::HttpApiScenario,
         installed::{Installed, NAMESPACE},
     },
 };
@@ -100,4 +104,317 @@ async fn the_chart_runs_as_pods_on_the_node() {
         .await
         .unwrap();
     assert_eq!(discovery["issuer"], installed.issuer_url(), "in {:?}", started.elapsed());
+}
+
+/// The cloud emulators every direction shares (processes, so any test's runtime can use
+/// them): moto with authentication enforced, Azurite with OAuth over TLS.
+struct Clouds {
+    aws: AwsCloud,
+    azurite: Azurite,
+}
+
+fn clouds() -> &'static Clouds {
+    static CLOUDS: OnceLock<Result<Clouds, String>> = OnceLock::new();
+    let installed = installed();
+    let result = CLOUDS.get_or_init(|| {
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            runtime
+                .block_on(async {
+                    Ok::<_, anyhow::Error>(Clouds {
+                        aws: AwsCloud::start().await?,
+                        azurite: Azurite::start(installed.cloud_ca()).await?,
+                    })
+                })
+                .map_err(|e| format!("{e:#}"))
+        })
+        .join()
+        .unwrap_or_else(|_| Err("cloud emulators panicked".to_owned()))
+    });
+    result.as_ref().unwrap_or_else(|e| panic!("the cloud emulators did not start: {e}"))
+}
+
+/// How often the Deployments' apps repeat their cloud call.
+const EVERY: Duration = Duration::from_secs(2);
+/// Bound on a rollout (pods scheduled, sidecar started, first credential, app ready).
+const ROLLOUT: Duration = Duration::from_secs(120);
+
+/// The status of container `name` of a pod (init containers included).
+fn container_status<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["status"]["initContainerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(pod["status"]["containerStatuses"].as_array().into_iter().flatten())
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no status of container {name}: {}", pod["status"]))
+}
+
+fn started_at(status: &Value) -> jiff::Timestamp {
+    let state = &status["state"];
+    let at = state["running"]["startedAt"].as_str().or(state["terminated"]["startedAt"].as_str());
+    at.unwrap_or_else(|| panic!("not started: {status}")).parse().unwrap()
+}
+
+/// Checks what every injected pod of a direction shows: the agent ran as a native
+/// sidecar that started (its startup probe passed) before the app, and the app's very
+/// first cloud call succeeded, because the kubelet held the app until then.
+fn assert_sidecar_first(
+    installed: &Installed,
+    namespace: &str,
+    results: &[(String, Vec<(jiff::Timestamp, Value)>)],
+    container: &str,
+) {
+    for (pod_name, lines) in results {
+        let pod = json(&installed.cp().kubectl_ok(&["get", "pod", pod_name, "-n", namespace, "-o", "json"]).unwrap());
+        let agent = pod["spec"]["initContainers"][0].clone();
+        assert_eq!(agent["name"], "cloudpass-agent", "{pod_name}: injected first");
+        assert_eq!(agent["restartPolicy"], "Always", "{pod_name}: a native sidecar");
+        assert!(agent["startupProbe"].is_object(), "{pod_name}: with a startup probe");
+        let agent_status = container_status(&pod, "cloudpass-agent");
+        if pod["status"]["phase"] == "Succeeded" {
+            // A Job's pod: the kubelet stopped the sidecar after the app, and it stopped cleanly.
+            assert_eq!(agent_status["state"]["terminated"]["exitCode"], 0, "{pod_name}: {agent_status}");
+        } else {
+            assert_eq!(agent_status["started"], true, "{pod_name}: {agent_status}");
+            assert_eq!(agent_status["ready"], true, "{pod_name}: {agent_status}");
+        }
+        assert!(
+            started_at(container_status(&pod, container)) >= started_at(agent_status),
+            "{pod_name}: the app started after the agent"
+        );
+        let (_, first) = lines.first().unwrap_or_else(|| panic!("{pod_name}: no result"));
+        assert_eq!(first["ok"], true, "{pod_name}: the first call already had credentials: {first}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aks_to_s3_runs_as_a_deployment_with_an_init_container_and_survives_a_killed_agent() {
+    let installed = installed();
+    let clouds = clouds();
+    let ns = "node-aks-to-s3";
+    installed.app_namespace(ns).await.unwrap();
+    let mut direction = AksToS3::prepare(installed, &clouds.aws, ns).await.unwrap();
+    direction.apply(installed).await.unwrap();
+    // A migration step before the app, with the same program and settings: it needs
+    // credentials while the pod is still initialising.
+    let image = installed.apps_image().unwrap().to_owned();
+    direction.example.run_app_on_node(&direction.app, &image, Some(EVERY)).unwrap();
+    let deployment = direction.example.docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap();
+    let spec = &mut deployment["spec"]["template"]["spec"];
+    let mut migrate = spec["containers"][0].clone();
+    migrate["name"] = "migrate".into();
+    migrate["command"] = serde_json::json!(["python3", "/apps/s3.py"]);
+    spec["initContainers"] = serde_json::json!([migrate]);
+    installed.cp().apply_yaml(Some(ns), &direction.example.workload_yaml("orders").unwrap()).unwrap();
+    installed.wait_rollout(ns, "orders", ROLLOUT).unwrap();
+
+    let results = installed.wait_results(ns, "app=orders", "api", (2, 1), ROLLOUT).await.unwrap();
+    assert_sidecar_first(installed, ns, &results, "api");
+    for (pod_name, lines) in &results {
+        let (_, first) = &lines[0];
+        let identity = first["identity"].as_str().unwrap();
+        assert!(identity.contains(":assumed-role/aks-orders-s3/"), "{pod_name}: {first}");
+        assert_eq!(first["credentialSource"], "container-role", "{pod_name}: through the agent: {first}");
+        let migrated = installed.json_logs(ns, pod_name, "migrate").unwrap();
+        assert_eq!(
+            migrated.last().map(|(_, v)| v["ok"].clone()),
+            Some(true.into()),
+            "{pod_name}: init container: {migrated:?}"
+        );
+        let pod = json(&installed.cp().kubectl_ok(&["get", "pod", pod_name, "-n", ns, "-o", "json"]).unwrap());
+        let migrate = container_status(&pod, "migrate");
+        assert_eq!(migrate["state"]["terminated"]["exitCode"], 0, "{migrate}");
+        assert!(started_at(migrate) >= started_at(container_status(&pod, "cloudpass-agent")));
+    }
+
+    // Kill one pod's agent as an OOM kill would: the kubelet restarts the sidecar, the app
+    // container keeps running, and its calls after the restart succeed.
+    let (pod_name, _) = &results[0];
+    let pod = json(&installed.cp().kubectl_ok(&["get", "pod", pod_name, "-n", ns, "-o", "json"]).unwrap());
+    let id = container_status(&pod, "cloudpass-agent")["containerID"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("containerd://")
+        .to_owned();
+    let killed_at = jiff::Timestamp::now();
+    let ctr = cloudpass_e2e::tools_bin().unwrap().join("ctr");
+    let out = std::process::Command::new(ctr)
+        .arg("--address")
+        .arg(installed.cluster.containerd_socket())
+        .args(["-n", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", &id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ctr tasks kill: {}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + ROLLOUT;
+    loop {
+        let pod = json(&installed.cp().kubectl_ok(&["get", "pod", pod_name, "-n", ns, "-o", "json"]).unwrap());
+        let agent = container_status(&pod, "cloudpass-agent");
+        let app = container_status(&pod, "api");
+        assert_eq!(app["restartCount"], 0, "the app container keeps running: {app}");
+        if agent["restartCount"].as_u64() >= Some(1) && agent["ready"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent was not restarted: {agent}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let restarted_at = jiff::Timestamp::now();
+    tokio::time::sleep(EVERY * 3).await;
+    let lines = installed.json_logs(ns, pod_name, "api").unwrap();
+    let during: Vec<_> = lines.iter().filter(|(at, _)| *at >= killed_at && *at < restarted_at).collect();
+    let after: Vec<_> = lines.iter().filter(|(at, _)| *at >= restarted_at).collect();
+    eprintln!(
+        "calls while the agent restarted: {} ({} failed)",
+        during.len(),
+        during.iter().filter(|(_, v)| v["ok"] != true).count()
+    );
+    assert!(after.len() >= 2, "the app keeps calling: {lines:?}");
+    assert!(after.iter().all(|(_, v)| v["ok"] == true), "after the restart every call succeeds: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eks_to_azure_blob_runs_as_a_deployment() {
+    let installed = installed();
+    let clouds = clouds();
+    let ns = "node-eks-to-azure";
+    installed.app_namespace(ns).await.unwrap();
+    let mut direction = EksToAzureBlob::prepare(installed, &clouds.azurite, ns).await.unwrap();
+    direction.apply(installed).await.unwrap();
+    let app = direction.app.clone();
+    installed.deploy_app(ns, &mut direction.example, &app, Some(EVERY)).unwrap();
+    installed.wait_rollout(ns, &app.workload, ROLLOUT).unwrap();
+    let results = installed.wait_results(ns, "app=report-uploader", &app.container, (1, 1), ROLLOUT).await.unwrap();
+    assert_sidecar_first(installed, ns, &results, &app.container);
+    assert!(direction.entra.calls() >= 1, "the broker's token came from Entra (the fake)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn any_to_gcs_runs_as_a_deployment() {
+    let installed = installed();
+    let ns = "node-any-to-gcs";
+    installed.app_namespace(ns).await.unwrap();
+    let mut direction = AnyToGcs::prepare(installed, ns).await.unwrap();
+    direction.apply(installed).await.unwrap();
+    let app = direction.app.clone();
+    installed.deploy_app(ns, &mut direction.example, &app, Some(EVERY)).unwrap();
+    installed.wait_rollout(ns, &app.workload, ROLLOUT).unwrap();
+    let results = installed.wait_results(ns, "app=dashboards", &app.container, (1, 1), ROLLOUT).await.unwrap();
+    assert_sidecar_first(installed, ns, &results, &app.container);
+    assert!(direction.gcs.served() >= 1, "the gate let the app's token through");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gke_to_s3_runs_as_a_job_of_the_cronjob() {
+    let installed = installed();
+    let clouds = clouds();
+    let ns = "node-gke-to-s3";
+    installed.app_namespace(ns).await.unwrap();
+    let mut direction = S3Direction::gke(installed, &clouds.aws, ns).await.unwrap();
+    direction.apply(installed).await.unwrap();
+    let app = direction.app.clone();
+    let image = installed.apps_image().unwrap().to_owned();
+    // The example's log shipper cannot be pulled here: it becomes a program that says
+    // whether it received AWS settings (the policy names only the exporter container).
+    direction
+        .example
+        .run_on_node(
+            "exporter",
+            "log-shipper",
+            &image,
+            &[
+                "python3",
+                "-c",
+                "import json, os; print(json.dumps({'ok': 'AWS_CONTAINER_CREDENTIALS_FULL_URI' not in os.environ}))",
+            ],
+            &[],
+        )
+        .unwrap();
+    installed.deploy_app(ns, &mut direction.example, &app, None).unwrap();
+    // What the schedule would do at 01:30, now: a Job from the CronJob's template.
+    installed.cp().kubectl_ok(&["create", "job", "exporter-now", "--from=cronjob/exporter", "-n", ns]).unwrap();
+    let waited = installed
+        .cp()
+        .kubectl_output(&["wait", "-n", ns, "--for=condition=complete", "job/exporter-now", "--timeout=120s"], None)
+        .unwrap();
+    assert!(
+        waited.status.success(),
+        "the Job completed: {}\n{}",
+        String::from_utf8_lossy(&waited.stderr),
+        installed.describe(ns)
+    );
+    let results = installed.wait_results(ns, "job-name=exporter-now", &app.container, (1, 1), ROLLOUT).await.unwrap();
+    assert_sidecar_first(installed, ns, &results, &app.container);
+    let (pod_name, lines) = &results[0];
+    let (_, result) = &lines[0];
+    assert!(result["identity"].as_str().unwrap().contains("assumed-role/"), "{result}");
+    let shipper = installed.json_logs(ns, pod_name, "log-shipper").unwrap();
+    assert_eq!(
+        shipper.last().map(|(_, v)| v["ok"].clone()),
+        Some(true.into()),
+        "the log shipper got no AWS settings: {shipper:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_key_and_an_oauth2_api_through_the_agents_proxy() {
+    let installed = installed();
+    for (ns, which) in [("node-api-key", "api-key"), ("node-oauth2", "oauth2")] {
+        installed.app_namespace(ns).await.unwrap();
+        let mut direction = match which {
+            "api-key" => HttpApiScenario::api_key(installed, ns).await.unwrap(),
+            _ => HttpApiScenario::oauth2(installed, ns).await.unwrap(),
+        };
+        direction.apply(installed).await.unwrap();
+        let app = direction.app.clone();
+        installed.deploy_app(ns, &mut direction.example, &app, Some(EVERY)).unwrap();
+        installed.wait_rollout(ns, &app.workload, ROLLOUT).unwrap();
+        let selector = format!("app={}", app.workload);
+        let results = installed.wait_results(ns, &selector, &app.container, (1, 1), ROLLOUT).await.unwrap();
+        assert_sidecar_first(installed, ns, &results, &app.container);
+        assert!(direction.api.served() >= 1, "{which}: the API saw the agent's credential");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_policy_is_refused_at_the_agents_next_refresh() {
+    let installed = installed();
+    let ns = "node-revoked";
+    installed.app_namespace(ns).await.unwrap();
+    // Tokens of 30 s: the agent asks the broker again about 22 s after each fetch.
+    let mut direction =
+        HttpApiScenario::oauth2_with_token_lifetime(installed, ns, Duration::from_secs(30)).await.unwrap();
+    direction.apply(installed).await.unwrap();
+    let app = direction.app.clone();
+    installed.deploy_app(ns, &mut direction.example, &app, Some(EVERY)).unwrap();
+    installed.wait_rollout(ns, &app.workload, ROLLOUT).unwrap();
+    let selector = format!("app={}", app.workload);
+    let results = installed.wait_results(ns, &selector, &app.container, (1, 1), ROLLOUT).await.unwrap();
+    let (pod_name, lines) = &results[0];
+    assert_eq!(lines[0].1["ok"], true, "{lines:?}");
+
+    installed.cp().kubectl_ok(&["delete", "accesspolicy", &direction.policy, "-n", ns]).unwrap();
+    let deleted_at = jiff::Timestamp::now();
+    // The agent's next refresh is refused: it says so in its log, stops serving, and the
+    // app's next call fails with the reason.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let refusal = loop {
+        let log = installed.cp().kubectl_ok(&["logs", "-n", ns, pod_name, "-c", "cloudpass-agent"]).unwrap();
+        if let Some(line) = log.lines().find(|l| l.contains("the broker refused this pod")) {
+            break line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no refusal in the agent's log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("agent: {refusal}");
+    assert!(refusal.contains(&direction.policy), "the log names the policy: {refusal}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = installed.json_logs(ns, pod_name, &app.container).unwrap();
+        if let Some((_, failed)) = lines.iter().find(|(at, v)| *at > deleted_at && v["ok"] == false) {
+            eprintln!("app: {failed}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the app kept succeeding: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -6,7 +6,7 @@
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
-use super::{Deployed, Example};
+use super::{Deployed, Example, example::App};
 use crate::{
     certs::TestCa,
     fakes::aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
@@ -111,6 +111,8 @@ pub struct S3Direction {
     pub example: Example,
     /// The pod its workload would create.
     pub pod: Value,
+    /// Its app.
+    pub app: App,
     /// The example's AccessPolicy.
     pub policy: String,
 }
@@ -188,12 +190,14 @@ impl S3Direction {
         // boto3 and the AWS CLI read the region from AWS_DEFAULT_REGION only, not from
         // AWS_REGION (which the other SDKs read).
         let region = sts["region"].as_str().unwrap_or(crate::moto::REGION).to_owned();
-        let pod = example.pod(
+        let app = App::new(
             workload,
             container,
+            "s3.py",
             &[("AWS_ENDPOINT_URL", aws.moto.url()), ("AWS_DEFAULT_REGION", &region), ("BUCKET", BUCKET)],
-        )?;
-        Ok(Self { namespace: namespace.to_owned(), gate, role_arn, example, pod, policy: policy.to_owned() })
+        );
+        let pod = example.app_pod(&app)?;
+        Ok(Self { namespace: namespace.to_owned(), gate, role_arn, example, pod, app, policy: policy.to_owned() })
     }
 
     /// Applies the example's objects and waits until its policy is Ready.

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use super::{Deployed, Example, emulators_bin};
+use super::{Deployed, Example, emulators_bin, example::App};
 use crate::{
     certs::TestCa,
     fakes::entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
@@ -104,6 +104,8 @@ pub struct EksToAzureBlob {
     pub example: Example,
     /// The pod its Deployment would create.
     pub pod: Value,
+    /// Its app.
+    pub app: App,
     /// The federated credential's subject.
     pub subject: String,
 }
@@ -136,12 +138,14 @@ impl EksToAzureBlob {
             "/spec/azureWorkloadIdentity/authorityHost",
             json!(entra.url()),
         )?;
-        let pod = example.pod(
+        let app = App::new(
             "report-uploader",
             "app",
+            "azure_blob.py",
             &[("AZURE_STORAGE_ACCOUNT_URL", &azurite.account_url()), ("CONTAINER", CONTAINER)],
-        )?;
-        Ok(Self { namespace: namespace.to_owned(), entra, example, pod, subject })
+        );
+        let pod = example.app_pod(&app)?;
+        Ok(Self { namespace: namespace.to_owned(), entra, example, pod, app, subject })
     }
 
     /// Applies the example's objects and waits until its policy is Ready.

@@ -3,7 +3,7 @@
 //! local emulators. Every change is recorded, so a scenario (and the demo) can say what
 //! differs from the file.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
@@ -19,6 +19,37 @@ const WORKLOAD_KINDS: &[&str] = &["Deployment", "StatefulSet", "DaemonSet", "Job
 pub const CLOUD_CA_CONFIGMAP: &str = "cloud-ca";
 /// Where apps on the node find it.
 const CLOUD_CA_DIR: &str = "/etc/cloud-ca";
+
+/// The app of a direction: which container of which workload runs which of the
+/// scenarios' SDK programs (`e2e/src/scenario/apps/`), with which settings of its own
+/// (endpoint URLs of the local emulators, a bucket name).
+#[derive(Clone, Debug)]
+pub struct App {
+    /// The workload (Deployment, CronJob) in the example.
+    pub workload: String,
+    /// Its container that runs the program.
+    pub container: String,
+    /// The program's file name, e.g. `s3.py`.
+    pub program: &'static str,
+    /// The app's own environment for the local emulators.
+    pub env: Vec<(String, String)>,
+}
+
+impl App {
+    /// An app of `workload`/`container` running `program` with `env`.
+    pub fn new(workload: &str, container: &str, program: &'static str, env: &[(&str, &str)]) -> Self {
+        Self {
+            workload: workload.into(),
+            container: container.into(),
+            program,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    fn env_refs(&self) -> Vec<(&str, &str)> {
+        self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+}
 
 /// An example's documents and the changes made to them.
 #[derive(Clone, Debug)]
@@ -105,6 +136,25 @@ impl Example {
             .ok_or_else(|| anyhow!("no workload {name}"))
     }
 
+    /// The pod `app`'s workload would create, with the app's environment (see
+    /// [`Example::pod`]).
+    pub fn app_pod(&mut self, app: &App) -> Result<Value> {
+        self.pod(&app.workload, &app.container, &app.env_refs())
+    }
+
+    /// Makes `app`'s workload run on the test bed's node from the apps image `image`:
+    /// the program once (a Job's pod) or, with `every`, again and again at that interval
+    /// (a Deployment's pod), see [`Example::run_on_node`].
+    pub fn run_app_on_node(&mut self, app: &App, image: &str, every: Option<Duration>) -> Result<()> {
+        let program = format!("/apps/{}", app.program);
+        let every_secs = every.map(|e| format!("{}", e.as_secs_f64()));
+        let command: Vec<&str> = match &every_secs {
+            Some(secs) => vec!["python3", "/apps/every.py", secs, &program],
+            None => vec!["python3", &program],
+        };
+        self.run_on_node(&app.workload, &app.container, image, &command, &app.env_refs())
+    }
+
     /// Makes workload `name` runnable on the test bed's node, recording each change:
     /// container `container` runs `command` from `image` (the test apps image, which
     /// holds the unchanged SDK programs) with `env` (the app's own settings for the local
@@ -129,12 +179,11 @@ impl Example {
             _ => &mut workload["spec"]["template"],
         };
         let spec = template["spec"].as_object_mut().context("pod template without spec")?;
-        let volumes = spec.entry("volumes").or_insert_with(|| json!([]));
-        volumes
-            .as_array_mut()
-            .context("volumes")?
-            .push(json!({"name": "cloud-ca", "configMap": {"name": CLOUD_CA_CONFIGMAP}}));
-        changes.push(format!("{name}: volume cloud-ca from ConfigMap {CLOUD_CA_CONFIGMAP}"));
+        let volumes = spec.entry("volumes").or_insert_with(|| json!([])).as_array_mut().context("volumes")?;
+        if !volumes.iter().any(|v| v["name"] == "cloud-ca") {
+            volumes.push(json!({"name": "cloud-ca", "configMap": {"name": CLOUD_CA_CONFIGMAP}}));
+            changes.push(format!("{name}: volume cloud-ca from ConfigMap {CLOUD_CA_CONFIGMAP}"));
+        }
         let containers = spec.get_mut("containers").and_then(Value::as_array_mut).context("containers")?;
         let c = containers
             .iter_mut()

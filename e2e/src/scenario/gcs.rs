@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 
-use super::{Deployed, Example, emulators_bin};
+use super::{Deployed, Example, emulators_bin, example::App};
 use crate::{
     certs::TestCa,
     fakes::google::{GoogleConfig, GoogleFake, ServiceAccount, WorkloadIdentityProvider},
@@ -236,6 +236,8 @@ pub struct AnyToGcs {
     pub example: Example,
     /// The pod its Deployment would create.
     pub pod: Value,
+    /// Its app.
+    pub app: App,
     /// The service account the pod acts as.
     pub service_account: String,
 }
@@ -277,17 +279,19 @@ impl AnyToGcs {
                 json!(google.url()),
             )?;
         }
-        let pod = example.pod(
+        let app = App::new(
             "dashboards",
             "web",
+            "gcs.py",
             &[
                 ("STORAGE_API_ENDPOINT", gcs.url.as_str()),
                 ("GOOGLE_CLOUD_PROJECT", project.as_str()),
                 ("BUCKET", BUCKET),
                 ("OBJECT", OBJECT),
             ],
-        )?;
-        Ok(Self { namespace: namespace.to_owned(), google, gcs, example, pod, service_account: email })
+        );
+        let pod = example.app_pod(&app)?;
+        Ok(Self { namespace: namespace.to_owned(), google, gcs, example, pod, app, service_account: email })
     }
 
     /// Applies the example's objects and waits until its policy is Ready.

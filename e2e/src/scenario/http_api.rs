@@ -13,6 +13,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -31,7 +32,7 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 
-use super::{Deployed, Example};
+use super::{Deployed, Example, example::App};
 use crate::{
     certs::TestCa,
     fakes::oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
@@ -71,6 +72,22 @@ struct ApiState {
     auth: ApiAuth,
     served: AtomicU64,
     callers: Mutex<Vec<String>>,
+}
+
+/// The ConfigMap holding the CA of the local APIs' certificates, named by the policies'
+/// `server.tls`.
+pub const API_CA_CONFIGMAP: &str = "api-ca";
+
+/// Creates (or keeps) [`API_CA_CONFIGMAP`] in `namespace` with the cloud CA, as a
+/// user creates the ConfigMap of a private CA.
+fn trust_api_ca(stack: &dyn Deployed, namespace: &str) -> Result<()> {
+    let manifest = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": API_CA_CONFIGMAP},
+        "data": {"ca.crt": stack.cloud_ca().cert_pem()},
+    });
+    stack.cp().apply_yaml(Some(namespace), &manifest.to_string()).map(drop)
 }
 
 /// An HTTPS API on [`api_host`]; stops on drop.
@@ -156,6 +173,8 @@ pub struct HttpApiScenario {
     pub example: Example,
     /// The pod its Deployment would create.
     pub pod: Value,
+    /// Its app.
+    pub app: App,
     /// The policy's name.
     pub policy: String,
 }
@@ -179,13 +198,19 @@ impl HttpApiScenario {
         let mut example = Example::load("http-api-key")?;
         let policy = "forecaster-to-weather-api";
         example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
+        // The local API's certificate comes from the test bed's CA, as an internal API's
+        // from a private one: the agent's proxy trusts it through server.tls.
+        trust_api_ca(stack, namespace)?;
+        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
         example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
-        let pod = example.pod(
+        let app = App::new(
             "forecaster",
             "app",
+            "http_api.py",
             &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/forecast?city=berlin")],
-        )?;
-        Ok(Self { namespace: namespace.to_owned(), api, oauth2: None, example, pod, policy: policy.into() })
+        );
+        let pod = example.app_pod(&app)?;
+        Ok(Self { namespace: namespace.to_owned(), api, oauth2: None, example, pod, app, policy: policy.into() })
     }
 
     /// `examples/oauth2-client-credentials.yaml`: the OAuth2 fake knows the example's
@@ -193,6 +218,17 @@ impl HttpApiScenario {
     /// host point here. The example's business-hours time window is removed, so that the
     /// scenario does not depend on the hour it runs (the time-window scenario covers it).
     pub async fn oauth2(stack: &dyn Deployed, namespace: &str) -> Result<Self> {
+        Self::oauth2_with_token_lifetime(stack, namespace, Duration::from_secs(3600)).await
+    }
+
+    /// [`HttpApiScenario::oauth2`] with tokens of `token_lifetime`: the broker serves a
+    /// token until a quarter of its life is left, the agent refreshes it then, so a short
+    /// lifetime makes the agent ask the broker again soon (revocation, outages).
+    pub async fn oauth2_with_token_lifetime(
+        stack: &dyn Deployed,
+        namespace: &str,
+        token_lifetime: Duration,
+    ) -> Result<Self> {
         let secret = "Oa-partner-5d41402a";
         stack.cp().kubectl_ok(&[
             "create",
@@ -211,7 +247,7 @@ impl HttpApiScenario {
                         client_secret: secret.into(),
                         allowed_scopes: vec!["invoices:read".into(), "invoices:write".into()],
                     }],
-                    ..Default::default()
+                    token_lifetime,
                 },
                 stack.cloud_ca(),
             )
@@ -229,14 +265,28 @@ impl HttpApiScenario {
             json!(oauth2.token_url()),
         )?;
         example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
+        // The local API's certificate comes from the test bed's CA, as an internal API's
+        // from a private one: the agent's proxy trusts it through server.tls.
+        trust_api_ca(stack, namespace)?;
+        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
         example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
         example.set("AccessPolicy", policy, "/spec/conditions", json!({}))?;
-        let pod = example.pod(
+        let app = App::new(
             "billing",
             "billing",
+            "http_api.py",
             &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/invoices?status=open")],
-        )?;
-        Ok(Self { namespace: namespace.to_owned(), api, oauth2: Some(oauth2), example, pod, policy: policy.into() })
+        );
+        let pod = example.app_pod(&app)?;
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            api,
+            oauth2: Some(oauth2),
+            example,
+            pod,
+            app,
+            policy: policy.into(),
+        })
     }
 
     /// Applies the example's objects and waits until its policy is Ready.

@@ -13,11 +13,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{Deployed, example::CLOUD_CA_CONFIGMAP};
+use super::{
+    Deployed, Example,
+    example::{App, CLOUD_CA_CONFIGMAP},
+};
 use crate::{
     ControlPlane,
     certs::TestCa,
     cluster::{Cluster, NODE_IP},
+    images::APPS_IMAGE_REPOSITORY,
     repo_root,
 };
 
@@ -123,6 +127,50 @@ impl Installed {
             .collect())
     }
 
+    /// The test apps image (the unchanged SDK programs of the scenarios).
+    pub fn apps_image(&self) -> Result<&str> {
+        Ok(&self.cluster.image(APPS_IMAGE_REPOSITORY)?.name)
+    }
+
+    /// Applies `app`'s workload from `example`, made to run `app`'s program from the apps
+    /// image (once, or every `every`), as `kubectl apply` does.
+    pub fn deploy_app(&self, namespace: &str, example: &mut Example, app: &App, every: Option<Duration>) -> Result<()> {
+        example.run_app_on_node(app, self.apps_image()?, every)?;
+        self.cluster.cp.apply_yaml(Some(namespace), &example.workload_yaml(&app.workload)?).map(drop)
+    }
+
+    /// Waits until every pod of `namespace` matching `selector` (at least `pods` of them)
+    /// has printed at least `results` JSON results (lines with an `ok` field) in
+    /// `container`; returns them per pod name.
+    pub async fn wait_results(
+        &self,
+        namespace: &str,
+        selector: &str,
+        container: &str,
+        (pods, results): (usize, usize),
+        timeout: Duration,
+    ) -> Result<Vec<(String, Vec<(jiff::Timestamp, Value)>)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut all = Vec::new();
+            for pod in self.pods(namespace, selector)? {
+                let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let lines = self.json_logs(namespace, &name, container).unwrap_or_default();
+                all.push((name, lines.into_iter().filter(|(_, v)| v.get("ok").is_some()).collect::<Vec<_>>()));
+            }
+            if all.len() >= pods && all.iter().all(|(_, lines)| lines.len() >= results) {
+                return Ok(all);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no {results} results from {pods} pods ({selector}) in {timeout:?}: {all:?}\n{}",
+                    self.describe(namespace)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// What `kubectl describe pods` says about `namespace`, for failure messages.
     pub fn describe(&self, namespace: &str) -> String {
         describe_pods(&self.cluster.cp, namespace)
@@ -175,10 +223,25 @@ async fn wait_for_broker_ca(cp: &ControlPlane, timeout: Duration) -> Result<Stri
     }
 }
 
+/// `kubectl describe pods` and the last log lines of every container of `namespace`,
+/// for failure messages.
 fn describe_pods(cp: &ControlPlane, namespace: &str) -> String {
-    let describe =
-        cp.kubectl_output(&["describe", "pods", "-n", namespace], None).map(|o| o.stdout).unwrap_or_default();
-    let text = String::from_utf8_lossy(&describe);
-    let tail = text.len().saturating_sub(6000);
-    text[text.floor_char_boundary(tail)..].to_owned()
+    let run = |args: &[&str]| {
+        let out = cp.kubectl_output(args, None).map(|o| o.stdout).unwrap_or_default();
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let mut start = text.len().saturating_sub(6000);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        text[start..].to_owned()
+    };
+    let describe = run(&["describe", "pods", "-n", namespace]);
+    let names = run(&["get", "pods", "-n", namespace, "-o", "name"]);
+    let mut logs = String::new();
+    for pod in names.lines().take(4) {
+        // The agent alone first: the app's containers may not have started.
+        logs.push_str(&run(&["logs", "-n", namespace, pod, "-c", "cloudpass-agent", "--prefix", "--tail=15"]));
+        logs.push_str(&run(&["logs", "-n", namespace, pod, "--all-containers", "--prefix", "--tail=15"]));
+    }
+    format!("{describe}\n---- logs ----\n{logs}")
 }

@@ -8,8 +8,9 @@
 //! environment and arguments, runs its startup probe, and runs app containers as Python
 //! programs with exactly their environment. The only changes are paths under volume mounts
 //! (moved to the host folders, for the agent through its `--token-file`/`--shared-dir`
-//! flags) and the machine's own settings a container image would carry: `PATH`, `HOME` and
-//! a CA bundle holding the test bed's CA (`SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`).
+//! flags and in its configuration) and the machine's own settings an app's container image
+//! would carry: `PATH`, `HOME` and a CA bundle holding the test bed's CA (`SSL_CERT_FILE`,
+//! `REQUESTS_CA_BUNDLE`). The agent gets no such bundle: its image has the system roots.
 
 use std::{
     collections::BTreeMap,
@@ -240,6 +241,9 @@ impl Node {
             let name = volume["name"].as_str().context("volume without a name")?;
             let host = dir.path().join("volumes").join(name);
             std::fs::create_dir_all(&host)?;
+            if let Some(config_map) = volume["configMap"]["name"].as_str() {
+                project_config_map(cp, &pod.namespace, config_map, &volume["configMap"]["items"], &host)?;
+            }
             for source in volume["projected"]["sources"].as_array().into_iter().flatten() {
                 let token = &source["serviceAccountToken"];
                 if token.is_null() {
@@ -262,6 +266,29 @@ impl Node {
         }
         Ok(running)
     }
+}
+
+/// Writes ConfigMap `namespace/name` into `dir` as the kubelet does for a `configMap`
+/// volume: every key, or only `items` (key to path).
+fn project_config_map(cp: &ControlPlane, namespace: &str, name: &str, items: &Value, dir: &Path) -> Result<()> {
+    let cm: Value =
+        serde_json::from_str(&cp.kubectl_ok(&["get", "configmap", name, "-n", namespace, "-o", "json"])?)?;
+    let data = cm["data"].as_object().cloned().unwrap_or_default();
+    let files: Vec<(String, String)> = match items.as_array() {
+        Some(items) => items
+            .iter()
+            .map(|i| {
+                (i["key"].as_str().unwrap_or_default().to_owned(), i["path"].as_str().unwrap_or_default().to_owned())
+            })
+            .collect(),
+        None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+    };
+    for (key, path) in files {
+        let value =
+            data.get(&key).and_then(Value::as_str).with_context(|| format!("ConfigMap {name} has no key {key}"))?;
+        std::fs::write(dir.join(path), value)?;
+    }
+    Ok(())
 }
 
 /// A pod being "run" by [`Node::run`]. Dropping it stops its agent.
@@ -337,7 +364,12 @@ impl RunningPod {
                 (None, None) if e.get("valueFrom").is_none() => String::new(),
                 _ => bail!("env {name}: only values and fieldRefs of the pod's own metadata are supported"),
             };
-            env.push((name, remap(&value, &mounts)));
+            let value = if name == cloudpass_api::agent::AGENT_CONFIG_ENV {
+                remap_agent_config(&value, &mounts)?
+            } else {
+                remap(&value, &mounts)
+            };
+            env.push((name, value));
         }
         Ok(env)
     }
@@ -367,8 +399,9 @@ impl RunningPod {
         if let Some(url) = &self.node.metadata_url {
             args.extend(["azure-imds-url", "gcp-metadata-url", "aws-imds-url"].map(|flag| format!("--{flag}={url}")));
         }
-        let mut env = self.env_of(&agent)?;
-        env.push(("SSL_CERT_FILE".into(), self.node.trust_bundle.to_string_lossy().into_owned()));
+        // Nothing else: the agent's image carries only the system roots; the broker's CA
+        // comes with its configuration and a private API's CA through server.tls.
+        let env = self.env_of(&agent)?;
         // `env -i`: the container's environment only, nothing of the test process.
         let mut argv: Vec<String> = vec!["-i".into()];
         argv.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
@@ -489,6 +522,18 @@ impl Drop for RunningPod {
 }
 
 /// `value` with a leading mount path replaced by the volume's host folder.
+/// The agent's configuration with the files it names under volume mounts (a policy's
+/// server CA bundle) moved like [`remap`] moves paths.
+fn remap_agent_config(config: &str, mounts: &[(String, PathBuf)]) -> Result<String> {
+    let mut config: Value = serde_json::from_str(config).context("the agent's configuration is not JSON")?;
+    for delivery in config["deliveries"].as_array_mut().into_iter().flatten() {
+        if let Some(file) = delivery["endpoint"]["caFile"].as_str() {
+            delivery["endpoint"]["caFile"] = Value::String(remap(file, mounts));
+        }
+    }
+    Ok(config.to_string())
+}
+
 fn remap(value: &str, mounts: &[(String, PathBuf)]) -> String {
     let (flag, path) = value.split_once('=').filter(|(f, _)| f.starts_with("--")).unwrap_or(("", value));
     for (mount, host) in mounts {
