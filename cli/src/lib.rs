@@ -53,6 +53,20 @@ pub async fn kube_client() -> Result<kube::Client, ExitCode> {
     })
 }
 
+/// For servers behind a Service: completes on SIGTERM or SIGINT after setting `stopping`
+/// (which readiness reports, so that endpoints drop this replica), with the instant
+/// `delay` later until which the caller keeps serving. Requests routed here before
+/// every node has dropped the endpoint still get an answer.
+pub async fn termination_deadline(
+    stopping: &std::sync::atomic::AtomicBool,
+    delay: std::time::Duration,
+) -> tokio::time::Instant {
+    termination().await;
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(delay_seconds = delay.as_secs_f64(), "not ready any more; serving until the shutdown delay is over");
+    tokio::time::Instant::now() + delay
+}
+
 /// Completes on SIGTERM or SIGINT.
 pub async fn termination() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -13,7 +13,7 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use cloudpass_api::duration::Duration as TextDuration;
-use cloudpass_cli::{LogArgs, kube_client, termination};
+use cloudpass_cli::{LogArgs, kube_client, termination_deadline};
 use cloudpass_operator::{
     broker::{Broker, BrokerSettings, audit::Audit, server as broker_server},
     issuer,
@@ -123,6 +123,12 @@ struct Args {
     /// token is refused at most this long after the deletion.
     #[arg(long, env = "CLOUDPASS_TOKEN_CACHE_TTL", default_value = "10s")]
     token_cache_ttl: TextDuration,
+    /// After SIGTERM, how long the broker keeps answering (already reporting not ready)
+    /// before the process exits: Services stop routing to a terminating pod only after
+    /// its endpoint is removed everywhere, and agents' requests sent meanwhile still get
+    /// an answer. Keep it below the pod's termination grace period.
+    #[arg(long, env = "CLOUDPASS_SHUTDOWN_DELAY", default_value = "5s")]
+    shutdown_delay: TextDuration,
     /// Where audit records go: `stdout` or a file path (appended).
     #[arg(long, env = "CLOUDPASS_AUDIT_LOG", default_value = "stdout")]
     audit_log: String,
@@ -392,7 +398,9 @@ async fn main() -> ExitCode {
         }
     };
     let (broker, broker_cert) = broker.unzip();
-    let health = Health { metrics: metrics.clone(), ready: ready.clone(), broker, broker_cert };
+    let stopping = Arc::new(AtomicBool::new(false));
+    let health =
+        Health { metrics: metrics.clone(), ready: ready.clone(), broker, broker_cert, stopping: stopping.clone() };
     match server::spawn(args.metrics_addr, health).await {
         Ok(addr) => info!(%addr, "serving /healthz, /readyz and /metrics"),
         Err(e) => {
@@ -404,8 +412,11 @@ async fn main() -> ExitCode {
     // One shutdown signal for everything: SIGTERM/SIGINT, or the loss of leadership.
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_on_signal = stop_tx.clone();
+    let (drain_tx, drain_rx) = watch::channel(None::<tokio::time::Instant>);
+    let args_shutdown_delay = args.shutdown_delay.as_std();
     tokio::spawn(async move {
-        termination().await;
+        let deadline = termination_deadline(&stopping, args_shutdown_delay).await;
+        let _ = drain_tx.send(Some(deadline));
         let _ = stop_on_signal.send(true);
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -438,23 +449,26 @@ async fn main() -> ExitCode {
         };
         if !became_leader {
             drop(is_leader);
-            let _ = task.await;
+            release(task).await;
+            drain(drain_rx).await;
             info!("cloudpass-operator stopped while standing by");
             return ExitCode::SUCCESS;
         }
         ready.store(false, Ordering::Relaxed);
         metrics.leader.set(1);
         info!(identity = %instance, "became leader; reconciling");
-        // Losing the lease ends reconciling at once.
+        // Losing the lease ends reconciling at once. This watcher holds a receiver of the
+        // lease task, which runs until every receiver is gone: it is aborted on the way
+        // out, or the lease would never be released.
         let mut watch_leader = is_leader.clone();
         let lost = stop_tx.clone();
-        tokio::spawn(async move {
+        let watcher = tokio::spawn(async move {
             if watch_leader.wait_for(|leader| !*leader).await.is_ok() {
                 warn!("lost leadership");
                 let _ = lost.send(true);
             }
         });
-        lease = Some((is_leader, task));
+        lease = Some((is_leader, task, watcher));
     }
 
     match reconcile::collect_orphaned_configs(&client, &args.namespace).await {
@@ -472,19 +486,41 @@ async fn main() -> ExitCode {
         .await;
 
     metrics.leader.set(0);
-    if let Some((is_leader, task)) = lease {
+    if let Some((is_leader, task, watcher)) = lease {
         let still_leader = *is_leader.borrow();
-        // Dropping the receiver makes the lease task release the lease: a standby takes
-        // over at once instead of after the lease expires.
+        // Dropping the last receiver makes the lease task release the lease: a standby
+        // takes over at once instead of after the lease expires.
+        watcher.abort();
+        let _ = watcher.await;
         drop(is_leader);
-        let _ = task.await;
+        release(task).await;
         if !still_leader {
             error!("stopped because leadership was lost; exiting so a fresh instance can stand by");
             return ExitCode::FAILURE;
         }
     }
+    drain(drain_rx).await;
     info!("cloudpass-operator stopped");
     ExitCode::SUCCESS
+}
+
+/// How long releasing the Lease may take on the way out; past it the Lease expires on its
+/// own, which only delays the next leader.
+const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits for the lease task to release the Lease, at most [`LEASE_RELEASE_TIMEOUT`].
+async fn release<T>(task: tokio::task::JoinHandle<T>) {
+    if tokio::time::timeout(LEASE_RELEASE_TIMEOUT, task).await.is_err() {
+        warn!("the Lease was not released in time; it expires on its own");
+    }
+}
+
+/// After SIGTERM: keeps serving (already not ready) until the shutdown delay is over.
+async fn drain(drain_rx: watch::Receiver<Option<tokio::time::Instant>>) {
+    let deadline = *drain_rx.borrow();
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 fn hostname() -> String {

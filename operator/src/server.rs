@@ -25,6 +25,9 @@ pub struct Health {
     /// The broker's serving certificate, when it serves one: without it every TLS
     /// handshake fails, so ready also needs it loaded.
     pub broker_cert: Option<Arc<cloudpass_runtime::tls::ReloadableCert>>,
+    /// Set on SIGTERM: not ready any more, so that endpoints drop this replica while it
+    /// still serves the broker for the shutdown delay.
+    pub stopping: Arc<AtomicBool>,
 }
 
 async fn healthz() -> &'static str {
@@ -33,6 +36,7 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     if health.ready.load(Ordering::Relaxed)
+        && !health.stopping.load(Ordering::Relaxed)
         && health.broker.as_ref().is_none_or(|b| b.is_ready())
         && health.broker_cert.as_ref().is_none_or(|c| c.is_loaded())
     {

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use clap::{Parser, ValueEnum};
 use cloudpass_api::duration::Duration as TextDuration;
-use cloudpass_cli::{LogArgs, kube_client, termination};
+use cloudpass_cli::{LogArgs, kube_client, termination_deadline};
 use cloudpass_webhook::{
     admission::Admission,
     certs::{CertManager, CertSettings},
@@ -93,6 +93,11 @@ struct Args {
     /// How often certificates are checked (and files re-read).
     #[arg(long, env = "CLOUDPASS_CERT_CHECK_INTERVAL", default_value = "1m")]
     cert_check_interval: TextDuration,
+    /// After SIGTERM, how long the webhook keeps answering the apiserver (already
+    /// reporting not ready) before it exits, so admissions routed here while its endpoint
+    /// is being removed still succeed. Keep it below the pod's termination grace period.
+    #[arg(long, env = "CLOUDPASS_SHUTDOWN_DELAY", default_value = "5s")]
+    shutdown_delay: TextDuration,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -211,7 +216,8 @@ async fn main() -> ExitCode {
     }
 
     let admission = Arc::new(Admission { configs, settings, metrics: metrics.clone() });
-    let router = server::router(AppState { admission, cert: cert.clone() });
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let router = server::router(AppState { admission, cert: cert.clone(), stopping: stopping.clone() });
     match tls::serve(args.listen_addr, router, cert, metrics.connections.clone()).await {
         Ok(addr) => info!(%addr, config_namespace, "cloudpass-webhook serving"),
         Err(e) => {
@@ -219,7 +225,8 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    termination().await;
-    info!("cloudpass-webhook stopping");
+    let deadline = termination_deadline(&stopping, args.shutdown_delay.as_std()).await;
+    tokio::time::sleep_until(deadline).await;
+    info!("cloudpass-webhook stopped");
     ExitCode::SUCCESS
 }

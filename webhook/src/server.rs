@@ -23,6 +23,8 @@ pub struct AppState {
     pub admission: Arc<Admission>,
     /// The serving certificate (for readiness).
     pub cert: Arc<ReloadableCert>,
+    /// Set on SIGTERM: not ready, still serving for the shutdown delay.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
@@ -40,6 +42,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     // Without the broker CA every injected agent would fail its startup probe: better
     // not ready (the apiserver then applies the failure policy) than injecting broken pods.
     let broker_ca = state.admission.settings.broker_ca.is_loaded();
+    if state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping").into_response();
+    }
     match (state.admission.configs.loaded(), state.cert.is_loaded(), broker_ca) {
         (true, true, true) => (StatusCode::OK, "ready").into_response(),
         (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "compiled configs not loaded yet").into_response(),
