@@ -13,15 +13,15 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: tools
-tools: ## Build kube-apiserver, etcd, kubectl, helm and the Python venv (moto, SDKs) into the cache (minutes the first time, instant after)
+tools: ## Install the node's Debian packages if missing, build the Kubernetes binaries, containerd, CoreDNS, helm, the Python venv and the emulators into the cache (minutes the first time, instant after)
+	@e2e/tools/node-packages.sh
 	@e2e/tools/build.sh >/dev/null
 	@e2e/tools/python.sh >/dev/null
 	@e2e/tools/emulators.sh >/dev/null
 
 .PHONY: demo
-demo: tools ## Run cloudpass locally and narrate it: control plane, cloud emulators, operator, webhook, pods reading S3 and Azure Blob (Ctrl-C stops)
-	@echo "demo: building the operator, webhook and agent (a few minutes the first time)"
-	$(CARGO) build -p cloudpass-operator -p cloudpass-webhook -p cloudpass-agent -p cloudpass-e2e --bins
+demo: tools images ## Run cloudpass on a real one-node cluster here and narrate it: helm install, cloud emulators, Deployments reading S3 and Azure Blob (needs root; Ctrl-C stops)
+	$(CARGO) build -q --locked -p cloudpass-e2e --bin cloudpass-demo
 	@CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) run -q -p cloudpass-e2e --bin cloudpass-demo
 
 .PHONY: crds
@@ -37,7 +37,7 @@ lint: ## cargo fmt --check and clippy with warnings as errors (the fuzz targets 
 	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked --target-dir target -- -D warnings
 
 .PHONY: test
-test: tools ## Build the tools if needed, then run every unit and end-to-end test
+test: tools images ## Build the tools and images if needed, then run every unit and end-to-end test (the real-node suites included)
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) test --workspace --locked --no-fail-fast
 
 .PHONY: bench

@@ -42,10 +42,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "node: installing Debian packages: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   # An apt index older than a day may name package revisions the mirror no longer has.
+  log=$(mktemp)
   if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -n1)" ]; then
-    apt-get update -qq >&2
+    apt-get update -qq >"$log" 2>&1 || { cat "$log" >&2; echo "node: apt-get update failed" >&2; exit 1; }
   fi
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$log" 2>&1 \
+    || { cat "$log" >&2; echo "node: apt-get install failed (log above)" >&2; exit 1; }
+  rm -f "$log"
 fi
 
 # The upstream series (major.minor) must be the pinned one.

@@ -33,9 +33,9 @@ pub const RELEASE: &str = "cloudpass";
 pub const BROKER_SERVICE: &str = "cloudpass-broker";
 
 /// cloudpass installed on a [`Cluster`].
-pub struct Installed {
+pub struct Installed<'a> {
     /// The cluster.
-    pub cluster: &'static Cluster,
+    pub cluster: &'a Cluster,
     /// How long `helm install --wait` took.
     pub install_time: Duration,
     cloud_ca: TestCa,
@@ -43,12 +43,12 @@ pub struct Installed {
     broker_ca_pem: String,
 }
 
-impl Installed {
+impl<'a> Installed<'a> {
     /// Installs the chart on `cluster` and waits until its Deployments are available
     /// (through their real readiness probes), the broker's CA is published and the
     /// webhook's configuration carries its CA. The test bed's servers listen on the node
     /// IP from here on (pods reach the host only there).
-    pub async fn install(cluster: &'static Cluster) -> Result<Self> {
+    pub async fn install(cluster: &'a Cluster) -> Result<Self> {
         crate::net::listen_on(NODE_IP.into())?;
         let cp = &cluster.cp;
         let cloud_ca = TestCa::new("cloudpass-e2e-cloud-ca")?;
@@ -171,13 +171,31 @@ impl Installed {
         }
     }
 
+    /// The broker's audit records about pod `namespace/pod`, from every operator pod's
+    /// log (`kubectl logs`): who was verified how, which credential, until when.
+    pub fn audit_records(&self, namespace: &str, pod: &str) -> Result<Vec<Value>> {
+        let text = self.cluster.cp.kubectl_ok(&[
+            "logs",
+            "-n",
+            NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "--tail=-1",
+        ])?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == "cloudpass.dev/audit" && v["namespace"] == namespace && v["pod"] == pod)
+            .collect())
+    }
+
     /// What `kubectl describe pods` says about `namespace`, for failure messages.
     pub fn describe(&self, namespace: &str) -> String {
         describe_pods(&self.cluster.cp, namespace)
     }
 }
 
-impl Deployed for Installed {
+impl Deployed for Installed<'_> {
     fn cp(&self) -> &ControlPlane {
         &self.cluster.cp
     }

@@ -67,6 +67,23 @@ impl AdmittedPod {
         })
     }
 
+    /// A pod as the apiserver stored it (e.g. one a ReplicaSet created on a real node,
+    /// read with `kubectl get pod -o json`), created from `submitted` (its controller's pod
+    /// template, as a Pod).
+    pub fn from_stored(stored: Value, submitted: Value) -> Result<Self> {
+        let field = |name: &str| -> Result<String> {
+            stored["metadata"][name].as_str().map(str::to_owned).with_context(|| format!("stored pod without {name}"))
+        };
+        Ok(Self {
+            namespace: field("namespace")?,
+            name: field("name")?,
+            uid: field("uid")?,
+            submitted,
+            stored,
+            warnings: Vec::new(),
+        })
+    }
+
     /// Submits `manifest` as a server-side dry run (admission runs, nothing is stored)
     /// until the webhook injects the agent: the apiserver and the webhook pick up new
     /// configurations and policies a moment after they are written.
