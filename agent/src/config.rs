@@ -46,16 +46,20 @@ pub struct Args {
 /// Subcommands.
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
-    /// Startup probe: `GET /ready` on the loopback health port; exits 0 when the agent
-    /// holds a credential for every delivery, 1 otherwise. Used by the kubelet's exec
-    /// probe (the image has no shell or curl).
+    /// Readiness check: `GET /ready` on the loopback health port; exits 0 when the agent
+    /// holds a credential for every delivery, 1 otherwise. The kubelet runs it as the
+    /// agent's postStart hook with `--wait` (the image has no shell or curl).
     Probe {
         /// Health port to ask; default: `healthPort` of the configuration.
         #[arg(long)]
         port: Option<u16>,
-        /// Give up after this long.
+        /// Give up on one request after this long.
         #[arg(long, default_value = "2s")]
         timeout: TextDuration,
+        /// Keep asking until ready for up to this long (the webhook's postStart hook: the
+        /// kubelet starts the app the moment it returns). Default: ask once.
+        #[arg(long, default_value = "0s")]
+        wait: TextDuration,
     },
 }
 

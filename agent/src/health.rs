@@ -53,6 +53,25 @@ async fn metrics(State(shared): State<Shared>) -> Response {
 
 /// `GET /ready` on `127.0.0.1:port`: `Ok` on 200, else why not. A blocking, dependency-free
 /// HTTP/1.1 exchange, so that the exec probe starts no runtime.
+/// [`probe`] again every [`WAIT_INTERVAL`] until it passes or `wait` is over, for the
+/// kubelet's postStart hook: the hook returns the moment the first credential is there,
+/// where a startup probe would pass only at its next period. Fails with the last reason.
+pub fn wait_ready(port: u16, timeout: Duration, wait: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match probe(port, timeout) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(WAIT_INTERVAL),
+        }
+    }
+}
+
+/// How often [`wait_ready`] asks.
+pub const WAIT_INTERVAL: Duration = Duration::from_millis(25);
+
+/// One `GET /ready` on the loopback health port within `timeout`: `Ok` on 200, else the
+/// status line and body (or the connection error).
 pub fn probe(port: u16, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));

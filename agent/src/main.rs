@@ -1,5 +1,5 @@
 //! `cloudpass-agent`: the injected credential sidecar. Without a subcommand it runs until
-//! SIGTERM; `cloudpass-agent probe` is the kubelet's startup probe.
+//! SIGTERM; `cloudpass-agent probe --wait` is its postStart hook.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -14,7 +14,7 @@ use tracing::error;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::Probe { port, timeout }) = &args.command {
+    if let Some(Command::Probe { port, timeout, wait }) = &args.command {
         let port = match port {
             Some(p) => *p,
             None => match args.run.agent_config() {
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
                 }
             },
         };
-        return match health::probe(port, timeout.as_std()) {
+        return match health::wait_ready(port, timeout.as_std(), wait.as_std()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("probe: not ready: {e}");

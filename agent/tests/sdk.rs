@@ -207,7 +207,7 @@ fn settings(broker_url: &str, files: &PodFiles, identity_header: &str, deliverie
     }
 }
 
-/// Starts an agent and waits until it holds every credential (its startup probe).
+/// Starts an agent and waits until it holds every credential (what its postStart hook waits for).
 async fn start_agent(settings: Settings) -> Agent {
     let policies: Vec<String> = settings.config.deliveries.iter().map(|d| d.policy.clone()).collect();
     let agent = Agent::start(settings).await.unwrap();

@@ -188,6 +188,12 @@ print(role["Role"]["Arn"])
 
     /// Creates an IAM user with the inline policy `policy` and returns a new access key of it.
     pub async fn create_user_keys(&self, name: &str, policy: &Value) -> Result<AwsKeys> {
+        self.create_user_keys_as(name, policy, &[]).await
+    }
+
+    /// [`MotoServer::create_user_keys`] signed with the keys in `env` (once authentication
+    /// is enforced, an admin's).
+    pub async fn create_user_keys_as(&self, name: &str, policy: &Value, env: &[(&str, &str)]) -> Result<AwsKeys> {
         let script = r#"
 import boto3, os
 iam = boto3.client("iam")
@@ -196,7 +202,10 @@ iam.put_user_policy(UserName=os.environ["USER_NAME"], PolicyName="inline", Polic
 key = iam.create_access_key(UserName=os.environ["USER_NAME"])["AccessKey"]
 print(key["AccessKeyId"], key["SecretAccessKey"])
 "#;
-        let out = self.python_with_env(script, &[("USER_NAME", name), ("POLICY", &policy.to_string())]).await?;
+        let policy = policy.to_string();
+        let mut all = vec![("USER_NAME", name), ("POLICY", policy.as_str())];
+        all.extend_from_slice(env);
+        let out = self.python_with_env(script, &all).await?;
         let (id, secret) = out.trim().split_once(' ').context("create_access_key printed no key")?;
         Ok(AwsKeys { access_key_id: id.to_owned(), secret_access_key: secret.to_owned(), session_token: None })
     }

@@ -633,7 +633,7 @@ fn dockerfile_build_stage_builds_what_the_chart_and_webhook_expect() {
     let webhook_main = fs::read_to_string(repo_root().join("webhook/src/main.rs")).unwrap();
     assert!(
         webhook_main.contains(r#"default_value = "/usr/local/bin/cloudpass-agent""#),
-        "the webhook's startup probe runs the agent where the agent image puts it"
+        "the webhook's postStart hook runs the agent where the agent image puts it"
     );
     let ignore = fs::read_to_string(repo_root().join(".dockerignore")).unwrap();
     assert!(ignore.lines().any(|l| l.trim() == "target/"), ".dockerignore keeps target/ out of the build context");

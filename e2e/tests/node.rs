@@ -29,8 +29,8 @@ use cloudpass_e2e::{
 use serde_json::Value;
 
 /// The suite's cluster with cloudpass installed, set up on first use.
-fn installed() -> &'static Installed {
-    static INSTALLED: OnceLock<Result<Installed, String>> = OnceLock::new();
+fn installed() -> &'static Installed<'static> {
+    static INSTALLED: OnceLock<Result<Installed<'static>, String>> = OnceLock::new();
     let result = INSTALLED.get_or_init(|| {
         std::thread::spawn(|| {
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
@@ -157,7 +157,7 @@ fn started_at(status: &Value) -> jiff::Timestamp {
 }
 
 /// Checks what every injected pod of a direction shows: the agent ran as a native
-/// sidecar that started (its startup probe passed) before the app, and the app's very
+/// sidecar whose postStart hook passed before the app started, and the app's very
 /// first cloud call succeeded, because the kubelet held the app until then.
 fn assert_sidecar_first(
     installed: &Installed,
@@ -170,7 +170,10 @@ fn assert_sidecar_first(
         let agent = pod["spec"]["initContainers"][0].clone();
         assert_eq!(agent["name"], "cloudpass-agent", "{pod_name}: injected first");
         assert_eq!(agent["restartPolicy"], "Always", "{pod_name}: a native sidecar");
-        assert!(agent["startupProbe"].is_object(), "{pod_name}: with a startup probe");
+        assert!(
+            agent["lifecycle"]["postStart"]["exec"].is_object(),
+            "{pod_name}: holding the app until the first credential"
+        );
         let agent_status = container_status(&pod, "cloudpass-agent");
         if pod["status"]["phase"] == "Succeeded" {
             // A Job's pod: the kubelet stopped the sidecar after the app, and it stopped cleanly.

@@ -308,7 +308,7 @@ async fn a_closed_time_window_is_denied_with_its_reason() {
     let denied = audited(stack, ns, &running.pod.name, "denied").await;
     let reason = denied["reason"].as_str().unwrap();
     assert!(reason.contains(&format!("outside the policy's time windows: {start}-{end} UTC")), "{reason}");
-    assert!(!running.probe().unwrap(), "the agent must not report ready without a credential");
+    assert!(!running.probe().await.unwrap(), "the agent must not report ready without a credential");
     assert!(
         running.agent_log_text().contains("outside the policy's time windows"),
         "the agent logs the broker's reason"
@@ -345,7 +345,7 @@ async fn a_service_account_the_trust_provider_does_not_name_is_denied() {
         denied["reason"], "trust provider this-cluster refused the caller: service account intruder is not trusted",
         "{denied}"
     );
-    assert!(!running.probe().unwrap());
+    assert!(!running.probe().await.unwrap());
     let run = running.run_app("api", S3_APP).await.unwrap();
     assert!(!run.success, "the app reached S3: {}", run.stdout);
     assert_eq!(setup.gate.calls(), 0, "STS was never asked");

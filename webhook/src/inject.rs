@@ -17,8 +17,8 @@ use cloudpass_api::{
 };
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, ExecAction, KeyToPath, Pod,
-        Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+        Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, ExecAction, KeyToPath, Lifecycle,
+        LifecycleHandler, Pod, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
         ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::api::resource::Quantity,
@@ -32,6 +32,8 @@ const SHARED_VOLUME: &str = "cloudpass-shared";
 const NO_API_TOKEN_VOLUME: &str = "cloudpass-no-kube-api-token";
 /// Prefix of the volumes holding the CA bundles of policies' `server.tls`.
 const SERVER_CA_VOLUME: &str = "cloudpass-server-ca";
+/// How long the agent's postStart hook waits for the first credential.
+const FIRST_CREDENTIAL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Mode of the agent's projected token file (see where the volume is built).
 const TOKEN_FILE_MODE: i32 = 0o444;
 /// Where the kubelet would mount the pod's Kubernetes API token.
@@ -65,7 +67,7 @@ pub struct InjectSettings {
     pub image: String,
     /// Agent image pull policy.
     pub pull_policy: String,
-    /// Path of the agent binary in its image (for the exec startup probe).
+    /// Path of the agent binary in its image (for the exec postStart hook).
     pub agent_path: String,
     /// Broker base URL.
     pub broker_url: String,
@@ -577,13 +579,22 @@ fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: V
         restart_policy: Some("Always".into()),
         env: Some(env),
         volume_mounts: Some(volume_mounts),
-        // The agent's endpoints listen on loopback only, so the kubelet cannot reach them
-        // over HTTP; the probe runs inside the container.
-        startup_probe: Some(Probe {
-            exec: Some(ExecAction { command: Some(vec![settings.agent_path.clone(), "probe".into()]) }),
-            period_seconds: Some(1),
-            timeout_seconds: Some(2),
-            failure_threshold: Some(120),
+        // The kubelet starts the next container once this hook returns, which it does the
+        // moment the first credential is there (a startup probe would pass only at its
+        // next period, a second later at best). It runs inside the container: the agent's
+        // endpoints listen on loopback only. Without a credential by then it fails, with
+        // the reason in the FailedPostStartHook Event, and the kubelet restarts the agent.
+        lifecycle: Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        settings.agent_path.clone(),
+                        "probe".into(),
+                        format!("--wait={}s", FIRST_CREDENTIAL_WAIT.as_secs()),
+                    ]),
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         resources: Some(ResourceRequirements {
@@ -706,7 +717,13 @@ mod tests {
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
         assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
-        assert!(agent.startup_probe.is_some());
+        let hook = agent.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()).and_then(|h| h.exec.as_ref());
+        assert_eq!(
+            hook.and_then(|e| e.command.clone()).unwrap(),
+            ["/usr/local/bin/cloudpass-agent", "probe", "--wait=60s"],
+            "the app starts once the agent's first credential is there"
+        );
+        assert!(agent.startup_probe.is_none(), "a probe's period would delay the app");
         let agent_env: BTreeMap<_, _> =
             agent.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap())).collect();
         let agent_config: AgentConfig = serde_json::from_str(&agent_env[AGENT_CONFIG_ENV]).unwrap();

@@ -49,7 +49,7 @@ struct Args {
     /// Pull policy of the agent image.
     #[arg(long, env = "CLOUDPASS_AGENT_PULL_POLICY", default_value = "IfNotPresent")]
     agent_pull_policy: String,
-    /// Path of the agent binary inside its image (runs the startup probe).
+    /// Path of the agent binary inside its image (runs the postStart hook).
     #[arg(long, env = "CLOUDPASS_AGENT_PATH", default_value = "/usr/local/bin/cloudpass-agent")]
     agent_path: String,
     /// Broker URL the agent calls. Default: `https://cloudpass-broker.<namespace>.svc:8443`.

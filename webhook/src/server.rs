@@ -39,7 +39,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    // Without the broker CA every injected agent would fail its startup probe: better
+    // Without the broker CA every injected agent would fail its postStart hook: better
     // not ready (the apiserver then applies the failure policy) than injecting broken pods.
     let broker_ca = state.admission.settings.broker_ca.is_loaded();
     if state.stopping.load(std::sync::atomic::Ordering::Relaxed) {

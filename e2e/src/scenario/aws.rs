@@ -61,6 +61,14 @@ print(role["Arn"])
         Ok(out.trim().to_owned())
     }
 
+    /// Creates IAM user `name` with inline policy `policy` and an access key: the static
+    /// credentials a workload without cloudpass carries (the benchmarks' baseline).
+    pub async fn static_keys(&self, name: &str, policy: &Value) -> Result<AwsKeys> {
+        let admin = self.admin.env();
+        let env: Vec<(&str, &str)> = admin.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.moto.create_user_keys_as(name, policy, &env).await
+    }
+
     /// Creates (or keeps) S3 bucket `name`.
     pub async fn bucket(&self, name: &str) -> Result<()> {
         let script = r#"

@@ -5,7 +5,7 @@
 //! stored spec, and nothing else: it mints the projected service-account tokens with
 //! TokenRequest (audience, lifetime and pod binding as the volume says), gives every volume
 //! a host folder, starts the injected agent container as a process with exactly its
-//! environment and arguments, runs its startup probe, and runs app containers as Python
+//! environment and arguments, runs its postStart hook, and runs app containers as Python
 //! programs with exactly their environment. The only changes are paths under volume mounts
 //! (moved to the host folders, for the agent through its `--token-file`/`--shared-dir`
 //! flags and in its configuration) and the machine's own settings an app's container image
@@ -250,7 +250,7 @@ pub struct Node {
 impl Node {
     /// Runs `pod`: mints its tokens, makes its volumes, starts its agent container (if
     /// injected). Call [`RunningPod::wait_started`] before running app containers, as the
-    /// kubelet waits for a native sidecar's startup probe.
+    /// kubelet waits for a native sidecar's postStart hook.
     pub async fn run(&self, cp: &ControlPlane, pod: AdmittedPod) -> Result<RunningPod> {
         let dir = tempfile::Builder::new().prefix(&format!("cloudpass-pod-{}-", pod.name)).tempdir()?;
         let mut volumes = BTreeMap::new();
@@ -431,52 +431,62 @@ impl RunningPod {
         Ok(())
     }
 
-    /// Runs the agent's startup probe once, as the kubelet's exec probe does: the probe's
-    /// command (the image's binary) with the container's environment.
-    pub fn probe(&self) -> Result<bool> {
+    /// The agent's postStart hook command (the image's binary and its arguments).
+    fn hook_args(&self) -> Result<Vec<String>> {
         let agent = self.pod.agent().context("no agent container")?;
-        let command: Vec<&str> = agent["startupProbe"]["exec"]["command"]
+        let command: Vec<String> = agent["lifecycle"]["postStart"]["exec"]["command"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|a| a.as_str())
+            .filter_map(|a| a.as_str().map(str::to_owned))
             .collect();
-        let (_, args) = command.split_first().context("the agent has no exec startup probe")?;
-        let status = std::process::Command::new(&self.node.agent)
-            .args(args)
-            .env_clear()
-            .envs(self.env_of(agent)?)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
+        let (_, args) = command.split_first().context("the agent has no exec postStart hook")?;
+        Ok(args.to_vec())
+    }
+
+    /// Runs the agent binary with `args` and the agent container's environment, on a
+    /// blocking thread (the fakes the agent's broker calls may share this runtime).
+    async fn run_hook(&self, args: Vec<String>) -> Result<bool> {
+        let agent = self.pod.agent().context("no agent container")?;
+        let env = self.env_of(agent)?;
+        let binary = self.node.agent.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(binary)
+                .args(args)
+                .env_clear()
+                .envs(env)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+        })
+        .await??;
         Ok(status.success())
     }
 
-    /// Runs the startup probe until it passes, returning how long that took, or fails
-    /// after `limit` (or when the agent exits) with the agent's log. It probes every
-    /// `periodSeconds` of the probe, at most every 200 ms, so that scenarios do not wait
-    /// on the kubelet's one-second granularity.
+    /// The agent's readiness check once: its postStart hook's command without `--wait`,
+    /// with the container's environment.
+    pub async fn probe(&self) -> Result<bool> {
+        let args: Vec<String> = self.hook_args()?.into_iter().filter(|a| !a.starts_with("--wait")).collect();
+        self.run_hook(args).await
+    }
+
+    /// Runs the agent's postStart hook as the kubelet does before it starts the next
+    /// container (waiting at most `limit` instead of the hook's own wait), returning how
+    /// long it took, or fails with the agent's log.
     pub async fn wait_started(&mut self, limit: Duration) -> Result<Duration> {
         let started = Instant::now();
-        let agent = self.pod.agent().context("no agent container")?.clone();
-        let probe = &agent["startupProbe"];
-        let period = Duration::from_secs(probe["periodSeconds"].as_u64().unwrap_or(10)).min(Duration::from_millis(200));
-        let deadline = started + limit;
-        loop {
-            if self.probe()? {
-                return Ok(started.elapsed());
-            }
-            if let Some(agent) = self.agent.as_mut()
-                && agent.has_exited()
-            {
-                bail!("the agent exited; its log:\n{}", self.agent_log_text());
-            }
-            if Instant::now() > deadline {
-                bail!("the agent's startup probe did not pass within {limit:?}; its log:\n{}", self.agent_log_text());
-            }
-            tokio::time::sleep(period).await;
+        let mut args: Vec<String> = self.hook_args()?.into_iter().filter(|a| !a.starts_with("--wait")).collect();
+        args.push(format!("--wait={}s", limit.as_secs().max(1)));
+        if self.run_hook(args).await? {
+            return Ok(started.elapsed());
         }
+        if let Some(agent) = self.agent.as_mut()
+            && agent.has_exited()
+        {
+            bail!("the agent exited; its log:\n{}", self.agent_log_text());
+        }
+        bail!("the agent's postStart hook did not pass within {limit:?}; its log:\n{}", self.agent_log_text())
     }
 
     /// Runs app container `container` as a Python program (`script`), with exactly the
