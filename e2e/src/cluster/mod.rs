@@ -185,7 +185,6 @@ impl Cluster {
         if let Some(reason) = Self::unsupported_reason() {
             bail!("this machine cannot run a test-bed node: {reason}");
         }
-        let started = Instant::now();
         let bin = tools_bin()?;
         let mut only = only;
         if !only.is_empty() && !only.iter().any(|i| i == "pause") {
