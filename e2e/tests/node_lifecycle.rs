@@ -22,6 +22,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 
+/// When a request was sent, and its HTTP status or why it got none.
+type Outcome = (Instant, Result<u16, String>);
+
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap()
 }
@@ -82,7 +85,7 @@ async fn the_operator_rolls_under_traffic_and_helm_uninstall_leaves_nothing_runn
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let outcomes: Arc<Mutex<Vec<(Instant, Result<u16, String>)>>> = Arc::default();
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let asker = {
         let (outcomes, url, policy) =
@@ -157,7 +160,7 @@ async fn the_operator_rolls_under_traffic_and_helm_uninstall_leaves_nothing_runn
             took.as_secs_f64()
         );
         assert_eq!(terminated.exit_code, 0, "{name} stopped on SIGTERM by itself, not killed: {terminated:?}");
-        assert!(took.as_secs() < grace as i64, "{name} exited within its grace period: {took:?}");
+        assert!(took.as_secs() < grace, "{name} exited within its grace period: {took:?}");
     }
 
     let leader_after = lease(cp);
