@@ -41,13 +41,14 @@ test: tools images ## Build the tools and images if needed, then run every unit 
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) test --workspace --locked --no-fail-fast
 
 .PHONY: bench
-bench: tools ## Run the benchmarks against the real local apiserver and print their figures
+bench: tools images ## Run the benchmarks against the real local apiserver and node and print their figures
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-operator --bench converge
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-operator --bench broker
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-agent --bench agent
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-webhook --bench admission
 	$(CARGO) build --release --locked -p cloudpass-operator -p cloudpass-webhook -p cloudpass-agent
 	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-e2e --bench scenario
+	CLOUDPASS_TOOLS_BIN="$(TOOLS_BIN)" CLOUDPASS_PYTHON_VENV="$(PYTHON_VENV)" $(CARGO) bench --locked -p cloudpass-e2e --bench node
 
 .PHONY: images
 images: ## Build the operator, webhook and agent images (as the Dockerfile says), the pause and test-apps images, without a container engine, into target/images
