@@ -139,20 +139,7 @@ impl ControlPlane {
     /// It lives until the test process exits (its processes are tied to it, see
     /// [`crate::process`]). Panics with the startup error and logs if it cannot start.
     pub fn shared() -> &'static ControlPlane {
-        let result = SHARED.get_or_init(|| {
-            // Start on a separate thread with its own runtime: this works from sync and
-            // async tests alike, and no runtime-bound state outlives that runtime.
-            std::thread::spawn(|| {
-                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-                runtime.block_on(Self::start()).map_err(|e| format!("{e:#}"))
-            })
-            .join()
-            .unwrap_or_else(|_| Err("control plane start panicked".to_owned()))
-        });
-        match result {
-            Ok(cp) => cp,
-            Err(e) => panic!("the local control plane did not start: {e}"),
-        }
+        crate::start_once(&SHARED, "the local control plane", Self::start)
     }
 
     /// Starts a new control plane (prefer [`ControlPlane::shared`]; one per test binary).
@@ -217,7 +204,7 @@ impl ControlPlane {
         )?;
         let server = format!("https://{}:{api_port}", host_in_url(address));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-        wait_until("etcd /health", Duration::from_secs(30), &mut etcd, || {
+        etcd.wait_until("etcd /health", Duration::from_secs(30), || {
             let http = http.clone();
             let url = format!("{etcd_url}/health");
             async move { http.get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) }
@@ -266,12 +253,13 @@ impl ControlPlane {
             .identity(identity)
             .timeout(Duration::from_secs(2))
             .build()?;
-        wait_until("kube-apiserver /readyz", Duration::from_secs(60), &mut apiserver, || {
-            let http = admin_http.clone();
-            let url = format!("{server}/readyz");
-            async move { http.get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) }
-        })
-        .await?;
+        apiserver
+            .wait_until("kube-apiserver /readyz", Duration::from_secs(60), || {
+                let http = admin_http.clone();
+                let url = format!("{server}/readyz");
+                async move { http.get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) }
+            })
+            .await?;
 
         let kubeconfig = path.join("kubeconfig");
         fs::write(&kubeconfig, kubeconfig_yaml(&server, &ca.cert_pem(), &admin))?;
@@ -676,24 +664,6 @@ impl Drop for LogsOnPanic<'_> {
             eprintln!("test failed; control plane logs:\n{}", self.0.log_tails());
         }
     }
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, process: &mut ManagedProcess, mut probe: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if probe().await {
-            return Ok(());
-        }
-        if process.has_exited() {
-            bail!("{} exited before {what} answered; log tail:\n{}", process.name(), process.log_tail(4000));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{what} not ready after {timeout:?}; log tail:\n{}", process.log_tail(4000))
 }
 
 async fn create_or_keep<K>(api: &Api<K>, object: &K) -> Result<()>

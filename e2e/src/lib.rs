@@ -18,10 +18,35 @@ pub mod python;
 pub mod scenario;
 pub mod tls;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::OnceLock};
 
 use anyhow::{Context, Result, bail};
 pub use control_plane::{ControlPlane, TokenOptions, WebhookRegistration};
+
+/// What a test binary starts once and shares between its tests (a control plane, a
+/// cluster, an emulator): the first caller starts it with `start`, on a thread with its
+/// own tokio runtime (this works from sync and async tests alike, and nothing bound to
+/// one test's runtime outlives it); every caller gets it, or a panic naming `what` and
+/// why it did not start.
+pub fn start_once<T, F, Fut>(cell: &'static OnceLock<Result<T, String>>, what: &str, start: F) -> &'static T
+where
+    T: Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T>>,
+{
+    let result = cell.get_or_init(|| {
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            runtime.block_on(start()).map_err(|e| format!("{e:#}"))
+        })
+        .join()
+        .unwrap_or_else(|_| Err("its start panicked".to_owned()))
+    });
+    match result {
+        Ok(value) => value,
+        Err(e) => panic!("{what} did not start: {e}"),
+    }
+}
 
 /// A cloudpass object (`TrustProvider`, `CredentialProvider`, `AccessPolicy`) named
 /// `name` with `spec`, as JSON for `kubectl apply`.

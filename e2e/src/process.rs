@@ -100,6 +100,26 @@ impl ManagedProcess {
         text
     }
 
+    /// Polls `probe` until it says yes (every 100 ms), failing with the log's tail when
+    /// the server exits first or `timeout` passes.
+    pub async fn wait_until<F, Fut>(&mut self, what: &str, timeout: Duration, mut probe: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if probe().await {
+                return Ok(());
+            }
+            if self.has_exited() {
+                bail!("{} exited before {what}; log tail:\n{}", self.name, self.log_tail(6000));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("no {what} after {timeout:?}; {} log tail:\n{}", self.name, self.log_tail(6000))
+    }
+
     /// Kills the server with SIGKILL (no chance to clean up), as a crash or an OOM kill
     /// would, and waits for it.
     pub fn kill_hard(&mut self) {

@@ -18,31 +18,25 @@ use std::{
 use cloudpass_e2e::{
     cluster::Cluster,
     scenario::{
-        Deployed,
+        Deployed, Example,
         aws::{AksToS3, AwsCloud, S3Direction},
         azure::{Azurite, EksToAzureBlob},
+        example::App,
         gcs::AnyToGcs,
         http_api::HttpApiScenario,
         installed::{Installed, NAMESPACE},
     },
+    start_once,
 };
 use serde_json::Value;
 
 /// The suite's cluster with cloudpass installed, set up on first use.
 fn installed() -> &'static Installed<'static> {
     static INSTALLED: OnceLock<Result<Installed<'static>, String>> = OnceLock::new();
-    let result = INSTALLED.get_or_init(|| {
-        std::thread::spawn(|| {
-            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            runtime.block_on(Installed::install(Cluster::shared())).map_err(|e| format!("{e:#}"))
-        })
-        .join()
-        .unwrap_or_else(|_| Err("install panicked".to_owned()))
-    });
-    match result {
-        Ok(installed) => installed,
-        Err(e) => panic!("cloudpass did not install on the node: {e}\n{}", Cluster::shared().log_tails()),
-    }
+    start_once(&INSTALLED, "cloudpass on the node", || async {
+        let cluster = Cluster::shared();
+        Installed::install(cluster).await.map_err(|e| e.context(cluster.log_tails()))
+    })
 }
 
 fn json(text: &str) -> Value {
@@ -116,22 +110,9 @@ struct Clouds {
 fn clouds() -> &'static Clouds {
     static CLOUDS: OnceLock<Result<Clouds, String>> = OnceLock::new();
     let installed = installed();
-    let result = CLOUDS.get_or_init(|| {
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            runtime
-                .block_on(async {
-                    Ok::<_, anyhow::Error>(Clouds {
-                        aws: AwsCloud::start().await?,
-                        azurite: Azurite::start(installed.cloud_ca()).await?,
-                    })
-                })
-                .map_err(|e| format!("{e:#}"))
-        })
-        .join()
-        .unwrap_or_else(|_| Err("cloud emulators panicked".to_owned()))
-    });
-    result.as_ref().unwrap_or_else(|e| panic!("the cloud emulators did not start: {e}"))
+    start_once(&CLOUDS, "the cloud emulators", move || async move {
+        Ok(Clouds { aws: AwsCloud::start().await?, azurite: Azurite::start(installed.cloud_ca()).await? })
+    })
 }
 
 /// How often the Deployments' apps repeat their cloud call.
@@ -189,6 +170,24 @@ fn assert_sidecar_first(
         let (_, first) = lines.first().unwrap_or_else(|| panic!("{pod_name}: no result"));
         assert_eq!(first["ok"], true, "{pod_name}: the first call already had credentials: {first}");
     }
+}
+
+/// Deploys `app`'s workload of `example` (its app repeating every [`EVERY`]), waits until
+/// it rolled out and each of its `pods` printed a result, and checks what every injected
+/// pod shows ([`assert_sidecar_first`]); the results per pod.
+async fn deploy_and_check(
+    installed: &Installed<'_>,
+    namespace: &str,
+    example: &mut Example,
+    app: &App,
+    pods: usize,
+) -> Vec<(String, Vec<(jiff::Timestamp, Value)>)> {
+    installed.deploy_app(namespace, example, app, Some(EVERY)).unwrap();
+    installed.wait_rollout(namespace, &app.workload, ROLLOUT).unwrap();
+    let selector = format!("app={}", app.workload);
+    let results = installed.wait_results(namespace, &selector, &app.container, (pods, 1), ROLLOUT).await.unwrap();
+    assert_sidecar_first(installed, namespace, &results, &app.container);
+    results
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -284,10 +283,7 @@ async fn eks_to_azure_blob_runs_as_a_deployment() {
     let mut direction = EksToAzureBlob::prepare(installed, &clouds.azurite, ns).await.unwrap();
     direction.apply(installed).await.unwrap();
     let app = direction.app.clone();
-    installed.deploy_app(ns, &mut direction.example, &app, Some(EVERY)).unwrap();
-    installed.wait_rollout(ns, &app.workload, ROLLOUT).unwrap();
-    let results = installed.wait_results(ns, "app=report-uploader", &app.container, (1, 1), ROLLOUT).await.unwrap();
-    assert_sidecar_first(installed, ns, &results, &app.container);
+    deploy_and_check(installed, ns, &mut direction.example, &app, 1).await;
     assert!(direction.entra.calls() >= 1, "the broker's token came from Entra (the fake)");
 }
 
@@ -299,10 +295,7 @@ async fn any_to_gcs_runs_as_a_deployment() {
     let mut direction = AnyToGcs::prepare(installed, ns).await.unwrap();
     direction.apply(installed).await.unwrap();
     let app = direction.app.clone();
-    installed.deploy_app(ns, &mut direction.example, &app, Some(EVERY)).unwrap();
-    installed.wait_rollout(ns, &app.workload, ROLLOUT).unwrap();
-    let results = installed.wait_results(ns, "app=dashboards", &app.container, (1, 1), ROLLOUT).await.unwrap();
-    assert_sidecar_first(installed, ns, &results, &app.container);
+    deploy_and_check(installed, ns, &mut direction.example, &app, 1).await;
     assert!(direction.gcs.served() >= 1, "the gate let the app's token through");
 }
 
@@ -369,11 +362,7 @@ async fn an_api_key_and_an_oauth2_api_through_the_agents_proxy() {
         };
         direction.apply(installed).await.unwrap();
         let app = direction.app.clone();
-        installed.deploy_app(ns, &mut direction.example, &app, Some(EVERY)).unwrap();
-        installed.wait_rollout(ns, &app.workload, ROLLOUT).unwrap();
-        let selector = format!("app={}", app.workload);
-        let results = installed.wait_results(ns, &selector, &app.container, (1, 1), ROLLOUT).await.unwrap();
-        assert_sidecar_first(installed, ns, &results, &app.container);
+        deploy_and_check(installed, ns, &mut direction.example, &app, 1).await;
         assert!(direction.api.served() >= 1, "{which}: the API saw the agent's credential");
     }
 }
@@ -388,12 +377,8 @@ async fn a_deleted_policy_is_refused_at_the_agents_next_refresh() {
         HttpApiScenario::oauth2_with_token_lifetime(installed, ns, Duration::from_secs(30)).await.unwrap();
     direction.apply(installed).await.unwrap();
     let app = direction.app.clone();
-    installed.deploy_app(ns, &mut direction.example, &app, Some(EVERY)).unwrap();
-    installed.wait_rollout(ns, &app.workload, ROLLOUT).unwrap();
-    let selector = format!("app={}", app.workload);
-    let results = installed.wait_results(ns, &selector, &app.container, (1, 1), ROLLOUT).await.unwrap();
-    let (pod_name, lines) = &results[0];
-    assert_eq!(lines[0].1["ok"], true, "{lines:?}");
+    let results = deploy_and_check(installed, ns, &mut direction.example, &app, 1).await;
+    let (pod_name, _) = &results[0];
 
     installed.cp().kubectl_ok(&["delete", "accesspolicy", &direction.policy, "-n", ns]).unwrap();
     let deleted_at = jiff::Timestamp::now();

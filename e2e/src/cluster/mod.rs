@@ -119,18 +119,7 @@ impl Cluster {
     /// lives until the test process exits; the watchdog then removes it. Panics with the
     /// reason if it cannot start (not root, no cgroups, tools missing).
     pub fn shared() -> &'static Cluster {
-        let result = SHARED.get_or_init(|| {
-            std::thread::spawn(|| {
-                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-                runtime.block_on(Self::start()).map_err(|e| format!("{e:#}"))
-            })
-            .join()
-            .unwrap_or_else(|_| Err("cluster start panicked".to_owned()))
-        });
-        match result {
-            Ok(cluster) => cluster,
-            Err(e) => panic!("the local cluster did not start: {e}"),
-        }
+        crate::start_once(&SHARED, "the local cluster", Self::start)
     }
 
     /// Why this machine cannot run a node, if it cannot: not root, no cgroup v1
@@ -254,10 +243,9 @@ impl Cluster {
         fs::write(&containerd_config, containerd_toml(&dirs, &containerd_socket, &pause.name))?;
         let mut containerd =
             spawn("containerd", "containerd", vec![format!("--config={}", containerd_config.display())])?;
-        wait_for("containerd's socket", Duration::from_secs(30), &mut containerd, || async {
-            containerd_socket.exists()
-        })
-        .await?;
+        containerd
+            .wait_until("containerd's socket", Duration::from_secs(30), || async { containerd_socket.exists() })
+            .await?;
         let import_started = Instant::now();
         images::import(&bin.join("ctr"), &containerd_socket, &built)?;
         eprintln!("cluster: {} images imported in {:.1}s", built.len(), import_started.elapsed().as_secs_f64());
@@ -354,16 +342,16 @@ impl Cluster {
         fs::write(&corefile, corefile_text(&dns_kubeconfig, dns_ready))?;
         let mut coredns = spawn("coredns", "coredns", vec![format!("-conf={}", corefile.display())])?;
 
-        wait_for("the node to be Ready", Duration::from_secs(90), &mut kubelet, || async {
-            node_ready(&cp).unwrap_or(false)
-        })
-        .await?;
+        kubelet
+            .wait_until("the node to be Ready", Duration::from_secs(90), || async { node_ready(&cp).unwrap_or(false) })
+            .await?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-        wait_for("CoreDNS /ready", Duration::from_secs(60), &mut coredns, || {
-            let request = http.get(format!("http://127.0.0.1:{dns_ready}/ready"));
-            async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
-        })
-        .await?;
+        coredns
+            .wait_until("CoreDNS /ready", Duration::from_secs(60), || {
+                let request = http.get(format!("http://127.0.0.1:{dns_ready}/ready"));
+                async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+            })
+            .await?;
 
         let cluster = Self {
             processes: NodeProcesses {
@@ -473,24 +461,6 @@ fn node_ready(cp: &ControlPlane) -> Result<bool> {
         .into_iter()
         .flatten()
         .any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, process: &mut ManagedProcess, mut probe: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if probe().await {
-            return Ok(());
-        }
-        if process.has_exited() {
-            bail!("{} exited before {what}; log tail:\n{}", process.name(), process.log_tail(6000));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!("no {what} after {timeout:?}; {} log tail:\n{}", process.name(), process.log_tail(6000))
 }
 
 /// containerd's configuration: everything under the node's directories (network

@@ -199,21 +199,9 @@ impl Stack<'static> {
     /// The stack shared by every scenario of this test binary, on
     /// [`ControlPlane::shared`], started on first use. Panics if it cannot start.
     pub fn shared() -> &'static Stack<'static> {
-        let result = SHARED.get_or_init(|| {
-            std::thread::spawn(|| {
-                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-                runtime.block_on(async {
-                    let binaries = Binaries::locate().map_err(|e| format!("{e:#}"))?;
-                    Stack::start(ControlPlane::shared(), binaries).await.map_err(|e| format!("{e:#}"))
-                })
-            })
-            .join()
-            .unwrap_or_else(|_| Err("stack start panicked".to_owned()))
-        });
-        match result {
-            Ok(stack) => stack,
-            Err(e) => panic!("the cloudpass stack did not start: {e}"),
-        }
+        crate::start_once(&SHARED, "the cloudpass stack", || async {
+            Stack::start(ControlPlane::shared(), Binaries::locate()?).await
+        })
     }
 }
 
