@@ -17,6 +17,12 @@ pub const CREDENTIALS_PATH: &str = "/v1/credentials";
 /// Largest request body the broker reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// Header of the pre-signed `sts:GetCallerIdentity` evidence that names the broker it is
+/// meant for, covered by the SigV4 signature (as Vault's AWS auth method's server-ID
+/// header): a request signed for one broker cannot be replayed to another. Its value is
+/// the broker's server ID, by default the host of the broker URL the agent calls.
+pub const SERVER_ID_HEADER: &str = "x-cloudpass-server-id";
+
 /// The agent asks for the credential of one policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -81,6 +87,11 @@ pub struct CredentialResponse {
     pub expires_at: jiff::Timestamp,
     /// When the agent should fetch a new one (before expiry, leaving room for retries).
     pub refresh_at: jiff::Timestamp,
+    /// When the agent must stop serving this credential even if it still works: the end
+    /// of the policy's time window, when the upstream could not issue a credential that
+    /// short. Absent: at `expires_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve_until: Option<jiff::Timestamp>,
 }
 
 /// A typed credential. Secret parts are [`SecretString`]s, which never print.
@@ -211,6 +222,7 @@ mod tests {
             },
             expires_at: "2030-01-01T00:00:00Z".parse().unwrap(),
             refresh_at: "2029-12-31T23:48:00Z".parse().unwrap(),
+            serve_until: None,
         };
         let json = serde_json::to_value(&resp).unwrap();
         assert_eq!(json["credential"]["type"], "aws");

@@ -141,6 +141,7 @@ pub fn ok(policy: &str, credential: Credential, expires_in: i64, refresh_in: i64
         credential,
         expires_at: now + SignedDuration::from_secs(expires_in),
         refresh_at: now + SignedDuration::from_secs(refresh_in),
+        serve_until: None,
     };
     (StatusCode::OK, serde_json::to_value(response).unwrap())
 }

@@ -336,6 +336,7 @@ impl Broker {
             credential: issued.credential.clone(),
             expires_at: issued.expires_at,
             refresh_at: issued.refresh_at(),
+            serve_until: None,
         })
     }
 }
