@@ -117,7 +117,11 @@ fn lint_is_clean_and_rendering_is_deterministic_for_every_combination() {
             "allowPrivilegeEscalation: false",
             "type: RuntimeDefault",
         ] {
-            assert_eq!(text.matches(needle).count(), 2, "{needle} on both pods for {combo:?}");
+            assert_eq!(
+                text.matches(needle).count(),
+                3,
+                "{needle} on every pod (controller, broker, webhook) for {combo:?}"
+            );
         }
         assert!(!text.contains("caBundle:"), "the chart never renders a caBundle (no GitOps drift)");
     }
@@ -180,7 +184,13 @@ fn images_default_to_the_app_version_and_optional_objects_render_only_when_enabl
 
     let all = render(cp, EVERY_OPTIONAL_OBJECT);
     let names = kinds(&all);
-    for wanted in ["Ingress/cp-issuer", "Service/cp-issuer", "NetworkPolicy/cp-operator", "NetworkPolicy/cp-webhook"] {
+    for wanted in [
+        "Ingress/cp-issuer",
+        "Service/cp-issuer",
+        "NetworkPolicy/cp-operator",
+        "NetworkPolicy/cp-broker",
+        "NetworkPolicy/cp-webhook",
+    ] {
         assert!(names.contains(&wanted.to_owned()), "{wanted} missing: {names:?}");
     }
     // The Ingress routes the issuer's host, and only the two documents.
@@ -193,12 +203,15 @@ fn images_default_to_the_app_version_and_optional_objects_render_only_when_enabl
         .map(|p| p["path"].as_str().unwrap())
         .collect();
     assert_eq!(paths, ["/.well-known/openid-configuration", "/openid/v1/jwks"]);
-    let operator = all.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "cp-operator").unwrap();
-    let args = serde_yaml::to_string(&operator["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
+    let broker = all.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "cp-broker").unwrap();
+    let args = serde_yaml::to_string(&broker["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
     assert!(args.contains("--issuer-url=https://oidc.example.com\n") && args.contains("--issuer-addr=0.0.0.0:8081"));
-    // Both components are scraped; the webhook's HTTPS verified with its own CA.
+    // The issuer's documents come from the broker's pods.
+    let issuer = all.iter().find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "cp-issuer").unwrap();
+    assert_eq!(issuer["spec"]["selector"]["app.kubernetes.io/component"], "broker");
+    // Every component is scraped; the webhook's HTTPS verified with its own CA.
     let monitors: Vec<_> = all.iter().filter(|d| d["kind"] == "ServiceMonitor").collect();
-    assert_eq!(monitors.len(), 2);
+    assert_eq!(monitors.len(), 3);
     let webhook = monitors.iter().find(|m| m["metadata"]["name"] == "cp-webhook").unwrap();
     let endpoint = &webhook["spec"]["endpoints"][0];
     assert_eq!(endpoint["scheme"], "https");
@@ -229,9 +242,8 @@ fn images_default_to_the_app_version_and_optional_objects_render_only_when_enabl
         managed.iter().find(|d| d["kind"] == "Certificate" && d["metadata"]["name"] == "cp-broker").unwrap();
     assert_eq!(certificate["spec"]["ipAddresses"][0], "10.0.0.5");
     assert_eq!(certificate["spec"]["dnsNames"][2], "broker.example.com");
-    let operator =
-        managed.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "cp-operator").unwrap();
-    let args = serde_yaml::to_string(&operator["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
+    let broker = managed.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "cp-broker").unwrap();
+    let args = serde_yaml::to_string(&broker["spec"]["template"]["spec"]["containers"][0]["args"]).unwrap();
     assert!(args.contains("--broker-cert-mode=files") && args.contains("--broker-tls-ca-file="), "{args}");
 }
 
@@ -258,7 +270,11 @@ fn the_apiserver_accepts_the_ingress_and_network_policies() {
     let out = cp.kubectl_output(&["apply", "--dry-run=server", "-n", namespace, "-f", "-"], Some(&yaml)).unwrap();
     assert!(out.status.success(), "refused: {}", String::from_utf8_lossy(&out.stderr));
     let accepted = String::from_utf8_lossy(&out.stdout);
-    for name in ["ingress.networking.k8s.io/cp-issuer", "networkpolicy.networking.k8s.io/cp-operator"] {
+    for name in [
+        "ingress.networking.k8s.io/cp-issuer",
+        "networkpolicy.networking.k8s.io/cp-operator",
+        "networkpolicy.networking.k8s.io/cp-broker",
+    ] {
         assert!(accepted.contains(name), "{name}: {accepted}");
     }
 }
@@ -285,8 +301,12 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
     let listing = cp.kubectl_ok(&["get", "deploy,svc,sa,role,rolebinding,pdb", "-n", NS, "-o", "name"]).unwrap();
     for wanted in [
         "deployment.apps/cp-operator",
+        "deployment.apps/cp-broker",
         "deployment.apps/cp-webhook",
         "service/cp-webhook",
+        "service/cp-broker",
+        "serviceaccount/cp-broker",
+        "poddisruptionbudget.policy/cp-broker",
         "poddisruptionbudget.policy/cp-webhook",
     ] {
         assert!(listing.contains(wanted), "{wanted} missing:\n{listing}");
@@ -317,12 +337,11 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
         &["create", "events.events.k8s.io", "-n", "team"],
         &["get", "secrets", "-n", "team"],
         &["list", "namespaces"],
-        // The broker.
-        &["create", "tokenreviews.authentication.k8s.io"],
-        &["get", "pods", "-n", "team"],
-        &["update", "secrets/cp-broker-tls", "-n", NS],
-        &["update", "secrets/cp-issuer-keys", "-n", NS],
-        &["update", "configmaps/cp-broker-ca", "-n", NS],
+        // The broker's per-namespace Role and its binding.
+        &["create", "roles", "-n", "team"],
+        &["create", "rolebindings", "-n", "team"],
+        &["update", "roles/cp-broker-secrets", "-n", "team"],
+        &["delete", "rolebindings/cp-broker-secrets", "-n", "team"],
     ];
     let operator_no: &[&[&str]] = &[
         &["update", "accesspolicies.cloudpass.dev", "-n", "team"],
@@ -338,6 +357,44 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
         &["create", "clusterrolebindings"],
         &["escalate", "clusterroles"],
         &["patch", "mutatingwebhookconfigurations"],
+        // Never lists or watches a Secret; the broker's rights are not its own.
+        &["list", "secrets", "-n", "team"],
+        &["watch", "secrets", "--all-namespaces"],
+        &["create", "tokenreviews.authentication.k8s.io"],
+        &["get", "pods", "-n", "team"],
+        &["update", "secrets/cp-broker-tls", "-n", NS],
+        &["update", "secrets/cp-issuer-keys", "-n", NS],
+        &["update", "roles/other", "-n", "team"],
+        &["delete", "rolebindings/other", "-n", "team"],
+        &["escalate", "roles", "-n", "team"],
+        &["bind", "roles", "-n", "team"],
+    ];
+    let broker_yes: &[&[&str]] = &[
+        &["create", "tokenreviews.authentication.k8s.io"],
+        &["get", "pods", "-n", "team"],
+        &["watch", "configmaps", "-n", NS],
+        &["update", "secrets/cp-broker-tls", "-n", NS],
+        &["get", "secrets/cp-issuer-keys", "-n", NS],
+        &["update", "secrets/cp-issuer-keys", "-n", NS],
+        &["update", "configmaps/cp-broker-ca", "-n", NS],
+    ];
+    // Until the controller grants a namespace's referenced Secrets by name (tested where
+    // the controller runs: operator/tests/chart_runs.rs), it reads no Secret there.
+    let broker_no: &[&[&str]] = &[
+        &["get", "secrets", "-n", "team"],
+        &["get", "secrets/api-key", "-n", "team"],
+        &["list", "secrets", "-n", "team"],
+        &["watch", "secrets", "--all-namespaces"],
+        &["get", "secrets/cp-webhook-tls", "-n", NS],
+        &["list", "secrets", "-n", NS],
+        &["update", "configmaps/cloudpass-config-team", "-n", NS],
+        &["list", "accesspolicies.cloudpass.dev", "--all-namespaces"],
+        &["patch", "accesspolicies.cloudpass.dev", "--subresource=status", "-n", "team"],
+        &["list", "pods", "-n", "team"],
+        &["create", "pods", "-n", "team"],
+        &["create", "roles", "-n", "team"],
+        &["create", "rolebindings", "-n", "team"],
+        &["update", "leases.coordination.k8s.io", "-n", NS],
     ];
     let webhook_yes: &[&[&str]] = &[
         &["watch", "configmaps", "-n", NS],
@@ -362,6 +419,8 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
     for (sa, cases, want) in [
         ("operator", operator_yes, true),
         ("operator", operator_no, false),
+        ("broker", broker_yes, true),
+        ("broker", broker_no, false),
         ("webhook", webhook_yes, true),
         ("webhook", webhook_no, false),
     ] {

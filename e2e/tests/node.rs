@@ -49,13 +49,13 @@ async fn the_chart_runs_as_pods_on_the_node() {
     let cp = installed.cp();
     eprintln!("helm install --wait took {:.1}s", installed.install_time.as_secs_f64());
 
-    // Both Deployments available through their real probes, two replicas each.
-    for deployment in ["cloudpass-operator", "cloudpass-webhook"] {
+    // Every Deployment available through its real probes, two replicas each.
+    for deployment in ["cloudpass-operator", "cloudpass-broker", "cloudpass-webhook"] {
         let d = json(&cp.kubectl_ok(&["get", "deployment", deployment, "-n", NAMESPACE, "-o", "json"]).unwrap());
         assert_eq!(d["status"]["readyReplicas"], 2, "{deployment}: {}", d["status"]);
     }
     let pods = installed.pods(NAMESPACE, "app.kubernetes.io/name=cloudpass").unwrap();
-    assert_eq!(pods.len(), 4, "two operators and two webhooks");
+    assert_eq!(pods.len(), 6, "two controllers, two brokers and two webhooks");
     for pod in &pods {
         assert_eq!(pod["spec"]["nodeName"], cloudpass_e2e::cluster::NODE_NAME, "placed by the scheduler");
         assert_eq!(pod["status"]["phase"], "Running");

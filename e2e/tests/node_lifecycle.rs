@@ -1,5 +1,5 @@
 //! cloudpass's own lifecycle on a real node, in a cluster of its own (these steps disturb
-//! every other pod): a rolling restart of the operator under traffic, then `helm
+//! every other pod): a rolling restart of the controller and the broker under traffic, then `helm
 //! uninstall`. One test, because the steps follow each other.
 
 use std::{
@@ -21,6 +21,9 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
+
+/// The operator image's pods: controllers and brokers.
+const OPERATOR_PODS: &str = "app.kubernetes.io/component in (operator,broker)";
 
 /// When a request was sent, and its HTTP status or why it got none.
 type Outcome = (Instant, Result<u16, String>);
@@ -107,7 +110,7 @@ async fn the_operator_rolls_under_traffic_and_helm_uninstall_leaves_nothing_runn
 
     // The rolling restart.
     let client = cp.client().await.unwrap();
-    let seen = watch_pods(client, NAMESPACE, "app.kubernetes.io/component=operator");
+    let seen = watch_pods(client, NAMESPACE, OPERATOR_PODS);
     let lease = |cp: &cloudpass_e2e::ControlPlane| {
         json(&cp.kubectl_ok(&["get", "lease", "cloudpass-operator", "-n", NAMESPACE, "-o", "json"]).unwrap())["spec"]
             ["holderIdentity"]
@@ -117,19 +120,29 @@ async fn the_operator_rolls_under_traffic_and_helm_uninstall_leaves_nothing_runn
     };
     let leader_before = lease(cp);
     let old: Vec<String> = installed
-        .pods(NAMESPACE, "app.kubernetes.io/component=operator")
+        .pods(NAMESPACE, OPERATOR_PODS)
         .unwrap()
         .iter()
         .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted = Instant::now();
-    cp.kubectl_ok(&["rollout", "restart", "deployment/cloudpass-operator", "-n", NAMESPACE]).unwrap();
+    // Both at once: the brokers answering the agents' requests, the controllers moving the Lease.
+    cp.kubectl_ok(&[
+        "rollout",
+        "restart",
+        "deployment/cloudpass-broker",
+        "deployment/cloudpass-operator",
+        "-n",
+        NAMESPACE,
+    ])
+    .unwrap();
+    installed.wait_rollout(NAMESPACE, "cloudpass-broker", Duration::from_secs(240)).unwrap();
     installed.wait_rollout(NAMESPACE, "cloudpass-operator", Duration::from_secs(240)).unwrap();
     // Every old pod gone, and how each one ended.
     let deadline = Instant::now() + Duration::from_secs(120);
     while installed
-        .pods(NAMESPACE, "app.kubernetes.io/component=operator")
+        .pods(NAMESPACE, OPERATOR_PODS)
         .unwrap()
         .iter()
         .any(|p| old.contains(&p["metadata"]["name"].as_str().unwrap().to_owned()))

@@ -40,6 +40,9 @@ heartbeat & hb=$!
 trap 'kill $hb 2>/dev/null || true' EXIT
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
+# A build cache of its own, removed once everything is built: it grows to over 5 GB for
+# Kubernetes alone, and the binaries are what is kept. CLOUDPASS_KEEP_GO_CACHE=1 keeps it.
+export GOCACHE="$root/go-build"
 minor=${KUBERNETES_VERSION#*.}; minor=${minor%%.*}
 k8s_ldflags=""
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
@@ -76,6 +79,7 @@ GOBIN="$bin" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@v
   || { cat "$log" >&2; echo "tools: CoreDNS build failed (log above)" >&2; exit 1; }
 
 echo "$stamp_want" > "$stamp_file"
+[ "${CLOUDPASS_KEEP_GO_CACHE:-}" = 1 ] || rm -rf "$GOCACHE"
 echo "tools: all built in $(( $(date +%s) - start ))s:" >&2
 ( cd "$bin" && ls -l $binaries | awk '{printf "tools:   %-15s %6.1f MB\n", $9, $5/1048576}' ) >&2
 echo "$bin"

@@ -8,6 +8,7 @@ pub mod evaluate;
 pub mod issuer;
 pub mod metrics;
 pub mod reconcile;
+pub mod secret_access;
 pub mod server;
 
 /// Everything that can fail in the operator.

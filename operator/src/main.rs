@@ -1,6 +1,9 @@
-//! `cloudpass-operator`: the controller, broker and OIDC issuer of cloudpass. Every
-//! replica serves the broker, health and metrics; only the holder of the leader Lease
-//! reconciles and writes.
+//! `cloudpass-operator`: the controller, broker and OIDC issuer of cloudpass. With
+//! `--components all` (the default) every replica serves the broker, health and metrics
+//! and only the holder of the leader Lease reconciles and writes; the chart runs the
+//! controller and the broker as two Deployments under two service accounts
+//! (`--components controller`, `--components broker`), so that the process that parses
+//! agents' input holds only the rights the broker needs.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -19,6 +22,7 @@ use cloudpass_operator::{
     issuer,
     metrics::Metrics,
     reconcile::{self, Settings},
+    secret_access::BrokerSecretAccess,
     server::{self, Health},
 };
 use cloudpass_runtime::{
@@ -38,6 +42,16 @@ use tracing::{error, info, warn};
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
+    /// What this process runs: the controller (reconciling, leader-elected), the broker
+    /// (with the issuer), or both.
+    #[arg(long, env = "CLOUDPASS_COMPONENTS", value_enum, default_value_t = Components::All)]
+    components: Components,
+    /// The broker's service account (in `--namespace`) when the broker runs apart from
+    /// the controller: the controller then keeps, in each namespace, a Role that lets it
+    /// `get` exactly the Secrets that CredentialProviders reference (see
+    /// docs/broker.md). Unset: no such Roles (the broker's own RBAC decides).
+    #[arg(long, env = "CLOUDPASS_BROKER_SERVICE_ACCOUNT")]
+    broker_service_account: Option<String>,
     /// Namespace the operator runs in; compiled configs and the leader Lease live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "cloudpass-system")]
     namespace: String,
@@ -136,6 +150,27 @@ struct Args {
     log: LogArgs,
 }
 
+/// What one operator process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Components {
+    /// The controller and the broker in one process.
+    All,
+    /// Only the controller: reconciling under the leader Lease.
+    Controller,
+    /// Only the broker and the issuer: every replica serves, none reconciles.
+    Broker,
+}
+
+impl Components {
+    fn broker(self) -> bool {
+        self != Self::Controller
+    }
+
+    fn controller(self) -> bool {
+        self != Self::Broker
+    }
+}
+
 /// Who provides the broker's serving certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BrokerCertMode {
@@ -180,7 +215,14 @@ async fn start_broker(
     args: &Args,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<RunningBroker>, String> {
+    if !args.components.broker() {
+        info!("broker off: --components controller");
+        return Ok(None);
+    }
     if args.broker_issuer_url.is_none() && args.broker_tls_cert_file.is_none() && args.broker_cert_mode.is_none() {
+        if args.components == Components::Broker {
+            return Err("--components broker needs --issuer-url".into());
+        }
         info!("broker off: no --issuer-url");
         return Ok(None);
     }
@@ -423,6 +465,17 @@ async fn main() -> ExitCode {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    if !args.components.controller() {
+        // A broker replica: ready once serving (its certificate is part of /readyz), until
+        // told to stop.
+        ready.store(true, Ordering::Relaxed);
+        info!("serving the broker; the controller runs elsewhere");
+        stopped(stop_rx).await;
+        drain(drain_rx).await;
+        info!("cloudpass-operator stopped");
+        return ExitCode::SUCCESS;
+    }
+
     let instance = args.instance.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let mut lease = None;
     if args.leader_elect {
@@ -480,6 +533,10 @@ async fn main() -> ExitCode {
         operator_namespace: args.namespace.clone(),
         instance: Some(instance),
         concurrency: args.concurrency,
+        broker_secret_access: args
+            .broker_service_account
+            .clone()
+            .map(|account| Arc::new(BrokerSecretAccess::new(client.clone(), args.namespace.clone(), account))),
     };
     let warm = ready.clone();
     reconcile::run(client, settings, metrics.clone(), stopped(stop_rx), move || warm.store(true, Ordering::Relaxed))

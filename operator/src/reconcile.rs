@@ -12,7 +12,7 @@ use std::{
 use cloudpass_api::{
     AccessPolicy, CONFIG_DATA_KEY, CONFIG_HASH_ANNOTATION, CONFIG_NAMESPACE_LABEL, CredentialProvider, Status,
     TrustProvider,
-    common::{CONDITION_READY, ProviderStatus},
+    common::{CONDITION_READY, ProviderStatus, reasons},
     policy::AccessPolicyStatus,
 };
 use futures::{StreamExt, TryStreamExt};
@@ -22,7 +22,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ObjectMeta, PartialObjectMeta, Patch, PatchParams},
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams},
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
@@ -38,13 +38,17 @@ use crate::{
     Error,
     evaluate::{Evaluation, Outcome, Snapshot, evaluate},
     metrics::{Metrics, ObjectLabels},
+    secret_access::BrokerSecretAccess,
 };
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "cloudpass-operator";
 /// How often every namespace is re-evaluated without a change (Secrets are read, not
-/// watched, so this bounds how long a deleted Secret key goes unnoticed).
+/// watched, so this bounds how long a deleted Secret key goes unnoticed in status; the
+/// broker reads the Secret when it needs it and refuses at once).
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often a namespace waiting for a referenced Secret (or one of its keys) looks again.
+pub const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
 /// Shared state of the reconciler.
 pub struct Context {
@@ -59,6 +63,8 @@ pub struct Context {
     metrics: Arc<Metrics>,
     /// Consecutive failures per namespace, for exponential backoff.
     failures: std::sync::Mutex<BTreeMap<String, u32>>,
+    /// The broker's access to referenced Secrets, when it has its own service account.
+    broker_secret_access: Option<Arc<BrokerSecretAccess>>,
 }
 
 /// Name of the ConfigMap holding a namespace's compiled config.
@@ -78,7 +84,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let name = ns.name_any();
-    let result = reconcile_namespace(&name, &ctx).await;
+    let result = reconcile_namespace(&name, &ns.uid().unwrap_or_default(), &ctx).await;
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     if result.is_ok() {
         ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
@@ -102,7 +108,7 @@ fn object_counts(evaluation: &Evaluation) -> BTreeMap<ObjectLabels, i64> {
     counts
 }
 
-async fn reconcile_namespace(namespace: &str, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_namespace(namespace: &str, namespace_uid: &str, ctx: &Context) -> Result<Action, Error> {
     let namespace = namespace.to_owned();
     let trust = in_namespace(&ctx.trust, &namespace);
     let credential = in_namespace(&ctx.credential, &namespace);
@@ -112,10 +118,13 @@ async fn reconcile_namespace(namespace: &str, ctx: &Context) -> Result<Action, E
     let wanted: BTreeSet<String> = credential.iter().flat_map(|c| c.spec.secret_refs()).map(|r| r.name).collect();
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut secrets = BTreeMap::new();
-    for name in wanted {
-        if let Some(secret) = secrets_api.get_opt(&name).await? {
-            secrets.insert(name, secret.data.unwrap_or_default().into_keys().collect());
+    for name in &wanted {
+        if let Some(secret) = secrets_api.get_opt(name).await? {
+            secrets.insert(name.clone(), secret.data.unwrap_or_default().into_keys().collect());
         }
+    }
+    if let Some(access) = &ctx.broker_secret_access {
+        access.sync(&namespace, namespace_uid, &wanted).await?;
     }
 
     let snapshot = Snapshot {
@@ -147,7 +156,10 @@ async fn reconcile_namespace(namespace: &str, ctx: &Context) -> Result<Action, E
         };
         ctx.write_status(object.as_ref(), &status.status, &status, desired, outcome).await?;
     }
-    Ok(Action::requeue(RESYNC))
+    // Secrets are not watched (the controller may not list them): while one a provider
+    // needs is missing, look again soon.
+    let waiting_for_secret = evaluation.credential.values().any(|o| o.reason == reasons::SECRET_NOT_FOUND);
+    Ok(Action::requeue(if waiting_for_secret { SECRET_RECHECK } else { RESYNC }))
 }
 
 /// The status an object should have: its `Ready` condition from the outcome, keeping the
@@ -333,6 +345,9 @@ pub struct Settings {
     pub instance: Option<String>,
     /// Namespaces reconciled at once.
     pub concurrency: u16,
+    /// When the broker runs under its own service account: its per-namespace access to
+    /// the referenced Secrets, kept by the controller.
+    pub broker_secret_access: Option<Arc<BrokerSecretAccess>>,
 }
 
 fn namespace_of<K: Resource>(object: K) -> Option<ObjectRef<Namespace>> {
@@ -371,9 +386,6 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
-    // Secrets are only watched by metadata, as a trigger; their keys are read on demand.
-    let secret_stream =
-        watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), cfg.clone()).default_backoff().touched_objects();
 
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -388,6 +400,7 @@ pub async fn run(
         operator_namespace: settings.operator_namespace.clone(),
         metrics,
         failures: Default::default(),
+        broker_secret_access: settings.broker_secret_access.clone(),
     });
 
     let controller = Controller::new(Api::<Namespace>::all(client.clone()), cfg)
@@ -399,7 +412,6 @@ pub async fn run(
         .watches_stream(trust_stream, namespace_of)
         .watches_stream(credential_stream, namespace_of)
         .watches_stream(policy_stream, namespace_of)
-        .watches_stream(secret_stream, namespace_of)
         .watches_stream(config_stream, |cm: ConfigMap| {
             cm.labels().get(CONFIG_NAMESPACE_LABEL).map(|ns| ObjectRef::new(ns))
         })

@@ -1,10 +1,11 @@
-//! The operator container as the Helm chart renders it really runs: the real binary with
-//! exactly the rendered arguments and environment (bind addresses moved to loopback), as
-//! the chart's service account with only the chart's RBAC, becomes ready on its probe
-//! port, wins the Lease, reconciles an example to Ready, and serves the broker over
-//! HTTPS with the certificate it manages itself, verifiable with the CA it publishes.
-//! With `certManager.enabled` it serves the mounted certificate files instead and
-//! publishes their CA, following renewals.
+//! The controller and broker containers as the Helm chart renders them really run: the
+//! real binary with exactly the rendered arguments and environment (bind addresses moved
+//! to loopback), each as its own service account with only the chart's RBAC. The
+//! controller wins the Lease, reconciles examples to Ready and grants the broker exactly
+//! the referenced Secrets; the broker serves HTTPS with the certificate it manages
+//! itself, verifiable with the CA it publishes. With `certManager.enabled` the broker
+//! serves the mounted certificate files instead and publishes their CA, following
+//! renewals.
 
 use std::{
     net::SocketAddr,
@@ -15,36 +16,77 @@ use cloudpass_e2e::{ControlPlane, certs::TestCa, chart, process::free_port, repo
 
 const NS: &str = "cloudpass-system";
 
-#[tokio::test]
-async fn the_rendered_operator_runs_with_its_own_rbac() {
-    let cp = ControlPlane::shared();
-    let _logs = cp.logs_on_panic();
-    let docs = chart::install(cp, "cloudpass", NS).unwrap();
-    let deployment = chart::find(&docs, "Deployment", "cloudpass-operator").unwrap();
-    let port = chart::container_port(deployment, "operator", "metrics").unwrap();
-    assert_eq!(deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"], "metrics");
+/// Whether the service account `sa` of the release may do `args`.
+fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
+    let who = format!("--as=system:serviceaccount:{NS}:{sa}");
+    let mut full = vec!["auth", "can-i", &who[..]];
+    full.extend_from_slice(args);
+    let out = cp.kubectl_output(&full, None).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
 
-    // The broker Service reaches the container's broker port, where the broker listens.
-    let service = chart::find(&docs, "Service", "cloudpass-broker").unwrap();
-    assert_eq!(service["spec"]["ports"][0]["targetPort"], "broker");
-    let broker_port = chart::container_port(deployment, "operator", "broker").unwrap();
-    assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(u64::from(broker_port)));
-    let rendered = chart::container_command(deployment, "operator", NS, "cloudpass-operator-0").unwrap();
-    assert!(rendered.args.contains(&format!("--broker-addr=0.0.0.0:{broker_port}")), "{:?}", rendered.args);
-    let issuer = rendered.args.iter().find_map(|a| a.strip_prefix("--issuer-url=")).expect("--issuer-url rendered");
-    assert_eq!(issuer, format!("https://cloudpass-broker.{NS}.svc:{broker_port}"), "the default issuer is in-cluster");
+/// Moves a rendered `0.0.0.0:<from>` bind address to `<to>` (two containers of the chart
+/// run on this one host).
+fn move_port(deployment: &mut serde_yaml::Value, from: u16, to: u16) {
+    let container = &mut deployment["spec"]["template"]["spec"]["containers"][0];
+    for arg in container["args"].as_sequence_mut().unwrap() {
+        *arg = arg.as_str().unwrap().replace(&format!("0.0.0.0:{from}"), &format!("0.0.0.0:{to}")).into();
+    }
+    for port in container["ports"].as_sequence_mut().unwrap() {
+        if port["containerPort"].as_u64() == Some(u64::from(from)) {
+            port["containerPort"] = to.into();
+        }
+    }
+}
 
-    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
-    let process = chart::run_container(cp, deployment, "operator", "cloudpass-operator", binary).await.unwrap();
+async fn wait_ready(port: u16, process: &cloudpass_e2e::process::ManagedProcess, log_line: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.map(|r| r.status().as_u16()).ok();
-        if status == Some(200) && process.log_tail(50_000).contains("caches warm") {
+        if status == Some(200) && process.log_tail(50_000).contains(log_line) {
             break;
         }
         assert!(Instant::now() < deadline, "not ready ({status:?}):\n{}", process.log_tail(4000));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn the_rendered_controller_and_broker_run_each_with_its_own_rbac() {
+    let cp = ControlPlane::shared();
+    let _logs = cp.logs_on_panic();
+    let docs = chart::install(cp, "cloudpass", NS).unwrap();
+    let broker = chart::find(&docs, "Deployment", "cloudpass-broker").unwrap();
+    let port = chart::container_port(broker, "broker", "metrics").unwrap();
+    assert_eq!(broker["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(broker["spec"]["template"]["spec"]["serviceAccountName"], "cloudpass-broker");
+
+    // The broker Service reaches the broker container's port, where the broker listens.
+    let service = chart::find(&docs, "Service", "cloudpass-broker").unwrap();
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "broker");
+    assert_eq!(service["spec"]["selector"]["app.kubernetes.io/component"], "broker");
+    let broker_port = chart::container_port(broker, "broker", "broker").unwrap();
+    assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(u64::from(broker_port)));
+    let rendered = chart::container_command(broker, "broker", NS, "cloudpass-broker-0").unwrap();
+    assert!(rendered.args.contains(&format!("--broker-addr=0.0.0.0:{broker_port}")), "{:?}", rendered.args);
+    assert!(rendered.args.contains(&"--components=broker".to_owned()), "{:?}", rendered.args);
+    let issuer = rendered.args.iter().find_map(|a| a.strip_prefix("--issuer-url=")).expect("--issuer-url rendered");
+    assert_eq!(issuer, format!("https://cloudpass-broker.{NS}.svc:{broker_port}"), "the default issuer is in-cluster");
+
+    // The controller, its metrics moved off the broker's port.
+    let mut controller = chart::find(&docs, "Deployment", "cloudpass-operator").unwrap().clone();
+    let controller_port = free_port().unwrap();
+    move_port(&mut controller, port, controller_port);
+    let rendered = chart::container_command(&controller, "operator", NS, "cloudpass-operator-0").unwrap();
+    for arg in ["--components=controller", "--broker-service-account=cloudpass-broker"] {
+        assert!(rendered.args.contains(&arg.to_owned()), "{arg}: {:?}", rendered.args);
+    }
+
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
+    let broker_process = chart::run_container(cp, broker, "broker", "cloudpass-broker", binary).await.unwrap();
+    let process = chart::run_container(cp, &controller, "operator", "cloudpass-operator", binary).await.unwrap();
+    wait_ready(port, &broker_process, "broker serving").await;
+    wait_ready(controller_port, &process, "caches warm").await;
 
     cp.create_namespace("team", &[]).await.unwrap();
     cp.apply_path(Some("team"), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
@@ -53,6 +95,56 @@ async fn the_rendered_operator_runs_with_its_own_rbac() {
         .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", process.log_tail(4000)));
     cp.kubectl_ok(&["get", "configmap", "cloudpass-config-team", "-n", NS]).unwrap();
     cp.kubectl_ok(&["get", "lease", "cloudpass-operator", "-n", NS]).unwrap();
+
+    // The broker may read a Secret of the namespace once, and as long as, a provider there
+    // references it, and no other: the controller keeps its Role.
+    let broker_sa = "cloudpass-broker";
+    let referenced = ["get", "secrets/weather-api", "-n", "team"];
+    assert!(!can_i(cp, broker_sa, &referenced), "before any provider references it");
+    cp.kubectl_ok(&["create", "secret", "generic", "weather-api", "-n", "team", "--from-literal=api-key=k"]).unwrap();
+    cp.apply_path(Some("team"), &repo_root().join("examples/http-api-key.yaml")).unwrap();
+    cp.wait_for_condition("credentialprovider", "team", "weather-api-key", "Ready", "True", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", process.log_tail(4000)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !can_i(cp, broker_sa, &referenced) {
+        assert!(
+            Instant::now() < deadline,
+            "the broker was not granted the referenced Secret:\n{}",
+            process.log_tail(4000)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let role = cp.kubectl_ok(&["get", "role", "cloudpass-broker-secrets", "-n", "team", "-o", "json"]).unwrap();
+    let role: serde_json::Value = serde_json::from_str(&role).unwrap();
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["weather-api"], "verbs": ["get"]}])
+    );
+    for (sa, case) in [
+        (broker_sa, &["get", "secrets/other", "-n", "team"][..]),
+        (broker_sa, &["list", "secrets", "-n", "team"]),
+        (broker_sa, &["watch", "secrets", "--all-namespaces"]),
+        (broker_sa, &["update", "secrets/weather-api", "-n", "team"]),
+        (broker_sa, &["create", "roles", "-n", "team"]),
+        (broker_sa, &["list", "accesspolicies.cloudpass.dev", "--all-namespaces"]),
+        ("cloudpass-operator", &["list", "secrets", "-n", "team"]),
+        ("cloudpass-operator", &["watch", "secrets", "--all-namespaces"]),
+        ("cloudpass-operator", &["create", "tokenreviews.authentication.k8s.io"]),
+    ] {
+        assert!(!can_i(cp, sa, case), "{sa} may {}", case.join(" "));
+    }
+    // No provider references it any more: the Role goes.
+    cp.kubectl_ok(&["delete", "credentialprovider", "weather-api-key", "-n", "team"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while can_i(cp, broker_sa, &referenced) {
+        assert!(Instant::now() < deadline, "the grant outlived the reference:\n{}", process.log_tail(4000));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        cp.kubectl_output(&["get", "role", "cloudpass-broker-secrets", "-n", "team"], None).unwrap().status.code()
+            != Some(0)
+    );
 
     // Self-managed: the certificate Secret exists and the CA bundle is published.
     cp.kubectl_ok(&["get", "secret", "cloudpass-broker-tls", "-n", NS]).unwrap();
@@ -74,7 +166,7 @@ async fn the_rendered_operator_runs_with_its_own_rbac() {
         .send()
         .await
         .and_then(|r| r.error_for_status())
-        .unwrap_or_else(|e| panic!("discovery over TLS: {e}\n{}", process.log_tail(4000)))
+        .unwrap_or_else(|e| panic!("discovery over TLS: {e}\n{}", broker_process.log_tail(4000)))
         .json()
         .await
         .unwrap();
@@ -83,7 +175,9 @@ async fn the_rendered_operator_runs_with_its_own_rbac() {
     let jwks: serde_json::Value = http.get(jwks_uri).send().await.unwrap().json().await.unwrap();
     assert!(jwks["keys"].as_array().is_some_and(|k| !k.is_empty()), "JWKS: {jwks}");
 
-    assert!(!process.log_tail(50_000).contains("forbidden"), "RBAC refused something:\n{}", process.log_tail(4000));
+    for p in [&process, &broker_process] {
+        assert!(!p.log_tail(50_000).contains("forbidden"), "RBAC refused something:\n{}", p.log_tail(4000));
+    }
 }
 
 /// A client trusting only `ca_pem` that reaches `host` at 127.0.0.1:`port`.
@@ -123,7 +217,7 @@ async fn with_cert_manager_the_rendered_operator_serves_and_publishes_the_mounte
     // Free ports instead of the rendered ones: the other test in this binary runs the
     // default release at the same time.
     let (metrics_port, broker_port) = (free_port().unwrap(), free_port().unwrap());
-    let mut deployment = chart::find(&docs, "Deployment", "cm-operator").unwrap().clone();
+    let mut deployment = chart::find(&docs, "Deployment", "cm-broker").unwrap().clone();
     for arg in deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence_mut().unwrap() {
         let moved = arg.as_str().unwrap().replace("0.0.0.0:8080", &format!("0.0.0.0:{metrics_port}"));
         *arg = moved.replace("0.0.0.0:8443", &format!("0.0.0.0:{broker_port}")).into();
@@ -135,7 +229,7 @@ async fn with_cert_manager_the_rendered_operator_serves_and_publishes_the_mounte
     write_tls_files(&files, &first, &host);
 
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
-    let process = chart::run_container(cp, &deployment, "operator", "cm-operator", binary).await.unwrap();
+    let process = chart::run_container(cp, &deployment, "broker", "cm-broker", binary).await.unwrap();
     let published = || {
         cp.kubectl_ok(&["get", "configmap", "cm-broker-ca", "-n", ns, "-o", "jsonpath={.data.ca\\.crt}"])
             .unwrap_or_default()

@@ -138,6 +138,7 @@ async fn through_apiserver() {
             operator_namespace: "cloudpass-system".into(),
             instance: None,
             concurrency: 4,
+            broker_secret_access: None,
         };
         cloudpass_operator::reconcile::run(
             operator_client,

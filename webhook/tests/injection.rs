@@ -126,6 +126,7 @@ fn setup() -> &'static ControlPlane {
                     operator_namespace: SYSTEM_NS.into(),
                     instance: None,
                     concurrency: 4,
+                    broker_secret_access: None,
                 };
                 let metrics = cloudpass_operator::metrics::Metrics::new();
                 cloudpass_operator::reconcile::run(client, settings, metrics, std::future::pending(), move || {

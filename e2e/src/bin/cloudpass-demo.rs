@@ -195,7 +195,7 @@ async fn run(stop: impl std::future::Future<Output = ()>) -> Result<()> {
     println!("  kubectl logs -n {ns} deploy/orders -c api -f               # the app, every {}s", EVERY.as_secs());
     println!("  kubectl logs -n {ns} deploy/orders -c cloudpass-agent -f   # its agent");
     println!(
-        "  kubectl logs -n {NAMESPACE} -l app.kubernetes.io/component=operator -f | grep cloudpass.dev/audit   # the broker's decisions"
+        "  kubectl logs -n {NAMESPACE} -l app.kubernetes.io/component=broker -f | grep cloudpass.dev/audit   # the broker's decisions"
     );
     println!("  kubectl get accesspolicies,credentialproviders,trustproviders -A");
     println!("  kubectl delete accesspolicy orders-to-s3 -n {ns}   # revoke: the agent's next refresh is refused");

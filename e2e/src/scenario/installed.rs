@@ -171,7 +171,7 @@ impl<'a> Installed<'a> {
         }
     }
 
-    /// The broker's audit records about pod `namespace/pod`, from every operator pod's
+    /// The broker's audit records about pod `namespace/pod`, from every broker pod's
     /// log (`kubectl logs`): who was verified how, which credential, until when.
     pub fn audit_records(&self, namespace: &str, pod: &str) -> Result<Vec<Value>> {
         let text = self.cluster.cp.kubectl_ok(&[
@@ -179,7 +179,7 @@ impl<'a> Installed<'a> {
             "-n",
             NAMESPACE,
             "-l",
-            "app.kubernetes.io/component=operator",
+            "app.kubernetes.io/component=broker",
             "--tail=-1",
         ])?;
         Ok(text
