@@ -805,7 +805,10 @@ async fn jwt_and_aws_role_trust_providers() {
     let (status, answer) = b.ask(Some(&w.token), with("via-ci", json!({"tokens": {"ci": rotated}}))).await;
     assert_eq!(status, 200, "{answer}");
 
-    // AWS role: a pre-signed GetCallerIdentity of moto-issued role credentials.
+    // AWS role: a pre-signed GetCallerIdentity of moto-issued role credentials, bound to
+    // this broker by its server ID (by default the host of its issuer URL, 127.0.0.1
+    // here) in a signed x-cloudpass-server-id header. Also signed: without the header,
+    // with it added after signing, and for another server.
     let presign = r#"
 import boto3, json, os
 from botocore.auth import SigV4Auth
@@ -814,20 +817,41 @@ sts = boto3.client("sts")
 c = sts.assume_role(RoleArn=os.environ["ROLE"], RoleSessionName="runner-7")["Credentials"]
 session = boto3.session.Session(aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretAccessKey"],
                                 aws_session_token=c["SessionToken"], region_name="us-east-1")
-req = AWSRequest(method="POST", url=os.environ["GATE"] + "/", data="Action=GetCallerIdentity&Version=2011-06-15",
-                 headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
-SigV4Auth(session.get_credentials(), "sts", "us-east-1").add_auth(req)
-body = req.body.decode() if isinstance(req.body, bytes) else req.body
-headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in req.headers.items()}
-print(json.dumps({"method": "POST", "url": req.url, "headers": headers, "body": body}))
+def presign(server_id=None, added_after=None):
+    headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+    if server_id:
+        headers["X-Cloudpass-Server-Id"] = server_id
+    req = AWSRequest(method="POST", url=os.environ["GATE"] + "/", data="Action=GetCallerIdentity&Version=2011-06-15",
+                     headers=headers)
+    SigV4Auth(session.get_credentials(), "sts", "us-east-1").add_auth(req)
+    if added_after:
+        req.headers["X-Cloudpass-Server-Id"] = added_after
+    body = req.body.decode() if isinstance(req.body, bytes) else req.body
+    headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in req.headers.items()}
+    return {"method": "POST", "url": req.url, "headers": headers, "body": body}
+print(json.dumps({"right": presign("127.0.0.1"), "none": presign(), "unsigned": presign(added_after="127.0.0.1"),
+                  "other": presign("vault.other.example")}))
 "#;
-    let signed: Value = serde_json::from_str(
+    let variants: Value = serde_json::from_str(
         moto.python_with_env(presign, &[("ROLE", &role), ("GATE", gate.url())]).await.unwrap().trim(),
     )
     .unwrap();
+    let signed = variants["right"].clone();
     let (status, answer) =
         ask_when_loaded(b, &w.token, with("via-aws-role", json!({"awsGetCallerIdentity": signed.clone()}))).await;
     assert_eq!(status, 200, "{answer}");
+    let gate_calls = gate.calls();
+    for (variant, want) in [
+        ("none", "evidence has no x-cloudpass-server-id header"),
+        ("unsigned", "x-cloudpass-server-id header is not covered by the signature"),
+        ("other", "signed for server ID \"vault.other.example\", not for this broker (127.0.0.1"),
+    ] {
+        let (status, answer) =
+            b.ask(Some(&w.token), with("via-aws-role", json!({"awsGetCallerIdentity": variants[variant]}))).await;
+        assert_eq!(status, 403, "{variant}: {answer}");
+        expect_denied(&answer, want);
+    }
+    assert_eq!(gate.calls(), gate_calls, "evidence not bound to this broker is not even sent to STS");
     let mut elsewhere = signed.clone();
     elsewhere["url"] = json!("https://sts.amazonaws.com.evil.example/");
     let (_, answer) = b.ask(Some(&w.token), with("via-aws-role", json!({"awsGetCallerIdentity": elsewhere}))).await;

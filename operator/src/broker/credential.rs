@@ -235,8 +235,8 @@ async fn aws_sts(ctx: &MintContext<'_>, req: &MintRequest<'_>, spec: &AwsStsCred
     Ok(Issued {
         credential: Credential::Aws {
             access_key_id: creds.access_key_id,
-            secret_access_key: SecretString::new(creds.secret_access_key),
-            session_token: SecretString::new(creds.session_token),
+            secret_access_key: creds.secret_access_key,
+            session_token: creds.session_token,
             account_id: creds.account_id,
         },
         issued_at,

@@ -89,6 +89,9 @@ pub struct BrokerSettings {
     pub token_cache_ttl: Duration,
     /// How long an upstream failure is remembered.
     pub error_cache_ttl: Duration,
+    /// This broker's server IDs: `awsRole` evidence must carry one of them in its signed
+    /// [`cloudpass_api::broker::SERVER_ID_HEADER`].
+    pub server_ids: Vec<String>,
 }
 
 impl Default for BrokerSettings {
@@ -97,6 +100,7 @@ impl Default for BrokerSettings {
             issuer_url: String::new(),
             token_cache_ttl: Duration::from_secs(10),
             error_cache_ttl: Duration::from_secs(5),
+            server_ids: Vec::new(),
         }
     }
 }
@@ -280,7 +284,8 @@ impl Broker {
         };
         selects(policy, &caller)?;
 
-        let ctx = trust::TrustContext { verifier: &self.verifier, http: &self.http };
+        let ctx =
+            trust::TrustContext { verifier: &self.verifier, http: &self.http, server_ids: &self.settings.server_ids };
         for name in &policy.trust_providers {
             let spec = config
                 .trust_providers
