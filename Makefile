@@ -62,7 +62,8 @@ agent-static: ## Build the static (musl) operator, webhook and agent with images
 	@file target/$(MUSL_TARGET)/release/cloudpass-agent; ls -l target/$(MUSL_TARGET)/release/cloudpass-agent
 
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS = sts_xml broker_request agent_config namespace_config admission_pod hosts_and_formats durations_and_windows
+FUZZ_TARGETS = sts_xml broker_request agent_config namespace_config admission_pod hosts_and_formats durations_and_windows \
+  oauth2_token entra_token google_token
 
 .PHONY: fuzz
 fuzz: ## Run every fuzz target for FUZZ_SECONDS (default 60) each; needs nightly Rust, installs cargo-fuzz

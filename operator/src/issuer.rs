@@ -9,6 +9,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
+use cloudpass_api::secret::SecretString;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
@@ -48,13 +49,13 @@ impl Default for RotationPolicy {
     }
 }
 
-/// One signing key, as stored.
+/// One signing key, as stored. `Debug` does not show the private key.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 struct StoredKey {
     kid: String,
     /// PKCS#8 PEM of the ECDSA P-256 private key.
-    private_pem: String,
+    private_pem: SecretString,
     /// Public point coordinates, base64url.
     x: String,
     y: String,
@@ -65,7 +66,7 @@ struct StoredKey {
     retire_at: Option<i64>,
 }
 
-/// The key set.
+/// The key set. Its `Debug` shows key IDs and public keys, never a private key.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeySet {
     keys: Vec<StoredKey>,
@@ -100,7 +101,7 @@ fn new_key(sign_from: i64) -> Result<StoredKey, IssuerError> {
     // RFC 7638 thumbprint: members in lexicographic order, no white space.
     let thumbprint = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
     let kid = B64URL.encode(Sha256::digest(thumbprint.as_bytes()));
-    Ok(StoredKey { kid, private_pem: pair.serialize_pem(), x, y, sign_from, retire_at: None })
+    Ok(StoredKey { kid, private_pem: SecretString::new(pair.serialize_pem()), x, y, sign_from, retire_at: None })
 }
 
 impl KeySet {
@@ -149,7 +150,7 @@ impl KeySet {
     /// Signs `claims` with the active key (ES256, `kid` in the header).
     pub fn sign(&self, claims: &Value, now: i64) -> Result<String, IssuerError> {
         let key = self.active(now).ok_or_else(|| IssuerError::Key("no active signing key".into()))?;
-        let encoding = EncodingKey::from_ec_pem(key.private_pem.as_bytes())?;
+        let encoding = EncodingKey::from_ec_pem(key.private_pem.expose().as_bytes())?;
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(key.kid.clone());
         Ok(jsonwebtoken::encode(&header, claims, &encoding)?)
@@ -282,6 +283,22 @@ mod tests {
         let set = set.rotated(&p, t0 + 131).unwrap().unwrap_or(set);
         assert_eq!(set.keys.len(), 1, "the old key is gone once its tokens expired");
         assert!(!verify(&set, &old_token) && verify(&set, &new_token));
+    }
+
+    /// Finding: the key set derived `Debug` with the private key's PEM in it.
+    #[test]
+    fn debug_shows_no_private_key() {
+        let set = KeySet::default().rotated(&policy(), 0).unwrap().unwrap();
+        let pem = set.keys[0].private_pem.expose().to_owned();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(pem.contains("PRIVATE KEY") && body.len() > 40);
+        let shown = format!("{set:?} {set:#?} {:?}", set.keys[0]);
+        assert!(!shown.contains("PRIVATE") && !shown.contains(&body[..40]), "{shown}");
+        assert!(shown.contains(&set.keys[0].kid), "still useful: {shown}");
+        // Stored as before: the Secret's JSON holds the PEM itself.
+        let stored = serde_json::to_string(&set).unwrap();
+        assert!(stored.contains("PRIVATE KEY"));
+        assert_eq!(serde_json::from_str::<KeySet>(&stored).unwrap(), set);
     }
 
     #[test]

@@ -122,6 +122,14 @@ struct Args {
     /// broker runs when this is set.
     #[arg(long = "issuer-url", env = "CLOUDPASS_ISSUER_URL")]
     broker_issuer_url: Option<String>,
+    /// This broker's server ID, which `awsRole` evidence (a pre-signed
+    /// `sts:GetCallerIdentity`) must name in its signed `x-cloudpass-server-id` header so
+    /// that evidence signed for another server cannot be replayed here; repeatable, any
+    /// of them is accepted. Default: the host of `--issuer-url` and
+    /// `<--broker-service-name>.<--namespace>.svc`, the host of the broker URL agents
+    /// call by default.
+    #[arg(long = "broker-server-id", env = "CLOUDPASS_BROKER_SERVER_ID", value_delimiter = ',')]
+    broker_server_ids: Vec<String>,
     /// Secret (in `--namespace`) holding the issuer's signing keys; created if absent.
     #[arg(long = "issuer-keys-secret", env = "CLOUDPASS_ISSUER_KEYS_SECRET", default_value = "cloudpass-issuer-keys")]
     broker_keys_secret: String,
@@ -206,6 +214,24 @@ fn broker_cert_mode(args: &Args) -> Result<BrokerCertMode, String> {
     }
 }
 
+/// The broker's server IDs: `--broker-server-id`, or by default the issuer URL's host and
+/// the broker Service's name.
+fn server_ids(args: &Args, issuer_url: &str) -> Result<Vec<String>, String> {
+    let mut ids: Vec<String> = args.broker_server_ids.iter().map(|id| id.trim().to_owned()).collect();
+    if ids.is_empty() {
+        let url = reqwest::Url::parse(issuer_url).map_err(|e| format!("--issuer-url {issuer_url:?}: {e}"))?;
+        ids.extend(url.host_str().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned()));
+        ids.push(format!("{}.{}.svc", args.broker_service_name, args.namespace));
+        ids.dedup();
+    }
+    if let Some(bad) =
+        ids.iter().find(|id| id.is_empty() || id.len() > 253 || !id.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(format!("--broker-server-id {bad:?} is not a host name or ID (1 to 253 visible ASCII characters)"));
+    }
+    Ok(ids)
+}
+
 /// The running broker and its serving certificate (for readiness).
 type RunningBroker = (Arc<Broker>, Arc<ReloadableCert>);
 
@@ -247,7 +273,10 @@ async fn start_broker(
     tokio::spawn(configs::watch(client.clone(), args.namespace.clone(), configs.clone()));
     let keys = Arc::new(RwLock::new(None));
     tokio::spawn(keep_keys(client.clone(), args.namespace.clone(), args.broker_keys_secret.clone(), keys.clone()));
-    let settings = BrokerSettings { issuer_url, token_cache_ttl: args.token_cache_ttl.as_std(), ..Default::default() };
+    let server_ids = server_ids(args, &issuer_url)?;
+    info!(server_ids = ?server_ids, "awsRole evidence must be signed for one of these server IDs");
+    let settings =
+        BrokerSettings { issuer_url, token_cache_ttl: args.token_cache_ttl.as_std(), server_ids, ..Default::default() };
     let broker = Arc::new(Broker::new(settings, client.clone(), http, configs, keys, audit, metrics.clone()));
     let cert = Arc::new(ReloadableCert::default());
     start_broker_cert(client, args, mode, &cert, metrics).await;
@@ -593,6 +622,25 @@ mod tests {
     fn mode(args: &[&str]) -> Result<BrokerCertMode, String> {
         let parsed = Args::try_parse_from([&["cloudpass-operator"], args].concat()).map_err(|e| e.to_string())?;
         broker_cert_mode(&parsed)
+    }
+
+    #[test]
+    fn server_ids_default_to_the_hosts_agents_call() {
+        let ids = |args: &[&str]| {
+            let parsed = Args::try_parse_from([&["cloudpass-operator"], args].concat()).map_err(|e| e.to_string())?;
+            server_ids(&parsed, "https://oidc.example.com/cloudpass")
+        };
+        assert_eq!(
+            ids(&[]).unwrap(),
+            ["oidc.example.com", "cloudpass-broker.cloudpass-system.svc"],
+            "the issuer's host and the Service's"
+        );
+        assert_eq!(ids(&["--namespace=cp", "--broker-service-name=b"]).unwrap()[1], "b.cp.svc");
+        assert_eq!(ids(&["--broker-server-id=vault.example.com,b.ext"]).unwrap(), ["vault.example.com", "b.ext"]);
+        assert_eq!(ids(&["--broker-server-id=a", "--broker-server-id=b"]).unwrap(), ["a", "b"]);
+        assert!(ids(&["--broker-server-id=has space"]).is_err());
+        let parsed = Args::try_parse_from(["cloudpass-operator"]).unwrap();
+        assert_eq!(server_ids(&parsed, "https://127.0.0.1:8443").unwrap()[0], "127.0.0.1");
     }
 
     #[test]

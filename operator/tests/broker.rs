@@ -805,7 +805,10 @@ async fn jwt_and_aws_role_trust_providers() {
     let (status, answer) = b.ask(Some(&w.token), with("via-ci", json!({"tokens": {"ci": rotated}}))).await;
     assert_eq!(status, 200, "{answer}");
 
-    // AWS role: a pre-signed GetCallerIdentity of moto-issued role credentials.
+    // AWS role: a pre-signed GetCallerIdentity of moto-issued role credentials, bound to
+    // this broker by its server ID (by default the host of its issuer URL, 127.0.0.1
+    // here) in a signed x-cloudpass-server-id header. Also signed: without the header,
+    // with it added after signing, and for another server.
     let presign = r#"
 import boto3, json, os
 from botocore.auth import SigV4Auth
@@ -814,20 +817,41 @@ sts = boto3.client("sts")
 c = sts.assume_role(RoleArn=os.environ["ROLE"], RoleSessionName="runner-7")["Credentials"]
 session = boto3.session.Session(aws_access_key_id=c["AccessKeyId"], aws_secret_access_key=c["SecretAccessKey"],
                                 aws_session_token=c["SessionToken"], region_name="us-east-1")
-req = AWSRequest(method="POST", url=os.environ["GATE"] + "/", data="Action=GetCallerIdentity&Version=2011-06-15",
-                 headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
-SigV4Auth(session.get_credentials(), "sts", "us-east-1").add_auth(req)
-body = req.body.decode() if isinstance(req.body, bytes) else req.body
-headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in req.headers.items()}
-print(json.dumps({"method": "POST", "url": req.url, "headers": headers, "body": body}))
+def presign(server_id=None, added_after=None):
+    headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+    if server_id:
+        headers["X-Cloudpass-Server-Id"] = server_id
+    req = AWSRequest(method="POST", url=os.environ["GATE"] + "/", data="Action=GetCallerIdentity&Version=2011-06-15",
+                     headers=headers)
+    SigV4Auth(session.get_credentials(), "sts", "us-east-1").add_auth(req)
+    if added_after:
+        req.headers["X-Cloudpass-Server-Id"] = added_after
+    body = req.body.decode() if isinstance(req.body, bytes) else req.body
+    headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in req.headers.items()}
+    return {"method": "POST", "url": req.url, "headers": headers, "body": body}
+print(json.dumps({"right": presign("127.0.0.1"), "none": presign(), "unsigned": presign(added_after="127.0.0.1"),
+                  "other": presign("vault.other.example")}))
 "#;
-    let signed: Value = serde_json::from_str(
+    let variants: Value = serde_json::from_str(
         moto.python_with_env(presign, &[("ROLE", &role), ("GATE", gate.url())]).await.unwrap().trim(),
     )
     .unwrap();
+    let signed = variants["right"].clone();
     let (status, answer) =
         ask_when_loaded(b, &w.token, with("via-aws-role", json!({"awsGetCallerIdentity": signed.clone()}))).await;
     assert_eq!(status, 200, "{answer}");
+    let gate_calls = gate.calls();
+    for (variant, want) in [
+        ("none", "evidence has no x-cloudpass-server-id header"),
+        ("unsigned", "x-cloudpass-server-id header is not covered by the signature"),
+        ("other", "signed for server ID \"vault.other.example\", not for this broker (127.0.0.1"),
+    ] {
+        let (status, answer) =
+            b.ask(Some(&w.token), with("via-aws-role", json!({"awsGetCallerIdentity": variants[variant]}))).await;
+        assert_eq!(status, 403, "{variant}: {answer}");
+        expect_denied(&answer, want);
+    }
+    assert_eq!(gate.calls(), gate_calls, "evidence not bound to this broker is not even sent to STS");
     let mut elsewhere = signed.clone();
     elsewhere["url"] = json!("https://sts.amazonaws.com.evil.example/");
     let (_, answer) = b.ask(Some(&w.token), with("via-aws-role", json!({"awsGetCallerIdentity": elsewhere}))).await;
@@ -926,4 +950,283 @@ async fn another_clusters_tokens_are_verified_by_its_keys() {
         .expect("audited");
     assert_eq!(record["remoteIssuer"], remote.issuer.as_str());
     assert_eq!(record["remoteNamespace"], "shop");
+}
+
+/// A credential obtained with a broker-signed token is never handed to a caller the
+/// token was not signed for (finding: with `subject: Provider` the first caller's token,
+/// or what Google exchanged it for, was served from the cache to every other caller,
+/// bypassing the cloud's conditions on the other claims).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_claims_are_never_shared_between_callers() {
+    use cloudpass_e2e::fakes::google::{GoogleConfig, GoogleFake, WorkloadIdentityProvider};
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-claims";
+    let orders = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    cp.create_service_account(ns, "billing").await.unwrap();
+    let billing = pod_token(cp, ns, "billing-1", "billing", json!({"app": "orders"})).await;
+    let orders2 = pod_token(cp, ns, "orders-2", "orders", json!({"app": "orders"})).await;
+    // Google's attribute condition: only tokens signed for service account `orders`.
+    let mut wip = WorkloadIdentityProvider::new("123456789", "cloudpass-pool", "claims", &b.url);
+    wip.claim_condition = Some((vec!["cloudpass.dev".into(), "serviceAccount".into()], vec!["orders".into()]));
+    let google = GoogleFake::start(
+        GoogleConfig { providers: vec![wip.clone()], service_accounts: vec![], issuer_ca_pem: b.ca.cert_pem() },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let trust = r#"
+apiVersion: cloudpass.dev/v1alpha1
+kind: TrustProvider
+metadata: {name: this-cluster}
+spec:
+  kubernetesServiceAccount:
+    serviceAccounts: ["orders", "billing"]
+"#;
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
+    apply_ready(
+        cp,
+        ns,
+        &[
+            trust.to_owned(),
+            credential_provider("partner", json!({"oidcToken": {"audience": "https://partner.example.com"}})),
+            credential_provider(
+                "gcs",
+                json!({"gcpWorkloadIdentity": {"workloadIdentityProvider": wip.name(), "stsEndpoint": google.url()}}),
+            ),
+            policy(
+                "partner",
+                "orders",
+                "partner",
+                json!({"kind": "http", "hosts": ["partner.example.com"]}),
+                header,
+                None,
+            ),
+            policy("to-gcs", "orders", "gcs", sdk("gcp", json!({})), json!({"sdkEndpoint": {}}), None),
+        ],
+        &["partner", "to-gcs"],
+    )
+    .await;
+
+    // The partner's JWT names the caller it was minted for, whoever asked first.
+    let signed_for = |answer: &Value| {
+        let claims =
+            cloudpass_e2e::fakes::jwt::unverified_claims(answer["credential"]["token"].as_str().unwrap()).unwrap();
+        assert_eq!(claims.sub.as_deref(), Some("system:cloudpass:broker-claims:partner"), "subject: Provider");
+        let ours = &claims.all["cloudpass.dev"];
+        (ours["serviceAccount"].as_str().unwrap().to_owned(), ours["pod"].as_str().unwrap().to_owned())
+    };
+    let (status, answer) = ask_when_loaded(b, &orders.token, json!({"policy": "partner"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(signed_for(&answer), ("orders".into(), "orders-1".into()));
+    let (status, answer) = b.ask(Some(&billing), json!({"policy": "partner"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(signed_for(&answer), ("billing".into(), "billing-1".into()), "not the token signed for orders-1");
+    let (_, answer) = b.ask(Some(&orders2), json!({"policy": "partner"})).await;
+    assert_eq!(signed_for(&answer), ("orders".into(), "orders-2".into()));
+    // The same caller again: from the cache.
+    let (_, again) = b.ask(Some(&orders.token), json!({"policy": "partner"})).await;
+    assert_eq!(signed_for(&again), ("orders".into(), "orders-1".into()));
+
+    // Google decides on the signed claims: the federated token of orders-1 does not
+    // reach billing-1, whose own exchange Google refuses.
+    let (status, answer) = ask_when_loaded(b, &orders.token, json!({"policy": "to-gcs"})).await;
+    assert_eq!(status, 200, "{answer}");
+    let federated = answer["credential"]["accessToken"].as_str().unwrap().to_owned();
+    assert_eq!(google.calls(), 1);
+    let (status, answer) = b.ask(Some(&billing), json!({"policy": "to-gcs"})).await;
+    assert_eq!((status, answer["upstreamCode"].as_str()), (502, Some("invalid_grant")), "{answer}");
+    assert!(!answer.to_string().contains(&federated));
+    let (status, answer) = b.ask(Some(&orders2), json!({"policy": "to-gcs"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_ne!(answer["credential"]["accessToken"].as_str(), Some(federated.as_str()), "exchanged for orders-2");
+    let (_, again) = b.ask(Some(&orders.token), json!({"policy": "to-gcs"})).await;
+    assert_eq!(again["credential"]["accessToken"].as_str(), Some(federated.as_str()), "a cache hit");
+    assert_eq!(google.calls(), 2, "one exchange per caller, none for the cache hit");
+}
+
+/// The credential ends with the policy's time window (finding: a one-hour credential
+/// fetched a minute before the window closed was served for the whole hour). The
+/// window here closes 25 to 85 seconds after the policies are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_time_window_bounds_the_credential() {
+    use cloudpass_e2e::{
+        fakes::{
+            aws_sts::AwsRoleTrust,
+            entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
+        },
+        moto::MotoServer,
+    };
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-window";
+    let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    cp.kubectl_ok(&["create", "secret", "generic", "weather", "-n", ns, "--from-literal=api-key=wx-Key-4d2e"]).unwrap();
+    let moto = MotoServer::start().await.unwrap();
+    let s3_all =
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
+    let role = moto.create_role("window-s3", &s3_all).await.unwrap();
+    let mut trust = AwsRoleTrust::new(&role, &b.url, &format!("system:cloudpass:{ns}:s3"));
+    trust.audiences = vec!["sts.amazonaws.com".into()];
+    let gate = b.sts_gate(&moto, vec![trust]).await.unwrap();
+    let entra = EntraFake::start(
+        EntraConfig {
+            tenant_id: TENANT.into(),
+            apps: vec![EntraApp {
+                client_id: CLIENT_ID.into(),
+                object_id: OBJECT_ID.into(),
+                federated_credentials: vec![FederatedCredential::new(&b.url, &format!("system:cloudpass:{ns}:blob"))],
+            }],
+            issuer_ca_pem: b.ca.cert_pem(),
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+
+    // A window (UTC, every day) that opened ten minutes ago and closes at the first
+    // minute boundary at least 25 s from now.
+    let now = jiff::Timestamp::now().as_second();
+    let end_second = (now + 25).div_euclid(60) * 60 + if (now + 25).rem_euclid(60) == 0 { 0 } else { 60 };
+    let end = jiff::Timestamp::from_second(end_second).unwrap();
+    let hh_mm = |t: jiff::Timestamp| t.strftime("%H:%M").to_string();
+    let window = json!({"timeWindows": [{"timeZone": "UTC", "days": [],
+        "start": hh_mm(end - jiff::SignedDuration::from_mins(10)), "end": hh_mm(end)}]});
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
+    let http = |host: &str| json!({"kind": "http", "hosts": [host]});
+    apply_ready(
+        cp,
+        ns,
+        &[
+            K8S_TRUST.to_owned(),
+            credential_provider("partner", json!({"oidcToken": {"audience": "https://partner.example.com", "lifetime": "1h"}})),
+            credential_provider("weather", json!({"apiKey": {"secretRef": {"name": "weather", "key": "api-key"}}})),
+            credential_provider(
+                "s3",
+                json!({"awsSts": {"roleArn": role, "stsEndpoint": gate.url(), "sessionDuration": "1h"}}),
+            ),
+            credential_provider(
+                "blob",
+                json!({"azureWorkloadIdentity": {"tenantId": TENANT, "clientId": CLIENT_ID, "authorityHost": entra.url()}}),
+            ),
+            policy("partner", "orders", "partner", http("partner.example.com"), header.clone(), Some(window.clone())),
+            policy("weather", "orders", "weather", http("api.weather.example.com"), header, Some(window.clone())),
+            policy("to-s3", "orders", "s3", sdk("aws", json!({})), json!({"sdkEndpoint": {}}), Some(window.clone())),
+            policy(
+                "to-blob",
+                "orders",
+                "blob",
+                sdk("azure", json!({"resource": "https://storage.azure.com/"})),
+                json!({"sdkEndpoint": {}}),
+                Some(window),
+            ),
+        ],
+        &["partner", "weather", "to-s3", "to-blob"],
+    )
+    .await;
+    let time = |answer: &Value, field: &str| answer[field].as_str().map(|t| t.parse::<jiff::Timestamp>().unwrap());
+
+    // Credentials the broker makes itself end with the window: the JWT's exp, the
+    // Secret's hand-out period.
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "partner"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(time(&answer, "expiresAt"), Some(end), "{answer}");
+    assert_eq!(answer.get("serveUntil"), None, "it does not outlive the window");
+    let claims = cloudpass_e2e::fakes::jwt::unverified_claims(answer["credential"]["token"].as_str().unwrap()).unwrap();
+    assert_eq!(claims.exp, Some(end_second), "exp at the window's end, not an hour later");
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "weather"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(time(&answer, "expiresAt"), Some(end), "{answer}");
+
+    // AWS STS issues at least 15 minutes: the shortest is asked for, and the agent is
+    // told to stop serving it when the window closes.
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "to-s3"})).await;
+    assert_eq!(status, 200, "{answer}");
+    let asked_at = jiff::Timestamp::now();
+    let session = time(&answer, "expiresAt").unwrap().duration_since(asked_at).as_secs();
+    assert!((880..=900).contains(&session), "DurationSeconds 900, not the provider's hour: {session}s");
+    assert_eq!(time(&answer, "serveUntil"), Some(end), "{answer}");
+    assert!(time(&answer, "refreshAt").unwrap() <= end, "{answer}");
+
+    // Entra's lifetime is its own: served until the window closes.
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "to-blob"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(time(&answer, "expiresAt").unwrap() > end + jiff::SignedDuration::from_mins(30), "{answer}");
+    assert_eq!(time(&answer, "serveUntil"), Some(end), "{answer}");
+    assert!(time(&answer, "refreshAt").unwrap() <= end, "{answer}");
+    let audited = b.audit_records().into_iter().filter(|r| r["namespace"] == ns && r["outcome"] == "allowed").count();
+    assert_eq!(audited, 4);
+
+    // Once the window has closed, nothing more: neither fresh nor from the cache.
+    let wait = end.duration_since(jiff::Timestamp::now()) + jiff::SignedDuration::from_millis(500);
+    tokio::time::sleep(Duration::try_from(wait).unwrap_or_default()).await;
+    for policy in ["partner", "weather", "to-s3", "to-blob"] {
+        let (status, answer) = b.ask(Some(&w.token), json!({"policy": policy})).await;
+        assert_eq!(status, 403, "{policy}: {answer}");
+        assert!(answer["message"].as_str().unwrap().contains("outside the policy's time windows"), "{answer}");
+    }
+}
+
+/// A token endpoint answering an absurd lifetime is an audited upstream error, and the
+/// broker keeps answering (finding: `expires_in` of 1e15 seconds overflowed the expiry
+/// and panicked the request, which left no audit record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_upstream_lifetimes_are_audited_errors() {
+    use cloudpass_e2e::fakes::oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake};
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-hostile";
+    let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    let client = OAuth2Client {
+        client_id: "orders".into(),
+        client_secret: "Oa-1f2e3d4c".into(),
+        allowed_scopes: vec!["invoices.read".into()],
+    };
+    let absurd = OAuth2Fake::start(
+        OAuth2Config { clients: vec![client.clone()], token_lifetime: Duration::from_secs(1_000_000_000_000_000) },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let sane = OAuth2Fake::start(OAuth2Config { clients: vec![client], ..Default::default() }, &b.ca).await.unwrap();
+    cp.kubectl_ok(&["create", "secret", "generic", "oauth", "-n", ns, "--from-literal=secret=Oa-1f2e3d4c"]).unwrap();
+    let spec = |url: String| {
+        json!({"oauth2ClientCredentials": {"tokenUrl": url, "clientId": "orders",
+               "clientSecretRef": {"name": "oauth", "key": "secret"}, "scopes": ["invoices.read"]}})
+    };
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
+    let http = |host: &str| json!({"kind": "http", "hosts": [host]});
+    apply_ready(
+        cp,
+        ns,
+        &[
+            K8S_TRUST.to_owned(),
+            credential_provider("absurd", spec(absurd.token_url())),
+            credential_provider("sane", spec(sane.token_url())),
+            policy("absurd", "orders", "absurd", http("absurd.example.com"), header.clone(), None),
+            policy("sane", "orders", "sane", http("invoices.example.com"), header, None),
+        ],
+        &["absurd", "sane"],
+    )
+    .await;
+
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "absurd"})).await;
+    assert_eq!((status, answer["code"].as_str()), (502, Some("UpstreamFailure")), "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains("expires_in 1000000000000000 is out of range"), "{message}");
+    assert_eq!(absurd.calls(), 1);
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "sane"})).await;
+    assert_eq!(status, 200, "the broker still answers: {answer}");
+    let record = b
+        .audit_records()
+        .into_iter()
+        .find(|r| r["namespace"] == ns && r["policy"] == "absurd")
+        .expect("the failure is audited");
+    assert_eq!(record["outcome"], "error");
+    assert_eq!(record["code"], "UpstreamFailure");
+    assert!(record["reason"].as_str().unwrap().contains("expires_in"), "{record}");
+    assert!(!b.log_text().contains("panicked"), "no panic in the operator's output");
 }

@@ -69,6 +69,10 @@ pub struct WorkloadIdentityProvider {
     /// The provider's attribute condition, reduced to what tests need: when set, `sub` must
     /// match one of these patterns (`*` wildcards).
     pub subject_condition: Option<Vec<String>>,
+    /// An attribute condition on another claim of the subject token, like Google's
+    /// `assertion['cloudpass.dev'].serviceAccount in ['orders']`: the path of the claim
+    /// (one segment per object level) and the values allowed (`*` wildcards).
+    pub claim_condition: Option<(Vec<String>, Vec<String>)>,
 }
 
 impl WorkloadIdentityProvider {
@@ -81,6 +85,7 @@ impl WorkloadIdentityProvider {
             issuer: issuer.to_owned(),
             allowed_audiences: Vec::new(),
             subject_condition: None,
+            claim_condition: None,
         }
     }
 
@@ -337,6 +342,15 @@ async fn sts_token(State(state): State<Arc<GoogleState>>, body: Bytes) -> Respon
         && !patterns.iter().any(|p| super::glob_match(p, subject))
     {
         return sts_error("invalid_grant", "The given credential is rejected by the attribute condition.");
+    }
+    if let Some((path, patterns)) = &provider.claim_condition {
+        let mut claim = claims.all.get(path.first().map(String::as_str).unwrap_or_default());
+        for segment in path.iter().skip(1) {
+            claim = claim.and_then(|c| c.get(segment));
+        }
+        if !claim.and_then(Value::as_str).is_some_and(|v| patterns.iter().any(|p| super::glob_match(p, v))) {
+            return sts_error("invalid_grant", "The given credential is rejected by the attribute condition.");
+        }
     }
 
     let access_token = format!("ya29.d.sts-{}", random_hex(32));

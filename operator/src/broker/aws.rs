@@ -2,9 +2,13 @@
 //! provider) and `AssumeRoleWithWebIdentity` with a broker-signed token (the `awsSts`
 //! credential provider). Both answer in the STS query protocol's XML.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use cloudpass_api::broker::SignedRequest;
+use cloudpass_api::{
+    broker::{SERVER_ID_HEADER, SignedRequest},
+    secret::SecretString,
+    selector::glob_matches,
+};
 use quick_xml::{Reader, events::Event};
 
 use super::{Refusal, jwt::read_limited};
@@ -80,13 +84,107 @@ pub struct CallerIdentity {
 }
 
 impl CallerIdentity {
-    /// The IAM role ARN behind an assumed-role session, if the caller is one.
-    pub fn role_arn(&self) -> Option<String> {
-        let (partition_prefix, rest) = self.arn.split_once(":sts::")?;
+    /// The IAM role behind an assumed-role session, if the caller is one.
+    pub fn assumed_role(&self) -> Option<AssumedRole> {
+        let (partition, rest) = self.arn.strip_prefix("arn:")?.split_once(":sts::")?;
         let (account, resource) = rest.split_once(':')?;
-        let role = resource.strip_prefix("assumed-role/")?.split('/').next()?;
-        Some(format!("{}:iam::{account}:role/{role}", partition_prefix))
+        let (name, _session) = resource.strip_prefix("assumed-role/")?.split_once('/')?;
+        (!partition.is_empty() && !account.is_empty() && !name.is_empty()).then(|| AssumedRole {
+            partition: partition.to_owned(),
+            account: account.to_owned(),
+            name: name.to_owned(),
+        })
     }
+
+    /// The IAM role ARN behind an assumed-role session, if the caller is one, without the
+    /// role's path: STS does not say it (see [`AssumedRole`]).
+    pub fn role_arn(&self) -> Option<String> {
+        self.assumed_role().map(|r| r.arn())
+    }
+}
+
+/// The role behind an assumed-role session, as `GetCallerIdentity` shows it:
+/// `arn:<partition>:sts::<account>:assumed-role/<name>/<session>`. The role's **path**
+/// (`arn:aws:iam::<account>:role/<path>/<name>`) is not part of that answer, so it
+/// cannot be checked; the role name alone identifies the role, because IAM role names
+/// are unique within an account whatever their path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssumedRole {
+    /// `aws`, `aws-cn`, `aws-us-gov`.
+    pub partition: String,
+    /// Account ID.
+    pub account: String,
+    /// Role name (without path).
+    pub name: String,
+}
+
+impl AssumedRole {
+    /// `arn:<partition>:iam::<account>:role/<name>`.
+    pub fn arn(&self) -> String {
+        format!("arn:{}:iam::{}:role/{}", self.partition, self.account, self.name)
+    }
+
+    /// Whether a `roleArns` entry names this role. An entry without a path is a glob on
+    /// the whole ARN (`*` in the account and name). An entry with a path
+    /// (`arn:aws:iam::123456789012:role/team-a/deployer`) names one role by account and
+    /// name, and the path is not compared (STS does not report it); since a wildcard
+    /// there could then match roles of any path, an entry with a path must have no `*`
+    /// in its path or name, and one that has is an error, never a match.
+    pub fn matches(&self, pattern: &str) -> Result<bool, String> {
+        let Some((prefix, resource)) = pattern.split_once(":role/") else {
+            return Err(format!("roleArns entry {pattern:?} is not an IAM role ARN"));
+        };
+        let Some((path, name)) = resource.rsplit_once('/') else {
+            return Ok(glob_matches(pattern, &self.arn()));
+        };
+        if path.contains('*') || name.contains('*') {
+            return Err(format!(
+                "roleArns entry {pattern:?} has a path and a wildcard: GetCallerIdentity does not show a role's path, \
+                 so only an exact role name can be matched with a path"
+            ));
+        }
+        Ok(glob_matches(&format!("{prefix}:role/{name}"), &self.arn()))
+    }
+}
+
+/// Checks that the evidence is bound to this broker: its [`SERVER_ID_HEADER`] names one
+/// of `server_ids` and is covered by the SigV4 signature (`SignedHeaders` of the
+/// `Authorization` header), so that a request signed for another server (or captured on
+/// the way to it) cannot be replayed here. STS verifies the signature over the header
+/// when the broker forwards the request.
+pub fn check_server_id(request: &SignedRequest, server_ids: &[String]) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for name in request.headers.keys() {
+        if !seen.insert(name.to_ascii_lowercase()) {
+            return Err(format!("evidence has the header {name:?} more than once"));
+        }
+    }
+    let header = |wanted: &str| request.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(wanted)).map(|(_, v)| v);
+    let Some(value) = header(SERVER_ID_HEADER) else {
+        return Err(format!(
+            "evidence has no {SERVER_ID_HEADER} header: the pre-signed GetCallerIdentity must name this broker"
+        ));
+    };
+    let authorization =
+        header("authorization").ok_or("evidence is not signed with an Authorization header (SigV4)")?.expose();
+    let signed = authorization
+        .strip_prefix("AWS4-HMAC-SHA256 ")
+        .ok_or("evidence's Authorization header is not AWS4-HMAC-SHA256")?
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
+        .ok_or("evidence's Authorization header has no SignedHeaders")?;
+    if !signed.split(';').any(|h| h.eq_ignore_ascii_case(SERVER_ID_HEADER)) {
+        return Err(format!("evidence's {SERVER_ID_HEADER} header is not covered by the signature (SignedHeaders)"));
+    }
+    let value = value.expose().trim();
+    if !server_ids.iter().any(|id| id.eq_ignore_ascii_case(value)) {
+        let shown: String = value.chars().take(64).collect();
+        return Err(format!(
+            "evidence is signed for server ID {shown:?}, not for this broker ({})",
+            server_ids.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `url` is an STS endpoint the evidence may be sent to: AWS's public global,
@@ -115,11 +213,13 @@ pub fn allowed_sts_url(url: &reqwest::Url, extra: &[String]) -> bool {
         || host.strip_suffix(".amazonaws.com.cn").is_some_and(regional)
 }
 
-/// Sends the workload's pre-signed `GetCallerIdentity` request and returns who it is.
+/// Sends the workload's pre-signed `GetCallerIdentity` request, once it is found bound
+/// to this broker (one of `server_ids`, see [`check_server_id`]), and returns who it is.
 pub async fn get_caller_identity(
     http: &reqwest::Client,
     request: &SignedRequest,
     extra_endpoints: &[String],
+    server_ids: &[String],
 ) -> Result<CallerIdentity, String> {
     let url = reqwest::Url::parse(&request.url).map_err(|e| format!("evidence URL is invalid: {e}"))?;
     if !allowed_sts_url(&url, extra_endpoints) {
@@ -139,6 +239,7 @@ pub async fn get_caller_identity(
     {
         return Err("evidence must be exactly an sts:GetCallerIdentity request".into());
     }
+    check_server_id(request, server_ids)?;
     let mut builder = http.post(url).body(request.body.clone());
     for (name, value) in &request.headers {
         let lower = name.to_ascii_lowercase();
@@ -166,15 +267,15 @@ pub async fn get_caller_identity(
     }
 }
 
-/// Temporary credentials from `AssumeRoleWithWebIdentity`.
+/// Temporary credentials from `AssumeRoleWithWebIdentity`; `Debug` shows no secret.
 #[derive(Debug)]
 pub struct StsCredentials {
     /// Access key ID.
     pub access_key_id: String,
     /// Secret access key.
-    pub secret_access_key: String,
+    pub secret_access_key: SecretString,
     /// Session token.
-    pub session_token: String,
+    pub session_token: SecretString,
     /// Expiry.
     pub expiration: jiff::Timestamp,
     /// Account of the assumed role.
@@ -240,8 +341,8 @@ pub async fn assume_role_with_web_identity(
     let account_id = f[4].as_deref().and_then(|arn| arn.split(':').nth(4)).map(str::to_owned);
     Ok(StsCredentials {
         access_key_id: f[0].clone().ok_or_else(missing)?,
-        secret_access_key: f[1].clone().ok_or_else(missing)?,
-        session_token: f[2].clone().ok_or_else(missing)?,
+        secret_access_key: SecretString::new(f[1].clone().ok_or_else(missing)?),
+        session_token: SecretString::new(f[2].clone().ok_or_else(missing)?),
         expiration,
         account_id,
     })
@@ -284,6 +385,117 @@ mod tests {
         assert_eq!(id.role_arn().as_deref(), Some("arn:aws:iam::123456789012:role/app"));
         let user = CallerIdentity { account: "1".into(), arn: "arn:aws:iam::123456789012:user/bob".into() };
         assert_eq!(user.role_arn(), None);
+        let cn = CallerIdentity { account: "1".into(), arn: "arn:aws-cn:sts::123456789012:assumed-role/app/s".into() };
+        assert_eq!(cn.role_arn().as_deref(), Some("arn:aws-cn:iam::123456789012:role/app"));
+        for junk in
+            ["", "arn:aws:sts::1:assumed-role/", "arn:aws:sts::1:assumed-role/app", "arn::sts::1:assumed-role/a/s"]
+        {
+            assert_eq!(CallerIdentity { account: "1".into(), arn: junk.into() }.assumed_role(), None, "{junk}");
+        }
+    }
+
+    /// Finding: `role_arn()` drops the role's path, so an entry with a path never matched.
+    /// STS does not report the path; role names are unique per account, so an entry with
+    /// a path matches by account and exact name, and a wildcard next to a path is refused.
+    #[test]
+    fn role_arns_with_paths_match_by_name() {
+        let session = |arn: &str| CallerIdentity { account: "123456789012".into(), arn: arn.into() };
+        let deployer = session("arn:aws:sts::123456789012:assumed-role/deployer/ci-42").assumed_role().unwrap();
+        let matches = |pattern: &str| deployer.matches(pattern);
+        assert_eq!(matches("arn:aws:iam::123456789012:role/team-a/deployer"), Ok(true));
+        assert_eq!(matches("arn:aws:iam::123456789012:role/team-a/nested/deployer"), Ok(true));
+        assert_eq!(matches("arn:aws:iam::*:role/team-a/deployer"), Ok(true), "account glob with a path");
+        assert_eq!(matches("arn:aws:iam::123456789012:role/deployer"), Ok(true));
+        assert_eq!(matches("arn:aws:iam::123456789012:role/deploy*"), Ok(true));
+        assert_eq!(matches("arn:aws:iam::123456789012:role/*"), Ok(true));
+        assert_eq!(matches("arn:aws:iam::123456789012:role/team-a/other"), Ok(false));
+        assert_eq!(matches("arn:aws:iam::210987654321:role/team-a/deployer"), Ok(false), "another account");
+        assert_eq!(matches("arn:aws-cn:iam::123456789012:role/team-a/deployer"), Ok(false), "another partition");
+        assert_eq!(matches("arn:aws:iam::123456789012:role/deployer-x"), Ok(false));
+        // The path cannot be checked, so a wildcard that relies on it is an error.
+        for pattern in [
+            "arn:aws:iam::123456789012:role/team-a/*",
+            "arn:aws:iam::123456789012:role/*/deployer",
+            "arn:aws:iam::123456789012:role/team-a/deploy*",
+        ] {
+            let err = matches(pattern).unwrap_err();
+            assert!(err.contains("path and a wildcard"), "{pattern}: {err}");
+        }
+        assert!(matches("arn:aws:iam::123456789012:user/deployer").is_err());
+    }
+
+    fn signed(headers: &[(&str, &str)]) -> SignedRequest {
+        SignedRequest {
+            method: "POST".into(),
+            url: "https://sts.amazonaws.com/".into(),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), SecretString::new(*v))).collect(),
+            body: "Action=GetCallerIdentity&Version=2011-06-15".into(),
+        }
+    }
+
+    const AUTH_WITH_ID: &str = "AWS4-HMAC-SHA256 Credential=ASIA/20260101/us-east-1/sts/aws4_request, \
+        SignedHeaders=content-type;host;x-amz-date;x-cloudpass-server-id, Signature=abc";
+    const AUTH_WITHOUT_ID: &str = "AWS4-HMAC-SHA256 Credential=ASIA/20260101/us-east-1/sts/aws4_request, \
+        SignedHeaders=content-type;host;x-amz-date, Signature=abc";
+
+    /// Finding: evidence was not bound to this broker and could be replayed. The server
+    /// ID header must be present, signed and name this broker.
+    #[test]
+    fn evidence_must_be_signed_for_this_broker() {
+        let ids = ["cloudpass-broker.cloudpass-system.svc".to_owned(), "127.0.0.1".to_owned()];
+        let check = |headers: &[(&str, &str)]| check_server_id(&signed(headers), &ids);
+        assert_eq!(check(&[("Authorization", AUTH_WITH_ID), ("X-Cloudpass-Server-Id", "127.0.0.1")]), Ok(()));
+        assert_eq!(
+            check(&[
+                ("authorization", AUTH_WITH_ID),
+                ("x-cloudpass-server-id", "cloudpass-broker.cloudpass-system.svc")
+            ]),
+            Ok(())
+        );
+        let refused = |headers: &[(&str, &str)], want: &str| {
+            let err = check(headers).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        };
+        refused(&[("Authorization", AUTH_WITHOUT_ID)], "no x-cloudpass-server-id header");
+        refused(
+            &[("Authorization", AUTH_WITHOUT_ID), ("x-cloudpass-server-id", "127.0.0.1")],
+            "not covered by the signature",
+        );
+        refused(
+            &[("Authorization", AUTH_WITH_ID), ("x-cloudpass-server-id", "other-broker")],
+            "signed for server ID \"other-broker\"",
+        );
+        refused(&[("x-cloudpass-server-id", "127.0.0.1")], "not signed");
+        refused(&[("Authorization", "Bearer x"), ("x-cloudpass-server-id", "127.0.0.1")], "not AWS4-HMAC-SHA256");
+        refused(
+            &[
+                ("Authorization", AUTH_WITH_ID),
+                ("x-cloudpass-server-id", "other"),
+                ("X-Cloudpass-Server-Id", "127.0.0.1"),
+            ],
+            "more than once",
+        );
+        let long = "x".repeat(10_000);
+        let err = check(&[("Authorization", AUTH_WITH_ID), ("x-cloudpass-server-id", &long)]).unwrap_err();
+        assert!(err.len() < 200, "bounded: {err}");
+        // A header named like the server ID inside another header's value does not count.
+        let sneaky = "AWS4-HMAC-SHA256 Credential=x, SignedHeaders=host;x-cloudpass-server-id-not, Signature=abc";
+        refused(&[("Authorization", sneaky), ("x-cloudpass-server-id", "127.0.0.1")], "not covered");
+    }
+
+    /// Finding: the STS credentials derived `Debug` with the secret key and session token.
+    #[test]
+    fn sts_credentials_do_not_print_secrets() {
+        let creds = StsCredentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: SecretString::new("wJalrXUtnFEMI-secret"),
+            session_token: SecretString::new("FwoGZXIvYXdzE-token"),
+            expiration: jiff::Timestamp::UNIX_EPOCH,
+            account_id: None,
+        };
+        let shown = format!("{creds:?} {creds:#?}");
+        assert!(!shown.contains("wJalrXUtnFEMI") && !shown.contains("FwoGZXIvYXdzE"), "{shown}");
+        assert!(shown.contains("ASIAEXAMPLE"));
     }
 
     #[test]

@@ -28,15 +28,25 @@ pub struct Issued {
     pub issued_at: jiff::Timestamp,
     /// When it stops working (or stops being served, under `maxCredentialLifetime`).
     pub expires_at: jiff::Timestamp,
+    /// When the policy's time window closes, if that is before `expires_at`: the agent
+    /// stops serving it then, and the cache too.
+    pub serve_until: Option<jiff::Timestamp>,
 }
 
 impl Issued {
     /// When the agent should fetch a new one, and until when the cache serves it: a
-    /// quarter of the lifetime before expiry.
+    /// quarter of the lifetime before expiry, and at the latest when its time window
+    /// closes.
     pub fn refresh_at(&self) -> jiff::Timestamp {
-        let lifetime = self.expires_at.as_millisecond() - self.issued_at.as_millisecond();
-        let at = self.expires_at.as_millisecond() - lifetime.max(0) / 4;
-        jiff::Timestamp::from_millisecond(at).unwrap_or(self.expires_at)
+        let lifetime = self.expires_at.as_millisecond().saturating_sub(self.issued_at.as_millisecond());
+        let at = self.expires_at.as_millisecond().saturating_sub(lifetime.max(0) / 4);
+        let at = jiff::Timestamp::from_millisecond(at).unwrap_or(self.expires_at);
+        self.serve_until.map_or(at, |until| at.min(until))
+    }
+
+    /// Until when it may be served at all.
+    pub fn usable_until(&self) -> jiff::Timestamp {
+        self.serve_until.map_or(self.expires_at, |until| until.min(self.expires_at))
     }
 }
 
@@ -150,7 +160,7 @@ fn sweep_locked(slots: &mut HashMap<String, Arc<Slot>>) {
         Err(_) => true,
         Ok(state) => match &*state {
             State::Empty => false,
-            State::Ready(issued) => now < issued.expires_at,
+            State::Ready(issued) => now < issued.usable_until(),
             State::Failed(_, until) => Instant::now() < *until,
         },
     });
@@ -170,6 +180,7 @@ mod tests {
             credential: Credential::ApiKey { key: SecretString::new("k") },
             issued_at: now,
             expires_at: now + jiff::SignedDuration::from_secs(lifetime_s),
+            serve_until: None,
         }
     }
 
@@ -226,5 +237,32 @@ mod tests {
         let i = issued(3600);
         let margin = i.expires_at.as_second() - i.refresh_at().as_second();
         assert!((899..=901).contains(&margin), "{margin}");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_served_past_the_end_of_its_window() {
+        // A one-hour credential obtained a second before its time window closes: it is
+        // refreshed (and served from the cache) no later than the close.
+        let mut i = issued(3600);
+        let close = i.issued_at + jiff::SignedDuration::from_secs(1);
+        i.serve_until = Some(close);
+        assert_eq!(i.refresh_at(), close);
+        assert_eq!(i.usable_until(), close);
+        let cache = CredentialCache::new(Duration::from_secs(5));
+        let window = i.clone();
+        assert_eq!(cache.get("w", || async { Ok(window) }).await.1, Lookup::Miss);
+        let window = i.clone();
+        assert_eq!(cache.get("w", || async { Ok(window) }).await.1, Lookup::Hit);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (again, lookup) = cache.get("w", || async { Ok(issued(3600)) }).await;
+        assert_eq!(lookup, Lookup::Miss, "the window's credential is not served after the window");
+        assert_eq!(again.unwrap().serve_until, None);
+        // Swept once unusable, even though it has not expired.
+        let cache = CredentialCache::new(Duration::from_secs(5));
+        let mut past = issued(3600);
+        past.serve_until = Some(past.issued_at - jiff::SignedDuration::from_secs(1));
+        let _ = cache.get("p", || async { Ok(past) }).await;
+        cache.sweep();
+        assert!(cache.is_empty());
     }
 }

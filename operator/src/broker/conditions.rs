@@ -46,6 +46,38 @@ pub fn in_window(window: &TimeWindow, now: jiff::Timestamp) -> Result<bool, Stri
     })
 }
 
+/// When the occurrence of `window` that contains `now` closes; `None` when `now` is
+/// outside it (or the window is malformed). A closing time that does not exist on that
+/// day (in a daylight-saving gap) closes it when the clocks jump past it, as
+/// [`in_window`] sees it.
+pub fn window_end(window: &TimeWindow, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+    if !in_window(window, now).ok()? {
+        return None;
+    }
+    let tz = jiff::tz::TimeZone::get(&window.time_zone).ok()?;
+    let (start, end) = (minutes(&window.start)?, minutes(&window.end)?);
+    let local = now.to_zoned(tz.clone());
+    let at = i32::from(local.hour()) * 60 + i32::from(local.minute());
+    // The civil day on which it closes: today, unless it crosses midnight and opened today.
+    let mut day = local.date();
+    if start > end && at >= start {
+        day = day.tomorrow().ok()?;
+    }
+    let (day, end) = if end == 24 * 60 { (day.tomorrow().ok()?, 0) } else { (day, end) };
+    let closes = tz.to_ambiguous_timestamp(day.at((end / 60) as i8, (end % 60) as i8, 0, 0));
+    match closes.offset() {
+        jiff::tz::AmbiguousOffset::Gap { .. } => Some(tz.following(closes.earlier().ok()?).next()?.timestamp()),
+        // Repeated (a fold): the first time the clocks show it.
+        _ => closes.compatible().ok(),
+    }
+}
+
+/// When access under `conditions` ends at the latest, given that it is allowed at `now`:
+/// the latest close of the time windows open at `now`; `None` without time windows.
+pub fn access_ends(conditions: Option<&AccessConditions>, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+    conditions?.time_windows.iter().filter_map(|w| window_end(w, now)).max()
+}
+
 /// `Ok` when every condition holds at `now`, else why not.
 pub fn check(conditions: Option<&AccessConditions>, now: jiff::Timestamp) -> Result<(), String> {
     let Some(windows) = conditions.map(|c| &c.time_windows).filter(|w| !w.is_empty()) else { return Ok(()) };
@@ -116,6 +148,43 @@ mod tests {
         assert!(in_window(&window("UTC", &[], "23:00", "00:00"), at("2026-11-23T23:59:00Z")).unwrap());
         assert!(!in_window(&window("UTC", &[], "23:00", "00:00"), at("2026-11-23T00:30:00Z")).unwrap());
         assert!(in_window(&window("UTC", &[], "10:00", "10:00"), at("2026-11-23T10:00:00Z")).is_err());
+    }
+
+    #[test]
+    fn a_window_closes_at_its_end_in_its_zone() {
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        let end = |w: &TimeWindow, now: &str| window_end(w, at(now)).map(|t| t.to_string());
+        // 2026-11-23 is a Monday; Berlin is UTC+1 then.
+        let office = window("Europe/Berlin", &[Weekday::Monday], "09:00", "17:00");
+        assert_eq!(end(&office, "2026-11-23T15:59:30Z").as_deref(), Some("2026-11-23T16:00:00Z"));
+        assert_eq!(end(&office, "2026-11-23T16:00:00Z"), None, "closed");
+        assert_eq!(end(&office, "2026-11-24T10:00:00Z"), None, "not on Tuesday");
+        let night = window("UTC", &[], "22:00", "06:00");
+        assert_eq!(end(&night, "2026-11-22T23:30:00Z").as_deref(), Some("2026-11-23T06:00:00Z"));
+        assert_eq!(end(&night, "2026-11-23T05:59:59Z").as_deref(), Some("2026-11-23T06:00:00Z"));
+        let to_midnight = window("UTC", &[], "20:00", "24:00");
+        assert_eq!(end(&to_midnight, "2026-11-23T23:59:00Z").as_deref(), Some("2026-11-24T00:00:00Z"));
+        let all_day = window("UTC", &[], "00:00", "24:00");
+        assert_eq!(end(&all_day, "2026-11-23T00:00:00Z").as_deref(), Some("2026-11-24T00:00:00Z"));
+        // 2026-03-29: Berlin skips 02:00-03:00 CET; a window ending at 02:30 closes when the
+        // clocks jump, at 01:00 UTC.
+        let gap = window("Europe/Berlin", &[], "01:00", "02:30");
+        assert_eq!(end(&gap, "2026-03-29T00:30:00Z").as_deref(), Some("2026-03-29T01:00:00Z"));
+
+        // Overlapping windows: the latest close of those open now.
+        let conditions = AccessConditions {
+            time_windows: vec![
+                window("UTC", &[], "08:00", "09:00"),
+                window("UTC", &[], "08:30", "12:00"),
+                window("UTC", &[], "13:00", "14:00"),
+            ],
+            max_credential_lifetime: None,
+        };
+        let ends = |now: &str| access_ends(Some(&conditions), at(now)).map(|t| t.to_string());
+        assert_eq!(ends("2026-11-23T08:10:00Z").as_deref(), Some("2026-11-23T09:00:00Z"));
+        assert_eq!(ends("2026-11-23T08:40:00Z").as_deref(), Some("2026-11-23T12:00:00Z"));
+        assert_eq!(ends("2026-11-23T12:30:00Z"), None);
+        assert_eq!(access_ends(None, at("2026-11-23T08:10:00Z")), None);
     }
 
     #[test]

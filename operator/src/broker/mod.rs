@@ -89,6 +89,9 @@ pub struct BrokerSettings {
     pub token_cache_ttl: Duration,
     /// How long an upstream failure is remembered.
     pub error_cache_ttl: Duration,
+    /// This broker's server IDs: `awsRole` evidence must carry one of them in its signed
+    /// [`cloudpass_api::broker::SERVER_ID_HEADER`].
+    pub server_ids: Vec<String>,
 }
 
 impl Default for BrokerSettings {
@@ -97,6 +100,7 @@ impl Default for BrokerSettings {
             issuer_url: String::new(),
             token_cache_ttl: Duration::from_secs(10),
             error_cache_ttl: Duration::from_secs(5),
+            server_ids: Vec::new(),
         }
     }
 }
@@ -280,7 +284,8 @@ impl Broker {
         };
         selects(policy, &caller)?;
 
-        let ctx = trust::TrustContext { verifier: &self.verifier, http: &self.http };
+        let ctx =
+            trust::TrustContext { verifier: &self.verifier, http: &self.http, server_ids: &self.settings.server_ids };
         for name in &policy.trust_providers {
             let spec = config
                 .trust_providers
@@ -306,7 +311,9 @@ impl Broker {
         record.credential_kind = spec.kind_name();
         let max_lifetime =
             policy.conditions.as_ref().and_then(|c| c.max_credential_lifetime.as_ref()).map(|d| d.as_std());
-        let key = cache_key(config, policy, spec, &caller, max_lifetime);
+        let access_ends = conditions::access_ends(policy.conditions.as_ref(), now);
+        let req = credential::MintRequest { provider, spec, policy, caller: &caller, max_lifetime, access_ends };
+        let key = cache_key(config, &req);
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
         let keys = keys.ok_or_else(|| Refusal::unavailable("signing keys not loaded"))?;
         let (issued, lookup) = self
@@ -318,7 +325,6 @@ impl Broker {
                     keys: &keys,
                     issuer_url: &self.settings.issuer_url,
                 };
-                let req = credential::MintRequest { provider, spec, policy, caller: &caller, max_lifetime };
                 let result = credential::obtain(&mint, &req).await;
                 self.metrics
                     .upstream_call(spec.kind_name().unwrap_or("unknown"), if result.is_ok() { "ok" } else { "error" });
@@ -336,7 +342,7 @@ impl Broker {
             credential: issued.credential.clone(),
             expires_at: issued.expires_at,
             refresh_at: issued.refresh_at(),
-            serve_until: None,
+            serve_until: issued.serve_until,
         })
     }
 }
@@ -370,21 +376,17 @@ fn selects(policy: &CompiledPolicy, caller: &Caller) -> Result<(), Refusal> {
 }
 
 /// The cache key: what the upstream request depends on. The config hash makes any
-/// change of the namespace's policies or providers start from fresh credentials.
-fn cache_key(
-    config: &NamespaceConfig,
-    policy: &CompiledPolicy,
-    spec: &cloudpass_api::credential::CredentialProviderSpec,
-    caller: &Caller,
-    max_lifetime: Option<Duration>,
-) -> String {
+/// change of the namespace's policies or providers start from fresh credentials. A time
+/// window needs no part here: a credential is not served from the cache past the end of
+/// the window it was obtained in ([`cache::Issued::refresh_at`]).
+fn cache_key(config: &NamespaceConfig, req: &credential::MintRequest<'_>) -> String {
     format!(
         "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}\u{0}{:?}",
         config.namespace,
         config.hash,
-        policy.name,
-        policy.credential_provider,
-        credential::cache_discriminator(spec, policy, caller),
-        max_lifetime
+        req.policy.name,
+        req.policy.credential_provider,
+        credential::cache_discriminator(req),
+        req.max_lifetime
     )
 }

@@ -38,6 +38,8 @@ pub struct TrustContext<'a> {
     pub verifier: &'a JwtVerifier,
     /// HTTP client for STS.
     pub http: &'a reqwest::Client,
+    /// This broker's server IDs, which `awsRole` evidence must be signed for.
+    pub server_ids: &'a [String],
 }
 
 fn any_glob(patterns: &[String], value: &str) -> bool {
@@ -71,15 +73,21 @@ async fn check_aws(spec: &AwsRoleTrust, evidence: &Evidence, ctx: &TrustContext<
         .aws_get_caller_identity
         .as_ref()
         .ok_or("no pre-signed sts:GetCallerIdentity request in the evidence")?;
-    let identity = aws::get_caller_identity(ctx.http, request, &spec.sts_endpoints).await?;
-    let role = identity.role_arn();
-    let account_ok = spec.account_ids.is_empty() || spec.account_ids.contains(&identity.account);
-    let role_ok = spec.role_arns.is_empty() || role.as_deref().is_some_and(|r| any_glob(&spec.role_arns, r));
-    if !account_ok {
+    let identity = aws::get_caller_identity(ctx.http, request, &spec.sts_endpoints, ctx.server_ids).await?;
+    if !spec.account_ids.is_empty() && !spec.account_ids.contains(&identity.account) {
         return Err(format!("account {} is not trusted", identity.account));
     }
-    if !role_ok {
-        return Err(format!("{} is not a trusted role", role.unwrap_or(identity.arn)));
+    if !spec.role_arns.is_empty() {
+        let Some(role) = identity.assumed_role() else {
+            return Err(format!("{} is not an assumed-role session", identity.arn));
+        };
+        let results: Vec<_> = spec.role_arns.iter().map(|p| role.matches(p)).collect();
+        if !results.iter().any(|r| r == &Ok(true)) {
+            return Err(match results.into_iter().find_map(Result::err) {
+                Some(invalid) => format!("{} is not a trusted role ({invalid})", role.arn()),
+                None => format!("{} is not a trusted role", role.arn()),
+            });
+        }
     }
     Ok(identity.arn)
 }
