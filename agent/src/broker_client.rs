@@ -27,7 +27,7 @@ use crate::{
     common::{Shared, random_fraction},
     config::{BrokerSettings, RetrySettings},
     error::AgentError,
-    evidence::EvidenceGatherer,
+    evidence::{EvidenceGatherer, server_id_of},
     outbound::{BodyError, chain, read_limited},
     store::{Fetched, credential_type},
 };
@@ -68,7 +68,11 @@ impl BrokerClient {
             if settings.trust_system_roots { builder.tls_certs_merge(certs) } else { builder.tls_certs_only(certs) };
         let http = builder.build().map_err(|e| AgentError::Tls(format!("broker client: {}", chain(&e))))?;
         let endpoint = format!("{}{CREDENTIALS_PATH}", settings.url.trim_end_matches('/'));
-        let evidence = EvidenceGatherer::new(settings.evidence.clone(), settings.timeout);
+        let mut evidence = settings.evidence.clone();
+        if evidence.server_id.is_none() {
+            evidence.server_id = server_id_of(&settings.url);
+        }
+        let evidence = EvidenceGatherer::new(evidence, settings.timeout);
         Ok(Self { http, endpoint, token_file: settings.token_file.clone(), policy_namespace: None, evidence })
     }
 
