@@ -129,31 +129,33 @@ impl Admission {
             warn!(namespace, pod = %name, warnings = ?decision.warnings, "injection warnings");
             response.warnings = Some(decision.warnings.clone());
         }
-        match decision.mutated {
+        // Skipped pods may still be patched: one that only gets the annotation saying why.
+        let response = match decision.mutated {
             Some(mutated) => {
                 let before = serde_json::to_value(&pod).expect("a pod serializes");
                 let after = serde_json::to_value(&mutated).expect("a pod serializes");
-                let patch = json_patch::diff(&before, &after);
-                match response.with_patch(patch) {
-                    Ok(r) => {
-                        self.metrics.request("injected");
-                        self.metrics.injections.inc();
-                        info!(namespace, pod = %name, policies = ?decision.policies, "agent injected");
-                        Ok(r)
-                    }
+                match response.with_patch(json_patch::diff(&before, &after)) {
+                    Ok(r) => r,
                     Err(e) => {
                         self.metrics.request("error");
-                        Ok(AdmissionResponse::from(&request).deny(format!("cloudpass: {e}")))
+                        return Ok(AdmissionResponse::from(&request).deny(format!("cloudpass: {e}")));
                     }
                 }
             }
+            None => response,
+        };
+        match decision.skipped {
             None => {
-                let reason = decision.skipped.map(|s| s.label()).unwrap_or("none");
+                self.metrics.request("injected");
+                self.metrics.injections.inc();
+                info!(namespace, pod = %name, policies = ?decision.policies, "agent injected");
+            }
+            Some(skip) => {
                 self.metrics.request("skipped");
-                self.metrics.skip(reason);
-                Ok(response)
+                self.metrics.skip(skip.label());
             }
         }
+        Ok(response)
     }
 }
 
