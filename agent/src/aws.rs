@@ -122,7 +122,7 @@ async fn credentials(State(state): State<Arc<AwsState>>, headers: HeaderMap) -> 
                 "AccessKeyId": access_key_id,
                 "SecretAccessKey": secret_access_key.expose(),
                 "Token": session_token.expose(),
-                "Expiration": rfc3339_seconds(fetched.expires_at),
+                "Expiration": rfc3339_seconds(fetched.serve_until),
             });
             if let Some(account) = account_id {
                 body["AccountId"] = json!(account);
@@ -183,7 +183,7 @@ pub(crate) mod tests {
     async fn serves_the_container_credentials_json() {
         let (router, store, metrics) = setup();
         let f = fetched(aws_keys(Some("123456789012")), 3600);
-        let expiry = rfc3339_seconds(f.expires_at);
+        let expiry = rfc3339_seconds(f.serve_until);
         store.put("s3", f);
         let (status, headers, body) =
             call(&router, "/v1/aws/credentials", &[("authorization", "proof"), ("accept", "application/json")]).await;

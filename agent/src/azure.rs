@@ -115,7 +115,7 @@ async fn token(State(state): State<Arc<AzureState>>, headers: HeaderMap, RawQuer
     }
     Json(json!({
         "access_token": access_token.expose(),
-        "expires_on": fetched.expires_at.as_second().to_string(),
+        "expires_on": fetched.serve_until.as_second().to_string(),
         "resource": resource,
         "token_type": token_type,
         "client_id": client_id.as_deref().unwrap_or_default(),
@@ -174,7 +174,7 @@ mod tests {
     async fn answers_like_app_service() {
         let (router, store) = setup();
         let f = fetched(token(Some("11111111-2222-3333-4444-555555555555")), 3600);
-        let expires_on = f.expires_at.as_second().to_string();
+        let expires_on = f.serve_until.as_second().to_string();
         store.put("blob", f);
         // azure-identity sends the scope minus "/.default": no trailing slash.
         for resource in ["https%3A%2F%2Fstorage.azure.com", "https://storage.azure.com/", "HTTPS://STORAGE.AZURE.COM"] {

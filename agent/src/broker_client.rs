@@ -3,11 +3,13 @@
 //! `POST {broker}/v1/credentials` with the projected service-account token as bearer
 //! (re-read from its file on every request, so the kubelet's rotation is picked up) and
 //! `{"policy": ...}`. The broker's CA is the only trust anchor unless system roots are
-//! asked for. Each delivery fetches at start, then again at the broker's `refreshAt`
-//! (or 80% of the lifetime when that is unusable), a little early by random jitter so
-//! that pods started together do not refresh together. Failures are retried with capped
-//! exponential backoff and full jitter; the store keeps serving a still-valid credential
-//! meanwhile. Only the broker's `Denied` drops the credential at once.
+//! asked for. Each delivery fetches at start, then again at the broker's `refreshAt`, a
+//! little later by random jitter so that pods started together do not refresh together:
+//! the broker serves the same cached credential until `refreshAt`, so asking sooner
+//! would only get it back (one call per credential, see [`refresh_delay`]). Failures are
+//! retried with capped exponential backoff and jitter; the store keeps serving a
+//! still-valid credential meanwhile, never past its expiry or the broker's
+//! `serveUntil`. Only the broker's `Denied` drops the credential at once.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -25,7 +27,7 @@ use crate::{
     common::{Shared, random_fraction},
     config::{BrokerSettings, RetrySettings},
     error::AgentError,
-    evidence::EvidenceGatherer,
+    evidence::{EvidenceGatherer, server_id_of},
     outbound::{BodyError, chain, read_limited},
     store::{Fetched, credential_type},
 };
@@ -66,7 +68,11 @@ impl BrokerClient {
             if settings.trust_system_roots { builder.tls_certs_merge(certs) } else { builder.tls_certs_only(certs) };
         let http = builder.build().map_err(|e| AgentError::Tls(format!("broker client: {}", chain(&e))))?;
         let endpoint = format!("{}{CREDENTIALS_PATH}", settings.url.trim_end_matches('/'));
-        let evidence = EvidenceGatherer::new(settings.evidence.clone(), settings.timeout);
+        let mut evidence = settings.evidence.clone();
+        if evidence.server_id.is_none() {
+            evidence.server_id = server_id_of(&settings.url);
+        }
+        let evidence = EvidenceGatherer::new(evidence, settings.timeout);
         Ok(Self { http, endpoint, token_file: settings.token_file.clone(), policy_namespace: None, evidence })
     }
 
@@ -157,14 +163,30 @@ pub fn check_credential(policy: &str, endpoint: &AgentEndpoint, credential: &Cre
     }
 }
 
-/// How long to wait before the next fetch after a success at `now`: until `refresh_at`
-/// when it lies before expiry, else 80% of the remaining lifetime; made up to 10% earlier
-/// by `jitter` (in `[0, 1)`), and never less than a second.
-pub fn refresh_delay(expires_at: Timestamp, refresh_at: Timestamp, now: Timestamp, jitter: f64) -> Duration {
+/// How long to wait before the next fetch, after `fetched` arrived at `now`; `jitter` is
+/// in `[0, 1)`. Never less than [`MIN_REFRESH`].
+///
+/// - `refresh_at` between now and the end of serving (`serve_until`): at `refresh_at`,
+///   later by up to a tenth of the time until `refresh_at` or, when shorter, of the time
+///   from `refresh_at` to that end. Never earlier: the broker answers with the same
+///   cached credential until `refresh_at`, so an earlier call is wasted, and calls made
+///   earlier and earlier converge on a call per second.
+/// - a credential that ends with the policy's time window before `refresh_at`: at the
+///   window's end (up to a second later), when the broker may have a credential of the
+///   next window, or says the window is closed;
+/// - otherwise (a `refresh_at` in the past or after expiry): at 80% of the time left.
+pub fn refresh_delay(fetched: &Fetched, now: Timestamp, jitter: f64) -> Duration {
     let secs = |t: Timestamp| t.duration_since(now).as_secs_f64();
-    let suggested = secs(refresh_at);
-    let base = if suggested > 0.0 && refresh_at < expires_at { suggested } else { secs(expires_at) * 0.8 };
-    Duration::from_secs_f64((base * (1.0 - 0.1 * jitter)).max(0.0)).max(MIN_REFRESH)
+    let end = fetched.serve_until;
+    let refresh = secs(fetched.refresh_at);
+    let delay = if refresh > 0.0 && fetched.refresh_at < end {
+        refresh + jitter * 0.1 * refresh.min(secs(end) - refresh)
+    } else if fetched.ends_with_window() && secs(end) > 0.0 {
+        secs(end) + jitter * MIN_REFRESH.as_secs_f64()
+    } else {
+        secs(end) * 0.8
+    };
+    Duration::from_secs_f64(delay.max(0.0)).max(MIN_REFRESH)
 }
 
 /// The delay before retry number `failures` (1 for the first): `initial` doubled per
@@ -186,8 +208,12 @@ pub async fn refresh_once(
     let policy = delivery.policy.as_str();
     let result = client.fetch(policy, &delivery.evidence).await.and_then(|answer| {
         check_credential(policy, &delivery.endpoint, &answer.credential)?;
-        if answer.expires_at <= Timestamp::now() {
+        let now = Timestamp::now();
+        if answer.expires_at <= now {
             return Err(AgentError::BrokerResponse(format!("credential expired at {}", answer.expires_at)));
+        }
+        if let Some(until) = answer.serve_until.filter(|until| *until <= now) {
+            return Err(AgentError::BrokerResponse(format!("credential to be served only until {until}")));
         }
         Ok(answer)
     });
@@ -195,14 +221,15 @@ pub async fn refresh_once(
         Ok(answer) => {
             *failures = 0;
             let fetched = Fetched::from_response(answer);
-            let delay = refresh_delay(fetched.expires_at, fetched.refresh_at, fetched.fetched_at, random_fraction());
+            let delay = refresh_delay(&fetched, fetched.fetched_at, random_fraction());
             info!(
                 policy,
                 expires_at = %fetched.expires_at,
+                serve_until = %fetched.serve_until,
                 next_refresh_seconds = delay.as_secs(),
                 "credential fetched"
             );
-            shared.metrics.refreshed(policy, fetched.expires_at);
+            shared.metrics.refreshed(policy, fetched.serve_until);
             shared.store.put(policy, fetched);
             delay
         }
@@ -215,7 +242,7 @@ pub async fn refresh_once(
             } else {
                 shared.store.record_error(policy, &e);
             }
-            let serving = shared.store.valid(policy).ok().map(|f| f.expires_at.to_string());
+            let serving = shared.store.valid(policy).ok().map(|f| f.serve_until.to_string());
             let retry_seconds = delay.as_secs_f64();
             match (&e, serving) {
                 (AgentError::Broker { status: 401 | 403, .. }, _) => {
@@ -268,18 +295,51 @@ mod tests {
         now + SignedDuration::from_secs(secs)
     }
 
+    fn fetched(now: Timestamp, expires: i64, refresh: i64, serve_until: Option<i64>) -> Fetched {
+        Fetched::from_response(CredentialResponse {
+            policy: "p".into(),
+            credential: Credential::ApiKey { key: SecretString::new("k") },
+            expires_at: at(now, expires),
+            refresh_at: at(now, refresh),
+            serve_until: serve_until.map(|s| at(now, s)),
+        })
+    }
+
     #[test]
-    fn refresh_at_the_brokers_time_or_at_80_percent_minus_jitter() {
+    fn refresh_at_the_brokers_time_never_before_it() {
         let now = Timestamp::now();
-        let d = |expires, refresh, jitter| refresh_delay(at(now, expires), at(now, refresh), now, jitter);
-        assert_eq!(d(3600, 3000, 0.0), Duration::from_secs(3000));
-        let jittered = d(3600, 3000, 0.999);
-        assert!(jittered < Duration::from_secs(3000) && jittered > Duration::from_secs(2700), "{jittered:?}");
+        let d = |expires, refresh, until, jitter| refresh_delay(&fetched(now, expires, refresh, until), now, jitter);
+        assert_eq!(d(3600, 2700, None, 0.0), Duration::from_secs(2700));
+        // Jitter only delays, by up to 10% of the margin the broker left before expiry...
+        let jittered = d(3600, 2700, None, 0.999);
+        assert!(jittered > Duration::from_secs(2700) && jittered < Duration::from_secs(2790), "{jittered:?}");
+        // ... or of the time until refresh_at, when shorter.
+        let jittered = d(3600, 10, None, 0.999);
+        assert!(jittered > Duration::from_secs(10) && jittered < Duration::from_secs(11), "{jittered:?}");
+        // A credential fetched again just before refresh_at (the broker's cached one):
+        // the next call is at refresh_at, not a shrinking fraction of the time left.
+        assert_eq!(d(100, 1, None, 0.0), Duration::from_secs(1));
+        assert_eq!(d(100, 3, None, 0.0), Duration::from_secs(3));
         // Unusable refresh times: in the past, or after expiry.
-        assert_eq!(d(1000, -5, 0.0), Duration::from_secs(800));
-        assert_eq!(d(1000, 2000, 0.0), Duration::from_secs(800));
+        assert_eq!(d(1000, -5, None, 0.0), Duration::from_secs(800));
+        assert_eq!(d(1000, 2000, None, 0.0), Duration::from_secs(800));
         // Never a hot loop.
-        assert_eq!(d(1, 0, 0.0), Duration::from_secs(1));
+        assert_eq!(d(1, 0, None, 0.0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_time_window_ending_first_moves_the_refresh_to_its_end() {
+        let now = Timestamp::now();
+        let d = |expires, refresh, until, jitter| refresh_delay(&fetched(now, expires, refresh, until), now, jitter);
+        // The window ends before the broker's refresh time: refresh at its end.
+        assert_eq!(d(3600, 2700, Some(60), 0.0), Duration::from_secs(60));
+        let jittered = d(3600, 2700, Some(60), 0.999);
+        assert!(jittered > Duration::from_secs(60) && jittered < Duration::from_secs(61), "{jittered:?}");
+        // The window ends after refresh_at: the broker's time, jitter bounded by the window.
+        assert_eq!(d(3600, 30, Some(60), 0.0), Duration::from_secs(30));
+        assert!(d(3600, 30, Some(60), 0.999) < Duration::from_secs(33));
+        // A serveUntil after expiry changes nothing.
+        assert_eq!(d(3600, 2700, Some(7200), 0.0), Duration::from_secs(2700));
     }
 
     #[test]

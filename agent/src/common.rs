@@ -1,5 +1,6 @@
-//! What every loopback endpoint shares: the `X-Forwarded-For` refusal, request metrics,
-//! constant-time proof comparison, strict query parsing and the system random source.
+//! What every loopback endpoint shares: the refusal of relayed requests (`Forwarded`,
+//! `X-Forwarded-For` and their kin), request metrics, constant-time proof comparison,
+//! strict query parsing and the system random source.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -22,17 +23,42 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
+/// Headers that a proxy, load balancer or relay adds to a request it passes on: the
+/// standard `Forwarded` (RFC 7239) and `Via` (RFC 9110, which every proxy must add), and
+/// the de-facto `X-Forwarded-*`, `X-Real-IP` and client-address headers. An SDK asking
+/// the agent directly over loopback sends none of them.
+pub const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-prefix",
+    "x-original-forwarded-for",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "client-ip",
+];
+
+/// The forwarding header `headers` carry, if any.
+pub fn forwarding_header(headers: &HeaderMap) -> Option<&'static str> {
+    FORWARDING_HEADERS.iter().copied().find(|name| headers.contains_key(*name))
+}
+
 /// Wraps an endpoint's router (routes and fallback already added): requests carrying
-/// `X-Forwarded-For` are refused with 403 before anything else (the app is relaying
-/// someone else's request, the classic SSRF path to a credential endpoint), and every
-/// answer is counted by endpoint and result.
+/// one of the [`FORWARDING_HEADERS`] are refused with 403 before anything else (the app
+/// is relaying someone else's request, the classic SSRF path to a credential endpoint),
+/// and every answer is counted by endpoint and result.
 pub fn guarded(router: Router, endpoint: EndpointKind, metrics: Arc<Metrics>) -> Router {
     router.layer(from_fn(reject_forwarded)).layer(from_fn_with_state((endpoint.label(), metrics), observe))
 }
 
 async fn reject_forwarded(request: Request, next: Next) -> Response {
-    if request.headers().contains_key("x-forwarded-for") {
-        tracing::debug!(path = %request.uri().path(), "request with X-Forwarded-For refused");
+    if let Some(header) = forwarding_header(request.headers()) {
+        tracing::debug!(path = %request.uri().path(), header, "relayed request refused");
         return forbidden();
     }
     next.run(request).await
@@ -158,6 +184,38 @@ mod tests {
         assert!(matches!(check_proof(&headers, "x-p", b"t"), Proof::Wrong));
         headers.append("x-p", HeaderValue::from_static("s"));
         assert!(matches!(check_proof(&headers, "x-p", b"s"), Proof::Wrong), "two values are not a proof");
+    }
+
+    #[tokio::test]
+    async fn every_kind_of_relayed_request_is_refused() {
+        use axum::{body::Body, routing::get};
+        use tower::ServiceExt;
+
+        let router = guarded(Router::new().route("/", get(|| async { "ok" })), EndpointKind::Health, Metrics::new());
+        let call = |header: Option<(&'static str, &'static str)>| {
+            let router = router.clone();
+            async move {
+                let mut request = Request::get("/");
+                if let Some((name, value)) = header {
+                    request = request.header(name, value);
+                }
+                router.oneshot(request.body(Body::empty()).unwrap()).await.unwrap().status()
+            }
+        };
+        assert_eq!(call(None).await, StatusCode::OK);
+        for header in [
+            ("Forwarded", "for=192.0.2.60;proto=http;by=203.0.113.43"),
+            ("Forwarded", "for=\"[2001:db8:cafe::17]:4711\""),
+            ("Via", "1.1 proxy.example"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-Host", "metadata.google.internal"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-Real-IP", "10.0.0.1"),
+            ("True-Client-IP", "10.0.0.1"),
+            ("x-client-ip", "10.0.0.1"),
+        ] {
+            assert_eq!(call(Some(header)).await, StatusCode::FORBIDDEN, "{header:?}");
+        }
     }
 
     #[test]

@@ -115,6 +115,12 @@ pub struct RunArgs {
     /// GKE / Compute Engine metadata server, for `gcpIdentityToken` evidence.
     #[arg(long, env = "CLOUDPASS_GCP_METADATA_URL", default_value = LINK_LOCAL_METADATA)]
     pub gcp_metadata_url: String,
+    /// The broker's server ID, signed into `awsRole` evidence (the pre-signed
+    /// `GetCallerIdentity`) as `x-cloudpass-server-id` so that it is valid for this broker
+    /// only. Default: the host (`host[:port]`) of the configuration's broker URL; set it
+    /// when the broker knows itself by another name.
+    #[arg(long, env = "CLOUDPASS_BROKER_SERVER_ID")]
+    pub broker_server_id: Option<String>,
     /// AWS instance metadata service (IMDSv2), for `awsRole` evidence when neither AWS
     /// keys nor `AWS_CONTAINER_CREDENTIALS_FULL_URI` are set (the standard AWS variables,
     /// `AWS_REGION` and `AWS_ENDPOINT_URL_STS` included, are read as the AWS SDKs do).
@@ -206,6 +212,7 @@ impl RunArgs {
                     gcp_metadata_url: self.gcp_metadata_url,
                     aws_imds_url: self.aws_imds_url,
                     aws: AwsSource::from_env(),
+                    server_id: self.broker_server_id.filter(|id| !id.is_empty()),
                 },
             },
             config,
@@ -290,6 +297,11 @@ impl Settings {
         }
         if self.broker.ca_pem.is_none() && !self.broker.trust_system_roots {
             return bad(format!("no broker CA: set {BROKER_CA_ENV} or --broker-trust-system-roots"));
+        }
+        if let Some(id) = &self.broker.evidence.server_id
+            && axum::http::HeaderValue::from_str(id).is_err()
+        {
+            return bad(format!("broker server ID {id:?} is not a valid header value"));
         }
         if self.retry.initial.is_zero() || self.retry.max < self.retry.initial {
             return bad("retry delays must be positive and --retry-max at least --retry-initial".into());
@@ -498,6 +510,14 @@ mod tests {
                 },
                 "needs IDENTITY_HEADER",
             ),
+            (
+                {
+                    let mut s = settings(vec![]);
+                    s.broker.evidence.server_id = Some("broker\nx".into());
+                    s
+                },
+                "server ID",
+            ),
             (settings(vec![d("a", header(&[], "X"))]), "names no host"),
             (settings(vec![d("a", header(&["h"], "bad header"))]), "not a header name"),
         ];
@@ -528,6 +548,7 @@ mod tests {
             "IDENTITY_HEADER",
             "--upstream-ca-file",
             "--retry-max",
+            "--broker-server-id",
             "--log-format",
             "probe",
         ] {

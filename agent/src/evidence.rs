@@ -7,7 +7,10 @@
 //!   container-credentials endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`, as EKS Pod
 //!   Identity sets it), or the instance role through IMDSv2; then a `GetCallerIdentity`
 //!   request signed with them (SigV4) and handed to the broker, which sends it to STS.
-//!   The credentials themselves never leave the pod.
+//!   The credentials themselves never leave the pod. The signed headers include
+//!   `x-cloudpass-server-id` naming the broker it is meant for (as Vault's AWS auth
+//!   method's server-ID header), so that a request captured on the way cannot be replayed
+//!   to another broker.
 //! - `azureManagedIdentity`: a token from the Azure Instance Metadata Service
 //!   (`Metadata: true`) for the trust provider's audience (and its client ID, when it
 //!   names exactly one).
@@ -28,7 +31,7 @@ use aws_sigv4::http_request::SignableBody;
 use axum::http::{HeaderMap, HeaderValue, header};
 use cloudpass_api::{
     agent::EvidenceSource,
-    broker::{Evidence, SignedRequest},
+    broker::{Evidence, SERVER_ID_HEADER, SignedRequest},
     secret::SecretString,
 };
 use reqwest::{Method, redirect::Policy};
@@ -112,6 +115,9 @@ pub struct EvidenceSettings {
     pub aws_imds_url: String,
     /// The pod's AWS credentials.
     pub aws: AwsSource,
+    /// The broker's server ID, signed into the AWS evidence as `x-cloudpass-server-id`.
+    /// `None`: the broker client fills in the host (`host[:port]`) of the broker URL.
+    pub server_id: Option<String>,
 }
 
 impl Default for EvidenceSettings {
@@ -121,8 +127,20 @@ impl Default for EvidenceSettings {
             gcp_metadata_url: LINK_LOCAL_METADATA.into(),
             aws_imds_url: LINK_LOCAL_METADATA.into(),
             aws: AwsSource::default(),
+            server_id: None,
         }
     }
+}
+
+/// The default server ID of the broker at `url`: its host, with the port unless it is
+/// the scheme's default (as in a `Host` header). `None` when `url` has no host.
+pub fn server_id_of(url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let host = url.host_str()?;
+    Some(match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    })
 }
 
 /// AWS credentials as the container-credentials endpoint and IMDS return them.
@@ -302,6 +320,17 @@ impl EvidenceGatherer {
             .and_then(|u| u.host_str().map(|h| u.port().map(|p| format!("{h}:{p}")).unwrap_or_else(|| h.to_owned())))
             .ok_or_else(|| failed(source, format!("STS endpoint {url:?} is not a URL")))?;
         headers.insert(header::HOST, HeaderValue::from_str(&host).map_err(|e| failed(source, e.to_string()))?);
+        // Signed like every header here: the broker checks it names itself.
+        let server_id = self
+            .settings
+            .server_id
+            .as_deref()
+            .ok_or_else(|| failed(source, "no broker server ID to sign into the request"))?;
+        headers.insert(
+            SERVER_ID_HEADER,
+            HeaderValue::from_str(server_id)
+                .map_err(|_| failed(source, format!("broker server ID {server_id:?} is not a header value")))?,
+        );
         crate::proxy::sign_v4(
             "POST",
             &url,
@@ -336,6 +365,37 @@ mod tests {
         assert_eq!(aws.sts_url(), "https://sts-fips.us-east-1.amazonaws.com/");
     }
 
+    #[test]
+    fn the_default_server_id_is_the_brokers_host_and_port() {
+        assert_eq!(
+            server_id_of("https://broker.cloudpass-system.svc:8443").as_deref(),
+            Some("broker.cloudpass-system.svc:8443")
+        );
+        assert_eq!(server_id_of("https://broker.example.com/").as_deref(), Some("broker.example.com"));
+        assert_eq!(
+            server_id_of("https://broker.example.com:443").as_deref(),
+            Some("broker.example.com"),
+            "default port"
+        );
+        assert_eq!(server_id_of("https://[::1]:9443").as_deref(), Some("[::1]:9443"));
+        assert_eq!(server_id_of("not a url"), None);
+    }
+
+    #[tokio::test]
+    async fn without_a_server_id_no_evidence_is_signed() {
+        let settings = EvidenceSettings {
+            aws: AwsSource {
+                static_keys: Some(("AKIDEXAMPLE".into(), SecretString::new("wJalr-secret"), None)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let gatherer = EvidenceGatherer::new(settings, Duration::from_secs(1));
+        let source = EvidenceSource::AwsGetCallerIdentity { trust_provider: "aws".into() };
+        let err = gatherer.gather(&[source]).await.unwrap_err().to_string();
+        assert!(err.contains("no broker server ID"), "{err}");
+    }
+
     #[tokio::test]
     async fn static_keys_sign_exactly_get_caller_identity_without_revealing_the_secret() {
         let settings = EvidenceSettings {
@@ -344,6 +404,7 @@ mod tests {
                 region: Some("eu-west-1".into()),
                 ..Default::default()
             },
+            server_id: Some("broker.cloudpass-system.svc:8443".into()),
             ..Default::default()
         };
         let gatherer = EvidenceGatherer::new(settings, Duration::from_secs(1));
@@ -355,6 +416,10 @@ mod tests {
         let auth = signed.headers["authorization"].expose();
         assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"), "{auth}");
         assert!(auth.contains("/eu-west-1/sts/aws4_request"), "{auth}");
+        // The broker's server ID is sent and covered by the signature.
+        assert_eq!(signed.headers[SERVER_ID_HEADER].expose(), "broker.cloudpass-system.svc:8443");
+        let signed_headers = auth.split("SignedHeaders=").nth(1).unwrap().split(',').next().unwrap();
+        assert!(signed_headers.split(';').any(|h| h == SERVER_ID_HEADER), "{auth}");
         let json = serde_json::to_string(&signed).unwrap();
         assert!(!json.contains("wJalr-secret"), "the secret key never leaves the pod");
     }

@@ -6,8 +6,9 @@
 //! SDKs already speak: AWS container credentials ([`aws`]), Azure App Service managed
 //! identity ([`azure`]), the GCP metadata server ([`gcp`]), and an HTTP proxy that adds a
 //! header or an AWS SigV4 signature ([`proxy`]). Every endpoint requires its SDK's proof
-//! and refuses `X-Forwarded-For`. Trust providers that need proof from the cloud the pod
-//! runs in get it from [`evidence`].
+//! and refuses relayed requests (`Forwarded`, `X-Forwarded-For` and their kin, see
+//! [`common::FORWARDING_HEADERS`]). Trust providers that need proof from the cloud the
+//! pod runs in get it from [`evidence`].
 //!
 //! In process (tests), [`Agent::start`] runs an agent and reports its addresses;
 //! [`run`] runs one until a future completes. Flags and environment are in [`config`];

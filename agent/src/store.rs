@@ -1,9 +1,10 @@
 //! The credentials the agent holds, one slot per policy.
 //!
 //! Refreshers write; endpoints read. A credential is served while it is valid for at
-//! least [`MIN_REMAINING`] more, whatever happened to the broker since: an unreachable
-//! broker does not take away a credential that still works. Only an explicit refusal
-//! (the broker's `Denied`) clears a slot early.
+//! least [`MIN_REMAINING`] more and the broker's `serveUntil` (the end of the policy's
+//! time window) has not passed, whatever happened to the broker since: an unreachable
+//! broker does not take away a credential that still works, nor keep one alive past
+//! its window. Only an explicit refusal (the broker's `Denied`) clears a slot early.
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +28,10 @@ pub struct Fetched {
     pub credential: Credential,
     /// When it stops working.
     pub expires_at: Timestamp,
+    /// When the agent stops handing it out: the broker's `serveUntil` (the end of the
+    /// policy's time window) if earlier than `expires_at`, else `expires_at`. This is the
+    /// expiry the SDKs are told, so that they stop using it then too.
+    pub serve_until: Timestamp,
     /// When the broker suggested fetching the next one.
     pub refresh_at: Timestamp,
     /// When the agent received it.
@@ -36,22 +41,49 @@ pub struct Fetched {
 impl Fetched {
     /// A credential from the broker's answer, received now.
     pub fn from_response(response: CredentialResponse) -> Self {
+        let serve_until = response.serve_until.map_or(response.expires_at, |until| until.min(response.expires_at));
         Self {
             credential: response.credential,
             expires_at: response.expires_at,
+            serve_until,
             refresh_at: response.refresh_at,
             fetched_at: Timestamp::now(),
         }
     }
 
-    /// Whether it may be handed out at `now`.
+    /// Whether it may be handed out at `now`: before `serve_until`, and not within
+    /// [`MIN_REMAINING`] of its expiry.
     pub fn is_valid_at(&self, now: Timestamp) -> bool {
-        self.expires_at.duration_since(now).as_secs_f64() >= MIN_REMAINING.as_secs_f64()
+        now < self.serve_until && self.expires_at.duration_since(now).as_secs_f64() >= MIN_REMAINING.as_secs_f64()
     }
 
-    /// Whole seconds left at `now` (0 when expired).
+    /// The first moment it may no longer be handed out.
+    pub fn unservable_from(&self) -> Timestamp {
+        let margin = jiff::SignedDuration::try_from(MIN_REMAINING).unwrap_or(jiff::SignedDuration::ZERO);
+        self.serve_until.min(self.expires_at.checked_sub(margin).unwrap_or(self.expires_at))
+    }
+
+    /// Whether it is held back by the policy's time window rather than by its expiry.
+    pub fn ends_with_window(&self) -> bool {
+        self.serve_until < self.expires_at
+    }
+
+    /// Whole seconds left at `now` until `serve_until` (0 when past): the lifetime the
+    /// SDKs are told.
     pub fn seconds_left(&self, now: Timestamp) -> u64 {
-        self.expires_at.duration_since(now).as_secs().max(0) as u64
+        self.serve_until.duration_since(now).as_secs().max(0) as u64
+    }
+
+    /// Why it may no longer be handed out, for errors.
+    fn why_not(&self) -> String {
+        if self.ends_with_window() {
+            format!(
+                "the last credential was to be served only until {} (the end of the policy's time window)",
+                self.serve_until
+            )
+        } else {
+            format!("the last credential expired at {}", self.expires_at)
+        }
     }
 }
 
@@ -132,10 +164,8 @@ impl CredentialStore {
         }
         let last_error = slot.and_then(|s| s.last_error.as_deref());
         let reason = match (current, last_error) {
-            (Some(f), Some(e)) => {
-                format!("the last credential expired at {}; the last refresh failed: {e}", f.expires_at)
-            }
-            (Some(f), None) => format!("the last credential expired at {}", f.expires_at),
+            (Some(f), Some(e)) => format!("{}; the last refresh failed: {e}", f.why_not()),
+            (Some(f), None) => f.why_not(),
             (None, Some(e)) => e.to_owned(),
             (None, None) => "not fetched from the broker yet".to_owned(),
         };
@@ -171,6 +201,7 @@ pub(crate) mod tests {
         Fetched {
             credential,
             expires_at: now + SignedDuration::from_secs(secs),
+            serve_until: now + SignedDuration::from_secs(secs),
             refresh_at: now + SignedDuration::from_secs(secs * 4 / 5),
             fetched_at: now,
         }
@@ -202,6 +233,43 @@ pub(crate) mod tests {
         let err = store.valid("p").unwrap_err().to_string();
         assert!(err.contains("expired at") && err.contains("connection refused"), "{err}");
         assert!(store.latest("p").is_some(), "the expired credential is still known");
+    }
+
+    #[test]
+    fn the_time_window_ends_serving_before_expiry() {
+        let now = Timestamp::now();
+        let secs = |s: i64| now + SignedDuration::from_secs(s);
+        let response = |serve_until| CredentialResponse {
+            policy: "p".into(),
+            credential: api_key("k"),
+            expires_at: secs(3600),
+            refresh_at: secs(2700),
+            serve_until,
+        };
+        let f = Fetched::from_response(response(Some(secs(60))));
+        assert_eq!(f.serve_until, secs(60));
+        assert!(f.ends_with_window());
+        assert!(f.is_valid_at(secs(59)));
+        assert!(!f.is_valid_at(secs(60)), "never served at or after serveUntil");
+        assert_eq!(f.unservable_from(), secs(60));
+        assert_eq!(f.seconds_left(now), 60, "the SDK is told the window's end");
+
+        // Without serveUntil, or with one after expiry: the expiry decides.
+        for serve_until in [None, Some(secs(7200))] {
+            let f = Fetched::from_response(response(serve_until));
+            assert_eq!(f.serve_until, f.expires_at);
+            assert!(!f.ends_with_window());
+            assert_eq!(f.unservable_from(), secs(3600 - MIN_REMAINING.as_secs() as i64));
+        }
+
+        // Past the window the store refuses it and says why.
+        let store = CredentialStore::new(["p"]);
+        let mut ended = Fetched::from_response(response(Some(secs(-1))));
+        ended.fetched_at = secs(-10);
+        store.put("p", ended);
+        let err = store.valid("p").unwrap_err().to_string();
+        assert!(err.contains("served only until") && err.contains("time window"), "{err}");
+        assert_eq!(store.not_ready(), ["p"]);
     }
 
     #[test]

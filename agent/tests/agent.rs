@@ -15,8 +15,9 @@ use cloudpass_api::{
     broker::Credential,
     secret::SecretString,
 };
+use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
-use support::{FakeBroker, Files, aws_keys, eventually, ok, settings};
+use support::{FakeBroker, Files, aws_keys, eventually, ok, ok_until, settings};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudpass-agent");
 
@@ -155,6 +156,84 @@ async fn in_process_agent_serves_every_sdk_endpoint_and_stops() {
     agent.shutdown().await;
     let refused = http().get(format!("http://127.0.0.1:{aws}/v1/aws/credentials")).send().await;
     assert!(refused.is_err(), "stopped listening");
+}
+
+/// Asks the AWS endpoint of `agent` as the SDK would.
+async fn aws_credentials(agent: &Agent) -> (u16, Value) {
+    let port = agent.local_addr(EndpointKind::Aws).unwrap().port();
+    let token = agent.aws_token().unwrap();
+    get_json(http().get(format!("http://127.0.0.1:{port}/v1/aws/credentials")).header("Authorization", token.expose()))
+        .await
+}
+
+/// Sleeps until `at` has passed.
+async fn sleep_past(at: Timestamp) {
+    let left = at.duration_since(Timestamp::now()).unsigned_abs();
+    tokio::time::sleep(left + Duration::from_millis(50)).await;
+    assert!(Timestamp::now() > at);
+}
+
+fn aws_only() -> Vec<AgentDelivery> {
+    vec![AgentDelivery {
+        policy: "s3".into(),
+        endpoint: AgentEndpoint::AwsContainerCredentials { port: 0 },
+        evidence: vec![],
+    }]
+}
+
+#[tokio::test]
+async fn the_end_of_the_time_window_stops_serving_even_without_the_broker() {
+    // A credential valid for an hour, in a time window that closes in a few seconds; the
+    // broker is gone by then.
+    let broker = FakeBroker::start().await;
+    let window_end = Timestamp::now() + SignedDuration::from_secs(4);
+    broker.script("s3", vec![ok_until("s3", aws_keys(), 3600, 2700, window_end)]);
+    let files = Files::new("t");
+    let agent = Agent::start(settings(&broker, &files, aws_only())).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || agent.store().valid("s3").is_ok()).await);
+    let (status, v) = aws_credentials(&agent).await;
+    assert_eq!(status, 200, "{v}");
+    let told = v["Expiration"].as_str().unwrap().parse::<Timestamp>().unwrap();
+    assert!(
+        told <= window_end && told > window_end - SignedDuration::from_secs(1),
+        "SDKs are told the window's end: {v}"
+    );
+    broker.stop();
+
+    sleep_past(window_end).await;
+    let (status, v) = aws_credentials(&agent).await;
+    assert_eq!(status, 503, "served after the window closed: {v}");
+    assert_eq!(v["Code"], "CredentialsUnavailable");
+    assert!(v["Message"].as_str().unwrap().contains("time window"), "{v}");
+    assert!(agent.store().not_ready().contains(&"s3".to_owned()), "health reports it");
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn at_the_end_of_the_time_window_the_next_credential_is_fetched() {
+    // The broker's refreshAt lies after the window's end: the agent asks again at the
+    // window's end, not 45 minutes later (the broker answers with the next window's
+    // credential, or refuses).
+    let broker = FakeBroker::start().await;
+    let window_end = Timestamp::now() + SignedDuration::from_secs(3);
+    let next = Credential::Aws {
+        access_key_id: "ASIANEXTWINDOW".into(),
+        secret_access_key: SecretString::new("next-secret"),
+        session_token: SecretString::new("next-session"),
+        account_id: None,
+    };
+    broker.script("s3", vec![ok_until("s3", aws_keys(), 3600, 2700, window_end), ok("s3", next, 3600, 2700)]);
+    let files = Files::new("t");
+    let agent = Agent::start(settings(&broker, &files, aws_only())).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || agent.store().valid("s3").is_ok()).await);
+    assert_eq!(aws_credentials(&agent).await.1["AccessKeyId"], "ASIATESTKEY");
+    sleep_past(window_end).await;
+    let fetched_again = eventually(Duration::from_secs(10), || broker.seen().len() >= 2).await;
+    assert!(fetched_again, "no fetch at the window's end");
+    assert!(eventually(Duration::from_secs(5), || agent.store().valid("s3").is_ok()).await);
+    let (status, v) = aws_credentials(&agent).await;
+    assert_eq!((status, &v["AccessKeyId"]), (200, &Value::from("ASIANEXTWINDOW")), "{v}");
+    agent.shutdown().await;
 }
 
 #[tokio::test]

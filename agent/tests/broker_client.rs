@@ -1,7 +1,8 @@
 //! The real `BrokerClient` and refresh loop against a small local HTTPS server speaking
 //! the broker's wire types (`tests/support`): token presentation and rotation, CA
 //! pinning, typed errors (401, 403, 503), retry until success, serving a cached
-//! credential while the broker is down, and the clear error once it expired.
+//! credential while the broker is down, and the clear error once it expired; one broker
+//! call per credential.
 //!
 //! These tests do not replace tests against the real broker: those (agent and broker
 //! together, with the real apiserver's tokens, and the official Python SDKs as clients)
@@ -176,4 +177,19 @@ async fn a_denial_stops_serving_at_once_and_wrong_types_are_refused() {
         .await
     );
     l.stop.send(true).unwrap();
+}
+
+#[tokio::test]
+async fn one_broker_call_per_credential() {
+    // The broker hands out the same credential until its refreshAt: a call before that
+    // gets it back and is wasted. Short lifetimes make several cycles quick.
+    let broker = FakeBroker::start().await;
+    broker.mint("s3", aws_keys(), Duration::from_secs(3));
+    let files = Files::new("t");
+    let l = start_loop(&broker, &files, "s3", AgentEndpoint::AwsContainerCredentials { port: 0 });
+    assert!(eventually(Duration::from_secs(60), || broker.minted("s3").new >= 4).await, "{:?}", broker.minted("s3"));
+    l.stop.send(true).unwrap();
+    let minted = broker.minted("s3");
+    assert_eq!(minted.cached, 0, "calls made before the broker's refreshAt: {minted:?}");
+    assert_eq!(broker.seen().len(), minted.new, "no other calls");
 }

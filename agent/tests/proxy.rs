@@ -174,9 +174,19 @@ async fn refuses_other_hosts_connect_and_forwarded_requests() {
     assert!(other.text().await.unwrap().contains("example.com is not served"));
     let metadata = client.get("http://169.254.169.254/latest/meta-data/").send().await.unwrap();
     assert_eq!(metadata.status(), 403);
-    let forwarded =
-        client.get(format!("http://localhost:{port}/")).header("X-Forwarded-For", "203.0.113.9").send().await.unwrap();
-    assert_eq!(forwarded.status(), 403);
+    // Relayed requests, whichever header says so (RFC 7239's `Forwarded` included).
+    let served = client.get(format!("http://localhost:{port}/")).send().await.unwrap();
+    assert_eq!(served.status(), 200);
+    for (name, value) in [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("Forwarded", "for=203.0.113.9;proto=http"),
+        ("X-Forwarded-Host", "localhost"),
+        ("X-Real-IP", "203.0.113.9"),
+        ("Via", "1.1 relay"),
+    ] {
+        let forwarded = client.get(format!("http://localhost:{port}/")).header(name, value).send().await.unwrap();
+        assert_eq!(forwarded.status(), 403, "{name}");
+    }
 
     // CONNECT (what an https:// URL through HTTP_PROXY would do) is refused.
     let proxy = setup.agent.local_addr(EndpointKind::Proxy).unwrap();

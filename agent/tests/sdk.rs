@@ -1304,6 +1304,7 @@ async fn the_agent_presents_evidence_from_the_metadata_services_of_its_node() {
             sts_endpoint: Some(aws.gate.url().into()),
             ..Default::default()
         },
+        server_id: None,
     };
     let agent = start_agent(s).await;
     for service in ["azure", "google", "aws-imds"] {
@@ -1358,6 +1359,7 @@ async fn the_agent_presents_evidence_from_the_metadata_services_of_its_node() {
             sts_endpoint: Some(aws.gate.url().into()),
             ..Default::default()
         },
+        server_id: None,
     };
     let agent = Agent::start(s).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -87,10 +87,7 @@ fn review_body(policies: usize) -> (Admission, Vec<u8>) {
 fn in_process() {
     let (admission, body) = review_body(50);
     let answer = serde_json::to_value(admission.review(&body).unwrap()).unwrap();
-    assert!(
-        answer["response"]["patch"].is_array() || answer["response"]["patch"].is_string(),
-        "the bench pod is injected"
-    );
+    assert!(answer["response"]["patch"].is_string(), "the bench pod is injected");
     let n = 20_000;
     let started = Instant::now();
     for _ in 0..n {

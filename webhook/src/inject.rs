@@ -2,7 +2,10 @@
 //! namespace's compiled config to the mutated pod, warnings and an outcome. No I/O, so it
 //! is tested table-driven and benchmarked in process.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use cloudpass_api::{
     INJECT_ANNOTATION,
@@ -26,7 +29,8 @@ use k8s_openapi::{
 
 use crate::files::WatchedText;
 
-/// Names of the volumes the webhook adds.
+/// Names of the volumes the webhook adds (or, when the pod already has a volume of that
+/// name, the first free one of `<name>-2`, `<name>-3`, ...: see [`VolumeNames`]).
 const TOKEN_VOLUME: &str = "cloudpass-token";
 const SHARED_VOLUME: &str = "cloudpass-shared";
 const NO_API_TOKEN_VOLUME: &str = "cloudpass-no-kube-api-token";
@@ -103,6 +107,10 @@ pub enum Skip {
     /// Policies select the pod but none of their containers exist, or every delivery
     /// conflicted with variables the containers already set.
     NothingToDeliver,
+    /// A container of the pod (without the `cloudpass.dev/injected` annotation) is
+    /// already named `cloudpass-agent`, the agent's name: the pod is admitted unchanged
+    /// but for the `cloudpass.dev/injection-skipped` annotation.
+    NameConflict,
 }
 
 impl Skip {
@@ -115,6 +123,7 @@ impl Skip {
             Self::HostNetwork => "host_network",
             Self::Windows => "windows",
             Self::NothingToDeliver => "nothing_to_deliver",
+            Self::NameConflict => "name_conflict",
         }
     }
 }
@@ -122,7 +131,8 @@ impl Skip {
 /// The result of looking at one pod.
 #[derive(Debug)]
 pub struct Decision {
-    /// The pod to store (`None`: unchanged).
+    /// The pod to store (`None`: unchanged). Set for a skip too when the pod only gets
+    /// the `cloudpass.dev/injection-skipped` annotation ([`Skip::NameConflict`]).
     pub mutated: Option<Pod>,
     /// Warnings for the admission response (shown by `kubectl`).
     pub warnings: Vec<String>,
@@ -135,6 +145,40 @@ pub struct Decision {
 impl Decision {
     fn skip(reason: Skip, warnings: Vec<String>) -> Self {
         Self { mutated: None, warnings, policies: Vec::new(), skipped: Some(reason) }
+    }
+
+    /// Skips `pod`, recording the warnings in its `cloudpass.dev/injection-skipped`
+    /// annotation, where `kubectl describe` shows them after `kubectl` printed them.
+    fn skip_annotated(pod: &Pod, reason: Skip, warnings: Vec<String>) -> Self {
+        let mut annotated = pod.clone();
+        annotated
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(SKIPPED_ANNOTATION.into(), warnings.join("; "));
+        Self { mutated: Some(annotated), warnings, policies: Vec::new(), skipped: Some(reason) }
+    }
+}
+
+/// The volume names of a pod, for naming the webhook's volumes so that they never clash
+/// with the pod's own (the apiserver refuses a pod with two volumes of one name).
+struct VolumeNames(BTreeSet<String>);
+
+impl VolumeNames {
+    fn of(pod: &Pod) -> Self {
+        Self(pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()).map(|v| v.name.clone()).collect())
+    }
+
+    /// `base` if free, else the first free `base-2`, `base-3`, ...; taken from now on.
+    fn claim(&mut self, base: &str) -> String {
+        let mut name = base.to_owned();
+        let mut n = 1;
+        while self.0.contains(&name) {
+            n += 1;
+            name = format!("{base}-{n}");
+        }
+        self.0.insert(name.clone());
+        name
     }
 }
 
@@ -305,8 +349,7 @@ pub fn decide(
     let Some(spec) = pod.spec.as_ref() else {
         return Decision::skip(Skip::NoPolicy, vec!["pod has no spec".into()]);
     };
-    let has_agent = spec.init_containers.iter().flatten().chain(&spec.containers).any(|c| c.name == AGENT_CONTAINER);
-    if has_agent || annotations.contains_key(INJECTED_ANNOTATION) {
+    if annotations.contains_key(INJECTED_ANNOTATION) {
         return Decision::skip(Skip::AlreadyInjected, vec![]);
     }
 
@@ -355,8 +398,26 @@ pub fn decide(
         );
     }
 
+    // Without the annotation, a container of the agent's name is the app's own (or an
+    // agent copied from another pod's spec): a second one would make the apiserver
+    // refuse the pod, renaming ours would break what finds the agent by name.
+    if spec.init_containers.iter().flatten().chain(&spec.containers).any(|c| c.name == AGENT_CONTAINER) {
+        return Decision::skip_annotated(
+            pod,
+            Skip::NameConflict,
+            vec![format!(
+                "cloudpass: not injected although AccessPolicy {} selects this pod: a container is already named {AGENT_CONTAINER}, the name of the agent; rename it",
+                policy_names()
+            )],
+        );
+    }
+
     let mut warnings = Vec::new();
     let mut mutated = pod.clone();
+    let mut volume_names = VolumeNames::of(pod);
+    let token_volume = volume_names.claim(TOKEN_VOLUME);
+    let no_api_token_volume = volume_names.claim(NO_API_TOKEN_VOLUME);
+    let shared_volume = volume_names.claim(SHARED_VOLUME);
     let mut deliveries: Vec<AgentDelivery> = Vec::new();
     let mut served: Vec<String> = Vec::new();
     let mut needs_shared = false;
@@ -411,12 +472,21 @@ pub fn decide(
                 ));
                 continue;
             }
+            let mounts_shared_dir =
+                container.volume_mounts.iter().flatten().any(|m| m.mount_path.trim_end_matches('/') == SHARED_DIR);
+            if kind == DeliveryKind::Aws && mounts_shared_dir {
+                warnings.push(format!(
+                    "cloudpass: container {} already mounts a volume at {SHARED_DIR}, where the credentials of AccessPolicy {} need their own; left unchanged",
+                    container.name, policy.name
+                ));
+                continue;
+            }
             let mut new_env = existing.clone();
             new_env.extend(app_env(kind, &settings.ports, identity_header, &existing));
             container.env = Some(new_env);
             if kind == DeliveryKind::Aws {
                 container.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
-                    name: SHARED_VOLUME.into(),
+                    name: shared_volume.clone(),
                     mount_path: SHARED_DIR.into(),
                     read_only: Some(true),
                     ..Default::default()
@@ -464,7 +534,7 @@ pub fn decide(
     }
     let mut agent_mounts = vec![
         VolumeMount {
-            name: TOKEN_VOLUME.into(),
+            name: token_volume.clone(),
             mount_path: TOKEN_DIR.into(),
             read_only: Some(true),
             ..Default::default()
@@ -473,7 +543,7 @@ pub fn decide(
         // Kubernetes API token (least privilege), and the ServiceAccount admission plugin
         // then leaves the agent alone, so the apiserver does not call the webhook twice.
         VolumeMount {
-            name: NO_API_TOKEN_VOLUME.into(),
+            name: no_api_token_volume.clone(),
             mount_path: KUBE_API_TOKEN_DIR.into(),
             read_only: Some(true),
             ..Default::default()
@@ -481,15 +551,17 @@ pub fn decide(
     ];
     if needs_shared {
         agent_mounts.push(VolumeMount {
-            name: SHARED_VOLUME.into(),
+            name: shared_volume.clone(),
             mount_path: SHARED_DIR.into(),
             ..Default::default()
         });
     }
-    for (i, (policy, _)) in server_cas.iter().enumerate() {
+    let server_ca_volumes: Vec<String> =
+        (0..server_cas.len()).map(|i| volume_names.claim(&format!("{SERVER_CA_VOLUME}-{i}"))).collect();
+    for ((policy, _), volume) in server_cas.iter().zip(&server_ca_volumes) {
         let file = cloudpass_api::agent::server_ca_file(policy);
         agent_mounts.push(VolumeMount {
-            name: format!("{SERVER_CA_VOLUME}-{i}"),
+            name: volume.clone(),
             mount_path: file.trim_end_matches("/ca.crt").to_owned(),
             read_only: Some(true),
             ..Default::default()
@@ -501,7 +573,7 @@ pub fn decide(
     spec.init_containers.get_or_insert_with(Vec::new).insert(0, agent);
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.push(Volume {
-        name: TOKEN_VOLUME.into(),
+        name: token_volume,
         projected: Some(ProjectedVolumeSource {
             sources: Some(vec![VolumeProjection {
                 service_account_token: Some(ServiceAccountTokenProjection {
@@ -522,7 +594,7 @@ pub fn decide(
         ..Default::default()
     });
     volumes.push(Volume {
-        name: NO_API_TOKEN_VOLUME.into(),
+        name: no_api_token_volume,
         empty_dir: Some(EmptyDirVolumeSource {
             medium: Some("Memory".into()),
             size_limit: Some(Quantity("1Ki".into())),
@@ -530,9 +602,9 @@ pub fn decide(
         }),
         ..Default::default()
     });
-    for (i, (_, config_map)) in server_cas.iter().enumerate() {
+    for ((_, config_map), volume) in server_cas.iter().zip(server_ca_volumes) {
         volumes.push(Volume {
-            name: format!("{SERVER_CA_VOLUME}-{i}"),
+            name: volume,
             config_map: Some(ConfigMapVolumeSource {
                 name: config_map.name.clone(),
                 items: Some(vec![KeyToPath {
@@ -550,7 +622,7 @@ pub fn decide(
     }
     if needs_shared {
         volumes.push(Volume {
-            name: SHARED_VOLUME.into(),
+            name: shared_volume,
             empty_dir: Some(EmptyDirVolumeSource {
                 medium: Some("Memory".into()),
                 size_limit: Some(Quantity("1Mi".into())),
@@ -899,6 +971,80 @@ mod tests {
             "x",
         );
         assert!(d.mutated.is_some());
+    }
+
+    #[test]
+    fn the_pods_own_volume_names_never_clash_with_the_webhooks() {
+        let cfg = config(json!([policy("s3", aws(), json!({}))]));
+        let own = ["cloudpass-token", "cloudpass-shared", "cloudpass-shared-2", "cloudpass-no-kube-api-token"];
+        let submitted = pod(json!({
+            "volumes": own.iter().map(|name| json!({"name": name, "emptyDir": {}})).collect::<Vec<_>>(),
+            "containers": [{"name": "web", "image": "w", "volumeMounts": [{"name": "cloudpass-token", "mountPath": "/data"}]}],
+        }));
+        let d = decide(&submitted, Some(&cfg), &settings(), "x");
+        assert!(d.skipped.is_none() && d.warnings.is_empty(), "{d:?}");
+        let p = d.mutated.unwrap();
+        let spec = p.spec.as_ref().unwrap();
+        let names: Vec<_> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(names.iter().collect::<BTreeSet<_>>().len(), names.len(), "unique: {names:?}");
+        assert_eq!(names[..4], own, "the pod's volumes are kept as they were");
+        let by_name = |name: &str| spec.volumes.iter().flatten().find(|v| v.name == name).unwrap();
+        let agent = &spec.init_containers.as_ref().unwrap()[0];
+        let agent_mount = |path: &str| agent.volume_mounts.iter().flatten().find(|m| m.mount_path == path).unwrap();
+        let token = agent_mount(TOKEN_DIR);
+        assert_eq!(token.name, "cloudpass-token-2");
+        assert!(by_name(&token.name).projected.is_some());
+        assert_eq!(agent_mount(KUBE_API_TOKEN_DIR).name, "cloudpass-no-kube-api-token-2");
+        let shared = agent_mount(SHARED_DIR);
+        assert_eq!(shared.name, "cloudpass-shared-3");
+        assert_eq!(by_name(&shared.name).empty_dir.as_ref().unwrap().medium.as_deref(), Some("Memory"));
+        let web: Vec<_> = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(web, [("cloudpass-token", "/data"), ("cloudpass-shared-3", SHARED_DIR)]);
+    }
+
+    #[test]
+    fn a_container_named_like_the_agent_is_admitted_with_the_reason() {
+        let cfg = config(json!([policy("s3", aws(), json!({}))]));
+        let submitted = pod(json!({"containers": [app("web"), app(AGENT_CONTAINER)]}));
+        let d = decide(&submitted, Some(&cfg), &settings(), "x");
+        assert_eq!(d.skipped, Some(Skip::NameConflict));
+        assert!(d.warnings.iter().any(|w| w.contains("already named cloudpass-agent")), "{:?}", d.warnings);
+        let p = d.mutated.expect("annotated");
+        assert_eq!(p.spec, submitted.spec, "nothing injected");
+        let annotations = p.metadata.annotations.clone().unwrap();
+        assert!(annotations[SKIPPED_ANNOTATION].contains("already named cloudpass-agent"), "{annotations:?}");
+        assert!(!annotations.contains_key(INJECTED_ANNOTATION));
+        // Reinvoked: the same answer, still admitted.
+        assert_eq!(decide(&p, Some(&cfg), &settings(), "y").mutated.unwrap().metadata, p.metadata);
+        // In an init container too; and no policy selecting the pod: left alone, silently.
+        let init = pod(json!({"initContainers": [app(AGENT_CONTAINER)], "containers": [app("web")]}));
+        assert_eq!(decide(&init, Some(&cfg), &settings(), "x").skipped, Some(Skip::NameConflict));
+        let d = decide(&init, None, &settings(), "x");
+        assert_eq!((d.skipped, d.mutated.is_none(), d.warnings.len()), (Some(Skip::NoPolicy), true, 0));
+    }
+
+    #[test]
+    fn a_container_with_its_own_mount_at_the_shared_directory_keeps_it() {
+        let cfg = config(json!([policy("s3", aws(), json!({}))]));
+        let submitted = pod(json!({
+            "volumes": [{"name": "mine", "emptyDir": {}}],
+            "containers": [
+                {"name": "legacy", "image": "l", "volumeMounts": [{"name": "mine", "mountPath": format!("{SHARED_DIR}/")}]},
+                app("web"),
+            ],
+        }));
+        let d = decide(&submitted, Some(&cfg), &settings(), "x");
+        assert!(d.warnings.iter().any(|w| w.contains("legacy") && w.contains("already mounts")), "{:?}", d.warnings);
+        let p = d.mutated.unwrap();
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.containers[0], submitted.spec.as_ref().unwrap().containers[0], "left unchanged");
+        assert!(env_of(&p, "web").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
+        assert!(p.metadata.annotations.unwrap()[SKIPPED_ANNOTATION].contains("legacy"));
     }
 
     #[test]

@@ -362,3 +362,62 @@ async fn certificate_rotation_while_pods_are_created_fails_no_admission() {
     assert!(reloads >= 3.0, "expected several renewals, saw {reloads}");
     assert!(cas.len() >= 2 && cas.iter().any(|c| Some(c) != first_ca.as_ref()), "the CA rotated: {cas:?}");
 }
+
+#[tokio::test]
+async fn pods_using_the_webhooks_names_are_admitted() {
+    let cp = setup();
+    let _logs = cp.logs_on_panic();
+    let webhook = Webhook::start(cp, "cloudpass-webhook-names", ("cloudpass-e2e/suite", "names"), &[]).await;
+    team(cp, "names", ("cloudpass-e2e/suite", "names")).await;
+    let client = cp.client().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "names");
+    first_injected(&pods, &webhook).await;
+
+    // Volumes named like the webhook's: the pod is injected, its volumes kept, the
+    // webhook's volumes named so as not to clash (the apiserver refuses duplicates).
+    let own = ["cloudpass-token", "cloudpass-shared", "cloudpass-no-kube-api-token"];
+    let pod = orders_pod(json!({"spec": {
+        "volumes": own.iter().map(|name| json!({"name": name, "emptyDir": {}})).collect::<Vec<_>>(),
+        "containers": [{"name": "api", "image": "orders:3",
+                        "volumeMounts": [{"name": "cloudpass-token", "mountPath": "/data"}]}],
+    }}));
+    let stored = pods.create(&PostParams::default(), &pod).await.expect("the pod is admitted");
+    assert!(injected(&stored));
+    let spec = stored.spec.as_ref().unwrap();
+    let volumes: Vec<_> = spec.volumes.iter().flatten().collect();
+    for name in own {
+        let matching: Vec<_> = volumes.iter().filter(|v| v.name == name).collect();
+        assert!(matching.len() == 1 && matching[0].empty_dir.is_some(), "{name}: the pod's own volume");
+    }
+    let agent = &spec.init_containers.as_ref().unwrap()[0];
+    let token = agent.volume_mounts.iter().flatten().find(|m| m.mount_path == cloudpass_api::agent::TOKEN_DIR).unwrap();
+    assert_ne!(token.name, "cloudpass-token");
+    assert!(volumes.iter().any(|v| v.name == token.name && v.projected.is_some()), "{token:?}");
+    let api_mounts: Vec<_> =
+        spec.containers[0].volume_mounts.iter().flatten().map(|m| (m.name.as_str(), m.mount_path.as_str())).collect();
+    assert!(api_mounts.contains(&("cloudpass-token", "/data")), "{api_mounts:?}");
+
+    // An app container named like the agent: admitted without an agent, and kubectl says why.
+    let named = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "named-like-the-agent", "labels": {"app": "orders"}},
+        "spec": {"serviceAccountName": "orders", "containers": [{"name": "cloudpass-agent", "image": "orders:3"}]}});
+    let out = cp.kubectl_output(&["create", "-n", "names", "-f", "-"], Some(&named.to_string())).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Warning: cloudpass: not injected") && stderr.contains("already named cloudpass-agent"),
+        "{stderr}"
+    );
+    let stored = pods.get("named-like-the-agent").await.unwrap();
+    let spec = stored.spec.as_ref().unwrap();
+    assert!(spec.init_containers.is_none(), "no agent was added");
+    assert_eq!(spec.containers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["cloudpass-agent"]);
+    let annotations = stored.metadata.annotations.unwrap_or_default();
+    assert!(
+        annotations.get("cloudpass.dev/injection-skipped").is_some_and(|a| a.contains("already named cloudpass-agent")),
+        "{annotations:?}"
+    );
+    assert!(!annotations.contains_key("cloudpass.dev/injected"));
+    let (_, metrics) = webhook.get("/metrics").await.unwrap();
+    assert!(metrics.contains(r#"cloudpass_webhook_skips_total{value="name_conflict"} 1"#), "{metrics}");
+}

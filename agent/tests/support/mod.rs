@@ -4,8 +4,11 @@
 //!
 //! The stand-in exists to drive the agent's client through answers that are hard to get
 //! from a real broker on demand (503 then 200, a credential about to expire, a server
-//! that disappears). The tests against the real broker and the official Python SDKs are
-//! in `sdk.rs`.
+//! that disappears, a time window closing in seconds). For a policy set with
+//! [`FakeBroker::mint`] it answers as the broker's credential cache does
+//! (`operator/src/broker/cache.rs`): the same credential until its `refreshAt`, a quarter
+//! of its lifetime before expiry, then a new one. The tests against the real broker and
+//! the official Python SDKs are in `sdk.rs`.
 #![allow(dead_code)]
 
 use std::{
@@ -71,10 +74,28 @@ pub struct Seen {
 
 type Replies = BTreeMap<String, VecDeque<(StatusCode, Value)>>;
 
+/// A policy answered like the broker's cache answers it.
+struct Minting {
+    credential: Credential,
+    lifetime: SignedDuration,
+    current: Option<CredentialResponse>,
+    counts: Minted,
+}
+
+/// What a minting policy's requests got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Minted {
+    /// Requests answered with a new credential.
+    pub new: usize,
+    /// Requests answered with the cached credential: made before its `refreshAt`.
+    pub cached: usize,
+}
+
 #[derive(Clone, Default)]
 struct BrokerState {
     replies: Arc<Mutex<Replies>>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    minting: Arc<Mutex<BTreeMap<String, Minting>>>,
 }
 
 /// A scriptable HTTPS server answering `POST /v1/credentials` like the broker.
@@ -93,6 +114,24 @@ async fn answer(State(state): State<BrokerState>, headers: HeaderMap, body: Stri
     };
     let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     state.seen.lock().unwrap().push(Seen { authorization, request: request.clone() });
+    if let Some(minting) = state.minting.lock().unwrap().get_mut(&request.policy) {
+        let now = Timestamp::now();
+        match &minting.current {
+            Some(current) if now < current.refresh_at => minting.counts.cached += 1,
+            _ => {
+                let expires_at = now + minting.lifetime;
+                minting.current = Some(CredentialResponse {
+                    policy: request.policy.clone(),
+                    credential: minting.credential.clone(),
+                    expires_at,
+                    refresh_at: expires_at - minting.lifetime / 4,
+                    serve_until: None,
+                });
+                minting.counts.new += 1;
+            }
+        }
+        return (StatusCode::OK, Json(serde_json::to_value(&minting.current).unwrap()));
+    }
     let mut replies = state.replies.lock().unwrap();
     let queue = replies.entry(request.policy.clone()).or_default();
     // The last reply sticks.
@@ -121,6 +160,19 @@ impl FakeBroker {
         self.state.replies.lock().unwrap().insert(policy.into(), replies.into());
     }
 
+    /// Answers `policy` as the broker's cache would: `credential`, valid for `lifetime`
+    /// from when it is minted, handed out again until its `refreshAt`.
+    pub fn mint(&self, policy: &str, credential: Credential, lifetime: Duration) {
+        let lifetime = SignedDuration::try_from(lifetime).unwrap();
+        let minting = Minting { credential, lifetime, current: None, counts: Minted::default() };
+        self.state.minting.lock().unwrap().insert(policy.into(), minting);
+    }
+
+    /// What the requests for a minting `policy` got so far.
+    pub fn minted(&self, policy: &str) -> Minted {
+        self.state.minting.lock().unwrap().get(policy).map(|m| m.counts).unwrap_or_default()
+    }
+
     /// Requests received so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
@@ -144,6 +196,19 @@ pub fn ok(policy: &str, credential: Credential, expires_in: i64, refresh_in: i64
         serve_until: None,
     };
     (StatusCode::OK, serde_json::to_value(response).unwrap())
+}
+
+/// [`ok`], to be served only until `serve_until` (the end of the policy's time window).
+pub fn ok_until(
+    policy: &str,
+    credential: Credential,
+    expires_in: i64,
+    refresh_in: i64,
+    serve_until: Timestamp,
+) -> (StatusCode, Value) {
+    let (status, mut body) = ok(policy, credential, expires_in, refresh_in);
+    body["serveUntil"] = serde_json::to_value(serve_until).unwrap();
+    (status, body)
 }
 
 /// An error answer in the broker's format.
