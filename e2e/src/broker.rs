@@ -53,6 +53,16 @@ impl RunningBroker {
     /// Starts `binary` (the `cloudpass-operator` under test) against `cp` as its admin and
     /// waits until `/readyz` passes.
     pub async fn start(cp: &ControlPlane, binary: &Path, options: &BrokerOptions) -> Result<Self> {
+        Self::start_with(cp, binary, options, &[]).await
+    }
+
+    /// [`RunningBroker::start`] with extra flags.
+    pub async fn start_with(
+        cp: &ControlPlane,
+        binary: &Path,
+        options: &BrokerOptions,
+        extra: &[String],
+    ) -> Result<Self> {
         cp.install_crds().await?;
         cp.create_namespace(&options.namespace, &[]).await?;
         let ca = TestCa::new("cloudpass-broker-ca")?;
@@ -99,6 +109,7 @@ impl RunningBroker {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(extra.iter().cloned())
         .collect();
         let log = dir.join("operator.log");
         let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();

@@ -29,7 +29,7 @@ use cloudpass_runtime::{
     certs::{self, CertManager, CertSettings},
     configs::{self, Configs},
     files::{WatchedText, validate_pem_certificates},
-    tls::{self, ReloadableCert},
+    tls::{self, ReloadableCert, ServerLimits},
 };
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
@@ -84,6 +84,24 @@ struct Args {
     /// default; the chart sets `0.0.0.0:8443`.
     #[arg(long, env = "CLOUDPASS_BROKER_ADDR", default_value = "127.0.0.1:8443")]
     broker_addr: SocketAddr,
+    /// Time a broker client has to complete its TLS handshake after connecting.
+    #[arg(long, env = "CLOUDPASS_BROKER_HANDSHAKE_TIMEOUT", default_value = ServerLimits::DEFAULT_HANDSHAKE_TIMEOUT)]
+    broker_handshake_timeout: TextDuration,
+    /// Time a broker client has to send a request's headers; also how long an idle
+    /// HTTP/1.1 connection is kept.
+    #[arg(long, env = "CLOUDPASS_BROKER_HEADER_READ_TIMEOUT", default_value = ServerLimits::DEFAULT_HEADER_READ_TIMEOUT)]
+    broker_header_read_timeout: TextDuration,
+    /// How long an HTTP/2 connection to the broker with no request in progress is kept.
+    #[arg(long, env = "CLOUDPASS_BROKER_IDLE_TIMEOUT", default_value = ServerLimits::DEFAULT_IDLE_TIMEOUT)]
+    broker_idle_timeout: TextDuration,
+    /// Time from a request's headers to the broker's answer (body and upstream calls
+    /// included); past it the client gets 503.
+    #[arg(long, env = "CLOUDPASS_BROKER_REQUEST_TIMEOUT", default_value = ServerLimits::DEFAULT_REQUEST_TIMEOUT)]
+    broker_request_timeout: TextDuration,
+    /// Connections the broker serves at once; more wait in the listen backlog.
+    #[arg(long, env = "CLOUDPASS_BROKER_MAX_CONNECTIONS", default_value_t = ServerLimits::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    broker_max_connections: u32,
     /// Who provides the broker's serving certificate. `self-managed`: the operator keeps
     /// a CA and certificate in `--broker-cert-secret`, rotates them, and publishes the
     /// CA bundle in `--broker-ca-configmap`. `files`: `--broker-tls-cert-file` and
@@ -280,7 +298,15 @@ async fn start_broker(
     let broker = Arc::new(Broker::new(settings, client.clone(), http, configs, keys, audit, metrics.clone()));
     let cert = Arc::new(ReloadableCert::default());
     start_broker_cert(client, args, mode, &cert, metrics).await;
-    let addr = tls::serve(args.broker_addr, broker_server::router(broker.clone()), cert.clone(), Default::default())
+    let limits = ServerLimits {
+        handshake_timeout: args.broker_handshake_timeout.as_std(),
+        header_read_timeout: args.broker_header_read_timeout.as_std(),
+        idle_timeout: args.broker_idle_timeout.as_std(),
+        request_timeout: args.broker_request_timeout.as_std(),
+        max_connections: args.broker_max_connections as usize,
+    };
+    let router = broker_server::router(broker.clone());
+    let addr = tls::serve(args.broker_addr, router, cert.clone(), Default::default(), limits)
         .await
         .map_err(|e| format!("cannot serve the broker on {}: {e}", args.broker_addr))?;
     info!(%addr, "broker serving");

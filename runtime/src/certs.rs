@@ -35,6 +35,8 @@ use rcgen::{
 };
 use tracing::{info, warn};
 
+use cloudpass_api::secret::SecretString;
+
 use crate::{Error, tls::ReloadableCert};
 
 const CA_CERT: &str = "ca.crt";
@@ -80,16 +82,17 @@ pub struct CertSettings {
     pub cert_validity: Duration,
 }
 
-/// A CA: its certificate, key, unique name and expiry (unix seconds).
+/// A CA: its certificate, key, unique name and expiry (unix seconds). Its `Debug`
+/// never shows the key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Ca {
     cert: String,
-    key: String,
+    key: SecretString,
     name: String,
     not_after: i64,
 }
 
-/// The material in the Secret.
+/// The material in the Secret. Its `Debug` never shows a private key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Material {
     /// The CA that signs the serving certificate.
@@ -99,7 +102,7 @@ struct Material {
     /// A retired CA's certificate and expiry: trusted until then.
     previous: Option<(String, i64)>,
     tls_cert: String,
-    tls_key: String,
+    tls_key: SecretString,
     cert_not_after: i64,
 }
 
@@ -140,11 +143,11 @@ fn new_ca(settings: &CertSettings) -> Result<Ca, Error> {
     // A unique name per CA, so that the old and the new CA are told apart during overlap.
     let name = format!("{}-ca-{}", settings.owner, random_hex(6));
     let cert = ca_params(&name, not_after)?.self_signed(&key).map_err(rcgen_err)?;
-    Ok(Ca { cert: cert.pem(), key: key.serialize_pem(), name, not_after })
+    Ok(Ca { cert: cert.pem(), key: key.serialize_pem().into(), name, not_after })
 }
 
-fn issue_serving(settings: &CertSettings, ca: &Ca) -> Result<(String, String, i64), Error> {
-    let ca_key = KeyPair::from_pem(&ca.key).map_err(rcgen_err)?;
+fn issue_serving(settings: &CertSettings, ca: &Ca) -> Result<(String, SecretString, i64), Error> {
+    let ca_key = KeyPair::from_pem(ca.key.expose()).map_err(rcgen_err)?;
     // The issuer is rebuilt from the CA's name and key: all a signature needs.
     let issuer = Issuer::new(ca_params(&ca.name, ca.not_after)?, ca_key);
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rcgen_err)?;
@@ -167,7 +170,7 @@ fn issue_serving(settings: &CertSettings, ca: &Ca) -> Result<(String, String, i6
     params.not_after = offset(not_after)?;
     let key = KeyPair::generate().map_err(rcgen_err)?;
     let cert = params.signed_by(&key, &issuer).map_err(rcgen_err)?;
-    Ok((cert.pem(), key.serialize_pem(), not_after))
+    Ok((cert.pem(), key.serialize_pem().into(), not_after))
 }
 
 /// Renew when a third of the lifetime is left.
@@ -192,9 +195,10 @@ impl Material {
     fn from_secret(secret: &Secret) -> Option<Self> {
         let data = secret.data.as_ref()?;
         let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok());
+        let secret_text = |k: &str| text(k).map(SecretString::from);
         let ann = secret.annotations();
         let num = |k: &str| ann.get(k).and_then(|v| v.parse::<i64>().ok());
-        let next = match (text(NEXT_CA_CERT), text(NEXT_CA_KEY), ann.get(NEXT_CA_NAME)) {
+        let next = match (text(NEXT_CA_CERT), secret_text(NEXT_CA_KEY), ann.get(NEXT_CA_NAME)) {
             (Some(cert), Some(key), Some(name)) => Some((
                 Ca { cert, key, name: name.clone(), not_after: num(NEXT_CA_NOT_AFTER)? },
                 num(NEXT_CA_STAGED_AT)?,
@@ -205,29 +209,30 @@ impl Material {
         Some(Self {
             ca: Ca {
                 cert: text(CA_CERT)?,
-                key: text(CA_KEY)?,
+                key: secret_text(CA_KEY)?,
                 name: ann.get(CA_NAME)?.clone(),
                 not_after: num(CA_NOT_AFTER)?,
             },
             next,
             previous,
             tls_cert: text(TLS_CERT)?,
-            tls_key: text(TLS_KEY)?,
+            tls_key: secret_text(TLS_KEY)?,
             cert_not_after: num(CERT_NOT_AFTER)?,
         })
     }
 
     fn apply_to(&self, secret: &mut Secret) {
         let bundle = self.bundle();
+        // The keys leave the process here, on purpose: into the Secret.
         let mut data = vec![
-            (CA_CERT, &self.ca.cert),
-            (CA_KEY, &self.ca.key),
+            (CA_CERT, self.ca.cert.as_str()),
+            (CA_KEY, self.ca.key.expose()),
             (BUNDLE, &bundle),
             (TLS_CERT, &self.tls_cert),
-            (TLS_KEY, &self.tls_key),
+            (TLS_KEY, self.tls_key.expose()),
         ];
         if let Some((next, _)) = &self.next {
-            data.extend([(NEXT_CA_CERT, &next.cert), (NEXT_CA_KEY, &next.key)]);
+            data.extend([(NEXT_CA_CERT, next.cert.as_str()), (NEXT_CA_KEY, next.key.expose())]);
         }
         if let Some((cert, _)) = &self.previous {
             data.push((PREVIOUS_CA_CERT, cert));
@@ -294,7 +299,7 @@ pub struct CertManager {
     settings: CertSettings,
     cert: Arc<ReloadableCert>,
     on_reload: Box<dyn Fn() + Send + Sync>,
-    loaded: std::sync::Mutex<Option<(String, String)>>,
+    loaded: std::sync::Mutex<Option<(String, SecretString)>>,
 }
 
 impl CertManager {
@@ -358,7 +363,7 @@ impl CertManager {
         let pair = (material.tls_cert.clone(), material.tls_key.clone());
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.as_ref() != Some(&pair) {
-            self.cert.set(&pair.0, &pair.1)?;
+            self.cert.set(&pair.0, pair.1.expose())?;
             (self.on_reload)();
             info!(not_after = material.cert_not_after, "serving certificate loaded");
             *loaded = Some(pair);
@@ -535,6 +540,27 @@ mod tests {
         assert_eq!(next.ca, nearly_expired.ca, "staged only: clients have not seen the new CA yet");
         let promoted = next.rotated(&s).unwrap().expect("promoted at once, the current CA being about to expire");
         assert_eq!(promoted.ca, next.next.unwrap().0);
+    }
+
+    #[test]
+    fn debug_output_shows_no_private_key() {
+        let m = Material::fresh(&settings(3 * 86400, 86400)).unwrap();
+        // With a CA staged, all three keys are held.
+        let staged = m.rotated(&settings(100 * 86400, 100 * 86400)).unwrap().expect("staging due");
+        let mut secret = Secret::default();
+        staged.apply_to(&mut secret);
+        let data = secret.data.unwrap();
+        let keys: Vec<String> =
+            [CA_KEY, TLS_KEY, NEXT_CA_KEY].iter().map(|k| String::from_utf8(data[*k].0.clone()).unwrap()).collect();
+        let shown = format!("{staged:?} {staged:#?} {:?}", staged.ca);
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        for key in keys {
+            // The base64 body of each PEM key, line by line.
+            for line in key.lines().filter(|l| !l.starts_with("-----") && l.len() >= 16) {
+                assert!(!shown.contains(line), "a private key appears in Debug output");
+            }
+        }
+        assert!(shown.contains("redacted"), "{shown}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use cloudpass_webhook::{
     inject::{InjectSettings, Ports},
     metrics::Metrics,
     server::{self, AppState},
-    tls::{self, ReloadableCert},
+    tls::{self, ReloadableCert, ServerLimits},
 };
 use tracing::{error, info, warn};
 
@@ -43,6 +43,24 @@ struct Args {
     /// HTTPS address serving `/mutate`, `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, env = "CLOUDPASS_LISTEN_ADDR", default_value = "0.0.0.0:9443")]
     listen_addr: SocketAddr,
+    /// Time a client has to complete its TLS handshake after connecting.
+    #[arg(long, env = "CLOUDPASS_HANDSHAKE_TIMEOUT", default_value = ServerLimits::DEFAULT_HANDSHAKE_TIMEOUT)]
+    handshake_timeout: TextDuration,
+    /// Time a client has to send a request's headers; also how long an idle HTTP/1.1
+    /// connection is kept.
+    #[arg(long, env = "CLOUDPASS_HEADER_READ_TIMEOUT", default_value = ServerLimits::DEFAULT_HEADER_READ_TIMEOUT)]
+    header_read_timeout: TextDuration,
+    /// How long an HTTP/2 connection with no request in progress is kept.
+    #[arg(long, env = "CLOUDPASS_IDLE_TIMEOUT", default_value = ServerLimits::DEFAULT_IDLE_TIMEOUT)]
+    idle_timeout: TextDuration,
+    /// Time from a request's headers to the answer (body included); past it the client
+    /// gets 503.
+    #[arg(long, env = "CLOUDPASS_REQUEST_TIMEOUT", default_value = ServerLimits::DEFAULT_REQUEST_TIMEOUT)]
+    request_timeout: TextDuration,
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "CLOUDPASS_MAX_CONNECTIONS", default_value_t = ServerLimits::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
     /// Agent image injected into pods.
     #[arg(long, env = "CLOUDPASS_AGENT_IMAGE", default_value = concat!("ghcr.io/cloudpass-dev/cloudpass-agent:", env!("CARGO_PKG_VERSION")))]
     agent_image: String,
@@ -218,7 +236,14 @@ async fn main() -> ExitCode {
     let admission = Arc::new(Admission { configs, settings, metrics: metrics.clone() });
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let router = server::router(AppState { admission, cert: cert.clone(), stopping: stopping.clone() });
-    match tls::serve(args.listen_addr, router, cert, metrics.connections.clone()).await {
+    let limits = ServerLimits {
+        handshake_timeout: args.handshake_timeout.as_std(),
+        header_read_timeout: args.header_read_timeout.as_std(),
+        idle_timeout: args.idle_timeout.as_std(),
+        request_timeout: args.request_timeout.as_std(),
+        max_connections: args.max_connections as usize,
+    };
+    match tls::serve(args.listen_addr, router, cert, metrics.connections.clone(), limits).await {
         Ok(addr) => info!(%addr, config_namespace, "cloudpass-webhook serving"),
         Err(e) => {
             error!(error = %e, "cannot serve");

@@ -187,6 +187,11 @@ impl RunningWebhook {
         self.wait_ready().await
     }
 
+    /// Process ID of the running webhook, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.lock().expect("webhook lock").as_ref().and_then(ManagedProcess::pid)
+    }
+
     /// Where the webhook logs.
     pub fn log_path(&self) -> &Path {
         &self.log
