@@ -132,15 +132,12 @@ impl Default for EvidenceSettings {
     }
 }
 
-/// The default server ID of the broker at `url`: its host, with the port unless it is
-/// the scheme's default (as in a `Host` header). `None` when `url` has no host.
+/// The default server ID of the broker at `url`: its host, without the port, which is
+/// what the broker accepts by default (the host of its issuer URL and its Service's
+/// name). `None` when `url` has no host.
 pub fn server_id_of(url: &str) -> Option<String> {
     let url = reqwest::Url::parse(url).ok()?;
-    let host = url.host_str()?;
-    Some(match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
-    })
+    url.host_str().map(str::to_owned)
 }
 
 /// AWS credentials as the container-credentials endpoint and IMDS return them.
@@ -366,18 +363,14 @@ mod tests {
     }
 
     #[test]
-    fn the_default_server_id_is_the_brokers_host_and_port() {
+    fn the_default_server_id_is_the_brokers_host() {
         assert_eq!(
             server_id_of("https://broker.cloudpass-system.svc:8443").as_deref(),
-            Some("broker.cloudpass-system.svc:8443")
+            Some("broker.cloudpass-system.svc"),
+            "the name the broker accepts by default"
         );
         assert_eq!(server_id_of("https://broker.example.com/").as_deref(), Some("broker.example.com"));
-        assert_eq!(
-            server_id_of("https://broker.example.com:443").as_deref(),
-            Some("broker.example.com"),
-            "default port"
-        );
-        assert_eq!(server_id_of("https://[::1]:9443").as_deref(), Some("[::1]:9443"));
+        assert_eq!(server_id_of("https://[::1]:9443").as_deref(), Some("[::1]"));
         assert_eq!(server_id_of("not a url"), None);
     }
 
