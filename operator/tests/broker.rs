@@ -50,6 +50,7 @@ fn broker() -> &'static Broker {
                     // Everything at trace level, dependencies included: the tests search the
                     // whole output for every token and secret they handled.
                     log_level: "trace".into(),
+                    ..Default::default()
                 };
                 let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
                 Broker { cp, running: RunningBroker::start(cp, binary, &options).await.unwrap() }

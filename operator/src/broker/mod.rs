@@ -13,6 +13,7 @@ pub mod aws;
 pub mod cache;
 pub mod conditions;
 pub mod credential;
+pub mod egress;
 pub mod jwt;
 pub mod server;
 pub mod trust;
@@ -33,6 +34,7 @@ use crate::{issuer::KeySet, metrics::Metrics};
 use audit::{Audit, AuditRecord};
 use authn::{Caller, Origin, TokenReviewer};
 use cache::{CredentialCache, Lookup};
+use egress::{Egress, sanitize};
 use jwt::{Expectations, JwtVerifier, KeySource};
 
 /// Why a request was not answered with a credential. Never holds a secret.
@@ -105,7 +107,7 @@ impl Default for BrokerSettings {
 pub struct Broker {
     settings: BrokerSettings,
     client: kube::Client,
-    http: reqwest::Client,
+    http: Egress,
     configs: Arc<Configs>,
     reviewer: TokenReviewer,
     verifier: JwtVerifier,
@@ -135,7 +137,7 @@ impl Broker {
     pub fn new(
         settings: BrokerSettings,
         client: kube::Client,
-        http: reqwest::Client,
+        http: Egress,
         configs: Arc<Configs>,
         keys: Arc<RwLock<Option<KeySet>>>,
         audit: Audit,
@@ -143,7 +145,7 @@ impl Broker {
     ) -> Self {
         Self {
             reviewer: TokenReviewer::new(client.clone(), settings.token_cache_ttl),
-            verifier: JwtVerifier::new(http.clone()),
+            verifier: JwtVerifier::new(http.clone()).with_cluster(client.clone()),
             cache: CredentialCache::new(settings.error_cache_ttl),
             settings,
             client,
@@ -229,7 +231,7 @@ impl Broker {
                 .verifier
                 .verify(token, &source, &expect)
                 .await
-                .map_err(|e| Refusal::unauthenticated(format!("token of {issuer} refused: {e}")))?;
+                .map_err(|e| Refusal::unauthenticated(format!("token of {} refused: {e}", sanitize(&issuer))))?;
             return authn::remote_caller(&issuer, claims, namespace);
         }
         let (caller, cached) = self.reviewer.review(token).await?;
