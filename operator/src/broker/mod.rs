@@ -234,8 +234,9 @@ impl Broker {
                 .map_err(|e| Refusal::unauthenticated(format!("token of {} refused: {e}", sanitize(&issuer))))?;
             return authn::remote_caller(&issuer, claims, namespace);
         }
-        let (caller, cached) = self.reviewer.review(token).await?;
-        self.metrics.cache_lookup("token_review", if cached == authn::Cached::Hit { "hit" } else { "miss" });
+        let (answer, cached) = self.reviewer.review(token, &self.verifier).await?;
+        self.metrics.cache_lookup("token_review", cached.as_str());
+        let caller = answer?;
         if let Some(namespace) = &request.namespace
             && namespace != &caller.namespace
         {
