@@ -219,12 +219,28 @@ impl Broker {
         if let Some(namespace) = &request.namespace
             && let Some(issuer) = authn::unverified_issuer(token)
             && let Some(config) = self.configs.get(namespace)
-            && let Some(spec) = config
+            && config
                 .trust_providers
                 .values()
                 .filter_map(|t| t.kubernetes_service_account.as_ref())
-                .find(|k| k.issuer.as_deref() == Some(issuer.as_str()))
+                .any(|k| k.issuer.as_deref() == Some(issuer.as_str()))
         {
+            // Only a TrustProvider that the named policy lists (and so a Ready one: the
+            // compiled config holds nothing else) may verify the token.
+            let spec = config
+                .policy(&request.policy)
+                .into_iter()
+                .flat_map(|p| p.trust_providers.iter())
+                .filter_map(|name| config.trust_providers.get(name))
+                .filter_map(|t| t.kubernetes_service_account.as_ref())
+                .find(|k| k.issuer.as_deref() == Some(issuer.as_str()))
+                .ok_or_else(|| {
+                    Refusal::unauthenticated(format!(
+                        "no Ready TrustProvider of AccessPolicy {} in namespace {namespace} verifies tokens of {}",
+                        sanitize(&request.policy),
+                        sanitize(&issuer)
+                    ))
+                })?;
             let source = KeySource::for_issuer(&issuer, spec.jwks_uri.as_deref(), spec.jwks.as_deref());
             let expect = Expectations { issuer: &issuer, audiences: &spec.audiences, algorithms: &spec.algorithms };
             let claims = self
@@ -288,7 +304,7 @@ impl Broker {
             let spec = config
                 .trust_providers
                 .get(name)
-                .ok_or_else(|| Refusal::denied(format!("trust provider {name} is missing")))?;
+                .ok_or_else(|| Refusal::denied(format!("TrustProvider {name} is not Ready")))?;
             let result = trust::evaluate(name, spec, &caller, &request.evidence, &ctx).await;
             let failed =
                 (!result.passed).then(|| format!("trust provider {name} refused the caller: {}", result.detail));
