@@ -49,6 +49,9 @@ pub struct BrokerOptions {
     pub instance: String,
     /// `--lease-name`; default: the operator's.
     pub lease_name: Option<String>,
+    /// Further CA certificates (PEM) trusted for upstream HTTPS besides the broker's own
+    /// test CA, e.g. another broker's, whose fakes this one must reach too.
+    pub extra_upstream_ca_pem: Option<String>,
 }
 
 impl Default for BrokerOptions {
@@ -60,6 +63,7 @@ impl Default for BrokerOptions {
             allow_private_upstreams: true,
             instance: "e2e".into(),
             lease_name: None,
+            extra_upstream_ca_pem: None,
         }
     }
 }
@@ -85,7 +89,7 @@ impl RunningBroker {
         let (cert, key, ca_file) = (
             write("tls.crt", &serving.cert_pem)?,
             write("tls.key", &serving.key_pem)?,
-            write("ca.crt", &ca.cert_pem())?,
+            write("ca.crt", &(ca.cert_pem() + options.extra_upstream_ca_pem.as_deref().unwrap_or_default()))?,
         );
         let (broker_port, metrics_port) = (free_port()?, free_port()?);
         let url = format!("https://127.0.0.1:{broker_port}");
