@@ -41,11 +41,30 @@ pub struct BrokerOptions {
     pub token_cache_ttl: String,
     /// `--log-level`.
     pub log_level: String,
+    /// `--allow-private-upstreams`: on by default, since the test bed's cloud fakes
+    /// listen on loopback (or the node IP, a private address).
+    pub allow_private_upstreams: bool,
+    /// `--instance`, the leader-election identity; files and logs are kept apart per
+    /// instance.
+    pub instance: String,
+    /// `--lease-name`; default: the operator's.
+    pub lease_name: Option<String>,
+    /// Further CA certificates (PEM) trusted for upstream HTTPS besides the broker's own
+    /// test CA, e.g. another broker's, whose fakes this one must reach too.
+    pub extra_upstream_ca_pem: Option<String>,
 }
 
 impl Default for BrokerOptions {
     fn default() -> Self {
-        Self { namespace: "cloudpass-system".into(), token_cache_ttl: "10s".into(), log_level: "info".into() }
+        Self {
+            namespace: "cloudpass-system".into(),
+            token_cache_ttl: "10s".into(),
+            log_level: "info".into(),
+            allow_private_upstreams: true,
+            instance: "e2e".into(),
+            lease_name: None,
+            extra_upstream_ca_pem: None,
+        }
     }
 }
 
@@ -67,7 +86,10 @@ impl RunningBroker {
         cp.create_namespace(&options.namespace, &[]).await?;
         let ca = TestCa::new("cloudpass-broker-ca")?;
         let serving = ca.issue_server(&[])?;
-        let dir = cp.dir().join(format!("broker-{}", options.namespace));
+        let dir = match options.instance.as_str() {
+            "e2e" => cp.dir().join(format!("broker-{}", options.namespace)),
+            instance => cp.dir().join(format!("broker-{}-{instance}", options.namespace)),
+        };
         std::fs::create_dir_all(&dir)?;
         let write = |name: &str, text: &str| -> Result<String> {
             let p = dir.join(name);
@@ -77,15 +99,15 @@ impl RunningBroker {
         let (cert, key, ca_file) = (
             write("tls.crt", &serving.cert_pem)?,
             write("tls.key", &serving.key_pem)?,
-            write("ca.crt", &ca.cert_pem())?,
+            write("ca.crt", &(ca.cert_pem() + options.extra_upstream_ca_pem.as_deref().unwrap_or_default()))?,
         );
         let (broker_port, metrics_port) = (free_port()?, free_port()?);
         let url = format!("https://127.0.0.1:{broker_port}");
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--namespace",
             &options.namespace,
             "--instance",
-            "e2e",
+            &options.instance,
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
             "--broker-addr",
@@ -111,6 +133,10 @@ impl RunningBroker {
         .map(|s| s.to_string())
         .chain(extra.iter().cloned())
         .collect();
+        args.push(format!("--allow-private-upstreams={}", options.allow_private_upstreams));
+        if let Some(lease) = &options.lease_name {
+            args.push(format!("--lease-name={lease}"));
+        }
         let log = dir.join("operator.log");
         let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();
         let process = ManagedProcess::spawn("operator", binary, &args, &log, &[("KUBECONFIG", &kubeconfig)])?;

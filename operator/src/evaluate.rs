@@ -87,11 +87,24 @@ pub fn evaluate(snapshot: &Snapshot<'_>) -> Evaluation {
         .filter(|p| policies.get(&p.name_any()).is_some_and(|o| o.ready))
         .map(|p| compile(p))
         .collect();
+    // Only Ready providers are compiled: the broker verifies and mints with nothing else,
+    // whatever refers to them.
+    let is_ready = |outcomes: &BTreeMap<String, Outcome>, name: &str| outcomes.get(name).is_some_and(|o| o.ready);
     let config = (!compiled.is_empty()).then(|| {
         NamespaceConfig::new(
             snapshot.namespace,
-            snapshot.trust.iter().map(|t| (t.name_any(), t.spec.clone())).collect(),
-            snapshot.credential.iter().map(|c| (c.name_any(), c.spec.clone())).collect(),
+            snapshot
+                .trust
+                .iter()
+                .filter(|t| is_ready(&trust, &t.name_any()))
+                .map(|t| (t.name_any(), t.spec.clone()))
+                .collect(),
+            snapshot
+                .credential
+                .iter()
+                .filter(|c| is_ready(&credential, &c.name_any()))
+                .map(|c| (c.name_any(), c.spec.clone()))
+                .collect(),
             compiled,
         )
     });
@@ -125,11 +138,12 @@ fn check_public_jwks(text: &str) -> Result<(), String> {
         return Err("the key set is empty".to_owned());
     }
     for (i, key) in keys.iter().enumerate() {
-        if key["kty"].as_str().is_none() {
+        let Some(kty) = key["kty"].as_str() else {
             return Err(format!("key {i} has no \"kty\""));
-        }
-        // Private members of RSA, EC and OKP keys: a JWKS here must never hold them.
-        if ["d", "p", "q", "dp", "dq", "qi"].iter().any(|m| key.get(*m).is_some()) {
+        };
+        // Private members of RSA, EC and OKP keys, and symmetric keys (a shared secret
+        // verifies what anyone who reads it signs): a JWKS here must never hold them.
+        if kty == "oct" || ["d", "p", "q", "dp", "dq", "qi", "oth", "k"].iter().any(|m| key.get(*m).is_some()) {
             return Err(format!("key {i} contains private key material; publish public keys only"));
         }
     }
@@ -472,6 +486,33 @@ mod tests {
             assert!(!o.ready && o.reason == reason && o.message.contains(text), "want {reason} / {text:?}, got {o:?}");
             assert!(e.config.is_none());
         }
+    }
+
+    #[test]
+    fn only_ready_providers_are_compiled() {
+        let leaked = |name: &str, key: serde_json::Value| -> TrustProvider {
+            object(
+                "TrustProvider",
+                name,
+                json!({"kubernetesServiceAccount": {"issuer": "https://x", "namespaces": ["a"], "jwks": json!({"keys": [key]}).to_string()}}),
+            )
+        };
+        let private = json!({"kty": "EC", "crv": "P-256", "x": "x", "y": "y", "d": "secret"});
+        let symmetric = json!({"kty": "oct", "k": "c2VjcmV0"});
+        let e = run(
+            &[trust("k8s"), leaked("leaked", private), leaked("shared-secret", symmetric)],
+            &[
+                sts("s3"),
+                object("CredentialProvider", "broken", json!({"apiKey": {"secretRef": {"name": "nope", "key": "k"}}})),
+            ],
+            &[policy("p", json!({}))],
+        );
+        for name in ["leaked", "shared-secret"] {
+            assert!(!e.trust[name].ready && e.trust[name].message.contains("private key material"), "{:?}", e.trust);
+        }
+        let config = e.config.unwrap();
+        assert_eq!(config.trust_providers.keys().collect::<Vec<_>>(), ["k8s"]);
+        assert_eq!(config.credential_providers.keys().collect::<Vec<_>>(), ["s3"]);
     }
 
     #[test]

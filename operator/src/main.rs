@@ -18,7 +18,12 @@ use clap::{Parser, ValueEnum};
 use cloudpass_api::duration::Duration as TextDuration;
 use cloudpass_cli::{LogArgs, kube_client, termination_deadline};
 use cloudpass_operator::{
-    broker::{Broker, BrokerSettings, audit::Audit, server as broker_server},
+    broker::{
+        Broker, BrokerSettings,
+        audit::Audit,
+        egress::{Egress, EgressPolicy},
+        server as broker_server,
+    },
     issuer,
     metrics::Metrics,
     reconcile::{self, Settings},
@@ -159,8 +164,22 @@ struct Args {
     /// top of the system roots, e.g. for private STS endpoints.
     #[arg(long, env = "CLOUDPASS_UPSTREAM_CA_FILE")]
     upstream_ca_file: Option<PathBuf>,
-    /// How long a positive TokenReview (with the pod's labels) is reused; a deleted pod's
-    /// token is refused at most this long after the deletion.
+    /// Let the broker call loopback, private (`10/8`, `172.16/12`, `192.168/16`,
+    /// `fc00::/7`), shared (`100.64/10`) and other non-public addresses at the URLs that
+    /// TrustProviders and CredentialProviders name (JWKS, discovery, token and STS
+    /// endpoints). Off: only public addresses, so a namespace admin cannot make the
+    /// operator call services inside the cluster or its network. Link-local (instance
+    /// metadata) addresses and `--cluster-cidr` are refused either way.
+    #[arg(long, env = "CLOUDPASS_ALLOW_PRIVATE_UPSTREAMS", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    allow_private_upstreams: bool,
+    /// The cluster's service and pod ranges (CIDR), which the broker never calls, even
+    /// with `--allow-private-upstreams`; repeatable or comma-separated.
+    #[arg(long = "cluster-cidr", env = "CLOUDPASS_CLUSTER_CIDRS", value_delimiter = ',')]
+    cluster_cidrs: Vec<ipnet::IpNet>,
+    /// How long a TokenReview's answer (with the pod's labels) is reused; a deleted pod's
+    /// token is refused at most this long after the deletion, and a refused token is
+    /// not reviewed again within it.
     #[arg(long, env = "CLOUDPASS_TOKEN_CACHE_TTL", default_value = "10s")]
     token_cache_ttl: TextDuration,
     /// After SIGTERM, how long the broker keeps answering (already reporting not ready)
@@ -278,14 +297,18 @@ async fn start_broker(
     let mut http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("cloudpass-broker/", env!("CARGO_PKG_VERSION")));
     if let Some(path) = &args.upstream_ca_file {
         let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
         http = http.tls_certs_merge(certs);
     }
-    let http = http.build().map_err(|e| format!("HTTP client: {e}"))?;
+    let egress =
+        EgressPolicy { allow_private: args.allow_private_upstreams, cluster_cidrs: args.cluster_cidrs.clone() };
+    if egress.allow_private {
+        warn!("--allow-private-upstreams: the broker calls loopback and private addresses that providers name");
+    }
+    let http = Egress::new(http, egress)?;
     let audit = Audit::open(&args.audit_log).map_err(|e| format!("--audit-log {}: {e}", args.audit_log))?;
     let configs = Arc::new(Configs::default());
     tokio::spawn(configs::watch(client.clone(), args.namespace.clone(), configs.clone()));
@@ -667,6 +690,18 @@ mod tests {
         assert!(ids(&["--broker-server-id=has space"]).is_err());
         let parsed = Args::try_parse_from(["cloudpass-operator"]).unwrap();
         assert_eq!(server_ids(&parsed, "https://127.0.0.1:8443").unwrap()[0], "127.0.0.1");
+    }
+
+    #[test]
+    fn private_upstreams_are_refused_unless_allowed() {
+        let parse = |args: &[&str]| Args::try_parse_from([&["cloudpass-operator"], args].concat()).unwrap();
+        assert!(!parse(&[]).allow_private_upstreams);
+        assert!(parse(&["--allow-private-upstreams"]).allow_private_upstreams);
+        assert!(parse(&["--allow-private-upstreams=true"]).allow_private_upstreams);
+        assert!(!parse(&["--allow-private-upstreams=false"]).allow_private_upstreams);
+        let cidrs = parse(&["--cluster-cidr=10.96.0.0/12,10.244.0.0/16", "--cluster-cidr", "fd00::/108"]).cluster_cidrs;
+        assert_eq!(cidrs.len(), 3);
+        assert!(Args::try_parse_from(["cloudpass-operator", "--cluster-cidr=10.96.0.1"]).is_err());
     }
 
     #[test]

@@ -50,6 +50,7 @@ fn broker() -> &'static Broker {
                     // Everything at trace level, dependencies included: the tests search the
                     // whole output for every token and secret they handled.
                     log_level: "trace".into(),
+                    ..Default::default()
                 };
                 let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
                 Broker { cp, running: RunningBroker::start(cp, binary, &options).await.unwrap() }
@@ -58,6 +59,81 @@ fn broker() -> &'static Broker {
         .join()
         .expect("operator start panicked")
     })
+}
+
+/// A second replica of the broker, as production runs it: `--allow-private-upstreams`
+/// off (the suite's main broker has it on, since the cloud fakes listen on loopback). It
+/// serves the same compiled configs and issuer keys, and stands by on a Lease held by
+/// someone else, so it never reconciles and never takes over from the main operator.
+/// Its own metrics count only what the tests send it: one test at a time holds it.
+async fn strict_broker() -> (tokio::sync::MutexGuard<'static, ()>, &'static RunningBroker) {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let turn = TURN.lock().await;
+    (turn, start_strict_broker())
+}
+
+fn start_strict_broker() -> &'static RunningBroker {
+    static STRICT: OnceLock<RunningBroker> = OnceLock::new();
+    let main = broker();
+    STRICT.get_or_init(|| {
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let (namespace, lease) = ("cloudpass-broker", "cloudpass-strict-standby");
+                let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S").to_string();
+                let held = json!({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": lease, "namespace": namespace},
+                    "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 86400,
+                             "acquireTime": format!("{now}.000000Z"), "renewTime": format!("{now}.000000Z")}
+                });
+                main.cp.apply_yaml(Some(namespace), &held.to_string()).unwrap();
+                let options = BrokerOptions {
+                    namespace: namespace.into(),
+                    token_cache_ttl: "60s".into(),
+                    log_level: "debug".into(),
+                    allow_private_upstreams: false,
+                    instance: "strict".into(),
+                    lease_name: Some(lease.into()),
+                    // The cloud fakes' certificates come from the main broker's CA: with
+                    // that CA trusted, only the egress policy keeps this one away.
+                    extra_upstream_ca_pem: Some(main.ca.cert_pem()),
+                };
+                let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
+                RunningBroker::start(main.cp, binary, &options).await.unwrap()
+            })
+        })
+        .join()
+        .expect("the strict operator's start panicked")
+    })
+}
+
+/// Waits until `broker` answers `policy` with something other than "no Ready policy".
+async fn ask_loaded(broker: &RunningBroker, token: &str, body: Value) -> (u16, Value) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, answer) = broker.ask(Some(token), &body).await.unwrap();
+        let loading = status == 403 && answer["message"].as_str().is_some_and(|m| m.contains("no Ready AccessPolicy"));
+        if !loading || Instant::now() > deadline {
+            return (status, answer);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A counter of `broker`'s metrics, by its exact series (`name{labels}`); 0 when absent.
+async fn counter(broker: &RunningBroker, series: &str) -> f64 {
+    let text = broker.metrics().await.unwrap();
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// TokenReviews the apiserver has answered so far (`apiserver_request_total`), from
+/// every client.
+fn apiserver_token_reviews(cp: &ControlPlane) -> f64 {
+    let text = cp.kubectl_ok(&["get", "--raw", "/metrics"]).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{") && l.contains(r#"resource="tokenreviews""#))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, n)| n.parse::<f64>().ok()))
+        .sum()
 }
 
 /// A namespace with a service account and a pod running as it, and a token bound to the pod.
@@ -1229,4 +1305,305 @@ async fn absurd_upstream_lifetimes_are_audited_errors() {
     assert_eq!(record["code"], "UpstreamFailure");
     assert!(record["reason"].as_str().unwrap().contains("expires_in"), "{record}");
     assert!(!b.log_text().contains("panicked"), "no panic in the operator's output");
+}
+
+/// Issue 14, finding 6: the URLs providers name are called only at public addresses
+/// unless `--allow-private-upstreams`. The main broker of this suite has it on and
+/// reaches the fakes on 127.0.0.1; the strict replica refuses, says why, and never
+/// connects: neither the token endpoint nor the JWKS host sees a request from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_destinations_are_refused_unless_allowed() {
+    use cloudpass_e2e::fakes::{
+        oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
+        test_issuer::TestIssuer,
+    };
+    let b = broker();
+    let (_turn, strict) = strict_broker().await;
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-egress";
+    let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    let oauth = OAuth2Fake::start(
+        OAuth2Config {
+            clients: vec![OAuth2Client {
+                client_id: "orders".into(),
+                client_secret: "Eg-4c3b2a1f".into(),
+                allowed_scopes: vec!["invoices.read".into()],
+            }],
+            ..Default::default()
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let ci = TestIssuer::start(&b.ca).await.unwrap();
+    cp.kubectl_ok(&["create", "secret", "generic", "oauth", "-n", ns, "--from-literal=secret=Eg-4c3b2a1f"]).unwrap();
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
+    let http = |host: &str| json!({"kind": "http", "hosts": [host]});
+    let trust = |name: &str, spec: Value| cloudpass_object("TrustProvider", name, spec).to_string();
+    // The same JWKS by name: `localhost` resolves to loopback only.
+    let jwks_by_name = format!("{}/jwks", ci.url().replace("127.0.0.1", "localhost"));
+    let oidc = |jwks_uri: Option<&str>| {
+        let mut spec =
+            json!({"issuer": ci.url(), "audiences": ["cloudpass"], "subjects": ["ci"], "algorithms": ["ES256"]});
+        if let Some(uri) = jwks_uri {
+            spec["jwksUri"] = json!(uri);
+        }
+        json!({"oidc": spec})
+    };
+    let mut docs = vec![
+        K8S_TRUST.to_owned(),
+        trust("ci", oidc(None)),
+        trust("ci-by-name", oidc(Some(&jwks_by_name))),
+        credential_provider(
+            "invoices",
+            json!({"oauth2ClientCredentials": {"tokenUrl": oauth.token_url(), "clientId": "orders",
+                   "clientSecretRef": {"name": "oauth", "key": "secret"}, "scopes": ["invoices.read"]}}),
+        ),
+        credential_provider("partner", json!({"oidcToken": {"audience": "https://partner.example.com"}})),
+        policy("invoices", "orders", "invoices", http("invoices.example.com"), header.clone(), None),
+    ];
+    for (name, trust) in [("via-ci", "ci"), ("via-ci-by-name", "ci-by-name")] {
+        let mut doc: Value = serde_json::from_str(&policy(
+            name,
+            "orders",
+            "partner",
+            http(&format!("{name}.example.com")),
+            header.clone(),
+            None,
+        ))
+        .unwrap();
+        doc["spec"]["trustProviders"] = json!([{"name": "this-cluster"}, {"name": trust}]);
+        docs.push(doc.to_string());
+    }
+    apply_ready(cp, ns, &docs, &["invoices", "via-ci", "via-ci-by-name"]).await;
+    let ci_token = ci.sign(&ci.claims("ci", "cloudpass"));
+    let with_ci =
+        |policy: &str, name: &str| json!({"policy": policy, "evidence": {"tokens": {name: ci_token.clone()}}});
+
+    // Allowed: the main broker reaches the token endpoint and the JWKS, by address and by name.
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "invoices"})).await;
+    assert_eq!(status, 200, "{answer}");
+    for (policy, name) in [("via-ci", "ci"), ("via-ci-by-name", "ci-by-name")] {
+        let (status, answer) = ask_when_loaded(b, &w.token, with_ci(policy, name)).await;
+        assert_eq!(status, 200, "{policy}: {answer}");
+    }
+
+    // Refused: the strict replica names the address and the flag, and connects nowhere.
+    let (oauth_calls, jwks_fetches) = (oauth.calls(), ci.jwks_fetches());
+    let (status, answer) = ask_loaded(strict, &w.token, json!({"policy": "invoices"})).await;
+    assert_eq!((status, answer["code"].as_str()), (403, Some("Denied")), "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(
+        message.contains("refused to call https://127.0.0.1:")
+            && message.contains("127.0.0.1 is a loopback address")
+            && message.contains("--allow-private-upstreams"),
+        "{answer}"
+    );
+    let (status, answer) = ask_loaded(strict, &w.token, with_ci("via-ci", "ci")).await;
+    assert_eq!(status, 403, "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains("trust provider ci refused the caller") && message.contains("loopback"), "{answer}");
+    let (status, answer) = ask_loaded(strict, &w.token, with_ci("via-ci-by-name", "ci-by-name")).await;
+    assert_eq!(status, 403, "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains("refused to call localhost") && message.contains("loopback"), "{answer}");
+    assert_eq!((oauth.calls(), ci.jwks_fetches()), (oauth_calls, jwks_fetches), "the strict broker connected");
+    let log = strict.log_text();
+    assert!(!log.contains("Eg-4c3b2a1f") && !log.contains(w.token.as_str()) && !log.contains(ci_token.as_str()));
+}
+
+/// Issue 14, finding 8: tokens that cannot pass TokenReview are refused before one is
+/// sent (not a JWT, another audience, expired, not signed by this cluster's keys), and
+/// a refused token is remembered: floods of both cost the apiserver a bounded number of
+/// TokenReviews. Counted on the strict replica, which only this test sends tokens to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_token_reviews() {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B};
+    use futures::StreamExt;
+    let (_turn, strict) = strict_broker().await;
+    let cp = broker().cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-flood";
+    let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    cp.apply_yaml(Some(ns), K8S_TRUST).unwrap();
+    cp.apply_yaml(
+        Some(ns),
+        &credential_provider("partner", json!({"oidcToken": {"audience": "https://partner.example.com"}})),
+    )
+    .unwrap();
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
+    cp.apply_yaml(
+        Some(ns),
+        &policy(
+            "partner",
+            "orders",
+            "partner",
+            json!({"kind": "http", "hosts": ["partner.example.com"]}),
+            header,
+            None,
+        ),
+    )
+    .unwrap();
+    wait_ready(cp, ns, &["partner"]).await;
+    let (status, answer) = ask_loaded(strict, &w.token, json!({"policy": "partner"})).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Well-formed tokens that the apiserver would refuse: made up (this cluster's issuer
+    // and key ID, no valid signature), another audience, expired; a real token of a
+    // deleted pod, and a real token for another audience.
+    let (_, jwks) = cp.issuer_documents().await.unwrap();
+    let kid = jwks["keys"][0]["kid"].as_str().unwrap().to_owned();
+    let now = jiff::Timestamp::now().as_second();
+    let forged = |i: usize, aud: &str, exp: i64| {
+        let header = json!({"alg": "RS256", "kid": kid});
+        let claims = json!({"iss": cp.issuer, "aud": [aud], "exp": exp, "iat": now, "nbf": now,
+                            "sub": format!("system:serviceaccount:{ns}:orders-{i}")});
+        format!("{}.{}.{}", B.encode(header.to_string()), B.encode(claims.to_string()), B.encode(format!("sig-{i}")))
+    };
+    let gone = pod_token(cp, ns, "gone-1", "orders", json!({"app": "orders"})).await;
+    cp.kubectl_ok(&["delete", "pod", "gone-1", "-n", ns, "--wait=true"]).unwrap();
+    let other_aud = TokenOptions { audiences: vec!["sts.amazonaws.com".into()], ..Default::default() };
+    let wrong_aud = cp.token(ns, "orders", &other_aud).await.unwrap();
+    let mut tokens: Vec<(String, &str)> = Vec::new();
+    for i in 0..150 {
+        tokens.push((format!("garbage-{i}-{}", "x".repeat(i)), "not a JWT"));
+        tokens.push((forged(i, "cloudpass", now + 600), "not signed by this cluster's service-account keys"));
+        tokens.push((forged(i, "other", now + 600), "audience is not cloudpass"));
+        tokens.push((forged(i, "cloudpass", now - 3600), "expired"));
+        tokens.push((gone.clone(), "refused"));
+        tokens.push((wrong_aud.clone(), "audience is not cloudpass"));
+    }
+    let series = r#"cloudpass_operator_broker_cache_lookups_total{cache="token_review",result="miss"}"#;
+    let reviews_before = counter(strict, series).await;
+    let apiserver_before = apiserver_token_reviews(cp);
+    let http = strict.http();
+    let url = format!("{}/v1/credentials", strict.url);
+    let answers: Vec<(u16, Value, &str)> = futures::stream::iter(tokens.iter())
+        .map(|(token, want)| {
+            let request = http.post(&url).bearer_auth(token).json(&json!({"policy": "partner"}));
+            async move {
+                let response = request.send().await.unwrap();
+                (response.status().as_u16(), response.json::<Value>().await.unwrap(), *want)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    // As the apiserver counts (the other tests of this suite, running meanwhile against
+    // the main broker, add a few of their own): nowhere near one per bad token.
+    let apiserver = apiserver_token_reviews(cp) - apiserver_before;
+    assert!(apiserver < 100.0, "{} bad tokens cost the apiserver {apiserver} TokenReviews", tokens.len());
+    // As the strict replica counts its own: the deleted pod's token is reviewed once (the
+    // replica remembers answers for 60 s); everything else costs none.
+    let reviews = counter(strict, series).await - reviews_before;
+    assert!(reviews <= 1.0, "{} bad tokens cost {reviews} TokenReviews", tokens.len());
+    for (status, answer, want) in &answers {
+        assert_eq!(*status, 401, "{answer}");
+        assert!(answer["message"].as_str().unwrap().contains(want), "{want}: {answer}");
+    }
+    let refused =
+        counter(strict, r#"cloudpass_operator_broker_cache_lookups_total{cache="token_review",result="refused"}"#)
+            .await;
+    assert!(refused >= 600.0, "refused without TokenReview: {refused}");
+    // Good tokens still work.
+    let (status, answer) = ask_loaded(strict, &w.token, json!({"policy": "partner"})).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// Issue 14, finding 9: only Ready TrustProviders verify, and only those the requested
+/// policy lists. One with private key material in its inline JWKS is not Ready, its
+/// policy is not Ready, and a token signed with that key is refused; a token verified by
+/// another Ready TrustProvider of the same issuer is refused for a policy that does not
+/// list that provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_ready_trust_providers_of_the_policy_verify() {
+    use cloudpass_e2e::fakes::SigningKey;
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-not-ready";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    let issuer = "https://oidc.other-cluster.example/id/4f1e";
+    let (leaked, other, shop) = (
+        SigningKey::generate_es256().unwrap(),
+        SigningKey::generate_es256().unwrap(),
+        SigningKey::generate_es256().unwrap(),
+    );
+    let mut leaked_jwk = leaked.jwk().clone();
+    leaked_jwk["d"] = json!("cHJpdmF0ZSBwYXJ0IG9mIHRoZSBrZXk");
+    let remote = |name: &str, jwk: &Value| {
+        cloudpass_object(
+            "TrustProvider",
+            name,
+            json!({"kubernetesServiceAccount": {"issuer": issuer, "jwks": json!({"keys": [jwk]}).to_string(),
+                   "namespaces": ["shop"]}}),
+        )
+        .to_string()
+    };
+    let from = |name: &str, trust: &str| {
+        let mut doc: Value = serde_json::from_str(&policy(
+            name,
+            "unused",
+            "partner",
+            json!({"kind": "http", "hosts": [format!("{name}.example.com")]}),
+            json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}}),
+            None,
+        ))
+        .unwrap();
+        doc["spec"]["client"] = json!({"podSelector": {}, "serviceAccountName": "orders"});
+        doc["spec"]["trustProviders"] = json!([{"name": trust}]);
+        doc.to_string()
+    };
+    for doc in [
+        remote("leaked", &leaked_jwk),
+        // Sorted before `shop`: the first TrustProvider of the issuer in the namespace.
+        remote("other-keys", other.jwk()),
+        remote("shop", shop.jwk()),
+        credential_provider("partner", json!({"oidcToken": {"audience": "https://partner.example.com"}})),
+        from("from-leaked", "leaked"),
+        from("from-other", "other-keys"),
+        from("from-shop", "shop"),
+    ] {
+        cp.apply_yaml(Some(ns), &doc).unwrap();
+    }
+    wait_ready(cp, ns, &["from-other", "from-shop"]).await;
+    let leaked_status =
+        cp.wait_for_condition("trustprovider", ns, "leaked", "Ready", "False", Duration::from_secs(30)).await.unwrap();
+    let condition = leaked_status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(condition["reason"], "InvalidSpec", "{condition}");
+    assert!(condition["message"].as_str().unwrap().contains("private key material"), "{condition}");
+    cp.wait_for_condition("accesspolicy", ns, "from-leaked", "Ready", "False", Duration::from_secs(30)).await.unwrap();
+
+    let now = jiff::Timestamp::now().as_second();
+    let claims = json!({"iss": issuer, "aud": ["cloudpass"], "sub": "system:serviceaccount:shop:orders",
+                        "iat": now, "nbf": now, "exp": now + 600,
+                        "kubernetes.io": {"namespace": "shop", "pod": {"name": "orders-1", "uid": "5f0c"}}});
+    let ask = |policy: &str| json!({"policy": policy, "namespace": ns});
+    let (status, answer) = ask_when_loaded(b, &other.sign(&claims), ask("from-other")).await;
+    assert_eq!(status, 200, "{answer}");
+    // A key of another Ready provider of the same issuer verifies nothing for `from-shop`,
+    // which does not list that provider; its own provider's key does.
+    let (status, answer) = b.ask(Some(&other.sign(&claims)), ask("from-shop")).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("is not in the issuer's JWKS"), "{answer}");
+    let (status, answer) = b.ask(Some(&shop.sign(&claims)), ask("from-shop")).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // The leaked key verifies nothing: not for its own policy, not for another.
+    let forged = leaked.sign(&claims);
+    let (status, answer) = b.ask(Some(&forged), ask("from-leaked")).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("no Ready TrustProvider of AccessPolicy from-leaked"),
+        "{answer}"
+    );
+    let (status, answer) = b.ask(Some(&forged), ask("from-shop")).await;
+    assert_eq!(status, 401, "{answer}");
 }

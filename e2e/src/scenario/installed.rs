@@ -3,8 +3,9 @@
 //! and imported into containerd under their published names), the operator and webhook
 //! as Deployments whose pods the kubelet runs, the broker behind its Service.
 //!
-//! The only value set is the one a cluster with private token endpoints sets too:
-//! `operator.broker.upstreamCA`, the CA of the local cloud emulators and fakes. The
+//! The only values set are the ones a cluster with private token endpoints sets too:
+//! `operator.broker.upstreamCA`, the CA of the local cloud emulators and fakes, and
+//! `operator.broker.allowPrivateUpstreams`, since they listen on the node IP. The
 //! issuer is the chart's default, the broker's in-cluster URL; the cloud fakes on this
 //! host reach it through the broker Service's address (see [`crate::net`]).
 
@@ -61,6 +62,8 @@ impl<'a> Installed<'a> {
             .arg(repo_root().join("charts/cloudpass"))
             .args(["-n", NAMESPACE, "--wait", "--timeout=4m"])
             .args(["--set", &format!("operator.broker.upstreamCA.configMap={CLOUD_CA_CONFIGMAP}")])
+            // The emulators and fakes listen on the node IP, a private address.
+            .args(["--set", "operator.broker.allowPrivateUpstreams=true"])
             .output()?;
         if !out.status.success() {
             bail!("helm install failed: {}\n{}", String::from_utf8_lossy(&out.stderr), describe_pods(cp, NAMESPACE));

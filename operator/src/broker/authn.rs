@@ -2,27 +2,37 @@
 //! (tokens of this cluster) or against another cluster's keys (tokens of a cluster named
 //! by a `kubernetesServiceAccount` TrustProvider with an `issuer`).
 //!
-//! TokenReview also refuses the token of a deleted pod (bound tokens). Positive answers
-//! are cached for a short time, keyed by a hash of the token (never the token itself),
-//! together with the pod's labels, so that a busy agent costs one TokenReview and one pod
-//! read per cache period; a deleted pod is refused at most one period later.
+//! TokenReview also refuses the token of a deleted pod (bound tokens). Before a token
+//! costs the apiserver a TokenReview, cheap checks refuse what cannot pass: it must be a
+//! JWT for audience `cloudpass`, not expired, and signed by one of the keys this cluster
+//! publishes (`/openid/v1/jwks`, cached like every JWKS, see [`super::jwt`]), which
+//! only this cluster's issuer has. Answers, accepted or refused, are cached for a short
+//! time, keyed by a hash of the token (never the token itself), with the pod's labels,
+//! so that a busy agent costs one TokenReview and one pod read per cache period, a
+//! refused token is not reviewed again within it, and a deleted pod is refused at most
+//! one period later. Concurrent requests with one token share one review.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Mutex,
-    time::{Duration, Instant},
+    collections::BTreeMap,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
 };
 
-use cloudpass_api::BROKER_AUDIENCE;
+use cloudpass_api::{BROKER_AUDIENCE, broker::ErrorCode, trust::JwtAlgorithm};
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec},
     core::v1::Pod,
 };
 use kube::{Api, Client, api::PostParams};
+use moka::future::Cache;
 use serde::Deserialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::Refusal;
+use super::{
+    Refusal,
+    jwt::{Expectations, JwtVerifier, KeySource, LEEWAY_SECONDS, VerifyError, claim_strings},
+};
 
 /// Where the caller's token comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,28 +67,50 @@ pub struct Caller {
     pub origin: Origin,
 }
 
-struct Entry {
-    caller: Caller,
-    until: Instant,
-}
+/// Largest number of cached answers; the least recently used go first beyond it.
+const MAX_ENTRIES: u64 = 100_000;
 
-/// Largest number of cached callers; beyond it expired entries are dropped, then all.
-const MAX_ENTRIES: usize = 100_000;
+/// Signature algorithms the apiserver may sign service-account tokens with.
+const CLUSTER_ALGORITHMS: &[JwtAlgorithm] = &[
+    JwtAlgorithm::RS256,
+    JwtAlgorithm::RS384,
+    JwtAlgorithm::RS512,
+    JwtAlgorithm::PS256,
+    JwtAlgorithm::PS384,
+    JwtAlgorithm::PS512,
+    JwtAlgorithm::ES256,
+    JwtAlgorithm::ES384,
+    JwtAlgorithm::EdDSA,
+];
 
 /// Reviews tokens of this cluster.
 pub struct TokenReviewer {
     client: Client,
-    ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], Entry>>,
+    /// Answers by token hash: the caller, or why the token was refused. Failures to
+    /// reach the apiserver are not remembered.
+    answers: Cache<[u8; 32], Result<Caller, Refusal>>,
 }
 
-/// Whether an answer came from the cache.
+/// How an answer was reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cached {
     /// Served from the cache.
     Hit,
-    /// Asked the apiserver.
+    /// Asked the apiserver (TokenReview).
     Miss,
+    /// Refused by the cheap checks, without asking the apiserver.
+    Refused,
+}
+
+impl Cached {
+    /// The label of the `token_review` cache metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Refused => "refused",
+        }
+    }
 }
 
 fn token_key(token: &str) -> [u8; 32] {
@@ -88,34 +120,95 @@ fn token_key(token: &str) -> [u8; 32] {
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 
+/// The unverified header and payload of a compact JWS, if `token` is one.
+fn unverified_parts(token: &str) -> Option<(Value, Value)> {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let mut parts = token.split('.');
+    let (header, payload, signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || signature.is_empty() {
+        return None;
+    }
+    let decode = |part: &str| -> Option<Value> {
+        let value: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()?;
+        value.is_object().then_some(value)
+    };
+    Some((decode(header)?, decode(payload)?))
+}
+
+/// The checks that cost the apiserver nothing: shape, audience, time, and a signature by
+/// one of this cluster's published keys. `Err` is why the token cannot pass TokenReview.
+async fn precheck(token: &str, verifier: &JwtVerifier) -> Result<(), Refusal> {
+    let refuse = |why: &str| Err(Refusal::unauthenticated(format!("the service-account token was refused: {why}")));
+    let Some((_, claims)) = unverified_parts(token) else {
+        return refuse("not a JWT; send the projected service-account token");
+    };
+    let Some(issuer) = claims.get("iss").and_then(Value::as_str) else {
+        return refuse("the token names no issuer");
+    };
+    if !claim_strings(&claims, "aud").iter().any(|a| a == BROKER_AUDIENCE) {
+        return refuse(&format!("the token's audience is not {BROKER_AUDIENCE}"));
+    }
+    let now = jiff::Timestamp::now().as_second();
+    let leeway = LEEWAY_SECONDS as i64;
+    match claims.get("exp").and_then(Value::as_i64) {
+        None => return refuse("the token has no exp claim"),
+        Some(exp) if exp.saturating_add(leeway) < now => return refuse("the token has expired"),
+        Some(_) => {}
+    }
+    if claims.get("nbf").and_then(Value::as_i64).is_some_and(|nbf| nbf.saturating_sub(leeway) > now) {
+        return refuse("the token is not valid yet (nbf)");
+    }
+    let audiences = [BROKER_AUDIENCE.to_owned()];
+    let expect = Expectations { issuer, audiences: &audiences, algorithms: CLUSTER_ALGORITHMS };
+    match verifier.verify::<Value>(token, &KeySource::ThisCluster, &expect).await {
+        Ok(_) => Ok(()),
+        Err(VerifyError::Invalid(why)) => refuse(&format!("not signed by this cluster's service-account keys ({why})")),
+        // Without the keys, TokenReview decides alone.
+        Err(VerifyError::KeysUnavailable(why)) => {
+            tracing::debug!(error = %why, "this cluster's keys are unavailable; the token goes to TokenReview unchecked");
+            Ok(())
+        }
+    }
+}
+
 impl TokenReviewer {
-    /// A reviewer caching positive answers for `ttl`.
+    /// A reviewer remembering answers for `ttl`.
     pub fn new(client: Client, ttl: Duration) -> Self {
-        Self { client, ttl, cache: Mutex::default() }
+        Self { client, answers: Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(ttl).build() }
     }
 
-    /// Reviews `token` (audience `cloudpass`) and reads the pod it is bound to.
-    pub async fn review(&self, token: &str) -> Result<(Caller, Cached), Refusal> {
-        let key = token_key(token);
-        {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(entry) = cache.get(&key)
-                && entry.until > Instant::now()
-            {
-                return Ok((entry.caller.clone(), Cached::Hit));
-            }
-        }
-        let caller = self.review_uncached(token).await?;
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= MAX_ENTRIES {
-            let now = Instant::now();
-            cache.retain(|_, e| e.until > now);
-            if cache.len() >= MAX_ENTRIES {
-                cache.clear();
-            }
-        }
-        cache.insert(key, Entry { caller: caller.clone(), until: Instant::now() + self.ttl });
-        Ok((caller, Cached::Miss))
+    /// Reviews `token` (audience `cloudpass`) and reads the pod it is bound to; tokens
+    /// that cannot pass are refused without asking the apiserver ([`precheck`], with
+    /// this cluster's keys from `verifier`). The answer and how it was reached; `Err`
+    /// when the apiserver could not be asked (not remembered).
+    pub async fn review(
+        &self,
+        token: &str,
+        verifier: &JwtVerifier,
+    ) -> Result<(Result<Caller, Refusal>, Cached), Refusal> {
+        let reviewed = AtomicBool::new(false);
+        let entry = self
+            .answers
+            .entry(token_key(token))
+            .or_try_insert_with(async {
+                if let Err(refusal) = precheck(token, verifier).await {
+                    return Ok(Err(refusal));
+                }
+                reviewed.store(true, Ordering::Relaxed);
+                match self.review_uncached(token).await {
+                    Ok(caller) => Ok(Ok(caller)),
+                    Err(refusal) if refusal.code == ErrorCode::Unauthenticated => Ok(Err(refusal)),
+                    Err(unavailable) => Err(unavailable),
+                }
+            })
+            .await
+            .map_err(|e| (*e).clone())?;
+        let how = match (entry.is_fresh(), reviewed.load(Ordering::Relaxed)) {
+            (false, _) => Cached::Hit,
+            (true, true) => Cached::Miss,
+            (true, false) => Cached::Refused,
+        };
+        Ok((entry.into_value(), how))
     }
 
     async fn review_uncached(&self, token: &str) -> Result<Caller, Refusal> {
@@ -270,6 +363,51 @@ mod tests {
         assert_eq!(caller.origin, Origin::OtherCluster { issuer: "https://other".into(), namespace: "shop".into() });
         let bad: KubernetesClaims = serde_json::from_value(serde_json::json!({"sub": "user:x"})).unwrap();
         assert!(remote_caller("https://other", bad, "team-a").is_err());
+    }
+
+    /// A verifier without this cluster's keys: the signature check is skipped.
+    fn verifier() -> JwtVerifier {
+        let egress = super::super::egress::Egress::new(reqwest::Client::builder(), Default::default()).unwrap();
+        JwtVerifier::new(egress)
+    }
+
+    fn jwt(header: serde_json::Value, claims: serde_json::Value) -> String {
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B};
+        format!("{}.{}.c2ln", B.encode(header.to_string()), B.encode(claims.to_string()))
+    }
+
+    #[tokio::test]
+    async fn tokens_that_cannot_pass_are_refused_before_token_review() {
+        let now = jiff::Timestamp::now().as_second();
+        let header = serde_json::json!({"alg": "RS256", "kid": "k"});
+        let claims = |aud: serde_json::Value, exp: i64| serde_json::json!({"iss": "https://kubernetes.default.svc", "aud": aud, "exp": exp, "sub": "system:serviceaccount:a:b"});
+        let verifier = verifier();
+        let cases = [
+            ("".to_owned(), "not a JWT"),
+            ("garbage".to_owned(), "not a JWT"),
+            ("a.b.c".to_owned(), "not a JWT"),
+            (format!("{}.", jwt(header.clone(), claims("cloudpass".into(), now + 600))), "not a JWT"),
+            (jwt(header.clone(), serde_json::json!({"aud": "cloudpass", "exp": now + 600})), "no issuer"),
+            (jwt(header.clone(), claims("sts.amazonaws.com".into(), now + 600)), "audience is not cloudpass"),
+            (jwt(header.clone(), claims(serde_json::json!(["a", "b"]), now + 600)), "audience is not cloudpass"),
+            (jwt(header.clone(), claims("cloudpass".into(), now - 3600)), "expired"),
+            (
+                jwt(
+                    header.clone(),
+                    serde_json::json!({"iss": "i", "aud": "cloudpass", "exp": now + 600, "nbf": now + 600}),
+                ),
+                "not valid yet",
+            ),
+        ];
+        for (token, want) in cases {
+            let refusal = precheck(&token, &verifier).await.unwrap_err();
+            assert_eq!(refusal.code, ErrorCode::Unauthenticated);
+            assert!(refusal.message.contains(want), "{want}: {}", refusal.message);
+        }
+        // Well-formed, for cloudpass, in time: only the signature is left, and without
+        // this cluster's keys TokenReview decides.
+        let plausible = jwt(header, claims(serde_json::json!(["x", "cloudpass"]), now + 600));
+        assert!(precheck(&plausible, &verifier).await.is_ok());
     }
 
     #[test]

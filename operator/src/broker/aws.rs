@@ -11,7 +11,11 @@ use cloudpass_api::{
 };
 use quick_xml::{Reader, events::Event};
 
-use super::{Refusal, jwt::read_limited};
+use super::{
+    Refusal,
+    egress::{Egress, error_reason, sanitize, sanitize_code},
+    jwt::read_limited,
+};
 
 /// Largest STS answer read.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -66,10 +70,14 @@ pub fn xml_fields(xml: &str, wanted: &[&[&str]]) -> Result<Vec<Option<String>>, 
     Ok(found)
 }
 
-/// The `Code` and `Message` of an STS error answer.
+/// The `Code` and `Message` of an STS error answer, as passed on to callers (bounded,
+/// printable: see [`sanitize`]).
 pub fn sts_error(xml: &str) -> (Option<String>, Option<String>) {
     match xml_fields(xml, &[&["Error", "Code"], &["Error", "Message"]]) {
-        Ok(mut f) => (f.remove(0), f.remove(0)),
+        Ok(mut f) => {
+            let (code, message) = (f.remove(0), f.remove(0));
+            (code.as_deref().and_then(sanitize_code), message.as_deref().map(sanitize))
+        }
         Err(_) => (None, None),
     }
 }
@@ -216,7 +224,7 @@ pub fn allowed_sts_url(url: &reqwest::Url, extra: &[String]) -> bool {
 /// Sends the workload's pre-signed `GetCallerIdentity` request, once it is found bound
 /// to this broker (one of `server_ids`, see [`check_server_id`]), and returns who it is.
 pub async fn get_caller_identity(
-    http: &reqwest::Client,
+    http: &Egress,
     request: &SignedRequest,
     extra_endpoints: &[String],
     server_ids: &[String],
@@ -240,7 +248,7 @@ pub async fn get_caller_identity(
         return Err("evidence must be exactly an sts:GetCallerIdentity request".into());
     }
     check_server_id(request, server_ids)?;
-    let mut builder = http.post(url).body(request.body.clone());
+    let mut builder = http.post(url.as_str())?.body(request.body.clone());
     for (name, value) in &request.headers {
         let lower = name.to_ascii_lowercase();
         if matches!(lower.as_str(), "host" | "content-length" | "connection" | "transfer-encoding") {
@@ -248,7 +256,7 @@ pub async fn get_caller_identity(
         }
         builder = builder.header(name, value.expose());
     }
-    let response = builder.send().await.map_err(|e| format!("STS unreachable: {e}"))?;
+    let response = builder.send().await.map_err(|e| format!("STS unreachable: {}", error_reason(&e)))?;
     let status = response.status();
     let body = read_limited(response, MAX_ANSWER_BYTES).await?;
     let text = String::from_utf8_lossy(&body);
@@ -256,7 +264,7 @@ pub async fn get_caller_identity(
         let (code, message) = sts_error(&text);
         return Err(format!(
             "STS refused the evidence: {} ({})",
-            code.unwrap_or_else(|| status.to_string()),
+            code.unwrap_or_else(|| format!("HTTP {}", status.as_u16())),
             message.unwrap_or_default()
         ));
     }
@@ -284,7 +292,7 @@ pub struct StsCredentials {
 
 /// Calls `AssumeRoleWithWebIdentity`.
 pub async fn assume_role_with_web_identity(
-    http: &reqwest::Client,
+    http: &Egress,
     endpoint: &str,
     role_arn: &str,
     session_name: &str,
@@ -301,11 +309,12 @@ pub async fn assume_role_with_web_identity(
     ];
     let response = http
         .post(endpoint)
+        .map_err(Refusal::denied)?
         .header("accept", "application/xml")
         .form(&form)
         .send()
         .await
-        .map_err(|e| Refusal::upstream(format!("AWS STS at {endpoint} unreachable: {e}"), None))?;
+        .map_err(|e| Refusal::upstream(format!("AWS STS at {endpoint} unreachable: {}", error_reason(&e)), None))?;
     let status = response.status();
     let body = read_limited(response, MAX_ANSWER_BYTES).await.map_err(|e| Refusal::upstream(e, None))?;
     let text = String::from_utf8_lossy(&body);

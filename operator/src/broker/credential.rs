@@ -19,7 +19,14 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use serde_json::{Value, json};
 
-use super::{Refusal, authn::Caller, aws, cache::Issued, jwt::read_limited};
+use super::{
+    Refusal,
+    authn::Caller,
+    aws,
+    cache::Issued,
+    egress::{Egress, error_reason, json_error},
+    jwt::read_limited,
+};
 use crate::issuer::KeySet;
 
 /// Largest token-endpoint answer read.
@@ -34,8 +41,8 @@ const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 
 /// What obtaining a credential needs.
 pub struct MintContext<'a> {
-    /// HTTP client for upstream calls.
-    pub http: &'a reqwest::Client,
+    /// HTTP client for upstream calls, under the egress policy.
+    pub http: &'a Egress,
     /// Kubernetes client, to read Secrets.
     pub client: &'a kube::Client,
     /// The issuer's keys.
@@ -190,13 +197,13 @@ fn bounded(req: &MintRequest<'_>, issued_at: Timestamp, expires_at: Timestamp) -
 }
 
 async fn post_form(
-    http: &reqwest::Client,
+    http: &Egress,
     url: &str,
     form: &[(&str, &str)],
     basic: Option<(&str, &str)>,
     service: &str,
 ) -> Result<Value, Refusal> {
-    let mut builder = http.post(url).header("accept", "application/json").form(form);
+    let mut builder = http.post(url).map_err(Refusal::denied)?.header("accept", "application/json").form(form);
     if let Some((user, password)) = basic {
         // RFC 6749 section 2.3.1: both parts are form-encoded before Basic encoding.
         let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
@@ -207,8 +214,10 @@ async fn post_form(
 }
 
 async fn send_json(builder: reqwest::RequestBuilder, url: &str, service: &str) -> Result<Value, Refusal> {
-    let response =
-        builder.send().await.map_err(|e| Refusal::upstream(format!("{service} at {url} unreachable: {e}"), None))?;
+    let response = builder
+        .send()
+        .await
+        .map_err(|e| Refusal::upstream(format!("{service} at {url} unreachable: {}", error_reason(&e)), None))?;
     let status = response.status();
     let body = read_limited(response, MAX_ANSWER_BYTES)
         .await
@@ -221,19 +230,8 @@ async fn send_json(builder: reqwest::RequestBuilder, url: &str, service: &str) -
             Err(Refusal::upstream(format!("{service} answered HTTP {status} without a JSON object"), None))
         };
     }
-    // OAuth2 errors ({"error": "...", "error_description": "..."}) and Google's
-    // ({"error": {"status": "...", "message": "..."}}).
-    let (code, message) = match value.get("error") {
-        Some(Value::String(code)) => (
-            Some(code.clone()),
-            value.get("error_description").and_then(Value::as_str).map(|d| d.lines().next().unwrap_or("").to_owned()),
-        ),
-        Some(Value::Object(e)) => (
-            e.get("status").and_then(Value::as_str).map(str::to_owned),
-            e.get("message").and_then(Value::as_str).map(str::to_owned),
-        ),
-        _ => (None, None),
-    };
+    // Only the upstream's error code and description, bounded: never the body itself.
+    let (code, message) = json_error(&value);
     Err(Refusal::upstream(
         format!(
             "{service} refused the request (HTTP {}): {}",
@@ -487,6 +485,7 @@ async fn gcp(
             let builder = ctx
                 .http
                 .post(&url)
+                .map_err(Refusal::denied)?
                 .bearer_auth(federated.access_token.expose())
                 .json(&json!({"scope": scopes, "lifetime": format!("{}s", lifetime.as_secs())}));
             let answer = send_json(builder, &url, "Google IAM Credentials").await?;

@@ -13,6 +13,7 @@ pub mod aws;
 pub mod cache;
 pub mod conditions;
 pub mod credential;
+pub mod egress;
 pub mod jwt;
 pub mod server;
 pub mod trust;
@@ -33,6 +34,7 @@ use crate::{issuer::KeySet, metrics::Metrics};
 use audit::{Audit, AuditRecord};
 use authn::{Caller, Origin, TokenReviewer};
 use cache::{CredentialCache, Lookup};
+use egress::{Egress, sanitize};
 use jwt::{Expectations, JwtVerifier, KeySource};
 
 /// Why a request was not answered with a credential. Never holds a secret.
@@ -109,7 +111,7 @@ impl Default for BrokerSettings {
 pub struct Broker {
     settings: BrokerSettings,
     client: kube::Client,
-    http: reqwest::Client,
+    http: Egress,
     configs: Arc<Configs>,
     reviewer: TokenReviewer,
     verifier: JwtVerifier,
@@ -139,7 +141,7 @@ impl Broker {
     pub fn new(
         settings: BrokerSettings,
         client: kube::Client,
-        http: reqwest::Client,
+        http: Egress,
         configs: Arc<Configs>,
         keys: Arc<RwLock<Option<KeySet>>>,
         audit: Audit,
@@ -147,7 +149,7 @@ impl Broker {
     ) -> Self {
         Self {
             reviewer: TokenReviewer::new(client.clone(), settings.token_cache_ttl),
-            verifier: JwtVerifier::new(http.clone()),
+            verifier: JwtVerifier::new(http.clone()).with_cluster(client.clone()),
             cache: CredentialCache::new(settings.error_cache_ttl),
             settings,
             client,
@@ -221,23 +223,40 @@ impl Broker {
         if let Some(namespace) = &request.namespace
             && let Some(issuer) = authn::unverified_issuer(token)
             && let Some(config) = self.configs.get(namespace)
-            && let Some(spec) = config
+            && config
                 .trust_providers
                 .values()
                 .filter_map(|t| t.kubernetes_service_account.as_ref())
-                .find(|k| k.issuer.as_deref() == Some(issuer.as_str()))
+                .any(|k| k.issuer.as_deref() == Some(issuer.as_str()))
         {
+            // Only a TrustProvider that the named policy lists (and so a Ready one: the
+            // compiled config holds nothing else) may verify the token.
+            let spec = config
+                .policy(&request.policy)
+                .into_iter()
+                .flat_map(|p| p.trust_providers.iter())
+                .filter_map(|name| config.trust_providers.get(name))
+                .filter_map(|t| t.kubernetes_service_account.as_ref())
+                .find(|k| k.issuer.as_deref() == Some(issuer.as_str()))
+                .ok_or_else(|| {
+                    Refusal::unauthenticated(format!(
+                        "no Ready TrustProvider of AccessPolicy {} in namespace {namespace} verifies tokens of {}",
+                        sanitize(&request.policy),
+                        sanitize(&issuer)
+                    ))
+                })?;
             let source = KeySource::for_issuer(&issuer, spec.jwks_uri.as_deref(), spec.jwks.as_deref());
             let expect = Expectations { issuer: &issuer, audiences: &spec.audiences, algorithms: &spec.algorithms };
             let claims = self
                 .verifier
                 .verify(token, &source, &expect)
                 .await
-                .map_err(|e| Refusal::unauthenticated(format!("token of {issuer} refused: {e}")))?;
+                .map_err(|e| Refusal::unauthenticated(format!("token of {} refused: {e}", sanitize(&issuer))))?;
             return authn::remote_caller(&issuer, claims, namespace);
         }
-        let (caller, cached) = self.reviewer.review(token).await?;
-        self.metrics.cache_lookup("token_review", if cached == authn::Cached::Hit { "hit" } else { "miss" });
+        let (answer, cached) = self.reviewer.review(token, &self.verifier).await?;
+        self.metrics.cache_lookup("token_review", cached.as_str());
+        let caller = answer?;
         if let Some(namespace) = &request.namespace
             && namespace != &caller.namespace
         {
@@ -290,7 +309,7 @@ impl Broker {
             let spec = config
                 .trust_providers
                 .get(name)
-                .ok_or_else(|| Refusal::denied(format!("trust provider {name} is missing")))?;
+                .ok_or_else(|| Refusal::denied(format!("TrustProvider {name} is not Ready")))?;
             let result = trust::evaluate(name, spec, &caller, &request.evidence, &ctx).await;
             let failed =
                 (!result.passed).then(|| format!("trust provider {name} refused the caller: {}", result.detail));

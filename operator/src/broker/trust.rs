@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::{
     authn::{Caller, Origin},
     aws,
+    egress::Egress,
     jwt::{Expectations, JwtVerifier, KeySource, claim_strings},
 };
 
@@ -36,8 +37,8 @@ pub struct TrustResult {
 pub struct TrustContext<'a> {
     /// JWT verification.
     pub verifier: &'a JwtVerifier,
-    /// HTTP client for STS.
-    pub http: &'a reqwest::Client,
+    /// HTTP client for STS, under the egress policy.
+    pub http: &'a Egress,
     /// This broker's server IDs, which `awsRole` evidence must be signed for.
     pub server_ids: &'a [String],
 }
