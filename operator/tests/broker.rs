@@ -422,7 +422,7 @@ fn sdk(kind: &str, extra: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_sts_credentials_through_the_gate_work_in_moto() {
-    use cloudpass_e2e::{fakes::aws_sts::AwsRoleTrust, moto::MotoServer};
+    use cloudpass_e2e::moto::MotoServer;
     let b = broker();
     let cp = b.cp;
     let _logs = cp.logs_on_panic();
@@ -430,12 +430,7 @@ async fn aws_sts_credentials_through_the_gate_work_in_moto() {
     let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
     let moto = MotoServer::start().await.unwrap();
     moto.create_bucket("orders").await.unwrap();
-    let s3_all =
-        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
-    let role = moto.create_role("orders-s3", &s3_all).await.unwrap();
-    let mut trust = AwsRoleTrust::new(&role, &b.url, &format!("system:cloudpass:{ns}:s3"));
-    trust.audiences = vec!["sts.amazonaws.com".into()];
-    let gate = b.sts_gate(&moto, vec![trust]).await.unwrap();
+    let (role, gate) = s3_role_behind_gate(b, &moto, ns, "orders-s3").await;
     let sts = |subject: &str, audience: Option<&str>| {
         let mut spec = json!({"roleArn": role, "region": "us-east-1", "stsEndpoint": gate.url(), "subject": subject,
                               "sessionName": "cloudpass-{pod}"});
@@ -540,10 +535,41 @@ const TENANT: &str = "8c1d3f0e-7b6a-4e55-9f21-0a3b5c7d9e11";
 const CLIENT_ID: &str = "4f9e2c1a-33b7-4d8e-a1f0-6c2b9e8d7a55";
 const OBJECT_ID: &str = "0b7e6d5c-4a39-4e28-8f17-2d3c4b5a6978";
 
+/// An Entra ID fake whose one app trusts the broker's tokens for
+/// `system:cloudpass:<ns>:blob`.
+async fn entra_trusting(b: &Broker, ns: &str) -> cloudpass_e2e::fakes::entra::EntraFake {
+    use cloudpass_e2e::fakes::entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential};
+    let app = EntraApp {
+        client_id: CLIENT_ID.into(),
+        object_id: OBJECT_ID.into(),
+        federated_credentials: vec![FederatedCredential::new(&b.url, &format!("system:cloudpass:{ns}:blob"))],
+    };
+    let config = EntraConfig { tenant_id: TENANT.into(), apps: vec![app], issuer_ca_pem: b.ca.cert_pem() };
+    EntraFake::start(config, &b.ca).await.unwrap()
+}
+
+/// A role `name` in `moto` allowed every S3 action, trusting the broker's tokens for
+/// `system:cloudpass:<ns>:s3` (audience `sts.amazonaws.com`), behind an STS gate: the
+/// role's ARN and the gate.
+async fn s3_role_behind_gate(
+    b: &Broker,
+    moto: &cloudpass_e2e::moto::MotoServer,
+    ns: &str,
+    name: &str,
+) -> (String, cloudpass_e2e::fakes::aws_sts::StsGate) {
+    use cloudpass_e2e::fakes::aws_sts::AwsRoleTrust;
+    let s3_all =
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
+    let role = moto.create_role(name, &s3_all).await.unwrap();
+    let mut trust = AwsRoleTrust::new(&role, &b.url, &format!("system:cloudpass:{ns}:s3"));
+    trust.audiences = vec!["sts.amazonaws.com".into()];
+    let gate = b.sts_gate(moto, vec![trust]).await.unwrap();
+    (role, gate)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entra_google_and_oauth2_credentials() {
     use cloudpass_e2e::fakes::{
-        entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
         google::{GoogleConfig, GoogleFake, ServiceAccount, WorkloadIdentityProvider},
         oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
     };
@@ -552,20 +578,7 @@ async fn entra_google_and_oauth2_credentials() {
     let _logs = cp.logs_on_panic();
     let ns = "broker-clouds";
     let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
-    let entra = EntraFake::start(
-        EntraConfig {
-            tenant_id: TENANT.into(),
-            apps: vec![EntraApp {
-                client_id: CLIENT_ID.into(),
-                object_id: OBJECT_ID.into(),
-                federated_credentials: vec![FederatedCredential::new(&b.url, &format!("system:cloudpass:{ns}:blob"))],
-            }],
-            issuer_ca_pem: b.ca.cert_pem(),
-        },
-        &b.ca,
-    )
-    .await
-    .unwrap();
+    let entra = entra_trusting(b, ns).await;
     let wip = WorkloadIdentityProvider::new("123456789", "cloudpass-pool", "broker", &b.url);
     let sa_email = "reader@orders-project.iam.gserviceaccount.com";
     let google = GoogleFake::start(
@@ -1127,13 +1140,7 @@ spec:
 /// window here closes 25 to 85 seconds after the policies are applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closing_time_window_bounds_the_credential() {
-    use cloudpass_e2e::{
-        fakes::{
-            aws_sts::AwsRoleTrust,
-            entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
-        },
-        moto::MotoServer,
-    };
+    use cloudpass_e2e::moto::MotoServer;
     let b = broker();
     let cp = b.cp;
     let _logs = cp.logs_on_panic();
@@ -1141,26 +1148,8 @@ async fn a_closing_time_window_bounds_the_credential() {
     let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
     cp.kubectl_ok(&["create", "secret", "generic", "weather", "-n", ns, "--from-literal=api-key=wx-Key-4d2e"]).unwrap();
     let moto = MotoServer::start().await.unwrap();
-    let s3_all =
-        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]});
-    let role = moto.create_role("window-s3", &s3_all).await.unwrap();
-    let mut trust = AwsRoleTrust::new(&role, &b.url, &format!("system:cloudpass:{ns}:s3"));
-    trust.audiences = vec!["sts.amazonaws.com".into()];
-    let gate = b.sts_gate(&moto, vec![trust]).await.unwrap();
-    let entra = EntraFake::start(
-        EntraConfig {
-            tenant_id: TENANT.into(),
-            apps: vec![EntraApp {
-                client_id: CLIENT_ID.into(),
-                object_id: OBJECT_ID.into(),
-                federated_credentials: vec![FederatedCredential::new(&b.url, &format!("system:cloudpass:{ns}:blob"))],
-            }],
-            issuer_ca_pem: b.ca.cert_pem(),
-        },
-        &b.ca,
-    )
-    .await
-    .unwrap();
+    let (role, gate) = s3_role_behind_gate(b, &moto, ns, "window-s3").await;
+    let entra = entra_trusting(b, ns).await;
 
     // A window (UTC, every day) that opened ten minutes ago and closes at the first
     // minute boundary at least 25 s from now.
