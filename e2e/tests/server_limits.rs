@@ -169,10 +169,14 @@ impl Target {
         self.connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await
     }
 
-    /// Sends the valid request on `stream` and reads the answer; its status.
+    /// Sends the valid request on `stream` and reads the answer, within [`PATIENCE`]; its
+    /// status.
     async fn ask(&self, stream: &mut Tls) -> Result<u16, String> {
-        stream.write_all(&self.valid).await.map_err(|e| format!("sending: {e}"))?;
-        read_response(stream).await
+        let asked = async {
+            stream.write_all(&self.valid).await.map_err(|e| format!("sending: {e}"))?;
+            read_response(stream).await
+        };
+        tokio::time::timeout(PATIENCE, asked).await.map_err(|_| format!("no answer within {PATIENCE:?}"))?
     }
 
     /// The valid request on a new connection; its status.
