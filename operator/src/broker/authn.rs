@@ -14,7 +14,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -88,7 +91,7 @@ pub struct TokenReviewer {
     client: Client,
     /// Answers by token hash: the caller, or why the token was refused. Failures to
     /// reach the apiserver are not remembered.
-    answers: Cache<[u8; 32], Result<Caller, Refusal>>,
+    answers: Cache<[u8; 32], Result<Arc<Caller>, Refusal>>,
 }
 
 /// How an answer was reached.
@@ -185,18 +188,23 @@ impl TokenReviewer {
         &self,
         token: &str,
         verifier: &JwtVerifier,
-    ) -> Result<(Result<Caller, Refusal>, Cached), Refusal> {
+    ) -> Result<(Result<Arc<Caller>, Refusal>, Cached), Refusal> {
+        let key = token_key(token);
+        // The busy path: an agent asking again within the period.
+        if let Some(answer) = self.answers.get(&key).await {
+            return Ok((answer, Cached::Hit));
+        }
         let reviewed = AtomicBool::new(false);
         let entry = self
             .answers
-            .entry(token_key(token))
+            .entry(key)
             .or_try_insert_with(async {
                 if let Err(refusal) = precheck(token, verifier).await {
                     return Ok(Err(refusal));
                 }
                 reviewed.store(true, Ordering::Relaxed);
                 match self.review_uncached(token).await {
-                    Ok(caller) => Ok(Ok(caller)),
+                    Ok(caller) => Ok(Ok(Arc::new(caller))),
                     Err(refusal) if refusal.code == ErrorCode::Unauthenticated => Ok(Err(refusal)),
                     Err(unavailable) => Err(unavailable),
                 }

@@ -90,43 +90,84 @@ fn session_name(template: &str, req: &MintRequest<'_>) -> String {
 /// The claims of every broker-signed token that come from the caller: `sub` and the
 /// `cloudpass.dev` claim. A cloud may decide on any of them (a Google attribute
 /// condition on `assertion['cloudpass.dev'].serviceAccount`, a partner on `pod`), so a
-/// credential obtained with them is shared only with callers for which they are equal.
-fn caller_claims(req: &MintRequest<'_>, subject: &str) -> serde_json::Map<String, Value> {
-    let mut claims = serde_json::Map::new();
-    claims.insert("sub".into(), json!(subject));
-    claims.insert(
-        "cloudpass.dev".into(),
-        json!({
-            "namespace": req.caller.namespace,
-            "serviceAccount": req.caller.service_account,
-            "pod": req.caller.pod,
-            "policy": req.policy.name,
-            "credentialProvider": req.provider,
-        }),
-    );
-    claims
+/// credential obtained with them is shared only with callers for which they are equal:
+/// the cache key is made of the same fields ([`CallerClaims::write_key`]).
+struct CallerClaims<'a> {
+    subject: String,
+    namespace: &'a str,
+    service_account: &'a str,
+    pod: Option<&'a str>,
+    policy: &'a str,
+    provider: &'a str,
+}
+
+impl<'a> CallerClaims<'a> {
+    fn of(req: &MintRequest<'a>, subject: String) -> Self {
+        Self {
+            subject,
+            namespace: &req.caller.namespace,
+            service_account: &req.caller.service_account,
+            pod: req.caller.pod.as_deref(),
+            policy: &req.policy.name,
+            provider: req.provider,
+        }
+    }
+
+    /// The claims as they are signed.
+    fn to_claims(&self) -> serde_json::Map<String, Value> {
+        // Destructured, so that a claim added here cannot be left out of the key.
+        let Self { subject, namespace, service_account, pod, policy, provider } = self;
+        let mut claims = serde_json::Map::new();
+        claims.insert("sub".into(), json!(subject));
+        claims.insert(
+            "cloudpass.dev".into(),
+            json!({
+                "namespace": namespace,
+                "serviceAccount": service_account,
+                "pod": pod,
+                "policy": policy,
+                "credentialProvider": provider,
+            }),
+        );
+        claims
+    }
+
+    /// Appends the same claims to a cache key: NUL-separated (no Kubernetes name holds
+    /// one), without building the JSON on every request.
+    fn write_key(&self, key: &mut String) {
+        let Self { subject, namespace, service_account, pod, policy, provider } = self;
+        let pod = pod.map_or(String::from("\u{1}"), |p| format!("={p}"));
+        for part in [subject.as_str(), namespace, service_account, &pod, policy, provider] {
+            key.push_str(part);
+            key.push('\u{0}');
+        }
+    }
 }
 
 /// The part of the cache key that depends on the caller: everything of the upstream
 /// request that varies between callers. For providers that present a broker-signed
-/// token, that is every caller claim the broker signs ([`caller_claims`]), so a token
+/// token, that is every caller claim the broker signs ([`CallerClaims`]), so a token
 /// (or what a cloud exchanged it for) is never handed to a caller it was not signed for;
 /// plus the rendered session name for AWS. Providers that present no caller data
 /// (OAuth2 client credentials, Secrets) share one credential per policy.
 pub fn cache_discriminator(req: &MintRequest<'_>) -> String {
     let spec = req.spec;
-    let signed = |format: SubjectFormat| Value::Object(caller_claims(req, &subject_of(format, req))).to_string();
-    if let Some(aws) = &spec.aws_sts {
-        format!("{}\u{0}{}", signed(aws.subject), session_name(&aws.session_name, req))
+    let mut key = String::new();
+    let format = if let Some(aws) = &spec.aws_sts {
+        CallerClaims::of(req, subject_of(aws.subject, req)).write_key(&mut key);
+        key.push_str(&session_name(&aws.session_name, req));
+        return key;
     } else if let Some(a) = &spec.azure_workload_identity {
-        signed(a.subject)
+        a.subject
     } else if let Some(g) = &spec.gcp_workload_identity {
-        signed(g.subject)
+        g.subject
     } else if let Some(o) = &spec.oidc_token {
-        signed(o.subject)
+        o.subject
     } else {
-        String::new()
-    }
+        return key;
+    };
+    CallerClaims::of(req, subject_of(format, req)).write_key(&mut key);
+    key
 }
 
 /// A random token ID.
@@ -150,7 +191,7 @@ fn sign(
     lifetime: Duration,
 ) -> Result<String, Refusal> {
     let now = issued_at.as_second();
-    let mut claims = caller_claims(req, subject);
+    let mut claims = CallerClaims::of(req, subject.to_owned()).to_claims();
     claims.insert("iss".into(), json!(ctx.issuer_url));
     claims.insert("aud".into(), json!(audience));
     claims.insert("iat".into(), json!(now));
@@ -677,9 +718,11 @@ mod tests {
             assert_ne!(key(&orders), key(&other_pod), "{spec:?}: pods share");
             assert_eq!(key(&orders), key(&orders.clone()));
             // Exactly what is signed: every caller claim is in the key.
-            let claims = Value::Object(caller_claims(&request(&spec, &p, &billing), "s")).to_string();
-            for part in ["billing-1", "\"billing\"", "team-a", "to-s3", "\"p\""] {
-                assert!(claims.contains(part) && key(&billing).contains(part), "{part} in {}", key(&billing));
+            let req = request(&spec, &p, &billing);
+            let claims = Value::Object(CallerClaims::of(&req, "s".into()).to_claims()).to_string();
+            for part in ["billing-1", "billing", "team-a", "to-s3", "p"] {
+                assert!(claims.contains(&format!("\"{part}\"")), "{part} in {claims}");
+                assert!(key(&billing).contains(&format!("{part}\u{0}")), "{part} in {:?}", key(&billing));
             }
         }
         // Nothing of the caller reaches an OAuth2 server or a Secret: one credential.

@@ -217,7 +217,7 @@ impl Broker {
         token: &str,
         request: &CredentialRequest,
         record: &mut AuditRecord,
-    ) -> Result<Caller, Refusal> {
+    ) -> Result<Arc<Caller>, Refusal> {
         // Another cluster's token is recognised by an issuer that a TrustProvider in the
         // named namespace trusts; everything else goes to TokenReview.
         if let Some(namespace) = &request.namespace
@@ -252,7 +252,7 @@ impl Broker {
                 .verify(token, &source, &expect)
                 .await
                 .map_err(|e| Refusal::unauthenticated(format!("token of {} refused: {e}", sanitize(&issuer))))?;
-            return authn::remote_caller(&issuer, claims, namespace);
+            return authn::remote_caller(&issuer, claims, namespace).map(Arc::new);
         }
         let (answer, cached) = self.reviewer.review(token, &self.verifier).await?;
         self.metrics.cache_lookup("token_review", cached.as_str());
@@ -333,11 +333,12 @@ impl Broker {
         let access_ends = conditions::access_ends(policy.conditions.as_ref(), now);
         let req = credential::MintRequest { provider, spec, policy, caller: &caller, max_lifetime, access_ends };
         let key = cache_key(config, &req);
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let keys = keys.ok_or_else(|| Refusal::unavailable("signing keys not loaded"))?;
         let (issued, lookup) = self
             .cache
             .get(&key, || async {
+                // Read only on a miss: a cache hit needs no key.
+                let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let keys = keys.ok_or_else(|| Refusal::unavailable("signing keys not loaded"))?;
                 let mint = credential::MintContext {
                     http: &self.http,
                     client: &self.client,
