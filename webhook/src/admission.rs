@@ -242,7 +242,7 @@ mod tests {
         json_patch::patch(&mut sent, &patch).unwrap();
         assert_eq!(sent["spec"]["initContainers"][0]["name"], "cloudpass-agent");
         assert_eq!(sent["spec"]["containers"][0]["name"], "web");
-        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{value="injected"} 1"#));
+        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{result="injected"} 1"#));
     }
 
     #[test]
@@ -285,6 +285,6 @@ mod tests {
         let answer = serde_json::to_value(a.review(&review("Pod", "", "CREATE", Some(broken))).unwrap()).unwrap();
         assert_eq!(answer["response"]["allowed"], false);
         assert!(answer["response"]["status"]["message"].as_str().unwrap().contains("cannot read the pod"));
-        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{value="bad_request"} 2"#));
+        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{result="bad_request"} 2"#));
     }
 }
