@@ -27,7 +27,10 @@ use k8s_openapi::{
     apimachinery::pkg::api::resource::Quantity,
 };
 
+pub use self::patch::{Changes, ContainerAdditions, ContainerList, PatchError};
 use crate::files::WatchedText;
+
+mod patch;
 
 /// Names of the volumes the webhook adds (or, when the pod already has a volume of that
 /// name, the first free one of `<name>-2`, `<name>-3`, ...: see [`VolumeNames`]).
@@ -131,9 +134,10 @@ impl Skip {
 /// The result of looking at one pod.
 #[derive(Debug)]
 pub struct Decision {
-    /// The pod to store (`None`: unchanged). Set for a skip too when the pod only gets
-    /// the `cloudpass.dev/injection-skipped` annotation ([`Skip::NameConflict`]).
-    pub mutated: Option<Pod>,
+    /// What to add to the pod (`None`: unchanged); [`Changes::patch`] makes the JSON
+    /// Patch of it. Set for a skip too when the pod only gets the
+    /// `cloudpass.dev/injection-skipped` annotation ([`Skip::NameConflict`]).
+    pub changes: Option<Changes>,
     /// Warnings for the admission response (shown by `kubectl`).
     pub warnings: Vec<String>,
     /// Policies served when injected.
@@ -144,19 +148,28 @@ pub struct Decision {
 
 impl Decision {
     fn skip(reason: Skip, warnings: Vec<String>) -> Self {
-        Self { mutated: None, warnings, policies: Vec::new(), skipped: Some(reason) }
+        Self { changes: None, warnings, policies: Vec::new(), skipped: Some(reason) }
     }
 
-    /// Skips `pod`, recording the warnings in its `cloudpass.dev/injection-skipped`
+    /// Skips the pod, recording the warnings in its `cloudpass.dev/injection-skipped`
     /// annotation, where `kubectl describe` shows them after `kubectl` printed them.
-    fn skip_annotated(pod: &Pod, reason: Skip, warnings: Vec<String>) -> Self {
-        let mut annotated = pod.clone();
-        annotated
-            .metadata
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(SKIPPED_ANNOTATION.into(), warnings.join("; "));
-        Self { mutated: Some(annotated), warnings, policies: Vec::new(), skipped: Some(reason) }
+    fn skip_annotated(reason: Skip, warnings: Vec<String>) -> Self {
+        let changes = Changes {
+            annotations: [(SKIPPED_ANNOTATION.to_owned(), warnings.join("; "))].into(),
+            ..Changes::default()
+        };
+        Self { changes: Some(changes), warnings, policies: Vec::new(), skipped: Some(reason) }
+    }
+
+    /// The pod these changes make of `pod`, which went through k8s-openapi (fields it
+    /// does not know are gone): for tests and tools that hold a typed pod. Admission
+    /// patches the JSON it was sent instead.
+    pub fn mutated(&self, pod: &Pod) -> Result<Option<Pod>, PatchError> {
+        let Some(changes) = &self.changes else { return Ok(None) };
+        let mut json = serde_json::to_value(pod).map_err(|e| PatchError(e.to_string()))?;
+        let patch = changes.patch(&json)?;
+        json_patch::patch(&mut json, &patch).map_err(|e| PatchError(e.to_string()))?;
+        serde_json::from_value(json).map(Some).map_err(|e| PatchError(e.to_string()))
     }
 }
 
@@ -403,7 +416,6 @@ pub fn decide(
     // refuse the pod, renaming ours would break what finds the agent by name.
     if spec.init_containers.iter().flatten().chain(&spec.containers).any(|c| c.name == AGENT_CONTAINER) {
         return Decision::skip_annotated(
-            pod,
             Skip::NameConflict,
             vec![format!(
                 "cloudpass: not injected although AccessPolicy {} selects this pod: a container is already named {AGENT_CONTAINER}, the name of the agent; rename it",
@@ -413,7 +425,6 @@ pub fn decide(
     }
 
     let mut warnings = Vec::new();
-    let mut mutated = pod.clone();
     let mut volume_names = VolumeNames::of(pod);
     let token_volume = volume_names.claim(TOKEN_VOLUME);
     let no_api_token_volume = volume_names.claim(NO_API_TOKEN_VOLUME);
@@ -428,16 +439,19 @@ pub fn decide(
     let mut given: BTreeMap<String, Vec<DeliveryKind>> = BTreeMap::new();
     // Init containers too: the agent, a native sidecar inserted first, is running before
     // any of them starts, so a migration or a download step gets credentials like the app.
-    let spec = mutated.spec.as_mut().expect("checked");
-    let mut containers: Vec<&mut Container> =
-        spec.init_containers.iter_mut().flatten().chain(spec.containers.iter_mut()).collect();
+    let mut containers: Vec<Target> = (spec.init_containers.iter().flatten().enumerate())
+        .map(|(i, c)| Target::new(ContainerList::Init, i, c))
+        .chain(spec.containers.iter().enumerate().map(|(i, c)| Target::new(ContainerList::App, i, c)))
+        .collect();
 
     for policy in &selected {
         let Some(kind) = delivery_kind(policy) else { continue };
         let targets: Vec<usize> = containers
             .iter()
             .enumerate()
-            .filter(|(_, c)| policy.client.containers.is_empty() || policy.client.containers.contains(&c.name))
+            .filter(|(_, t)| {
+                policy.client.containers.is_empty() || policy.client.containers.contains(&t.container.name)
+            })
             .map(|(i, _)| i)
             .collect();
         if targets.is_empty() {
@@ -450,8 +464,9 @@ pub fn decide(
         }
         let mut delivered = false;
         for i in targets {
-            let container = &mut *containers[i];
-            let existing = container.env.clone().unwrap_or_default();
+            let target = &mut containers[i];
+            let container = target.container;
+            let existing = target.env();
             let kinds = given.entry(container.name.clone()).or_default();
             if kinds.contains(&kind) {
                 // Azure (per resource) and the proxy (per host) share one endpoint.
@@ -472,8 +487,7 @@ pub fn decide(
                 ));
                 continue;
             }
-            let mounts_shared_dir =
-                container.volume_mounts.iter().flatten().any(|m| m.mount_path.trim_end_matches('/') == SHARED_DIR);
+            let mounts_shared_dir = target.mounts().any(|m| m.mount_path.trim_end_matches('/') == SHARED_DIR);
             if kind == DeliveryKind::Aws && mounts_shared_dir {
                 warnings.push(format!(
                     "cloudpass: container {} already mounts a volume at {SHARED_DIR}, where the credentials of AccessPolicy {} need their own; left unchanged",
@@ -481,11 +495,9 @@ pub fn decide(
                 ));
                 continue;
             }
-            let mut new_env = existing.clone();
-            new_env.extend(app_env(kind, &settings.ports, identity_header, &existing));
-            container.env = Some(new_env);
+            target.added.env.extend(app_env(kind, &settings.ports, identity_header, &existing));
             if kind == DeliveryKind::Aws {
-                container.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
+                target.added.volume_mounts.push(VolumeMount {
                     name: shared_volume.clone(),
                     mount_path: SHARED_DIR.into(),
                     read_only: Some(true),
@@ -510,7 +522,6 @@ pub fn decide(
         }
     }
 
-    drop(containers);
     if deliveries.is_empty() {
         warnings.push(format!(
             "cloudpass: AccessPolicy {} selects this pod but no container could receive its credentials; agent not injected",
@@ -569,9 +580,7 @@ pub fn decide(
     }
     let agent = agent_container(settings, agent_env, agent_mounts);
 
-    let spec = mutated.spec.as_mut().expect("checked");
-    spec.init_containers.get_or_insert_with(Vec::new).insert(0, agent);
-    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    let mut volumes = Vec::new();
     volumes.push(Volume {
         name: token_volume,
         projected: Some(ProjectedVolumeSource {
@@ -631,13 +640,41 @@ pub fn decide(
             ..Default::default()
         });
     }
-    let annotations = mutated.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    let mut annotations = BTreeMap::new();
     annotations.insert(INJECTED_ANNOTATION.into(), settings.version.clone());
     annotations.insert(POLICIES_ANNOTATION.into(), served.join(","));
     if !warnings.is_empty() {
         annotations.insert(SKIPPED_ANNOTATION.into(), warnings.join("; "));
     }
-    Decision { mutated: Some(mutated), warnings, policies: served, skipped: None }
+    let changes = Changes {
+        containers: containers.into_iter().map(|t| t.added).filter(|a| !a.is_empty()).collect(),
+        agent: Some(agent),
+        volumes,
+        annotations,
+    };
+    Decision { changes: Some(changes), warnings, policies: served, skipped: None }
+}
+
+/// One of the pod's containers as submitted, and what the webhook appends to it.
+struct Target<'a> {
+    container: &'a Container,
+    added: ContainerAdditions,
+}
+
+impl<'a> Target<'a> {
+    fn new(list: ContainerList, index: usize, container: &'a Container) -> Self {
+        Self { container, added: ContainerAdditions::new(list, index, &container.name) }
+    }
+
+    /// Its variables: the pod's, then those appended so far.
+    fn env(&self) -> Vec<EnvVar> {
+        self.container.env.iter().flatten().chain(&self.added.env).cloned().collect()
+    }
+
+    /// Its mounts: the pod's, then those appended so far.
+    fn mounts(&self) -> impl Iterator<Item = &VolumeMount> {
+        self.container.volume_mounts.iter().flatten().chain(&self.added.volume_mounts)
+    }
 }
 
 fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: Vec<VolumeMount>) -> Container {

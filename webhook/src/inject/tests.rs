@@ -74,6 +74,27 @@ fn env_of(pod: &Pod, container: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// What [`decide`] says of `pod`, with the pod its patch makes of it: the tests assert on
+/// the pod the apiserver would store, so they cover the patch as well as the decision.
+#[derive(Debug)]
+struct Outcome {
+    mutated: Option<Pod>,
+    warnings: Vec<String>,
+    policies: Vec<String>,
+    skipped: Option<Skip>,
+}
+
+fn decide_and_patch(
+    pod: &Pod,
+    config: Option<&NamespaceConfig>,
+    settings: &InjectSettings,
+    identity_header: &str,
+) -> Outcome {
+    let d = decide(pod, config, settings, identity_header);
+    let mutated = d.mutated(pod).expect("the patch applies to the pod it was made for");
+    Outcome { mutated, warnings: d.warnings, policies: d.policies, skipped: d.skipped }
+}
+
 fn aws() -> serde_json::Value {
     json!({"kind": "aws"})
 }
@@ -82,7 +103,7 @@ fn aws() -> serde_json::Value {
 fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
     let cfg = config(json!([policy("s3", aws(), json!({}))]));
     let submitted = pod(json!({"initContainers": [{"name": "migrate", "image": "m:1"}], "containers": [app("web")]}));
-    let d = decide(&submitted, Some(&cfg), &settings(), "proof");
+    let d = decide_and_patch(&submitted, Some(&cfg), &settings(), "proof");
     assert!(d.skipped.is_none() && d.warnings.is_empty(), "{d:?}");
     let p = d.mutated.unwrap();
     let spec = p.spec.as_ref().unwrap();
@@ -164,7 +185,7 @@ fn the_agent_is_told_which_cloud_evidence_each_policy_needs() {
         serde_json::from_value(json!([policy("s3", aws(), all), policy("plain", json!({"kind": "gcp"}), json!({}))]))
             .unwrap();
     let cfg = NamespaceConfig::new("team", trust, cred, policies);
-    let d = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "proof");
+    let d = decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "proof");
     let p = d.mutated.unwrap();
     let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
     let json = agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.clone().unwrap();
@@ -200,7 +221,7 @@ fn each_cloud_gets_its_sdk_variables() {
             json!({"delivery": {"httpHeader": {"name": "X-Key", "format": "{token}"}}})
         ),
     ]));
-    let d = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "per-pod-proof");
+    let d = decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "per-pod-proof");
     let p = d.mutated.unwrap();
     let env = env_of(&p, "web");
     assert_eq!(env["IDENTITY_ENDPOINT"], "http://127.0.0.1:15022/msi/token");
@@ -251,7 +272,7 @@ fn pods_left_alone_say_why() {
         ),
     ];
     for (p, c, skip, text) in cases {
-        let d = decide(&p, c, &settings(), "x");
+        let d = decide_and_patch(&p, c, &settings(), "x");
         assert_eq!(d.skipped, Some(skip), "{d:?}");
         assert!(d.mutated.is_none());
         if !text.is_empty() {
@@ -262,11 +283,15 @@ fn pods_left_alone_say_why() {
     let cfg =
         config(json!([policy("s3", aws(), json!({"client": {"podSelector": {}, "serviceAccountName": "reader"}}))]));
     assert_eq!(
-        decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").skipped,
+        decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").skipped,
         Some(Skip::NoPolicy)
     );
-    let d =
-        decide(&pod(json!({"serviceAccountName": "reader", "containers": [app("web")]})), Some(&cfg), &settings(), "x");
+    let d = decide_and_patch(
+        &pod(json!({"serviceAccountName": "reader", "containers": [app("web")]})),
+        Some(&cfg),
+        &settings(),
+        "x",
+    );
     assert!(d.mutated.is_some());
 }
 
@@ -278,7 +303,7 @@ fn the_pods_own_volume_names_never_clash_with_the_webhooks() {
         "volumes": own.iter().map(|name| json!({"name": name, "emptyDir": {}})).collect::<Vec<_>>(),
         "containers": [{"name": "web", "image": "w", "volumeMounts": [{"name": "cloudpass-token", "mountPath": "/data"}]}],
     }));
-    let d = decide(&submitted, Some(&cfg), &settings(), "x");
+    let d = decide_and_patch(&submitted, Some(&cfg), &settings(), "x");
     assert!(d.skipped.is_none() && d.warnings.is_empty(), "{d:?}");
     let p = d.mutated.unwrap();
     let spec = p.spec.as_ref().unwrap();
@@ -304,7 +329,7 @@ fn the_pods_own_volume_names_never_clash_with_the_webhooks() {
 fn a_container_named_like_the_agent_is_admitted_with_the_reason() {
     let cfg = config(json!([policy("s3", aws(), json!({}))]));
     let submitted = pod(json!({"containers": [app("web"), app(AGENT_CONTAINER)]}));
-    let d = decide(&submitted, Some(&cfg), &settings(), "x");
+    let d = decide_and_patch(&submitted, Some(&cfg), &settings(), "x");
     assert_eq!(d.skipped, Some(Skip::NameConflict));
     assert!(d.warnings.iter().any(|w| w.contains("already named cloudpass-agent")), "{:?}", d.warnings);
     let p = d.mutated.expect("annotated");
@@ -313,11 +338,11 @@ fn a_container_named_like_the_agent_is_admitted_with_the_reason() {
     assert!(annotations[SKIPPED_ANNOTATION].contains("already named cloudpass-agent"), "{annotations:?}");
     assert!(!annotations.contains_key(INJECTED_ANNOTATION));
     // Reinvoked: the same answer, still admitted.
-    assert_eq!(decide(&p, Some(&cfg), &settings(), "y").mutated.unwrap().metadata, p.metadata);
+    assert_eq!(decide_and_patch(&p, Some(&cfg), &settings(), "y").mutated.unwrap().metadata, p.metadata);
     // In an init container too; and no policy selecting the pod: left alone, silently.
     let init = pod(json!({"initContainers": [app(AGENT_CONTAINER)], "containers": [app("web")]}));
-    assert_eq!(decide(&init, Some(&cfg), &settings(), "x").skipped, Some(Skip::NameConflict));
-    let d = decide(&init, None, &settings(), "x");
+    assert_eq!(decide_and_patch(&init, Some(&cfg), &settings(), "x").skipped, Some(Skip::NameConflict));
+    let d = decide_and_patch(&init, None, &settings(), "x");
     assert_eq!((d.skipped, d.mutated.is_none(), d.warnings.len()), (Some(Skip::NoPolicy), true, 0));
 }
 
@@ -331,7 +356,7 @@ fn a_container_with_its_own_mount_at_the_shared_directory_keeps_it() {
             app("web"),
         ],
     }));
-    let d = decide(&submitted, Some(&cfg), &settings(), "x");
+    let d = decide_and_patch(&submitted, Some(&cfg), &settings(), "x");
     assert!(d.warnings.iter().any(|w| w.contains("legacy") && w.contains("already mounts")), "{:?}", d.warnings);
     let p = d.mutated.unwrap();
     let spec = p.spec.as_ref().unwrap();
@@ -343,8 +368,9 @@ fn a_container_with_its_own_mount_at_the_shared_directory_keeps_it() {
 #[test]
 fn reinjection_is_a_no_op() {
     let cfg = config(json!([policy("s3", aws(), json!({}))]));
-    let once = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").mutated.unwrap();
-    let twice = decide(&once, Some(&cfg), &settings(), "y");
+    let once =
+        decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").mutated.unwrap();
+    let twice = decide_and_patch(&once, Some(&cfg), &settings(), "y");
     assert_eq!(twice.skipped, Some(Skip::AlreadyInjected));
     assert!(twice.mutated.is_none());
 }
@@ -355,7 +381,7 @@ fn a_private_server_ca_is_mounted_into_the_agent_and_named_in_its_config() {
     let private = json!({"kind": "http", "hosts": ["api.internal"], "tls": {"caConfigMap": {"name": "partner-ca", "key": "bundle.pem"}}});
     let public = json!({"kind": "http", "hosts": ["api.example.com"]});
     let cfg = config(json!([policy("internal", private, header.clone()), policy("public", public, header)]));
-    let p = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").mutated.unwrap();
+    let p = decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x").mutated.unwrap();
     let spec = p.spec.as_ref().unwrap();
     let agent = &spec.init_containers.as_ref().unwrap()[0];
     let mount = agent.volume_mounts.iter().flatten().find(|m| m.name.starts_with(SERVER_CA_VOLUME)).unwrap();
@@ -394,7 +420,7 @@ fn init_containers_receive_credentials_too_and_start_after_the_agent() {
         "containers": [app("web")],
     }));
     let all = config(json!([policy("s3", aws(), json!({}))]));
-    let p = decide(&submitted, Some(&all), &settings(), "x").mutated.unwrap();
+    let p = decide_and_patch(&submitted, Some(&all), &settings(), "x").mutated.unwrap();
     let names: Vec<_> = p.spec.as_ref().unwrap().init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
     assert_eq!(names, [AGENT_CONTAINER, "migrate", "shipper"], "the agent runs before any of them");
     for container in ["migrate", "shipper", "web"] {
@@ -402,7 +428,7 @@ fn init_containers_receive_credentials_too_and_start_after_the_agent() {
     }
     // Named by the policy: only that init container.
     let named = config(json!([policy("s3", aws(), json!({"client": {"podSelector": {}, "containers": ["migrate"]}}))]));
-    let p = decide(&submitted, Some(&named), &settings(), "x").mutated.unwrap();
+    let p = decide_and_patch(&submitted, Some(&named), &settings(), "x").mutated.unwrap();
     assert!(env_of(&p, "migrate").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
     assert!(!env_of(&p, "web").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
     assert!(!env_of(&p, "shipper").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
@@ -415,7 +441,7 @@ fn only_named_containers_receive_credentials_and_existing_settings_win() {
         {"name": "web", "image": "w", "env": [{"name": "LOG", "value": "1"}]},
         {"name": "worker", "image": "w", "env": [{"name": "LOG", "value": "2"}]},
     ]}));
-    let d = decide(&submitted, Some(&cfg), &settings(), "x");
+    let d = decide_and_patch(&submitted, Some(&cfg), &settings(), "x");
     let p = d.mutated.unwrap();
     assert!(!env_of(&p, "web").contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI"));
     let worker = env_of(&p, "worker");
@@ -429,7 +455,7 @@ fn only_named_containers_receive_credentials_and_existing_settings_win() {
         {"name": "web", "image": "w"},
         {"name": "legacy", "image": "l", "env": [{"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://169.254.170.2/x"}]},
     ]}));
-    let d = decide(&submitted, Some(&cfg), &settings(), "x");
+    let d = decide_and_patch(&submitted, Some(&cfg), &settings(), "x");
     assert!(d.warnings.iter().any(|w| w.contains("legacy") && w.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI")));
     let p = d.mutated.unwrap();
     assert_eq!(env_of(&p, "legacy")["AWS_CONTAINER_CREDENTIALS_FULL_URI"], "http://169.254.170.2/x");
@@ -437,7 +463,7 @@ fn only_named_containers_receive_credentials_and_existing_settings_win() {
     assert!(p.metadata.annotations.unwrap()[SKIPPED_ANNOTATION].contains("legacy"));
 
     let cfg = config(json!([policy("s3", aws(), json!({"client": {"podSelector": {}, "containers": ["missing"]}}))]));
-    let d = decide(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x");
+    let d = decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x");
     assert_eq!(d.skipped, Some(Skip::NothingToDeliver));
     assert!(d.warnings.iter().any(|w| w.contains("names containers [missing]")));
 }
@@ -449,11 +475,21 @@ fn remote_cluster_agents_name_their_namespace_and_only_unlabelled_policies_apply
     let any_pod =
         policy("any-pod", json!({"kind": "aws"}), json!({"client": {"podSelector": {}, "serviceAccountName": "web"}}));
     let cfg = config(json!([labelled.clone()]));
-    let d = decide(&pod(json!({"serviceAccountName": "web", "containers": [app("web")]})), Some(&cfg), &remote, "p");
+    let d = decide_and_patch(
+        &pod(json!({"serviceAccountName": "web", "containers": [app("web")]})),
+        Some(&cfg),
+        &remote,
+        "p",
+    );
     assert_eq!(d.skipped, Some(Skip::NoPolicy), "the broker could not check these labels: {d:?}");
 
     let cfg = config(json!([any_pod]));
-    let d = decide(&pod(json!({"serviceAccountName": "web", "containers": [app("web")]})), Some(&cfg), &remote, "p");
+    let d = decide_and_patch(
+        &pod(json!({"serviceAccountName": "web", "containers": [app("web")]})),
+        Some(&cfg),
+        &remote,
+        "p",
+    );
     let p = d.mutated.expect("injected");
     let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
     let config_json = agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.clone().unwrap();
@@ -461,10 +497,121 @@ fn remote_cluster_agents_name_their_namespace_and_only_unlabelled_policies_apply
     assert_eq!(agent_config.policy_namespace.as_deref(), Some("team"));
 
     // In the broker's own cluster the namespace comes from the token, not the config.
-    let d =
-        decide(&pod(json!({"serviceAccountName": "web", "containers": [app("web")]})), Some(&cfg), &settings(), "p");
+    let d = decide_and_patch(
+        &pod(json!({"serviceAccountName": "web", "containers": [app("web")]})),
+        Some(&cfg),
+        &settings(),
+        "p",
+    );
     let p = d.mutated.expect("injected");
     let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
     let config_json = agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.clone().unwrap();
     assert!(!config_json.contains("policyNamespace"), "{config_json}");
+}
+
+/// The operations of `changes` on `pod`, as `(op, path)`, and the patched pod.
+fn patched(changes: &Changes, pod: &serde_json::Value) -> (Vec<(String, String)>, serde_json::Value) {
+    let patch = changes.patch(pod).unwrap();
+    let ops = serde_json::to_value(&patch).unwrap();
+    let ops = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| (op["op"].as_str().unwrap().to_owned(), op["path"].as_str().unwrap().to_owned()))
+        .collect();
+    let mut pod = pod.clone();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    (ops, pod)
+}
+
+#[test]
+fn the_patch_adds_whole_what_the_pod_lacks_and_appends_to_what_it_has() {
+    let cfg = config(json!([policy("s3", aws(), json!({}))]));
+    // No init containers, volumes or annotations; `env` sent as null on one container.
+    let bare = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "web", "image": "w", "env": null}]}});
+    let d = decide(&serde_json::from_value(bare.clone()).unwrap(), Some(&cfg), &settings(), "x");
+    let (ops, pod) = patched(d.changes.as_ref().unwrap(), &bare);
+    let add = |path: &str| ("add".to_owned(), path.to_owned());
+    assert_eq!(
+        ops,
+        [
+            add("/spec/containers/0/env"),
+            add("/spec/containers/0/volumeMounts"),
+            add("/spec/initContainers"),
+            add("/spec/volumes"),
+            add("/metadata/annotations"),
+        ]
+    );
+    assert_eq!(pod["spec"]["containers"][0]["env"].as_array().unwrap().len(), 2);
+    assert_eq!(pod["metadata"]["annotations"][POLICIES_ANNOTATION], "s3");
+
+    // Everything present: members added one by one, the agent inserted first, the
+    // init container's own additions addressed before it shifts.
+    let full = json!({"apiVersion": "v1", "kind": "Pod",
+    "metadata": {"labels": {"app": "web"}, "annotations": {"team": "a"}},
+    "spec": {
+        "initContainers": [{"name": "migrate", "image": "m", "env": [], "volumeMounts": []}],
+        "containers": [{"name": "web", "image": "w", "env": [{"name": "A", "value": "1"}]}],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+    }});
+    let d = decide(&serde_json::from_value(full.clone()).unwrap(), Some(&cfg), &settings(), "x");
+    let (ops, pod) = patched(d.changes.as_ref().unwrap(), &full);
+    let paths: Vec<_> = ops.iter().map(|(op, path)| format!("{op} {path}")).collect();
+    assert_eq!(
+        paths,
+        [
+            "add /spec/initContainers/0/env/-",
+            "add /spec/initContainers/0/env/-",
+            "add /spec/initContainers/0/volumeMounts/-",
+            "add /spec/containers/0/env/-",
+            "add /spec/containers/0/env/-",
+            "add /spec/containers/0/volumeMounts",
+            "add /spec/initContainers/0",
+            "add /spec/volumes/-",
+            "add /spec/volumes/-",
+            "add /spec/volumes/-",
+            "add /metadata/annotations/cloudpass.dev~1injected",
+            "add /metadata/annotations/cloudpass.dev~1policies",
+        ]
+    );
+    let init = pod["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!((init[0]["name"].as_str(), init[1]["name"].as_str()), (Some(AGENT_CONTAINER), Some("migrate")));
+    assert_eq!(init[1]["env"].as_array().unwrap().len(), 2, "migrate's variables went to migrate");
+    assert!(init[0]["env"].as_array().unwrap().iter().any(|e| e["name"] == AGENT_CONFIG_ENV));
+    assert_eq!(pod["spec"]["volumes"][0]["name"], "data");
+    assert_eq!(pod["metadata"]["annotations"]["team"], "a");
+}
+
+#[test]
+fn annotation_keys_are_escaped_as_json_pointer_tokens() {
+    let changes = Changes {
+        annotations: [("example.com/a~b".to_owned(), "v".to_owned()), ("plain".to_owned(), "w".to_owned())].into(),
+        ..Changes::default()
+    };
+    let pod = json!({"metadata": {"annotations": {"example.com/a~b": "old"}}, "spec": {"containers": []}});
+    let (ops, patched_pod) = patched(&changes, &pod);
+    let paths: Vec<_> = ops.iter().map(|(_, path)| path.as_str()).collect();
+    assert_eq!(paths, ["/metadata/annotations/example.com~1a~0b", "/metadata/annotations/plain"]);
+    assert_eq!(patched_pod["metadata"]["annotations"], json!({"example.com/a~b": "v", "plain": "w"}));
+    // No metadata at all: added whole, keys as they are.
+    let (ops, patched_pod) = patched(&changes, &json!({"spec": {}}));
+    assert_eq!(ops, [("add".to_owned(), "/metadata".to_owned())]);
+    assert_eq!(patched_pod["metadata"]["annotations"]["example.com/a~b"], "v");
+}
+
+#[test]
+fn json_that_does_not_match_the_decision_gets_no_patch() {
+    let mut changes = Changes::default();
+    let mut web = ContainerAdditions::new(ContainerList::App, 1, "web");
+    web.env.push(EnvVar { name: "A".into(), value: Some("1".into()), value_from: None });
+    changes.containers.push(web);
+    let one_container = json!({"spec": {"containers": [{"name": "web"}]}});
+    let err = changes.patch(&one_container).unwrap_err().to_string();
+    assert_eq!(err, "cannot patch the pod: expected container web at /spec/containers/1, found none");
+    let renamed = json!({"spec": {"containers": [{"name": "web"}, {"name": "other"}]}});
+    assert!(changes.patch(&renamed).unwrap_err().to_string().contains("found other"));
+    let env_not_a_list = json!({"spec": {"containers": [{"name": "db"}, {"name": "web", "env": "x"}]}});
+    let err = changes.patch(&env_not_a_list).unwrap_err().to_string();
+    assert!(err.contains("/spec/containers/1/env is neither a list nor an object"), "{err}");
 }
