@@ -1,9 +1,22 @@
 //! Unit tests of the injection: the decision and the pod it leaves, table-driven.
 
-use cloudpass_api::config::NamespaceConfig;
+use std::collections::{BTreeMap, BTreeSet};
+
+use cloudpass_api::{
+    agent::{
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, EvidenceSource,
+        INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR, SKIPPED_ANNOTATION, TOKEN_DIR,
+    },
+    config::{CompiledPolicy, NamespaceConfig},
+};
+use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use serde_json::json;
 
-use super::*;
+use super::{
+    agent::{KUBE_API_TOKEN_DIR, NO_API_TOKEN_VOLUME, SERVER_CA_VOLUME, TOKEN_VOLUME},
+    *,
+};
+use crate::files::WatchedText;
 
 fn settings() -> InjectSettings {
     InjectSettings {
