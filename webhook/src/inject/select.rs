@@ -54,13 +54,12 @@ pub(super) fn select<'c>(
         };
         return Err(Box::new(Decision::skip(Skip::NoPolicy, warnings)));
     }
-    let policy_names = || selected.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ");
     if spec.host_network == Some(true) {
         return Err(Box::new(Decision::skip(
             Skip::HostNetwork,
             vec![format!(
                 "cloudpass: not injected although AccessPolicy {} selects this pod: hostNetwork pods share the node's loopback, where the agent's endpoints would be reachable by other workloads",
-                policy_names()
+                policy_names(&selected)
             )],
         )));
     }
@@ -72,7 +71,7 @@ pub(super) fn select<'c>(
             Skip::Windows,
             vec![format!(
                 "cloudpass: not injected although AccessPolicy {} selects this pod: the agent runs on Linux nodes only",
-                policy_names()
+                policy_names(&selected)
             )],
         )));
     }
@@ -85,7 +84,7 @@ pub(super) fn select<'c>(
             Skip::NameConflict,
             vec![format!(
                 "cloudpass: not injected although AccessPolicy {} selects this pod: a container is already named {AGENT_CONTAINER}, the name of the agent; rename it",
-                policy_names()
+                policy_names(&selected)
             )],
         )));
     }
