@@ -247,8 +247,8 @@ async fn through_apiserver() {
     println!(
         "  webhook's own time per review: {:.3} ms mean over {count} reviews ({} injected, {} skipped)",
         sum / count.max(1.0) * 1000.0,
-        value("cloudpass_webhook_requests_total{value=\"injected\"}"),
-        value("cloudpass_webhook_requests_total{value=\"skipped\"}")
+        value("cloudpass_webhook_requests_total{result=\"injected\"}"),
+        value("cloudpass_webhook_requests_total{result=\"skipped\"}")
     );
     println!("  TLS connections accepted:      {}", value("cloudpass_webhook_connections_total"));
 }

@@ -7,7 +7,8 @@ use kube::core::{
     DynamicObject,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use tracing::{info, warn};
 
 use crate::{
@@ -99,7 +100,9 @@ impl Admission {
     }
 
     fn review_inner(&self, body: &[u8]) -> Result<AdmissionResponse, BadRequest> {
-        let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)?;
+        let mut review: Value = serde_json::from_slice(body)?;
+        let sent = take_object(&mut review);
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(review)?;
         let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| BadRequest::NoRequest)?;
         let response = AdmissionResponse::from(&request);
         let is_pod_create =
@@ -109,12 +112,11 @@ impl Admission {
             return Ok(response);
         }
         let namespace = request.namespace.clone().unwrap_or_default();
-        let Some(object) = request.object.as_ref() else {
+        let (Some(_), Some(sent)) = (request.object.as_ref(), sent) else {
             self.metrics.request("error");
             return Ok(response.deny("cloudpass: pod CREATE request without an object"));
         };
-        let original = serde_json::to_value(object).unwrap_or_default();
-        let pod: k8s_openapi::api::core::v1::Pod = match serde_json::from_value(original) {
+        let pod = match k8s_openapi::api::core::v1::Pod::deserialize(&sent) {
             Ok(pod) => pod,
             Err(e) => {
                 self.metrics.request("error");
@@ -130,11 +132,12 @@ impl Admission {
             response.warnings = Some(decision.warnings.clone());
         }
         // Skipped pods may still be patched: one that only gets the annotation saying why.
-        let response = match decision.mutated {
-            Some(mutated) => {
-                let before = serde_json::to_value(&pod).expect("a pod serializes");
-                let after = serde_json::to_value(&mutated).expect("a pod serializes");
-                match response.with_patch(json_patch::diff(&before, &after)) {
+        // The patch is computed against the pod as sent, not its k8s-openapi form: fields
+        // k8s-openapi does not know stay where they are (see `inject::patch`).
+        let response = match decision.changes.as_ref() {
+            Some(changes) => {
+                let patched = changes.patch(&sent).map_err(|e| e.to_string());
+                match patched.and_then(|patch| response.with_patch(patch).map_err(|e| e.to_string())) {
                     Ok(r) => r,
                     Err(e) => {
                         self.metrics.request("error");
@@ -157,6 +160,18 @@ impl Admission {
         }
         Ok(response)
     }
+}
+
+/// Takes the object out of an AdmissionReview's request, leaving in its place only what
+/// kube's [`DynamicObject`] reads of it (type and metadata), so that the review parses
+/// as before while the pod's JSON stays exactly as the apiserver sent it. `None` when
+/// there is no object, or one that is not a JSON object (left for the parser to refuse).
+fn take_object(review: &mut Value) -> Option<Value> {
+    let object = review.get_mut("request")?.get_mut("object")?;
+    let Value::Object(sent) = object else { return None };
+    let stub: Map<String, Value> =
+        ["apiVersion", "kind", "metadata"].iter().filter_map(|&k| Some((k.to_owned(), sent.get(k)?.clone()))).collect();
+    Some(std::mem::replace(object, Value::Object(stub)))
 }
 
 #[cfg(test)]
@@ -242,7 +257,65 @@ mod tests {
         json_patch::patch(&mut sent, &patch).unwrap();
         assert_eq!(sent["spec"]["initContainers"][0]["name"], "cloudpass-agent");
         assert_eq!(sent["spec"]["containers"][0]["name"], "web");
-        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{value="injected"} 1"#));
+        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{result="injected"} 1"#));
+    }
+
+    /// The patch of an answer, decoded, applied to `sent`.
+    fn apply(answer: &Answer, sent: &Value) -> Value {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(answer.patch().expect("a patch")).unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let mut patched = sent.clone();
+        json_patch::patch(&mut patched, &patch).unwrap();
+        patched
+    }
+
+    /// Fields a newer apiserver knows and k8s-openapi does not (on the pod, its spec, a
+    /// container, an env entry) come through the patch as they were sent, in the
+    /// container they were sent in. A patch diffed from two k8s-openapi round trips of
+    /// the pod compared the init containers by index: the agent inserted first took the
+    /// place of `migrate`, kept `migrate`'s unknown field, and `migrate` lost it.
+    #[test]
+    fn fields_unknown_to_k8s_openapi_stay_where_they_were_sent() {
+        use cloudpass_api::agent::{AWS_TOKEN_FILE, SHARED_DIR};
+        let a = admission();
+        let sent = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "team", "futureMeta": "m"},
+        "spec": {
+            "futureField": {"level": "pod"},
+            "initContainers": [{"name": "migrate", "image": "m:1", "futureField": {"level": "migrate"}}],
+            "containers": [{"name": "web", "image": "web:1", "futureField": {"level": "web"},
+                            "env": [{"name": "A", "value": "1", "futureField": true}]}],
+        }});
+        let answer = a.review(&review("Pod", "", "CREATE", Some(sent.clone()))).unwrap();
+        let mut patched = apply(&answer, &sent);
+        // Reinvoked with the pod it made: nothing more to add.
+        let again = a.review(&review("Pod", "", "CREATE", Some(patched.clone()))).unwrap();
+        assert!(again.patch().is_none() && again.response().allowed, "{again:?}");
+
+        let agent = patched["spec"]["initContainers"].as_array_mut().unwrap().remove(0);
+        assert_eq!(agent["name"], "cloudpass-agent");
+        assert!(agent.get("futureField").is_none(), "the agent took no other container's fields: {agent}");
+        // Everything else the webhook adds is its own: volumes and annotations.
+        let volumes = patched["spec"].as_object_mut().unwrap().remove("volumes").unwrap();
+        assert!(volumes.as_array().unwrap().iter().all(|v| v["name"].as_str().unwrap().starts_with("cloudpass-")));
+        let annotations = patched["metadata"].as_object_mut().unwrap().remove("annotations").unwrap();
+        assert_eq!(annotations["cloudpass.dev/policies"], "s3");
+
+        // What is left is the pod as sent, with the AWS variables and the shared mount
+        // appended to each app container.
+        let aws_env = [
+            json!({"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://127.0.0.1:15021/v1/aws/credentials"}),
+            json!({"name": "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "value": format!("{SHARED_DIR}/{AWS_TOKEN_FILE}")}),
+        ];
+        let mount = json!({"name": "cloudpass-shared", "mountPath": SHARED_DIR, "readOnly": true});
+        let mut expected = sent.clone();
+        let migrate = &mut expected["spec"]["initContainers"][0];
+        migrate["env"] = json!(aws_env);
+        migrate["volumeMounts"] = json!([mount]);
+        let web = &mut expected["spec"]["containers"][0];
+        web["env"].as_array_mut().unwrap().extend(aws_env);
+        web["volumeMounts"] = json!([mount]);
+        assert_eq!(patched, expected);
     }
 
     #[test]
@@ -285,6 +358,6 @@ mod tests {
         let answer = serde_json::to_value(a.review(&review("Pod", "", "CREATE", Some(broken))).unwrap()).unwrap();
         assert_eq!(answer["response"]["allowed"], false);
         assert!(answer["response"]["status"]["message"].as_str().unwrap().contains("cannot read the pod"));
-        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{value="bad_request"} 2"#));
+        assert!(a.metrics.encode().contains(r#"cloudpass_webhook_requests_total{result="bad_request"} 2"#));
     }
 }

@@ -302,7 +302,7 @@ async fn selected_pods_are_injected_and_no_others() {
     assert_eq!(webhook.get("/healthz").await, Some((200, "ok".into())));
     // One call per pod: nothing modified the pod after the webhook, so no reinvocation.
     let (_, metrics) = webhook.get("/metrics").await.unwrap();
-    assert!(!metrics.contains(r#"cloudpass_webhook_skips_total{value="already_injected"}"#), "{metrics}");
+    assert!(!metrics.contains(r#"cloudpass_webhook_skips_total{reason="already_injected"}"#), "{metrics}");
 }
 
 #[tokio::test]
@@ -419,5 +419,5 @@ async fn pods_using_the_webhooks_names_are_admitted() {
     );
     assert!(!annotations.contains_key("cloudpass.dev/injected"));
     let (_, metrics) = webhook.get("/metrics").await.unwrap();
-    assert!(metrics.contains(r#"cloudpass_webhook_skips_total{value="name_conflict"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"cloudpass_webhook_skips_total{reason="name_conflict"} 1"#), "{metrics}");
 }

@@ -1,0 +1,250 @@
+//! The agent container and the volumes it needs: its projected service-account token,
+//! the empty directory over the Kubernetes API token, the shared in-memory volume of AWS
+//! deliveries and the private CA bundles of proxied servers, named so that they never
+//! clash with the pod's own volumes.
+
+use std::collections::BTreeSet;
+
+use cloudpass_api::{
+    agent::{AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, BROKER_CA_ENV, SHARED_DIR, TOKEN_DIR, TOKEN_FILE},
+    config::NamespaceConfig,
+};
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, ExecAction, KeyToPath, Lifecycle,
+        LifecycleHandler, Pod, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
+        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    },
+    apimachinery::pkg::api::resource::Quantity,
+};
+
+use super::{
+    InjectSettings,
+    deliver::{Delivered, env},
+};
+
+/// Names of the volumes the webhook adds (or, when the pod already has a volume of that
+/// name, the first free one of `<name>-2`, `<name>-3`, ...: see [`VolumeNames`]).
+pub(super) const TOKEN_VOLUME: &str = "cloudpass-token";
+pub(super) const SHARED_VOLUME: &str = "cloudpass-shared";
+pub(super) const NO_API_TOKEN_VOLUME: &str = "cloudpass-no-kube-api-token";
+/// Prefix of the volumes holding the CA bundles of policies' `server.tls`.
+pub(super) const SERVER_CA_VOLUME: &str = "cloudpass-server-ca";
+/// How long the agent's postStart hook waits for the first credential.
+const FIRST_CREDENTIAL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Mode of the agent's projected token file (see where the volume is built).
+const TOKEN_FILE_MODE: i32 = 0o444;
+/// Where the kubelet would mount the pod's Kubernetes API token.
+pub(super) const KUBE_API_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The volume names of a pod, for naming the webhook's volumes so that they never clash
+/// with the pod's own (the apiserver refuses a pod with two volumes of one name).
+pub(super) struct VolumeNames(BTreeSet<String>);
+
+impl VolumeNames {
+    pub(super) fn of(pod: &Pod) -> Self {
+        Self(pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()).map(|v| v.name.clone()).collect())
+    }
+
+    /// `base` if free, else the first free `base-2`, `base-3`, ...; taken from now on.
+    pub(super) fn claim(&mut self, base: &str) -> String {
+        let mut name = base.to_owned();
+        let mut n = 1;
+        while self.0.contains(&name) {
+            n += 1;
+            name = format!("{base}-{n}");
+        }
+        self.0.insert(name.clone());
+        name
+    }
+}
+
+/// The names of the agent's fixed volumes in one pod.
+pub(super) struct AgentVolumes {
+    token: String,
+    no_api_token: String,
+    /// The shared in-memory volume, also mounted into AWS-served containers.
+    pub shared: String,
+}
+
+impl AgentVolumes {
+    /// Claims the names of the token, no-API-token and shared volumes, in that order.
+    pub(super) fn claim(names: &mut VolumeNames) -> Self {
+        let token = names.claim(TOKEN_VOLUME);
+        let no_api_token = names.claim(NO_API_TOKEN_VOLUME);
+        let shared = names.claim(SHARED_VOLUME);
+        Self { token, no_api_token, shared }
+    }
+}
+
+/// The agent container for what was `delivered`, and the volumes to append to the pod.
+pub(super) fn build(
+    settings: &InjectSettings,
+    config: Option<&NamespaceConfig>,
+    delivered: Delivered,
+    names: AgentVolumes,
+    volume_names: &mut VolumeNames,
+    identity_header: &str,
+) -> (Container, Vec<Volume>) {
+    let Delivered { deliveries, needs_shared, server_cas, uses_azure, .. } = delivered;
+    let AgentVolumes { token: token_volume, no_api_token: no_api_token_volume, shared: shared_volume } = names;
+    let agent_config = AgentConfig {
+        broker_url: settings.broker_url.clone(),
+        health_port: settings.ports.health,
+        deliveries,
+        policy_namespace: config.filter(|_| settings.remote_cluster).map(|c| c.namespace.clone()),
+    };
+    let mut agent_env = vec![
+        env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes")),
+        env(BROKER_CA_ENV, settings.broker_ca.get().to_string()),
+    ];
+    if uses_azure {
+        agent_env.push(env("IDENTITY_HEADER", identity_header));
+    }
+    let mut agent_mounts = vec![
+        VolumeMount {
+            name: token_volume.clone(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        // An empty directory over the default service-account mount: the agent needs no
+        // Kubernetes API token (least privilege), and the ServiceAccount admission plugin
+        // then leaves the agent alone, so the apiserver does not call the webhook twice.
+        VolumeMount {
+            name: no_api_token_volume.clone(),
+            mount_path: KUBE_API_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
+    if needs_shared {
+        agent_mounts.push(VolumeMount {
+            name: shared_volume.clone(),
+            mount_path: SHARED_DIR.into(),
+            ..Default::default()
+        });
+    }
+    let server_ca_volumes: Vec<String> =
+        (0..server_cas.len()).map(|i| volume_names.claim(&format!("{SERVER_CA_VOLUME}-{i}"))).collect();
+    for ((policy, _), volume) in server_cas.iter().zip(&server_ca_volumes) {
+        let file = cloudpass_api::agent::server_ca_file(policy);
+        agent_mounts.push(VolumeMount {
+            name: volume.clone(),
+            mount_path: file.trim_end_matches("/ca.crt").to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    let agent = agent_container(settings, agent_env, agent_mounts);
+
+    let mut volumes = Vec::new();
+    volumes.push(Volume {
+        name: token_volume,
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(cloudpass_api::BROKER_AUDIENCE.into()),
+                    expiration_seconds: Some(settings.token_seconds),
+                    path: TOKEN_FILE.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            // The kubelet writes the token as root and hands its ownership to the pod's
+            // user only when every container runs as the same UID, which an app seldom
+            // does with the agent's 65532; 0440 then left the agent unable to read it.
+            // Only the agent mounts this volume, so readable-by-all means by the agent.
+            default_mode: Some(TOKEN_FILE_MODE),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: no_api_token_volume,
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity("1Ki".into())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    for ((_, config_map), volume) in server_cas.iter().zip(server_ca_volumes) {
+        volumes.push(Volume {
+            name: volume,
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: config_map.key.clone(),
+                    path: "ca.crt".into(),
+                    ..Default::default()
+                }]),
+                // Required: a pod whose server CA is missing stays pending with an Event
+                // naming it, rather than starting an agent that cannot reach the server.
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    if needs_shared {
+        volumes.push(Volume {
+            name: shared_volume,
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                size_limit: Some(Quantity("1Mi".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    (agent, volumes)
+}
+
+fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: Vec<VolumeMount>) -> Container {
+    let quantity = |q: &str| Quantity(q.into());
+    Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: Some(settings.pull_policy.clone()),
+        // A native sidecar: started before the app containers, stopped after them, and
+        // it does not keep a Job from completing.
+        restart_policy: Some("Always".into()),
+        env: Some(env),
+        volume_mounts: Some(volume_mounts),
+        // The kubelet starts the next container once this hook returns, which it does the
+        // moment the first credential is there (a startup probe would pass only at its
+        // next period, a second later at best). It runs inside the container: the agent's
+        // endpoints listen on loopback only. Without a credential by then it fails, with
+        // the reason in the FailedPostStartHook Event, and the kubelet restarts the agent.
+        lifecycle: Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        settings.agent_path.clone(),
+                        "probe".into(),
+                        format!("--wait={}s", FIRST_CREDENTIAL_WAIT.as_secs()),
+                    ]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some([("cpu".to_owned(), quantity("10m")), ("memory".to_owned(), quantity("16Mi"))].into()),
+            limits: Some([("memory".to_owned(), quantity("64Mi"))].into()),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
