@@ -32,7 +32,7 @@ use serde_json::json;
 
 use crate::{
     common::{Proof, Shared, check_proof, forbidden, guarded, not_found, random_bytes, unauthorized},
-    config::EndpointKind,
+    endpoint::EndpointKind,
     error::AgentError,
     store::{CredentialStore, credential_type},
 };

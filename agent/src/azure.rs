@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::{
     common::{Proof, Shared, check_proof, forbidden, guarded, not_found, parse_query, unauthorized},
-    config::{EndpointKind, normalize_resource},
+    endpoint::{EndpointKind, normalize_resource},
     store::{CredentialStore, credential_type},
 };
 

@@ -12,7 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::{config::EndpointKind, metrics::Metrics, store::CredentialStore};
+use crate::{endpoint::EndpointKind, metrics::Metrics, store::CredentialStore};
 
 /// State shared by every endpoint.
 #[derive(Clone)]

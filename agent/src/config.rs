@@ -21,6 +21,7 @@ use cloudpass_api::{
 use cloudpass_cli::LogArgs;
 
 use crate::{
+    endpoint::{EndpointKind, normalize_resource, port_of},
     error::AgentError,
     evidence::{AwsSource, EvidenceSettings, LINK_LOCAL_METADATA},
 };
@@ -226,62 +227,6 @@ impl RunArgs {
         settings.validate()?;
         Ok(settings)
     }
-}
-
-/// The kinds of loopback listener the agent runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EndpointKind {
-    /// `/ready`, `/healthz`, `/metrics`.
-    Health,
-    /// AWS container credentials.
-    Aws,
-    /// Azure App Service managed identity.
-    Azure,
-    /// GCP metadata server.
-    Gcp,
-    /// HTTP proxy (header and SigV4 deliveries).
-    Proxy,
-}
-
-impl EndpointKind {
-    /// Label in metrics and logs.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Health => "health",
-            Self::Aws => "aws",
-            Self::Azure => "azure",
-            Self::Gcp => "gcp",
-            Self::Proxy => "proxy",
-        }
-    }
-
-    /// The listener kind serving an endpoint.
-    pub fn of(endpoint: &AgentEndpoint) -> Self {
-        match endpoint {
-            AgentEndpoint::AwsContainerCredentials { .. } => Self::Aws,
-            AgentEndpoint::AzureManagedIdentity { .. } => Self::Azure,
-            AgentEndpoint::GcpMetadata { .. } => Self::Gcp,
-            AgentEndpoint::HttpHeader { .. } | AgentEndpoint::AwsSigV4 { .. } => Self::Proxy,
-        }
-    }
-}
-
-/// The port of an endpoint.
-pub fn port_of(endpoint: &AgentEndpoint) -> u16 {
-    match endpoint {
-        AgentEndpoint::AwsContainerCredentials { port }
-        | AgentEndpoint::AzureManagedIdentity { port, .. }
-        | AgentEndpoint::GcpMetadata { port, .. }
-        | AgentEndpoint::HttpHeader { port, .. }
-        | AgentEndpoint::AwsSigV4 { port, .. } => *port,
-    }
-}
-
-/// An Azure resource in the form used for matching: without trailing slashes, ASCII
-/// lower case (Entra treats resource URIs case-insensitively; SDKs send the scope minus
-/// `/.default`, usually without the trailing slash the policy may have).
-pub fn normalize_resource(resource: &str) -> String {
-    resource.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 impl Settings {
@@ -525,12 +470,6 @@ mod tests {
             let err = s.validate().unwrap_err().to_string();
             assert!(err.contains(want), "{want}: {err}");
         }
-    }
-
-    #[test]
-    fn resources_normalize() {
-        assert_eq!(normalize_resource("https://Storage.azure.com/"), "https://storage.azure.com");
-        assert_eq!(normalize_resource("https://storage.azure.com"), "https://storage.azure.com");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 
 use crate::{
     common::{Shared, forbidden, guarded, not_found, parse_query},
-    config::EndpointKind,
+    endpoint::EndpointKind,
     store::{CredentialStore, Fetched},
 };
 

@@ -19,7 +19,7 @@ use cloudpass_api::agent::READY_PATH;
 
 use crate::{
     common::{Shared, guarded, not_found},
-    config::EndpointKind,
+    endpoint::EndpointKind,
 };
 
 /// The health endpoints.

@@ -20,6 +20,7 @@ pub mod azure;
 pub mod broker_client;
 pub mod common;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod evidence;
 pub mod gcp;
@@ -30,6 +31,7 @@ pub mod proxy;
 pub mod server;
 pub mod store;
 
-pub use config::{EndpointKind, Settings};
+pub use config::Settings;
+pub use endpoint::EndpointKind;
 pub use error::AgentError;
 pub use server::{Agent, run};

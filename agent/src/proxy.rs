@@ -32,7 +32,7 @@ use tracing::debug;
 
 use crate::{
     common::{Shared, guarded},
-    config::EndpointKind,
+    endpoint::EndpointKind,
     error::AgentError,
     store::{CredentialStore, credential_type},
 };
