@@ -328,7 +328,7 @@ impl EvidenceGatherer {
             HeaderValue::from_str(server_id)
                 .map_err(|_| failed(source, format!("broker server ID {server_id:?} is not a header value")))?,
         );
-        crate::proxy::sign_v4(
+        crate::sigv4::sign_v4(
             "POST",
             &url,
             &mut headers,

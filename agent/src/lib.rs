@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod proxy;
 pub mod server;
+pub mod sigv4;
 pub mod store;
 
 pub use config::Settings;

@@ -849,7 +849,7 @@ async fn plain_http_requests_signed_by_the_proxy_are_accepted_by_moto() {
     let url = format!("https://localhost:{s3_port}/orders/");
     let mut forged = axum::http::HeaderMap::new();
     forged.insert(HOST, HeaderValue::from_str(&format!("localhost:{s3_port}")).unwrap());
-    cloudpass_agent::proxy::sign_v4(
+    cloudpass_agent::sigv4::sign_v4(
         "GET",
         &url,
         &mut forged,
