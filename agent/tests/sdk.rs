@@ -28,8 +28,7 @@ use axum::{
 };
 use cloudpass_agent::{
     Agent, EndpointKind, Settings,
-    config::{BrokerSettings, RetrySettings},
-    evidence::{AwsSource, EvidenceSettings},
+    config::{AwsSource, BrokerSettings, EvidenceSettings, RetrySettings},
 };
 use cloudpass_api::{
     agent::{
