@@ -24,11 +24,12 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
-    common::{Shared, random_fraction},
+    common::Shared,
     config::{BrokerSettings, RetrySettings},
     error::AgentError,
     evidence::{EvidenceGatherer, server_id_of},
     outbound::{BodyError, chain, read_limited},
+    random::random_fraction,
     store::{Fetched, credential_type},
 };
 

@@ -1,6 +1,6 @@
 //! What every loopback endpoint shares: the refusal of relayed requests (`Forwarded`,
-//! `X-Forwarded-For` and their kin), request metrics, constant-time proof comparison,
-//! strict query parsing and the system random source.
+//! `X-Forwarded-For` and their kin), request metrics, constant-time proof comparison
+//! and strict query parsing.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -150,22 +150,6 @@ pub fn parse_query(raw: Option<&str>) -> Result<BTreeMap<String, String>, String
     Ok(params)
 }
 
-/// Bytes from the operating system's secure random source (through aws-lc-rs, the one
-/// crypto library of the project).
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut buf = [0u8; N];
-    rustls::crypto::aws_lc_rs::default_provider()
-        .secure_random
-        .fill(&mut buf)
-        .expect("the system random source is available");
-    buf
-}
-
-/// A uniformly random fraction in `[0, 1)`, for jitter.
-pub fn random_fraction() -> f64 {
-    (u64::from_le_bytes(random_bytes::<8>()) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use axum::http::HeaderValue;
@@ -226,12 +210,5 @@ mod tests {
         assert!(parse_query(Some("a=1&a=2")).unwrap_err().contains("more than once"));
         // Malformed escapes are kept literally, never a panic.
         assert_eq!(parse_query(Some("a=%zz%")).unwrap()["a"], "%zz%");
-    }
-
-    #[test]
-    fn randomness() {
-        assert_ne!(random_bytes::<16>(), random_bytes::<16>());
-        let f = random_fraction();
-        assert!((0.0..1.0).contains(&f));
     }
 }

@@ -28,6 +28,7 @@ pub mod health;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod random;
 pub mod server;
 pub mod sigv4;
 pub mod store;
