@@ -25,11 +25,11 @@ use tracing::{error, info, warn};
 
 use crate::{
     common::Shared,
-    config::{BrokerSettings, RetrySettings},
     error::AgentError,
     evidence::{EvidenceGatherer, server_id_of},
     outbound::{BodyError, chain, read_limited},
     random::random_fraction,
+    settings::{BrokerClientSettings, RetrySettings},
     store::{Fetched, credential_type},
 };
 
@@ -49,7 +49,7 @@ pub struct BrokerClient {
 
 impl BrokerClient {
     /// A client trusting the configured broker CA (and, if asked, the system roots).
-    pub fn new(settings: &BrokerSettings) -> Result<Self, AgentError> {
+    pub fn new(settings: &BrokerClientSettings) -> Result<Self, AgentError> {
         let certs = match &settings.ca_pem {
             Some(pem) => reqwest::Certificate::from_pem_bundle(pem.as_bytes())
                 .map_err(|e| AgentError::Tls(format!("broker CA: {}", chain(&e))))?,

@@ -37,9 +37,9 @@ use reqwest::{Method, redirect::Policy};
 use serde::Deserialize;
 
 use crate::{
-    config::{AwsSource, EvidenceSettings},
     error::AgentError,
     outbound::{BodyError, chain, read_limited},
+    settings::{AwsSource, EvidenceSettings},
 };
 
 /// Largest metadata answer read.

@@ -21,12 +21,12 @@ use crate::{
     aws, azure,
     broker_client::{BrokerClient, refresh_loop},
     common::Shared,
-    config::Settings,
     endpoint::{EndpointKind, port_of},
     error::AgentError,
     gcp, health,
     metrics::Metrics,
     proxy,
+    settings::Settings,
     store::CredentialStore,
 };
 

@@ -28,7 +28,7 @@ use axum::{
 };
 use cloudpass_agent::{
     Agent, EndpointKind, Settings,
-    config::{AwsSource, BrokerSettings, EvidenceSettings, RetrySettings},
+    settings::{AwsSource, BrokerClientSettings, EvidenceSettings, RetrySettings},
 };
 use cloudpass_api::{
     agent::{
@@ -189,7 +189,7 @@ fn settings(broker_url: &str, files: &PodFiles, identity_header: &str, deliverie
     let ca = bed().broker.ca.cert_pem();
     Settings {
         config: AgentConfig { broker_url: broker_url.into(), health_port: 0, deliveries, policy_namespace: None },
-        broker: BrokerSettings {
+        broker: BrokerClientSettings {
             url: broker_url.into(),
             ca_pem: Some(ca.clone()),
             trust_system_roots: false,
