@@ -14,12 +14,12 @@ use axum::{
 
 use crate::{endpoint::EndpointKind, metrics::Metrics, store::CredentialStore};
 
-/// State shared by every endpoint.
+/// What every endpoint reads: the credentials held and the metrics it counts into.
 #[derive(Clone)]
 pub struct Shared {
-    /// The credentials.
+    /// The credential of every delivery, written by the refresh loops.
     pub store: Arc<CredentialStore>,
-    /// The metrics.
+    /// The agent's metrics, served on the health port.
     pub metrics: Arc<Metrics>,
 }
 
@@ -118,17 +118,17 @@ pub fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Whether header `name` is present and equals `expected`, in constant time.
+/// What [`check_proof`] found in a request's proof header.
 pub enum Proof {
-    /// Present and equal.
+    /// Present once and equal to the expected proof: the request may be served.
     Valid,
-    /// Absent.
+    /// Absent: answered 401.
     Missing,
-    /// Present and different (or several values).
+    /// Present and different, or given several times: answered 403.
     Wrong,
 }
 
-/// Checks the proof header `name` against `expected`.
+/// Checks the proof header `name` against `expected`, in constant time.
 pub fn check_proof(headers: &HeaderMap, name: &str, expected: &[u8]) -> Proof {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {

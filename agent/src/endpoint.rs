@@ -8,15 +8,15 @@ use cloudpass_api::agent::AgentEndpoint;
 /// The kinds of loopback listener the agent runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EndpointKind {
-    /// `/ready`, `/healthz`, `/metrics`.
+    /// The health port: `/ready`, `/healthz`, `/metrics`.
     Health,
-    /// AWS container credentials.
+    /// AWS container credentials (`AWS_CONTAINER_CREDENTIALS_FULL_URI`).
     Aws,
-    /// Azure App Service managed identity.
+    /// Azure App Service managed identity (`IDENTITY_ENDPOINT`).
     Azure,
-    /// GCP metadata server.
+    /// GCP metadata server (`GCE_METADATA_HOST`).
     Gcp,
-    /// HTTP proxy (header and SigV4 deliveries).
+    /// HTTP proxy (`HTTP_PROXY`) of the `httpHeader` and `awsSigV4` deliveries.
     Proxy,
 }
 

@@ -50,7 +50,7 @@ const PREFIX: &str = "/computeMetadata/v1";
 /// One policy served by the metadata server.
 #[derive(Clone, Debug)]
 pub struct GcpDelivery {
-    /// Policy.
+    /// The policy whose credential the metadata server hands out.
     pub policy: String,
     /// OAuth scopes of its token (reported in the account listing).
     pub scopes: Vec<String>,

@@ -22,7 +22,8 @@ use crate::{
     endpoint::EndpointKind,
 };
 
-/// The health endpoints.
+/// The health port's router: `/ready`, `/healthz` and `/metrics`, relayed requests
+/// refused like on every endpoint.
 pub fn router(shared: &Shared) -> Router {
     let router = Router::new()
         .route(READY_PATH, get(ready))

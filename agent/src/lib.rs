@@ -14,6 +14,7 @@
 //! [`run`] runs one until a future completes. Flags and environment are in [`settings`];
 //! `docs/agent.md` describes the endpoints, security rules and metrics.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod aws;
 pub mod azure;

@@ -72,7 +72,7 @@ pub fn header_value(format: &str, credential: &Credential) -> Result<SecretStrin
 
 /// The app's request on its way upstream, before the credential is added.
 pub(super) struct Outgoing<'a> {
-    /// The app's method.
+    /// The app's method, which SigV4 signs.
     pub method: &'a Method,
     /// The upstream URL (`https://host[:port]/path?query`), which SigV4 signs.
     pub url: &'a str,

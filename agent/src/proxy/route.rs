@@ -7,14 +7,14 @@ use cloudpass_api::{agent::AgentEndpoint, selector::host_matches};
 /// What the proxy does for a policy's hosts.
 #[derive(Clone, Debug)]
 pub enum Action {
-    /// Set a header.
+    /// Set a header (`httpHeader` delivery), replacing any the app sent.
     Header {
-        /// Header name.
+        /// The header to set.
         name: HeaderName,
         /// Value with `{token}` / `{basic}`.
         format: String,
     },
-    /// Sign with SigV4.
+    /// Sign the request with SigV4 (`awsSigV4` delivery).
     SigV4 {
         /// Signing name; derived from the host when absent.
         service: Option<String>,
@@ -26,13 +26,13 @@ pub enum Action {
 /// One policy served by the proxy.
 #[derive(Clone, Debug)]
 pub struct ProxyRoute {
-    /// Policy.
+    /// The policy whose credential is added.
     pub policy: String,
     /// Host patterns (`api.example.com`, `*.s3.amazonaws.com`).
     pub hosts: Vec<String>,
     /// Port of the upstream's HTTPS.
     pub upstream_port: u16,
-    /// What to add.
+    /// What the proxy adds: a header or a SigV4 signature.
     pub action: Action,
     /// CA bundle trusted for this upstream besides the system roots (`server.tls`).
     pub ca_file: Option<String>,

@@ -29,12 +29,13 @@ pub struct Args {
     /// Settings of the running agent (also read by `probe` for the health port).
     #[command(flatten)]
     pub run: RunArgs,
-    /// Logging.
+    /// Log format and level (`--log-format`, `--log-level`), shared with the other
+    /// cloudpass binaries.
     #[command(flatten)]
     pub log: LogArgs,
 }
 
-/// Subcommands.
+/// What the binary does besides running the agent.
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Readiness check: `GET /ready` on the loopback health port; exits 0 when the agent
@@ -90,7 +91,7 @@ pub struct RunArgs {
     /// First retry delay after a failed fetch; it doubles per failure (with jitter).
     #[arg(long, env = "CLOUDPASS_RETRY_INITIAL", default_value = "1s")]
     pub retry_initial: TextDuration,
-    /// Longest retry delay.
+    /// Longest retry delay: the doubling stops here.
     #[arg(long, env = "CLOUDPASS_RETRY_MAX", default_value = "1m")]
     pub retry_max: TextDuration,
     /// Largest request body the SigV4 proxy buffers to sign (services other than S3;
@@ -108,7 +109,7 @@ pub struct RunArgs {
     pub gcp_metadata_url: String,
     /// The broker's server ID, signed into `awsRole` evidence (the pre-signed
     /// `GetCallerIdentity`) as `x-cloudpass-server-id` so that it is valid for this broker
-    /// only. Default: the host (`host[:port]`) of the configuration's broker URL; set it
+    /// only. Default: the host of the configuration's broker URL, without the port; set it
     /// when the broker knows itself by another name.
     #[arg(long, env = "CLOUDPASS_BROKER_SERVER_ID")]
     pub broker_server_id: Option<String>,

@@ -32,24 +32,28 @@ use crate::{
 /// The link-local address of every cloud's metadata service.
 pub const LINK_LOCAL_METADATA: &str = "http://169.254.169.254";
 
-/// How the agent reaches the broker.
+/// How the agent's broker client reaches the broker: where, trusting what, with which
+/// token, how long it waits, and where it gathers the cloud evidence it presents.
 #[derive(Clone, Debug)]
 pub struct BrokerClientSettings {
-    /// Base URL (`https://...`).
+    /// Base URL (`https://...`), the configuration's `brokerUrl`.
     pub url: String,
-    /// PEM CA certificate(s) of the broker.
+    /// PEM CA certificate(s) of the broker: the only trust anchors for it unless
+    /// `trust_system_roots`.
     pub ca_pem: Option<String>,
-    /// Also trust the system roots.
+    /// Also trust the system's root CAs (a broker with a publicly trusted certificate).
     pub trust_system_roots: bool,
-    /// The projected token file.
+    /// The projected service-account token presented as bearer, re-read for every
+    /// request.
     pub token_file: PathBuf,
-    /// Time limit of one request.
+    /// Time limit of one broker request, and of each metadata request for evidence.
     pub timeout: Duration,
     /// Where cloud evidence comes from.
     pub evidence: EvidenceSettings,
 }
 
-/// Where the agent looks for evidence.
+/// Where the agent looks for cloud evidence: the metadata services and the pod's AWS
+/// credentials, and the broker name signed into AWS evidence.
 #[derive(Clone, Debug)]
 pub struct EvidenceSettings {
     /// Base URL of the Azure Instance Metadata Service.
@@ -58,10 +62,10 @@ pub struct EvidenceSettings {
     pub gcp_metadata_url: String,
     /// Base URL of the AWS instance metadata service (IMDSv2).
     pub aws_imds_url: String,
-    /// The pod's AWS credentials.
+    /// Where the pod's AWS credentials come from, for signing `GetCallerIdentity`.
     pub aws: AwsSource,
     /// The broker's server ID, signed into the AWS evidence as `x-cloudpass-server-id`.
-    /// `None`: the broker client fills in the host (`host[:port]`) of the broker URL.
+    /// `None`: the broker client fills in the host of the broker URL, without the port.
     pub server_id: Option<String>,
 }
 
@@ -80,13 +84,16 @@ impl Default for EvidenceSettings {
 /// Where the pod's AWS credentials come from, read from the standard AWS variables.
 #[derive(Clone, Debug, Default)]
 pub struct AwsSource {
-    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
+    /// Keys from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`,
+    /// used first when the first two are set.
     pub static_keys: Option<(String, SecretString, Option<SecretString>)>,
-    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
+    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`: the container-credentials endpoint (EKS Pod
+    /// Identity), used when there are no static keys.
     pub container_credentials_uri: Option<String>,
     /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`, read at every use (it is rotated).
     pub container_authorization_token_file: Option<PathBuf>,
-    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN`.
+    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN`: the token for that endpoint, when no token
+    /// file is named.
     pub container_authorization_token: Option<SecretString>,
     /// `AWS_REGION` or `AWS_DEFAULT_REGION`; `us-east-1` when unset.
     pub region: Option<String>,
@@ -116,12 +123,13 @@ impl AwsSource {
     }
 }
 
-/// Retry delays after failed fetches.
+/// Retry delays after failed fetches: `initial`, doubled per failure up to `max`, with
+/// jitter (see `broker_client::backoff`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetrySettings {
-    /// First delay.
+    /// Delay after the first failure.
     pub initial: Duration,
-    /// Cap.
+    /// Longest delay, however many failures.
     pub max: Duration,
 }
 
@@ -129,19 +137,22 @@ pub struct RetrySettings {
 /// directly by tests.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The webhook's configuration.
+    /// The webhook's configuration document: broker URL, health port, deliveries.
     pub config: AgentConfig,
-    /// Broker connection.
+    /// How to reach the broker and gather evidence for it.
     pub broker: BrokerClientSettings,
-    /// Shared directory for the AWS authorization token file.
+    /// Directory shared read-only with the app containers, where the AWS authorization
+    /// token file is written.
     pub shared_dir: PathBuf,
-    /// Azure proof (`IDENTITY_HEADER`).
+    /// The proof Azure SDKs send as `X-IDENTITY-HEADER` (`IDENTITY_HEADER`); required
+    /// with an Azure delivery.
     pub identity_header: Option<SecretString>,
-    /// Extra CA bundle (PEM) for proxied upstreams.
+    /// Extra CA bundle (PEM) trusted for proxied upstreams besides the system roots.
     pub upstream_ca_pem: Option<Vec<u8>>,
-    /// Retry delays.
+    /// Delays between retries of failed fetches.
     pub retry: RetrySettings,
-    /// Largest body the SigV4 proxy buffers.
+    /// Largest request body the SigV4 proxy buffers to sign (not S3, whose bodies
+    /// stream unsigned); larger ones are refused with 413.
     pub sigv4_max_body_bytes: usize,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
