@@ -165,7 +165,7 @@ pub fn check_credential(policy: &str, endpoint: &AgentEndpoint, credential: &Cre
 }
 
 /// How long to wait before the next fetch, after `fetched` arrived at `now`; `jitter` is
-/// in `[0, 1)`. Never less than [`MIN_REFRESH`].
+/// in `[0, 1)`. Never less than a second (`MIN_REFRESH`).
 ///
 /// - `refresh_at` between now and the end of serving (`serve_until`): at `refresh_at`,
 ///   later by up to a tenth of the time until `refresh_at` or, when shorter, of the time

@@ -15,7 +15,7 @@ use base64::Engine;
 use cloudpass_api::{broker::Credential, secret::SecretString};
 
 use super::{
-    refuse,
+    relay::refuse,
     route::{Action, ProxyRoute},
 };
 use crate::{

@@ -11,16 +11,17 @@
 //!
 //! One step per module: `route` picks the policy for a host, `request` checks the app's
 //! request and prepares the upstream one, `inject` adds the credential of each kind of
-//! delivery, `upstream` holds the HTTPS clients and forwards. This module is the
-//! listener that runs them in that order.
+//! delivery, `upstream` holds the HTTPS clients and forwards, and `relay` has what they
+//! share (the proxy's refusal, the hop-by-hop headers). This module is the listener that
+//! runs them in that order.
 
 use std::{sync::Arc, time::SystemTime};
 
 use axum::{
     Router,
     extract::{Request, State},
-    http::{HeaderMap, HeaderName, StatusCode, header::CONNECTION},
-    response::{IntoResponse, Response},
+    http::StatusCode,
+    response::Response,
 };
 
 use crate::{
@@ -30,6 +31,7 @@ use crate::{
 };
 
 mod inject;
+mod relay;
 mod request;
 mod route;
 mod upstream;
@@ -39,21 +41,10 @@ pub use request::{Prepared, prepare};
 pub use route::{Action, ProxyRoute, find_route};
 pub use upstream::{UpstreamClients, upstream_client, upstream_clients};
 
+use relay::refuse;
+
 #[cfg(test)]
 mod tests;
-
-/// Headers that concern one connection, not the request: never forwarded.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// What a proxy listener needs for every request.
 struct ProxyState {
@@ -80,23 +71,4 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
         return refuse(StatusCode::INTERNAL_SERVER_ERROR, "no upstream client for this route".into());
     };
     upstream::forward(client, prepared).await
-}
-
-/// The proxy's own answer to a request it does not pass on, with the reason as text.
-fn refuse(status: StatusCode, message: String) -> Response {
-    (status, format!("cloudpass proxy: {message}\n")).into_response()
-}
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().map(HeaderName::as_str).chain(HOP_BY_HOP) {
-        headers.remove(name);
-    }
 }

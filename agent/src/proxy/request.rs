@@ -17,9 +17,8 @@ use tracing::debug;
 
 use super::{
     inject::{Outgoing, add_credential},
-    refuse,
+    relay::{refuse, strip_hop_by_hop},
     route::{ProxyRoute, find_route},
-    strip_hop_by_hop,
 };
 use crate::store::CredentialStore;
 

@@ -1,7 +1,7 @@
 //! The proxy's unit tests: routing, header formats, refusals and signing, on requests
 //! built in memory (`agent/tests/proxy.rs` runs a real client through a listener).
 
-use axum::body::Body;
+use axum::{body::Body, http::HeaderName};
 use cloudpass_api::{broker::Credential, secret::SecretString};
 
 use super::*;

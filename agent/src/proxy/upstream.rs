@@ -11,7 +11,11 @@ use axum::{
 };
 use tracing::debug;
 
-use super::{ProxyRoute, refuse, request::Prepared, strip_hop_by_hop};
+use super::{
+    relay::{refuse, strip_hop_by_hop},
+    request::Prepared,
+    route::ProxyRoute,
+};
 use crate::error::AgentError;
 
 /// The client that sends proxied requests upstream.
