@@ -31,9 +31,10 @@ use jiff::Timestamp;
 use serde_json::json;
 
 use crate::{
-    common::{Proof, Shared, check_proof, forbidden, guarded, not_found, random_bytes, unauthorized},
-    config::EndpointKind,
+    common::{Proof, Shared, check_proof, forbidden, guarded, not_found, unauthorized},
+    endpoint::EndpointKind,
     error::AgentError,
+    random::random_bytes,
     store::{CredentialStore, credential_type},
 };
 

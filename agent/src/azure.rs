@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::{
     common::{Proof, Shared, check_proof, forbidden, guarded, not_found, parse_query, unauthorized},
-    config::{EndpointKind, normalize_resource},
+    endpoint::{EndpointKind, normalize_resource},
     store::{CredentialStore, credential_type},
 };
 
@@ -32,7 +32,7 @@ pub const API_VERSION: &str = "2019-08-01";
 /// One policy served by the Azure endpoint.
 #[derive(Clone, Debug)]
 pub struct AzureDelivery {
-    /// Policy.
+    /// The policy whose access token is served for `resource`.
     pub policy: String,
     /// Resource the token is for (`https://storage.azure.com/`).
     pub resource: String,

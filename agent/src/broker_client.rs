@@ -24,11 +24,12 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::{
-    common::{Shared, random_fraction},
-    config::{BrokerSettings, RetrySettings},
+    common::Shared,
     error::AgentError,
     evidence::{EvidenceGatherer, server_id_of},
     outbound::{BodyError, chain, read_limited},
+    random::random_fraction,
+    settings::{BrokerClientSettings, RetrySettings},
     store::{Fetched, credential_type},
 };
 
@@ -48,7 +49,7 @@ pub struct BrokerClient {
 
 impl BrokerClient {
     /// A client trusting the configured broker CA (and, if asked, the system roots).
-    pub fn new(settings: &BrokerSettings) -> Result<Self, AgentError> {
+    pub fn new(settings: &BrokerClientSettings) -> Result<Self, AgentError> {
         let certs = match &settings.ca_pem {
             Some(pem) => reqwest::Certificate::from_pem_bundle(pem.as_bytes())
                 .map_err(|e| AgentError::Tls(format!("broker CA: {}", chain(&e))))?,
@@ -164,7 +165,7 @@ pub fn check_credential(policy: &str, endpoint: &AgentEndpoint, credential: &Cre
 }
 
 /// How long to wait before the next fetch, after `fetched` arrived at `now`; `jitter` is
-/// in `[0, 1)`. Never less than [`MIN_REFRESH`].
+/// in `[0, 1)`. Never less than a second (`MIN_REFRESH`).
 ///
 /// - `refresh_at` between now and the end of serving (`serve_until`): at `refresh_at`,
 ///   later by up to a tenth of the time until `refresh_at` or, when shorter, of the time

@@ -1,6 +1,6 @@
 //! What every loopback endpoint shares: the refusal of relayed requests (`Forwarded`,
-//! `X-Forwarded-For` and their kin), request metrics, constant-time proof comparison,
-//! strict query parsing and the system random source.
+//! `X-Forwarded-For` and their kin), request metrics, constant-time proof comparison
+//! and strict query parsing.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -12,14 +12,14 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::{config::EndpointKind, metrics::Metrics, store::CredentialStore};
+use crate::{endpoint::EndpointKind, metrics::Metrics, store::CredentialStore};
 
-/// State shared by every endpoint.
+/// What every endpoint reads: the credentials held and the metrics it counts into.
 #[derive(Clone)]
 pub struct Shared {
-    /// The credentials.
+    /// The credential of every delivery, written by the refresh loops.
     pub store: Arc<CredentialStore>,
-    /// The metrics.
+    /// The agent's metrics, served on the health port.
     pub metrics: Arc<Metrics>,
 }
 
@@ -118,17 +118,17 @@ pub fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Whether header `name` is present and equals `expected`, in constant time.
+/// What [`check_proof`] found in a request's proof header.
 pub enum Proof {
-    /// Present and equal.
+    /// Present once and equal to the expected proof: the request may be served.
     Valid,
-    /// Absent.
+    /// Absent: answered 401.
     Missing,
-    /// Present and different (or several values).
+    /// Present and different, or given several times: answered 403.
     Wrong,
 }
 
-/// Checks the proof header `name` against `expected`.
+/// Checks the proof header `name` against `expected`, in constant time.
 pub fn check_proof(headers: &HeaderMap, name: &str, expected: &[u8]) -> Proof {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
@@ -148,22 +148,6 @@ pub fn parse_query(raw: Option<&str>) -> Result<BTreeMap<String, String>, String
         }
     }
     Ok(params)
-}
-
-/// Bytes from the operating system's secure random source (through aws-lc-rs, the one
-/// crypto library of the project).
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut buf = [0u8; N];
-    rustls::crypto::aws_lc_rs::default_provider()
-        .secure_random
-        .fill(&mut buf)
-        .expect("the system random source is available");
-    buf
-}
-
-/// A uniformly random fraction in `[0, 1)`, for jitter.
-pub fn random_fraction() -> f64 {
-    (u64::from_le_bytes(random_bytes::<8>()) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -226,12 +210,5 @@ mod tests {
         assert!(parse_query(Some("a=1&a=2")).unwrap_err().contains("more than once"));
         // Malformed escapes are kept literally, never a panic.
         assert_eq!(parse_query(Some("a=%zz%")).unwrap()["a"], "%zz%");
-    }
-
-    #[test]
-    fn randomness() {
-        assert_ne!(random_bytes::<16>(), random_bytes::<16>());
-        let f = random_fraction();
-        assert!((0.0..1.0).contains(&f));
     }
 }

@@ -17,25 +17,25 @@ pub enum AgentError {
     /// A loopback listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
-        /// Address.
+        /// The loopback address asked for.
         addr: SocketAddr,
-        /// Cause.
+        /// Why the operating system refused (usually: the port is in use).
         source: io::Error,
     },
     /// The projected service-account token could not be read, or is empty.
     #[error("service-account token {}: {source}", path.display())]
     Token {
-        /// Token file.
+        /// The projected token file (`--token-file`).
         path: PathBuf,
-        /// Cause.
+        /// Why it could not be read, or that it is empty.
         source: io::Error,
     },
     /// The AWS authorization token could not be written to the shared directory.
     #[error("AWS authorization token file {}: {source}", path.display())]
     TokenFile {
-        /// File written.
+        /// The token file in the shared directory.
         path: PathBuf,
-        /// Cause.
+        /// Why writing or replacing it failed.
         source: io::Error,
     },
     /// TLS configuration (a CA bundle) is unusable.
@@ -47,9 +47,9 @@ pub enum AgentError {
     /// The broker answered with an error.
     #[error("broker answered {status} {code:?}: {message}{}", upstream_code.as_deref().map(|c| format!(" (upstream {c})")).unwrap_or_default())]
     Broker {
-        /// HTTP status.
+        /// The HTTP status of the broker's answer.
         status: u16,
-        /// The broker's error category.
+        /// The broker's error category, which decides whether the credential is dropped.
         code: ErrorCode,
         /// The broker's explanation (never contains a secret).
         message: String,
@@ -62,42 +62,43 @@ pub enum AgentError {
     /// The broker sent a credential the delivery cannot use.
     #[error("broker sent a {got} credential for policy {policy}, which the {endpoint} delivery cannot use")]
     WrongCredential {
-        /// Policy.
+        /// The policy whose credential it is.
         policy: String,
-        /// Credential type received.
+        /// The type of credential received (`aws`, `accessToken`, ...).
         got: &'static str,
-        /// Delivery kind.
+        /// The kind of delivery that cannot use it (`AWS`, `Azure`, `header`, ...).
         endpoint: &'static str,
     },
     /// The broker's credential cannot be delivered as configured (a header format whose
     /// placeholder the credential does not fill, a value a header cannot carry).
     #[error("credential of policy {policy} cannot be delivered: {reason}")]
     UnusableCredential {
-        /// Policy.
+        /// The policy whose credential it is.
         policy: String,
-        /// Why (never the value).
+        /// What does not fit, never the value.
         reason: String,
     },
     /// No valid credential is held for a policy (not fetched yet, expired, or refused).
     #[error("no valid credential for policy {policy}: {reason}")]
     NoCredential {
-        /// Policy.
+        /// The policy asked for.
         policy: String,
-        /// Why.
+        /// Why nothing valid is held: not fetched yet, expired, window over, or the last
+        /// refresh error.
         reason: String,
     },
     /// A proxied request could not be sent upstream or its answer not read.
     #[error("upstream {host}: {message}")]
     Upstream {
-        /// Upstream host.
+        /// The upstream's authority (`host[:port]`).
         host: String,
-        /// What failed.
+        /// What failed, with its causes.
         message: String,
     },
     /// A request body is larger than the agent buffers for signing.
     #[error("request body larger than {limit} bytes cannot be signed")]
     BodyTooLarge {
-        /// The limit.
+        /// The limit in bytes (`--sigv4-max-body-bytes`).
         limit: usize,
     },
     /// A request could not be signed with SigV4.

@@ -22,7 +22,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     sync::OnceLock,
     time::{Duration, SystemTime},
 };
@@ -38,55 +37,17 @@ use reqwest::{Method, redirect::Policy};
 use serde::Deserialize;
 
 use crate::{
-    AgentError,
+    error::AgentError,
     outbound::{BodyError, chain, read_limited},
+    settings::{AwsSource, EvidenceSettings},
 };
 
-/// The link-local address of every cloud's metadata service.
-pub const LINK_LOCAL_METADATA: &str = "http://169.254.169.254";
 /// Largest metadata answer read.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// The body of the one request the broker accepts as AWS evidence.
 const GET_CALLER_IDENTITY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
 
-/// Where the pod's AWS credentials come from, read from the standard AWS variables.
-#[derive(Clone, Debug, Default)]
-pub struct AwsSource {
-    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
-    pub static_keys: Option<(String, SecretString, Option<SecretString>)>,
-    /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
-    pub container_credentials_uri: Option<String>,
-    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`, read at every use (it is rotated).
-    pub container_authorization_token_file: Option<PathBuf>,
-    /// `AWS_CONTAINER_AUTHORIZATION_TOKEN`.
-    pub container_authorization_token: Option<SecretString>,
-    /// `AWS_REGION` or `AWS_DEFAULT_REGION`; `us-east-1` when unset.
-    pub region: Option<String>,
-    /// `AWS_ENDPOINT_URL_STS` or `AWS_ENDPOINT_URL`: the STS endpoint the request is
-    /// signed for (default: the regional endpoint).
-    pub sts_endpoint: Option<String>,
-}
-
 impl AwsSource {
-    /// The source described by this process's environment.
-    pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let static_keys = match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
-            (Some(id), Some(secret)) => {
-                Some((id, SecretString::new(secret), var("AWS_SESSION_TOKEN").map(SecretString::new)))
-            }
-            _ => None,
-        };
-        Self {
-            static_keys,
-            container_credentials_uri: var("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
-            container_authorization_token_file: var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").map(PathBuf::from),
-            container_authorization_token: var("AWS_CONTAINER_AUTHORIZATION_TOKEN").map(SecretString::new),
-            region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
-            sts_endpoint: var("AWS_ENDPOINT_URL_STS").or_else(|| var("AWS_ENDPOINT_URL")),
-        }
-    }
-
     fn region(&self) -> &str {
         self.region.as_deref().unwrap_or("us-east-1")
     }
@@ -100,34 +61,6 @@ impl AwsSource {
                 let domain = if region.starts_with("cn-") { "amazonaws.com.cn" } else { "amazonaws.com" };
                 format!("https://sts.{region}.{domain}/")
             }
-        }
-    }
-}
-
-/// Where the agent looks for evidence.
-#[derive(Clone, Debug)]
-pub struct EvidenceSettings {
-    /// Base URL of the Azure Instance Metadata Service.
-    pub azure_imds_url: String,
-    /// Base URL of the GCP metadata server.
-    pub gcp_metadata_url: String,
-    /// Base URL of the AWS instance metadata service (IMDSv2).
-    pub aws_imds_url: String,
-    /// The pod's AWS credentials.
-    pub aws: AwsSource,
-    /// The broker's server ID, signed into the AWS evidence as `x-cloudpass-server-id`.
-    /// `None`: the broker client fills in the host (`host[:port]`) of the broker URL.
-    pub server_id: Option<String>,
-}
-
-impl Default for EvidenceSettings {
-    fn default() -> Self {
-        Self {
-            azure_imds_url: LINK_LOCAL_METADATA.into(),
-            gcp_metadata_url: LINK_LOCAL_METADATA.into(),
-            aws_imds_url: LINK_LOCAL_METADATA.into(),
-            aws: AwsSource::default(),
-            server_id: None,
         }
     }
 }
@@ -328,7 +261,7 @@ impl EvidenceGatherer {
             HeaderValue::from_str(server_id)
                 .map_err(|_| failed(source, format!("broker server ID {server_id:?} is not a header value")))?,
         );
-        crate::proxy::sign_v4(
+        crate::sigv4::sign_v4(
             "POST",
             &url,
             &mut headers,

@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 
 use crate::{
     common::{Shared, forbidden, guarded, not_found, parse_query},
-    config::EndpointKind,
+    endpoint::EndpointKind,
     store::{CredentialStore, Fetched},
 };
 
@@ -50,7 +50,7 @@ const PREFIX: &str = "/computeMetadata/v1";
 /// One policy served by the metadata server.
 #[derive(Clone, Debug)]
 pub struct GcpDelivery {
-    /// Policy.
+    /// The policy whose credential the metadata server hands out.
     pub policy: String,
     /// OAuth scopes of its token (reported in the account listing).
     pub scopes: Vec<String>,
@@ -91,8 +91,9 @@ fn unavailable(message: String) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, format!("{message}\n")).into_response()
 }
 
-/// Where a kind of credential stands among the deliveries.
-enum Lookup {
+/// Whether the deliveries hold a kind of credential, and which one does (the metadata
+/// server answers 200, 503 or 404 accordingly).
+enum Availability {
     /// A delivery holds one.
     Found(String, Arc<Fetched>),
     /// None known yet, but a delivery has no credential (not fetched, or refused).
@@ -103,12 +104,12 @@ enum Lookup {
 
 impl GcpState {
     /// The first delivery whose credential is an access token.
-    fn access_token(&self) -> Lookup {
+    fn access_token(&self) -> Availability {
         let mut pending = None;
         for d in &self.deliveries {
             match self.store.latest(&d.policy) {
                 Some(f) if matches!(f.credential, Credential::AccessToken { .. }) => {
-                    return Lookup::Found(d.policy.clone(), f);
+                    return Availability::Found(d.policy.clone(), f);
                 }
                 Some(_) => {}
                 None => {
@@ -116,13 +117,13 @@ impl GcpState {
                 }
             }
         }
-        pending.map_or(Lookup::Absent, Lookup::Pending)
+        pending.map_or(Availability::Absent, Availability::Pending)
     }
 
     /// The service account's email, if the broker named it.
     fn email(&self) -> Option<String> {
         match self.access_token() {
-            Lookup::Found(_, f) => match &f.credential {
+            Availability::Found(_, f) => match &f.credential {
                 Credential::AccessToken { service_account_email, .. } => service_account_email.clone(),
                 _ => None,
             },
@@ -132,7 +133,7 @@ impl GcpState {
 
     fn scopes(&self) -> Vec<String> {
         match self.access_token() {
-            Lookup::Found(policy, _) => {
+            Availability::Found(policy, _) => {
                 self.deliveries.iter().find(|d| d.policy == policy).map(|d| d.scopes.clone()).unwrap_or_default()
             }
             _ => Vec::new(),
@@ -192,7 +193,7 @@ async fn dispatch(State(state): State<Arc<GcpState>>, method: Method, uri: Uri, 
             ["token"] => token(&state),
             ["identity"] => identity(&state, params.get("audience").map(String::as_str)),
             ["email"] => match state.access_token() {
-                Lookup::Pending(policy) => unavailable(no_credential(&state.store, &policy)),
+                Availability::Pending(policy) => unavailable(no_credential(&state.store, &policy)),
                 _ => text(state.email().unwrap_or_else(|| "default".into())),
             },
             ["scopes"] => text(state.scopes().iter().map(|s| format!("{s}\n")).collect()),
@@ -201,12 +202,12 @@ async fn dispatch(State(state): State<Arc<GcpState>>, method: Method, uri: Uri, 
         },
         ["project"] => text("project-id\n".into()),
         ["project", "project-id"] => match state.access_token() {
-            Lookup::Found(_, f) => match &f.credential {
+            Availability::Found(_, f) => match &f.credential {
                 Credential::AccessToken { project_id: Some(project), .. } => text(project.clone()),
                 _ => not_found(),
             },
-            Lookup::Pending(policy) => unavailable(no_credential(&state.store, &policy)),
-            Lookup::Absent => not_found(),
+            Availability::Pending(policy) => unavailable(no_credential(&state.store, &policy)),
+            Availability::Absent => not_found(),
         },
         ["universe"] => text("universe-domain\n".into()),
         ["universe", "universe-domain"] => text(UNIVERSE_DOMAIN.into()),
@@ -223,7 +224,7 @@ fn no_credential(store: &CredentialStore, policy: &str) -> String {
 
 fn token(state: &GcpState) -> Response {
     match state.access_token() {
-        Lookup::Found(policy, _) => match state.store.valid(&policy) {
+        Availability::Found(policy, _) => match state.store.valid(&policy) {
             Ok(f) => match &f.credential {
                 Credential::AccessToken { access_token, token_type, .. } => Json(json!({
                     "access_token": access_token.expose(),
@@ -235,8 +236,8 @@ fn token(state: &GcpState) -> Response {
             },
             Err(e) => unavailable(e.to_string()),
         },
-        Lookup::Pending(policy) => unavailable(no_credential(&state.store, &policy)),
-        Lookup::Absent => not_found(),
+        Availability::Pending(policy) => unavailable(no_credential(&state.store, &policy)),
+        Availability::Absent => not_found(),
     }
 }
 

@@ -19,10 +19,11 @@ use cloudpass_api::agent::READY_PATH;
 
 use crate::{
     common::{Shared, guarded, not_found},
-    config::EndpointKind,
+    endpoint::EndpointKind,
 };
 
-/// The health endpoints.
+/// The health port's router: `/ready`, `/healthz` and `/metrics`, relayed requests
+/// refused like on every endpoint.
 pub fn router(shared: &Shared) -> Router {
     let router = Router::new()
         .route(READY_PATH, get(ready))

@@ -11,15 +11,16 @@
 //! pod runs in get it from [`evidence`].
 //!
 //! In process (tests), [`Agent::start`] runs an agent and reports its addresses;
-//! [`run`] runs one until a future completes. Flags and environment are in [`config`];
+//! [`run`] runs one until a future completes. Flags and environment are in [`settings`];
 //! `docs/agent.md` describes the endpoints, security rules and metrics.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod aws;
 pub mod azure;
 pub mod broker_client;
 pub mod common;
-pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod evidence;
 pub mod gcp;
@@ -27,9 +28,13 @@ pub mod health;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod random;
 pub mod server;
+pub mod settings;
+pub mod sigv4;
 pub mod store;
 
-pub use config::{EndpointKind, Settings};
+pub use endpoint::EndpointKind;
 pub use error::AgentError;
 pub use server::{Agent, run};
+pub use settings::Settings;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cloudpass_agent::{
-    config::{Args, Command},
     health, run,
+    settings::{Args, Command},
 };
 use cloudpass_cli::termination;
 use tracing::error;

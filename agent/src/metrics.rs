@@ -23,30 +23,30 @@ pub struct RequestLabels {
     pub result: &'static str,
 }
 
-/// Labels of a refresh.
+/// Labels of a credential fetch from the broker.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
-    /// Policy.
+    /// The policy fetched.
     pub policy: String,
     /// `ok` or `error`.
     pub result: &'static str,
 }
 
-/// A broker error code (see `AgentError::metric_label`).
+/// Labels of a failed fetch: its error code (see `AgentError::metric_label`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
-    /// Code.
+    /// `unauthenticated`, `denied`, `unreachable`, `evidence`, ...
     pub code: &'static str,
 }
 
-/// A policy.
+/// Labels of a per-policy credential gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
-    /// Policy.
+    /// The policy whose credential is measured.
     pub policy: String,
 }
 
-/// The agent's metrics.
+/// The agent's metrics (prefix `cloudpass_agent_`), served at `/metrics`.
 pub struct Metrics {
     registry: Registry,
     /// Requests served, by endpoint and result.
@@ -87,7 +87,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// New metrics, shared.
+    /// Empty metrics, registered and shared, for one agent.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }

@@ -21,15 +21,17 @@ use crate::{
     aws, azure,
     broker_client::{BrokerClient, refresh_loop},
     common::Shared,
-    config::{EndpointKind, Settings, port_of},
+    endpoint::{EndpointKind, port_of},
     error::AgentError,
     gcp, health,
     metrics::Metrics,
     proxy,
+    settings::Settings,
     store::CredentialStore,
 };
 
-/// A running agent.
+/// A running agent: its listeners, credentials and refresh loops, until
+/// [`Agent::shutdown`].
 pub struct Agent {
     listeners: Vec<(EndpointKind, SocketAddr)>,
     shared: Shared,
@@ -168,12 +170,12 @@ impl Agent {
         self.listeners.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
     }
 
-    /// The credentials held.
+    /// The credentials held, one slot per delivery's policy.
     pub fn store(&self) -> &Arc<CredentialStore> {
         &self.shared.store
     }
 
-    /// The metrics.
+    /// The agent's metrics, as served on the health port.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
     }

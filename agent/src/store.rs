@@ -21,12 +21,13 @@ use crate::error::AgentError;
 /// credential that dies in flight.
 pub const MIN_REMAINING: Duration = Duration::from_secs(5);
 
-/// A credential as fetched.
+/// A credential as fetched from the broker, with the times that decide when it is
+/// served and refreshed.
 #[derive(Clone, Debug)]
 pub struct Fetched {
     /// The credential (its secret parts never print).
     pub credential: Credential,
-    /// When it stops working.
+    /// When it stops working upstream (the broker's `expiresAt`).
     pub expires_at: Timestamp,
     /// When the agent stops handing it out: the broker's `serveUntil` (the end of the
     /// policy's time window) if earlier than `expires_at`, else `expires_at`. This is the

@@ -16,8 +16,8 @@ use cloudpass_agent::{
     AgentError,
     broker_client::{BrokerClient, refresh_loop},
     common::Shared,
-    config::RetrySettings,
     metrics::Metrics,
+    settings::RetrySettings,
     store::CredentialStore,
 };
 use cloudpass_api::{

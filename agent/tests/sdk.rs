@@ -28,8 +28,7 @@ use axum::{
 };
 use cloudpass_agent::{
     Agent, EndpointKind, Settings,
-    config::{BrokerSettings, RetrySettings},
-    evidence::{AwsSource, EvidenceSettings},
+    settings::{AwsSource, BrokerClientSettings, EvidenceSettings, RetrySettings},
 };
 use cloudpass_api::{
     agent::{
@@ -190,7 +189,7 @@ fn settings(broker_url: &str, files: &PodFiles, identity_header: &str, deliverie
     let ca = bed().broker.ca.cert_pem();
     Settings {
         config: AgentConfig { broker_url: broker_url.into(), health_port: 0, deliveries, policy_namespace: None },
-        broker: BrokerSettings {
+        broker: BrokerClientSettings {
             url: broker_url.into(),
             ca_pem: Some(ca.clone()),
             trust_system_roots: false,
@@ -849,7 +848,7 @@ async fn plain_http_requests_signed_by_the_proxy_are_accepted_by_moto() {
     let url = format!("https://localhost:{s3_port}/orders/");
     let mut forged = axum::http::HeaderMap::new();
     forged.insert(HOST, HeaderValue::from_str(&format!("localhost:{s3_port}")).unwrap());
-    cloudpass_agent::proxy::sign_v4(
+    cloudpass_agent::sigv4::sign_v4(
         "GET",
         &url,
         &mut forged,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cloudpass_agent::{
     Settings,
-    config::{BrokerSettings, RetrySettings},
+    settings::{BrokerClientSettings, RetrySettings},
 };
 use cloudpass_api::agent::AgentConfig;
 use libfuzzer_sys::fuzz_target;
@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Ok(config) = serde_json::from_slice::<AgentConfig>(data) else { return };
     let settings = Settings {
-        broker: BrokerSettings {
+        broker: BrokerClientSettings {
             url: config.broker_url.clone(),
             ca_pem: Some("pem".into()),
             trust_system_roots: false,

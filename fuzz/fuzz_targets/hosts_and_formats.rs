@@ -2,7 +2,7 @@
 //! policy's patterns, the SigV4 scope derived from a host, and header formats.
 #![no_main]
 
-use cloudpass_agent::proxy::{header_value, sigv4_scope_from_host};
+use cloudpass_agent::{proxy::header_value, sigv4::sigv4_scope_from_host};
 use cloudpass_api::{
     broker::Credential,
     secret::SecretString,

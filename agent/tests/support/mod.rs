@@ -27,7 +27,7 @@ use axum::{
 };
 use cloudpass_agent::{
     Settings,
-    config::{BrokerSettings, RetrySettings},
+    settings::{BrokerClientSettings, RetrySettings},
 };
 use cloudpass_api::{
     agent::{AgentConfig, AgentDelivery},
@@ -274,7 +274,7 @@ impl Files {
 pub fn settings(broker: &FakeBroker, files: &Files, deliveries: Vec<AgentDelivery>) -> Settings {
     Settings {
         config: AgentConfig { broker_url: broker.url.clone(), health_port: 0, deliveries, policy_namespace: None },
-        broker: BrokerSettings {
+        broker: BrokerClientSettings {
             url: broker.url.clone(),
             ca_pem: Some(broker.ca_pem.clone()),
             trust_system_roots: false,
