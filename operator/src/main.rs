@@ -334,12 +334,11 @@ async fn start_broker(
         .map_err(|e| format!("cannot serve the broker on {}: {e}", args.broker_addr))?;
     info!(%addr, "broker serving");
     if let Some(issuer_addr) = args.issuer_addr {
-        let listener = tokio::net::TcpListener::bind(issuer_addr)
+        let router = broker_server::issuer_router(broker.clone());
+        tls::serve_plain(issuer_addr, router, Default::default(), limits)
             .await
             .map_err(|e| format!("--issuer-addr {issuer_addr}: {e}"))?;
-        let router = broker_server::issuer_router(broker.clone());
         info!(addr = %issuer_addr, "serving the issuer's documents over plain HTTP");
-        tokio::spawn(async move { axum::serve(listener, router).await });
     }
     let sweeper = broker.clone();
     tokio::spawn(async move {

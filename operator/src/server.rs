@@ -59,14 +59,8 @@ pub fn router(health: Health) -> Router {
         .with_state(health)
 }
 
-/// Binds `addr` and serves the endpoints in the background; returns the bound address.
-pub async fn spawn(addr: SocketAddr, health: Health) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(health)).await {
-            tracing::error!(error = %e, "health/metrics server stopped");
-        }
-    });
-    Ok(bound)
+/// Binds `addr` and serves the endpoints in the background, within the default server
+/// limits; returns the bound address.
+pub async fn spawn(addr: SocketAddr, health: Health) -> Result<SocketAddr, cloudpass_runtime::Error> {
+    cloudpass_runtime::tls::serve_plain(addr, router(health), Default::default(), Default::default()).await
 }

@@ -1,6 +1,6 @@
 //! HTTPS with a serving certificate that can be replaced at run time: new handshakes get
-//! the new certificate, open connections are not dropped. Every connection is served
-//! within [`ServerLimits`]: handshake, header, idle and request timeouts and a cap on
+//! the new certificate, open connections are not dropped; and plain HTTP for public
+//! documents, health and metrics. Every connection is served within [`ServerLimits`]: handshake, header, idle and request timeouts and a cap on
 //! connections, so that idle or slow clients cannot exhaust the server.
 
 use std::{
@@ -178,7 +178,6 @@ pub async fn serve(
     connections: prometheus_client::metrics::counter::Counter,
     limits: ServerLimits,
 ) -> Result<SocketAddr, Error> {
-    limits.check()?;
     let provider = Arc::new(aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -186,6 +185,29 @@ pub async fn serve(
         .with_no_client_auth()
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    start(addr, router, Some(TlsAcceptor::from(Arc::new(config))), connections, limits)
+}
+
+/// Serves `router` over plain HTTP/1.1 on `addr` within the same `limits` as [`serve`]
+/// (the handshake timeout aside), for endpoints that are not secret: the issuer's
+/// public documents, health and metrics. Returns the bound address.
+pub async fn serve_plain(
+    addr: SocketAddr,
+    router: axum::Router,
+    connections: prometheus_client::metrics::counter::Counter,
+    limits: ServerLimits,
+) -> Result<SocketAddr, Error> {
+    start(addr, router, None, connections, limits)
+}
+
+fn start(
+    addr: SocketAddr,
+    router: axum::Router,
+    acceptor: Option<TlsAcceptor>,
+    connections: prometheus_client::metrics::counter::Counter,
+    limits: ServerLimits,
+) -> Result<SocketAddr, Error> {
+    limits.check()?;
     let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
@@ -197,15 +219,15 @@ pub async fn serve(
     http1.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     let mut http2 = auto::Builder::new(TokioExecutor::new()).http2_only();
     http2.http2().timer(TokioTimer::new());
-    let server =
-        Arc::new(Server { acceptor: TlsAcceptor::from(Arc::new(config)), router, limits, http1, http2, connections });
+    let server = Arc::new(Server { acceptor, router, limits, http1, http2, connections });
     tokio::spawn(server.accept_loop(listener));
     Ok(bound)
 }
 
-/// One HTTPS server: what every connection shares.
+/// One server: what every connection shares.
 struct Server {
-    acceptor: TlsAcceptor,
+    /// `None`: plain HTTP/1.1.
+    acceptor: Option<TlsAcceptor>,
     router: axum::Router,
     limits: ServerLimits,
     http1: auto::Builder<TokioExecutor>,
@@ -252,7 +274,10 @@ impl Server {
     /// Serves one connection within the limits.
     async fn connection(self: Arc<Self>, tcp: TcpStream) {
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp)).await {
+        let Some(acceptor) = &self.acceptor else {
+            return self.http(tcp, false).await;
+        };
+        let tls = match tokio::time::timeout(self.limits.handshake_timeout, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 debug!(error = %e, "TLS handshake failed");
@@ -263,11 +288,21 @@ impl Server {
                 return;
             }
         };
-        let builder = if tls.get_ref().1.alpn_protocol() == Some(b"h2") { &self.http2 } else { &self.http1 };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.http(tls, h2).await;
+    }
+
+    /// Serves HTTP on an established stream until the client closes it, or it has been
+    /// idle too long.
+    async fn http<I>(&self, io: I, h2: bool)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let builder = if h2 { &self.http2 } else { &self.http1 };
         let activity = Arc::new(Activity::new());
         let service =
             Limited { router: self.router.clone(), activity: activity.clone(), timeout: self.limits.request_timeout };
-        let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
+        let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         let mut conn = std::pin::pin!(conn);
         tokio::select! {
             _ = conn.as_mut() => return,
@@ -654,6 +689,49 @@ mod tests {
         assert!(valid.expect("a valid request is answered").starts_with("HTTP/1.1 200"));
         assert!(slow_closed, "headers sent a byte at a time are cut off by the header timeout");
         assert!(half_closed, "an unfinished TLS handshake is cut off");
+        assert!(silent_0 && silent_1, "connections that send nothing are closed");
+    }
+
+    /// Finding: the plain-HTTP listeners (the issuer's documents, health and metrics)
+    /// were served without any limit.
+    #[tokio::test]
+    async fn plain_http_closes_silent_and_slow_clients_and_serves_valid_ones() {
+        let addr =
+            serve_plain((Ipv4Addr::LOCALHOST, 0).into(), router(), Default::default(), quick_limits()).await.unwrap();
+        let (mut silent_a, mut silent_b) =
+            (TcpStream::connect(addr).await.unwrap(), TcpStream::connect(addr).await.unwrap());
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nx-slow: ").await.unwrap();
+        let slow_closed = async {
+            let mut buf = [0u8; 256];
+            tokio::time::timeout(PATIENCE, async {
+                loop {
+                    tokio::select! {
+                        read = slow.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return },
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {
+                            if slow.write_all(b"a").await.is_err() { return }
+                        }
+                    }
+                }
+            })
+            .await
+            .is_ok()
+        };
+        let valid = async {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await.unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await.unwrap();
+            text
+        };
+        let (valid, slow_closed, silent_0, silent_1) = tokio::join!(
+            tokio::time::timeout(PATIENCE, valid),
+            slow_closed,
+            closed_by_server(&mut silent_a),
+            closed_by_server(&mut silent_b),
+        );
+        assert!(valid.expect("a valid request is answered").starts_with("HTTP/1.1 200"));
+        assert!(slow_closed, "headers sent a byte at a time are cut off by the header timeout");
         assert!(silent_0 && silent_1, "connections that send nothing are closed");
     }
 
