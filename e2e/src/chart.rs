@@ -135,8 +135,52 @@ fn remap_mounts(arg: &str, mounts: &[(String, PathBuf)]) -> String {
     arg.to_owned()
 }
 
+/// A chart container running here as a process; every port it listens on was moved to
+/// a free one on 127.0.0.1, so that tests never depend on a fixed port being free.
+pub struct ChartProcess {
+    /// The process.
+    pub process: crate::process::ManagedProcess,
+    /// Rendered port → the port it listens on here.
+    ports: std::collections::BTreeMap<u16, u16>,
+}
+
+impl ChartProcess {
+    /// Where the container's rendered listen port `rendered` listens here.
+    pub fn port(&self, rendered: u16) -> u16 {
+        *self.ports.get(&rendered).unwrap_or_else(|| panic!("the container does not listen on port {rendered}"))
+    }
+}
+
+impl std::ops::Deref for ChartProcess {
+    type Target = crate::process::ManagedProcess;
+    fn deref(&self) -> &Self::Target {
+        &self.process
+    }
+}
+
+/// Moves every `=0.0.0.0:<port>` bind address in `args` to `=127.0.0.1:<free port>`.
+fn move_listen_ports(args: &[String]) -> Result<(Vec<String>, std::collections::BTreeMap<u16, u16>)> {
+    let mut ports = std::collections::BTreeMap::new();
+    let mut moved = Vec::new();
+    for arg in args {
+        let Some((flag, port)) = arg.split_once("=0.0.0.0:") else {
+            moved.push(arg.clone());
+            continue;
+        };
+        let rendered: u16 = port.parse().with_context(|| format!("port of {arg}"))?;
+        let here = match ports.get(&rendered) {
+            Some(p) => *p,
+            None => crate::process::free_port()?,
+        };
+        ports.insert(rendered, here);
+        moved.push(format!("{flag}=127.0.0.1:{here}"));
+    }
+    Ok((moved, ports))
+}
+
 /// Starts `binary` as the Deployment's container would run: its rendered arguments and
-/// environment, the bind address moved to loopback, paths under its volume mounts moved
+/// environment, each bind address moved to a free port on loopback
+/// ([`ChartProcess::port`]), paths under its volume mounts moved
 /// to [`volume_dir`] (created empty), authenticated as `service_account` so that only
 /// the chart's RBAC applies.
 pub async fn run_container(
@@ -145,7 +189,7 @@ pub async fn run_container(
     container: &str,
     service_account: &str,
     binary: &std::path::Path,
-) -> Result<crate::process::ManagedProcess> {
+) -> Result<ChartProcess> {
     let namespace = deployment["metadata"]["namespace"].as_str().context("deployment namespace")?;
     let name = deployment["metadata"]["name"].as_str().context("deployment name")?;
     let command = container_command(deployment, container, namespace, &format!("{name}-0"))?;
@@ -158,16 +202,17 @@ pub async fn run_container(
         std::fs::create_dir_all(&dir)?;
         mounts.push((m["mountPath"].as_str().context("mountPath")?.trim_end_matches('/').to_owned(), dir));
     }
-    let args: Vec<String> =
-        command.args.iter().map(|a| remap_mounts(&a.replace("=0.0.0.0:", "=127.0.0.1:"), &mounts)).collect();
+    let (args, ports) = move_listen_ports(&command.args)?;
+    let args: Vec<String> = args.iter().map(|a| remap_mounts(a, &mounts)).collect();
     let kubeconfig = cp.kubeconfig_for(namespace, service_account).await?.to_string_lossy().into_owned();
     let mut env: Vec<(&str, &str)> = command.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     env.push(("KUBECONFIG", &kubeconfig));
-    crate::process::ManagedProcess::spawn(
+    let process = crate::process::ManagedProcess::spawn(
         &format!("chart-{name}"),
         binary,
         &args,
         &cp.dir().join(format!("chart-{name}.log")),
         &env,
-    )
+    )?;
+    Ok(ChartProcess { process, ports })
 }

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cloudpass_e2e::{ControlPlane, certs::TestCa, chart, process::free_port, repo_root};
+use cloudpass_e2e::{ControlPlane, certs::TestCa, chart, repo_root};
 
 const NS: &str = "cloudpass-system";
 
@@ -23,20 +23,6 @@ fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
     full.extend_from_slice(args);
     let out = cp.kubectl_output(&full, None).unwrap();
     String::from_utf8_lossy(&out.stdout).trim() == "yes"
-}
-
-/// Moves a rendered `0.0.0.0:<from>` bind address to `<to>` (two containers of the chart
-/// run on this one host).
-fn move_port(deployment: &mut serde_yaml::Value, from: u16, to: u16) {
-    let container = &mut deployment["spec"]["template"]["spec"]["containers"][0];
-    for arg in container["args"].as_sequence_mut().unwrap() {
-        *arg = arg.as_str().unwrap().replace(&format!("0.0.0.0:{from}"), &format!("0.0.0.0:{to}")).into();
-    }
-    for port in container["ports"].as_sequence_mut().unwrap() {
-        if port["containerPort"].as_u64() == Some(u64::from(from)) {
-            port["containerPort"] = to.into();
-        }
-    }
 }
 
 async fn wait_ready(port: u16, process: &cloudpass_e2e::process::ManagedProcess, log_line: &str) {
@@ -73,20 +59,19 @@ async fn the_rendered_controller_and_broker_run_each_with_its_own_rbac() {
     let issuer = rendered.args.iter().find_map(|a| a.strip_prefix("--issuer-url=")).expect("--issuer-url rendered");
     assert_eq!(issuer, format!("https://cloudpass-broker.{NS}.svc:{broker_port}"), "the default issuer is in-cluster");
 
-    // The controller, its metrics moved off the broker's port.
-    let mut controller = chart::find(&docs, "Deployment", "cloudpass-operator").unwrap().clone();
-    let controller_port = free_port().unwrap();
-    move_port(&mut controller, port, controller_port);
-    let rendered = chart::container_command(&controller, "operator", NS, "cloudpass-operator-0").unwrap();
+    // The controller.
+    let controller = chart::find(&docs, "Deployment", "cloudpass-operator").unwrap();
+    let controller_port = chart::container_port(controller, "operator", "metrics").unwrap();
+    let rendered = chart::container_command(controller, "operator", NS, "cloudpass-operator-0").unwrap();
     for arg in ["--components=controller", "--broker-service-account=cloudpass-broker"] {
         assert!(rendered.args.contains(&arg.to_owned()), "{arg}: {:?}", rendered.args);
     }
 
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
     let broker_process = chart::run_container(cp, broker, "broker", "cloudpass-broker", binary).await.unwrap();
-    let process = chart::run_container(cp, &controller, "operator", "cloudpass-operator", binary).await.unwrap();
-    wait_ready(port, &broker_process, "broker serving").await;
-    wait_ready(controller_port, &process, "caches warm").await;
+    let process = chart::run_container(cp, controller, "operator", "cloudpass-operator", binary).await.unwrap();
+    wait_ready(broker_process.port(port), &broker_process, "broker serving").await;
+    wait_ready(process.port(controller_port), &process, "caches warm").await;
 
     cp.create_namespace("team", &[]).await.unwrap();
     cp.apply_path(Some("team"), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
@@ -154,15 +139,13 @@ async fn the_rendered_controller_and_broker_run_each_with_its_own_rbac() {
     assert!(ca.contains("BEGIN CERTIFICATE"), "published CA: {ca:?}");
 
     // The issuer's discovery document over TLS, verified with only the published CA and
-    // the Service's DNS name (resolved to where the container listens).
+    // the Service's DNS name (the Service's port moved to where the container listens).
     let host = format!("cloudpass-broker.{NS}.svc");
-    let http = reqwest::Client::builder()
-        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca.as_bytes()).unwrap())
-        .resolve(&host, SocketAddr::from(([127, 0, 0, 1], broker_port)))
-        .build()
-        .unwrap();
+    let http = client_for(&ca, &host, 0);
+    let here =
+        |url: &str| url.replacen(&format!(":{broker_port}/"), &format!(":{}/", broker_process.port(broker_port)), 1);
     let discovery: serde_json::Value = http
-        .get(format!("{issuer}/.well-known/openid-configuration"))
+        .get(here(&format!("{issuer}/.well-known/openid-configuration")))
         .send()
         .await
         .and_then(|r| r.error_for_status())
@@ -172,7 +155,7 @@ async fn the_rendered_controller_and_broker_run_each_with_its_own_rbac() {
         .unwrap();
     assert_eq!(discovery["issuer"], issuer);
     let jwks_uri = discovery["jwks_uri"].as_str().expect("jwks_uri");
-    let jwks: serde_json::Value = http.get(jwks_uri).send().await.unwrap().json().await.unwrap();
+    let jwks: serde_json::Value = http.get(here(jwks_uri)).send().await.unwrap().json().await.unwrap();
     assert!(jwks["keys"].as_array().is_some_and(|k| !k.is_empty()), "JWKS: {jwks}");
 
     for p in [&process, &broker_process] {
@@ -214,22 +197,19 @@ async fn with_cert_manager_the_rendered_operator_serves_and_publishes_the_mounte
         .map(|d| format!("---\n{}\n", serde_json::to_string(d).unwrap()))
         .collect();
     cp.apply_yaml(Some(ns), &rbac).unwrap();
-    // Free ports instead of the rendered ones: the other test in this binary runs the
-    // default release at the same time.
-    let (metrics_port, broker_port) = (free_port().unwrap(), free_port().unwrap());
-    let mut deployment = chart::find(&docs, "Deployment", "cm-broker").unwrap().clone();
-    for arg in deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence_mut().unwrap() {
-        let moved = arg.as_str().unwrap().replace("0.0.0.0:8080", &format!("0.0.0.0:{metrics_port}"));
-        *arg = moved.replace("0.0.0.0:8443", &format!("0.0.0.0:{broker_port}")).into();
-    }
+    let deployment = chart::find(&docs, "Deployment", "cm-broker").unwrap();
     let host = format!("{release}-broker.{ns}.svc");
-    let files = chart::volume_dir(cp, &deployment, "broker-tls").unwrap();
+    let files = chart::volume_dir(cp, deployment, "broker-tls").unwrap();
     std::fs::create_dir_all(&files).unwrap();
     let first = TestCa::new("cert-manager CA").unwrap();
     write_tls_files(&files, &first, &host);
 
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
-    let process = chart::run_container(cp, &deployment, "broker", "cm-broker", binary).await.unwrap();
+    let process = chart::run_container(cp, deployment, "broker", "cm-broker", binary).await.unwrap();
+    // Where the rendered ports listen here (the other test in this binary runs the
+    // default release at the same time).
+    let metrics_port = process.port(chart::container_port(deployment, "broker", "metrics").unwrap());
+    let broker_port = process.port(chart::container_port(deployment, "broker", "broker").unwrap());
     let published = || {
         cp.kubectl_ok(&["get", "configmap", "cm-broker-ca", "-n", ns, "-o", "jsonpath={.data.ca\\.crt}"])
             .unwrap_or_default()

@@ -37,6 +37,7 @@ async fn the_rendered_webhook_runs_with_its_own_rbac() {
 
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-webhook"));
     let process = chart::run_container(cp, deployment, "webhook", "cloudpass-webhook", binary).await.unwrap();
+    let port = process.port(port);
 
     let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
     let readyz = || async {
