@@ -30,11 +30,16 @@ crds: ## Regenerate crds/ (and the chart's copy) from the Rust types in api/
 	cp crds/*.yaml charts/cloudpass/crds/
 
 .PHONY: lint
-lint: ## cargo fmt --check and clippy with warnings as errors (the fuzz targets included)
+lint: ## cargo fmt --check, clippy with warnings as errors (the fuzz targets included), cargo deny (licenses, bans, sources)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy --manifest-path fuzz/Cargo.toml --locked --target-dir target -- -D warnings
+	"$$(e2e/tools/cargo-deny.sh)" check bans licenses sources
+
+.PHONY: unit
+unit: ## The fast tier: every unit test (no Kubernetes binaries, emulators or images needed); about a minute warm
+	$(CARGO) test --workspace --locked --lib --bins
 
 .PHONY: test
 test: tools images ## Build the tools and images if needed, then run every unit and end-to-end test (the real-node suites included)

@@ -1372,12 +1372,13 @@ async fn the_agent_presents_evidence_from_the_metadata_services_of_its_node() {
     };
     assert!(refusal.contains("trust provider gcp-id refused the caller: project"), "{refusal}");
     assert!(other.requests("aws-pod-identity") >= 1 && other.requests("aws-imds") == 0, "Pod Identity comes first");
-    let metrics = reqwest::get(format!("http://{}/metrics", agent.local_addr(EndpointKind::Health).unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics =
+        cloudpass_e2e::net::get(format!("http://{}/metrics", agent.local_addr(EndpointKind::Health).unwrap()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
     agent.shutdown().await;
     let broker_log = b.broker.log_text();
     for (what, value) in [

@@ -116,7 +116,8 @@ impl MotoServer {
     }
 
     async fn reset_auth(&self, count: &str) -> Result<()> {
-        let response = reqwest::Client::new()
+        let response = crate::net::client_builder()
+            .build()?
             .post(format!("{}/moto-api/reset-auth", self.url))
             .body(count.to_owned())
             .send()

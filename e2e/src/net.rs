@@ -45,13 +45,25 @@ pub fn resolve_as(host: &str, address: IpAddr) {
     NAMES.write().unwrap_or_else(|e| e.into_inner()).insert(host.to_owned(), address);
 }
 
-/// An HTTP client builder that resolves the names of [`resolve_as`].
+/// How long a test-bed HTTP request may take before it fails (instead of hanging a test).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `GET url` with a client that gives up after [`REQUEST_TIMEOUT`]: what tests use
+/// instead of `reqwest::get`, whose client waits forever.
+pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    client_builder().build()?.get(url).send().await
+}
+
+/// An HTTP client builder that resolves the names of [`resolve_as`], with
+/// [`REQUEST_TIMEOUT`].
 pub fn client_builder() -> reqwest::ClientBuilder {
     let names = NAMES.read().unwrap_or_else(|e| e.into_inner());
     names
         .iter()
         // Port 0: the URL's port is used.
-        .fold(reqwest::Client::builder(), |builder, (host, ip)| builder.resolve(host, SocketAddr::new(*ip, 0)))
+        .fold(reqwest::Client::builder().timeout(REQUEST_TIMEOUT), |builder, (host, ip)| {
+            builder.resolve(host, SocketAddr::new(*ip, 0))
+        })
 }
 
 /// A free TCP port on the listen address (bound and released; good enough for tests).

@@ -63,7 +63,7 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 async fn metrics(port: u16) -> String {
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap()
+    cloudpass_e2e::net::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap()
 }
 
 fn sum_metric(text: &str, prefix: &str) -> f64 {

@@ -28,7 +28,8 @@ fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
 async fn wait_ready(port: u16, process: &cloudpass_e2e::process::ManagedProcess, log_line: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.map(|r| r.status().as_u16()).ok();
+        let status =
+            cloudpass_e2e::net::get(format!("http://127.0.0.1:{port}/readyz")).await.map(|r| r.status().as_u16()).ok();
         if status == Some(200) && process.log_tail(50_000).contains(log_line) {
             break;
         }
@@ -216,8 +217,10 @@ async fn with_cert_manager_the_rendered_operator_serves_and_publishes_the_mounte
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status =
-            reqwest::get(format!("http://127.0.0.1:{metrics_port}/readyz")).await.map(|r| r.status().as_u16()).ok();
+        let status = cloudpass_e2e::net::get(format!("http://127.0.0.1:{metrics_port}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok();
         if status == Some(200) && published() == first.cert_pem() {
             break;
         }

@@ -23,7 +23,7 @@ struct Operator {
 impl Operator {
     async fn get(&self, path: &str) -> Option<(u16, String)> {
         let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
-        let response = reqwest::get(url).await.ok()?;
+        let response = cloudpass_e2e::net::get(url).await.ok()?;
         Some((response.status().as_u16(), response.text().await.ok()?))
     }
 
