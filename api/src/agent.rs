@@ -121,20 +121,21 @@ pub enum AgentEndpoint {
     /// AWS container credentials (`AWS_CONTAINER_CREDENTIALS_FULL_URI`); the agent writes a
     /// random authorization token to [`SHARED_DIR`]/[`AWS_TOKEN_FILE`].
     AwsContainerCredentials {
-        /// Port.
+        /// Loopback port the agent serves the endpoint on.
         port: u16,
     },
     /// Azure managed identity (`IDENTITY_ENDPOINT`); the proof is the agent's own
     /// `IDENTITY_HEADER` variable. Several policies may share the port, one per resource.
     AzureManagedIdentity {
-        /// Port.
+        /// Loopback port the agent serves the endpoint on (shared by the policies of
+        /// one pod that use this endpoint).
         port: u16,
         /// Resource the token is for.
         resource: String,
     },
     /// GCP metadata server (`GCE_METADATA_HOST`).
     GcpMetadata {
-        /// Port.
+        /// Loopback port the agent serves the endpoint on.
         port: u16,
         /// OAuth scopes the token is for.
         scopes: Vec<String>,

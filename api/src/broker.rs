@@ -141,9 +141,9 @@ pub enum Credential {
     },
     /// A username and password.
     UsernamePassword {
-        /// Username.
+        /// The username, as the Secret holds it.
         username: String,
-        /// Password.
+        /// The password; redacted in `Debug`.
         password: SecretString,
     },
 }

@@ -8,6 +8,7 @@
 //! (references, Secrets, time zones, conflicts) is reported by the operator in
 //! `status.conditions`. Design notes live in `docs/api.md`.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod agent;
 pub mod broker;

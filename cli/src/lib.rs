@@ -1,6 +1,7 @@
 //! What every cloudpass binary shares on the command line: the logging flags and their
 //! setup, the termination signals, and the Kubernetes client.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 use std::process::ExitCode;
 

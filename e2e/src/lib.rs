@@ -2,6 +2,7 @@
 //! `make tools`), helpers to drive them, and HTTPS test servers. Nothing here imitates
 //! the Kubernetes API; the end-to-end tests in `e2e/tests/` talk to the real thing.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod bench;
 pub mod broker;

@@ -52,11 +52,11 @@ impl Outcome {
 /// The verdicts for a namespace, by object name, and its compiled config.
 #[derive(Debug, Default)]
 pub struct Evaluation {
-    /// TrustProviders.
+    /// The verdict on each TrustProvider of the namespace, by name.
     pub trust: BTreeMap<String, Outcome>,
-    /// CredentialProviders.
+    /// The verdict on each CredentialProvider of the namespace, by name.
     pub credential: BTreeMap<String, Outcome>,
-    /// AccessPolicies.
+    /// The verdict on each AccessPolicy of the namespace, by name.
     pub policies: BTreeMap<String, Outcome>,
     /// The compiled config, or `None` when no policy is Ready.
     pub config: Option<NamespaceConfig>,

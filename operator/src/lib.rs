@@ -2,6 +2,7 @@
 //! AccessPolicies into `status` and a compiled config per namespace, which the webhook
 //! and broker consume.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod broker;
 pub mod evaluate;

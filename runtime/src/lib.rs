@@ -3,6 +3,7 @@
 //! while serving, the self-managed CA and serving certificate, and files re-read when
 //! they change.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod certs;
 pub mod configs;

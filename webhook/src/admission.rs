@@ -83,7 +83,7 @@ pub struct Admission {
     pub configs: Arc<Configs>,
     /// How to inject.
     pub settings: InjectSettings,
-    /// Metrics.
+    /// The webhook's counters and latency histogram, served on `/metrics`.
     pub metrics: Arc<Metrics>,
 }
 

@@ -2,6 +2,7 @@
 //! which pods get the credential agent, injects it, and manages its own serving
 //! certificate.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod admission;
 pub mod inject;
