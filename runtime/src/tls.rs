@@ -592,6 +592,24 @@ mod tests {
         .is_ok()
     }
 
+    /// Sends a header byte every 200 ms until the server closes `stream`; `false` if it
+    /// is still open after [`PATIENCE`].
+    async fn closed_while_dribbling(stream: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin)) -> bool {
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                tokio::select! {
+                    read = stream.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return },
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if stream.write_all(b"a").await.is_err() { return }
+                    }
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     fn quick_limits() -> ServerLimits {
         ServerLimits {
             handshake_timeout: Duration::from_secs(1),
@@ -663,21 +681,7 @@ mod tests {
         half_hello.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]).await.unwrap();
         let mut slow = tls(&ca, addr, b"http/1.1").await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\nx-slow: ").await.unwrap();
-        let slow_closed = async {
-            let mut buf = [0u8; 256];
-            tokio::time::timeout(PATIENCE, async {
-                loop {
-                    tokio::select! {
-                        read = slow.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return },
-                        () = tokio::time::sleep(Duration::from_millis(200)) => {
-                            if slow.write_all(b"a").await.is_err() { return }
-                        }
-                    }
-                }
-            })
-            .await
-            .is_ok()
-        };
+        let slow_closed = closed_while_dribbling(&mut slow);
         // A valid client waits for a free slot (at most a timeout), then is answered.
         let (valid, slow_closed, half_closed, silent_0, silent_1) = tokio::join!(
             tokio::time::timeout(PATIENCE, get_once(&ca, addr)),
@@ -702,21 +706,7 @@ mod tests {
             (TcpStream::connect(addr).await.unwrap(), TcpStream::connect(addr).await.unwrap());
         let mut slow = TcpStream::connect(addr).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\nx-slow: ").await.unwrap();
-        let slow_closed = async {
-            let mut buf = [0u8; 256];
-            tokio::time::timeout(PATIENCE, async {
-                loop {
-                    tokio::select! {
-                        read = slow.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return },
-                        () = tokio::time::sleep(Duration::from_millis(200)) => {
-                            if slow.write_all(b"a").await.is_err() { return }
-                        }
-                    }
-                }
-            })
-            .await
-            .is_ok()
-        };
+        let slow_closed = closed_while_dribbling(&mut slow);
         let valid = async {
             let mut stream = TcpStream::connect(addr).await.unwrap();
             stream.write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await.unwrap();
