@@ -81,6 +81,42 @@ pub struct ClientSelector {
     pub containers: Vec<String>,
 }
 
+/// Why a policy does not select a workload ([`ClientSelector::selects`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotSelected {
+    /// The policy is for another service account (the one it names).
+    ServiceAccount(String),
+    /// The pod's labels do not satisfy the pod selector.
+    Labels,
+    /// A workload of another cluster has no labels here: only a policy whose pod
+    /// selector is empty can select it.
+    RemoteNeedsEmptySelector,
+}
+
+impl ClientSelector {
+    /// Whether the policy selects a workload running as `service_account` with the pod
+    /// `labels`; `None` for a workload of another cluster, whose labels are not known
+    /// here. The one rule the webhook (whom to inject) and the broker (whom to answer)
+    /// both apply.
+    pub fn selects(
+        &self,
+        service_account: &str,
+        labels: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<(), NotSelected> {
+        if let Some(sa) = &self.service_account_name
+            && sa != service_account
+        {
+            return Err(NotSelected::ServiceAccount(sa.clone()));
+        }
+        match labels {
+            Some(labels) if crate::selector::selector_matches(&self.pod_selector, labels) => Ok(()),
+            Some(_) => Err(NotSelected::Labels),
+            None if crate::selector::selector_is_empty(&self.pod_selector) => Ok(()),
+            None => Err(NotSelected::RemoteNeedsEmptySelector),
+        }
+    }
+}
+
 /// Kind of server a policy reaches; it decides which SDK endpoint the agent serves.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -319,4 +355,35 @@ pub struct AccessPolicyStatus {
     /// Content hash of the compiled namespace config this policy is part of, once Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn client(labels: &[(&str, &str)], service_account: Option<&str>) -> ClientSelector {
+        let match_labels: BTreeMap<String, String> =
+            labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        ClientSelector {
+            pod_selector: LabelSelector { match_labels: Some(match_labels), match_expressions: None },
+            service_account_name: service_account.map(str::to_owned),
+            containers: vec![],
+        }
+    }
+
+    #[test]
+    fn a_policy_selects_by_service_account_then_labels_and_remote_workloads_only_when_empty() {
+        let orders = BTreeMap::from([("app".to_owned(), "orders".to_owned())]);
+        let by_label = client(&[("app", "orders")], None);
+        assert_eq!(by_label.selects("any", Some(&orders)), Ok(()));
+        assert_eq!(by_label.selects("any", Some(&BTreeMap::new())), Err(NotSelected::Labels));
+        assert_eq!(by_label.selects("any", None), Err(NotSelected::RemoteNeedsEmptySelector));
+
+        let by_account = client(&[], Some("orders"));
+        assert_eq!(by_account.selects("orders", Some(&BTreeMap::new())), Ok(()));
+        assert_eq!(by_account.selects("orders", None), Ok(()));
+        assert_eq!(by_account.selects("billing", Some(&orders)), Err(NotSelected::ServiceAccount("orders".into())));
+    }
 }

@@ -24,6 +24,12 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
     labels_ok && expressions_ok
 }
 
+/// Whether `selector` has no requirement at all (and so selects every pod).
+pub fn selector_is_empty(selector: &LabelSelector) -> bool {
+    selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        && selector.match_expressions.as_ref().is_none_or(|m| m.is_empty())
+}
+
 /// Whether `value` matches `pattern`, where `*` stands for any run of characters
 /// (including none) and everything else is literal. Iterative, linear in practice, so a
 /// hostile pattern or value cannot blow up.

@@ -5,9 +5,8 @@ use cloudpass_api::{
     INJECT_ANNOTATION,
     agent::{AGENT_CONTAINER, INJECTED_ANNOTATION},
     config::{CompiledPolicy, NamespaceConfig},
-    selector::selector_matches,
 };
-use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::LabelSelector};
+use k8s_openapi::api::core::v1::Pod;
 
 use super::{Decision, InjectSettings, Skip};
 
@@ -38,9 +37,7 @@ pub(super) fn select<'c>(
         .map(|c| {
             c.policies
                 .iter()
-                .filter(|p| selector_matches(&p.client.pod_selector, &labels))
-                .filter(|p| !settings.remote_cluster || selector_is_empty(&p.client.pod_selector))
-                .filter(|p| p.client.service_account_name.as_deref().is_none_or(|sa| sa == service_account))
+                .filter(|p| p.client.selects(service_account, (!settings.remote_cluster).then_some(&labels)).is_ok())
                 .collect()
         })
         .unwrap_or_default();
@@ -94,9 +91,4 @@ pub(super) fn select<'c>(
 /// The names of `policies`, for warnings.
 pub(super) fn policy_names(policies: &[&CompiledPolicy]) -> String {
     policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
-}
-
-fn selector_is_empty(selector: &LabelSelector) -> bool {
-    selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
-        && selector.match_expressions.as_ref().is_none_or(|m| m.is_empty())
 }
