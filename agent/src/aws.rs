@@ -34,14 +34,13 @@ use crate::{
     common::{Proof, Shared, check_proof, forbidden, guarded, not_found, unauthorized},
     endpoint::EndpointKind,
     error::AgentError,
-    random::random_bytes,
     store::{CredentialStore, credential_type},
 };
 
 /// A fresh random authorization token: 256 bits, URL-safe base64, so a legal header
 /// value with no line break.
 pub fn new_authorization_token() -> SecretString {
-    SecretString::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()))
+    SecretString::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(cloudpass_rand::bytes::<32>()))
 }
 
 /// The pod's authorization token: the one a previous run of the agent in this pod wrote

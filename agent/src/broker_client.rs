@@ -23,12 +23,12 @@ use reqwest::{StatusCode, header::AUTHORIZATION, redirect::Policy};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use cloudpass_outbound::{BodyError, chain, read_limited};
+
 use crate::{
     common::Shared,
     error::AgentError,
     evidence::{EvidenceGatherer, server_id_of},
-    outbound::{BodyError, chain, read_limited},
-    random::random_fraction,
     settings::{BrokerClientSettings, RetrySettings},
     store::{Fetched, credential_type},
 };
@@ -222,7 +222,7 @@ pub async fn refresh_once(
         Ok(answer) => {
             *failures = 0;
             let fetched = Fetched::from_response(answer);
-            let delay = refresh_delay(&fetched, fetched.fetched_at, random_fraction());
+            let delay = refresh_delay(&fetched, fetched.fetched_at, cloudpass_rand::fraction());
             info!(
                 policy,
                 expires_at = %fetched.expires_at,
@@ -236,7 +236,7 @@ pub async fn refresh_once(
         }
         Err(e) => {
             *failures += 1;
-            let delay = backoff(retry, *failures, random_fraction());
+            let delay = backoff(retry, *failures, cloudpass_rand::fraction());
             shared.metrics.refresh_failed(policy, e.metric_label());
             if e.is_denial() {
                 shared.store.revoke(policy, &e);

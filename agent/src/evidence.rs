@@ -36,9 +36,10 @@ use cloudpass_api::{
 use reqwest::{Method, redirect::Policy};
 use serde::Deserialize;
 
+use cloudpass_outbound::{BodyError, chain, read_limited};
+
 use crate::{
     error::AgentError,
-    outbound::{BodyError, chain, read_limited},
     settings::{AwsSource, EvidenceSettings},
 };
 

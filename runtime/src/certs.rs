@@ -114,13 +114,6 @@ fn offset(unix: i64) -> Result<time::OffsetDateTime, Error> {
     time::OffsetDateTime::from_unix_timestamp(unix).map_err(|e| Error::Certificate(e.to_string()))
 }
 
-/// `bytes` random bytes, hex-encoded, from the workspace's one crypto library (aws-lc-rs).
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut buf).expect("the system random source works");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn rcgen_err(e: rcgen::Error) -> Error {
     Error::Certificate(e.to_string())
 }
@@ -141,7 +134,7 @@ fn new_ca(settings: &CertSettings) -> Result<Ca, Error> {
     let key = KeyPair::generate().map_err(rcgen_err)?;
     let not_after = now() + settings.ca_validity.as_secs() as i64;
     // A unique name per CA, so that the old and the new CA are told apart during overlap.
-    let name = format!("{}-ca-{}", settings.owner, random_hex(6));
+    let name = format!("{}-ca-{}", settings.owner, cloudpass_rand::hex(6));
     let cert = ca_params(&name, not_after)?.self_signed(&key).map_err(rcgen_err)?;
     Ok(Ca { cert: cert.pem(), key: key.serialize_pem().into(), name, not_after })
 }

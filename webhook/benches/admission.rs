@@ -16,7 +16,7 @@ use cloudpass_e2e::{
 };
 use cloudpass_webhook::{
     admission::Admission,
-    config::Configs,
+    configs::Configs,
     files::WatchedText,
     inject::{InjectSettings, Ports},
     metrics::Metrics,

@@ -12,10 +12,9 @@ use serde_json::{Map, Value};
 use tracing::{info, warn};
 
 use crate::{
-    config::Configs,
+    configs::Configs,
     inject::{InjectSettings, decide},
     metrics::Metrics,
-    random_proof,
 };
 
 /// Largest AdmissionReview body accepted (a pod is at most 1.5 MiB in etcd).
@@ -124,7 +123,7 @@ impl Admission {
             }
         };
         let config = self.configs.get(&namespace);
-        let decision = decide(&pod, config.as_deref(), &self.settings, &random_proof());
+        let decision = decide(&pod, config.as_deref(), &self.settings, &cloudpass_rand::hex(32));
         let name = pod.metadata.name.clone().or(pod.metadata.generate_name.clone()).unwrap_or_default();
         let mut response = response;
         if !decision.warnings.is_empty() {

@@ -9,7 +9,7 @@ use cloudpass_cli::{LogArgs, kube_client, termination_deadline};
 use cloudpass_webhook::{
     admission::Admission,
     certs::{CertManager, CertSettings},
-    config::{self, Configs},
+    configs::{self, Configs},
     files::{WatchedText, validate_pem_certificates},
     inject::{InjectSettings, Ports},
     metrics::Metrics,
@@ -168,7 +168,7 @@ async fn main() -> ExitCode {
             }
         },
     };
-    tokio::spawn(config::watch(config_client, config_namespace.clone(), configs.clone()));
+    tokio::spawn(configs::watch(config_client, config_namespace.clone(), configs.clone()));
 
     let settings = InjectSettings {
         image: args.agent_image.clone(),

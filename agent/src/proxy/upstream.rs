@@ -77,13 +77,7 @@ pub(super) async fn forward(client: &reqwest::Client, prepared: Prepared) -> Res
             response
         }
         Err(e) => {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            let error = AgentError::Upstream { host, message };
+            let error = AgentError::Upstream { host, message: cloudpass_outbound::chain(&e) };
             debug!(error = %error, "proxied request failed");
             refuse(StatusCode::BAD_GATEWAY, error.to_string())
         }
