@@ -17,7 +17,7 @@ use std::{
 
 use cloudpass_api::broker::Credential;
 
-use super::Refusal;
+use crate::Refusal;
 
 /// A credential with its lifetime.
 #[derive(Clone, Debug)]

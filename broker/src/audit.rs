@@ -12,7 +12,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::trust::TrustResult;
+use crate::trust::TrustResult;
 
 /// One decision.
 #[derive(Serialize, Debug, Default, Clone)]

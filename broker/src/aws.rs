@@ -11,7 +11,7 @@ use cloudpass_api::{
 };
 use quick_xml::{Reader, events::Event};
 
-use super::{
+use crate::{
     Refusal,
     egress::{Egress, error_reason, sanitize, sanitize_code},
     jwt::read_limited,

@@ -5,7 +5,7 @@
 //! TokenReview also refuses the token of a deleted pod (bound tokens). Before a token
 //! costs the apiserver a TokenReview, cheap checks refuse what cannot pass: it must be a
 //! JWT for audience `cloudpass`, not expired, and signed by one of the keys this cluster
-//! publishes (`/openid/v1/jwks`, cached like every JWKS, see [`super::jwt`]), which
+//! publishes (`/openid/v1/jwks`, cached like every JWKS, see [`crate::jwt`]), which
 //! only this cluster's issuer has. Answers, accepted or refused, are cached for a short
 //! time, keyed by a hash of the token (never the token itself), with the pod's labels,
 //! so that a busy agent costs one TokenReview and one pod read per cache period, a
@@ -32,7 +32,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::{
+use crate::{
     Refusal,
     jwt::{Expectations, JwtVerifier, KeySource, LEEWAY_SECONDS, VerifyError, claim_strings},
 };
@@ -375,7 +375,7 @@ mod tests {
 
     /// A verifier without this cluster's keys: the signature check is skipped.
     fn verifier() -> JwtVerifier {
-        let egress = super::super::egress::Egress::new(reqwest::Client::builder(), Default::default()).unwrap();
+        let egress = crate::egress::Egress::new(reqwest::Client::builder(), Default::default()).unwrap();
         JwtVerifier::new(egress)
     }
 

@@ -14,7 +14,9 @@ pub mod cache;
 pub mod conditions;
 pub mod credential;
 pub mod egress;
+pub mod issuer;
 pub mod jwt;
+pub mod metrics;
 pub mod server;
 pub mod trust;
 
@@ -30,12 +32,13 @@ use cloudpass_api::{
 };
 use cloudpass_runtime::configs::Configs;
 
-use crate::{issuer::KeySet, metrics::Metrics};
 use audit::{Audit, AuditRecord};
 use authn::{Caller, Origin, TokenReviewer};
 use cache::{CredentialCache, Lookup};
 use egress::{Egress, sanitize};
+use issuer::KeySet;
 use jwt::{Expectations, JwtVerifier, KeySource};
+use metrics::BrokerMetrics;
 
 /// Why a request was not answered with a credential. Never holds a secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +121,7 @@ pub struct Broker {
     cache: CredentialCache,
     keys: Arc<RwLock<Option<KeySet>>>,
     audit: Audit,
-    metrics: Arc<Metrics>,
+    metrics: BrokerMetrics,
 }
 
 /// The answer to one request, with its audit record already written.
@@ -145,7 +148,7 @@ impl Broker {
         configs: Arc<Configs>,
         keys: Arc<RwLock<Option<KeySet>>>,
         audit: Audit,
-        metrics: Arc<Metrics>,
+        metrics: BrokerMetrics,
     ) -> Self {
         Self {
             reviewer: TokenReviewer::new(client.clone(), settings.token_cache_ttl),
@@ -207,7 +210,7 @@ impl Broker {
             }
         }
         let code = result.as_ref().err().map(|r| format!("{:?}", r.code)).unwrap_or_else(|| "OK".into());
-        self.metrics.broker_request(record.outcome, &code, elapsed);
+        self.metrics.request(record.outcome, &code, elapsed);
         self.audit.record(&record);
         Answer { result, decision_id: record.decision_id }
     }

@@ -19,7 +19,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use serde_json::{Value, json};
 
-use super::{
+use crate::issuer::KeySet;
+use crate::{
     Refusal,
     authn::Caller,
     aws,
@@ -27,7 +28,6 @@ use super::{
     egress::{Egress, error_reason, json_error},
     jwt::read_limited,
 };
-use crate::issuer::KeySet;
 
 /// Largest token-endpoint answer read.
 const MAX_ANSWER_BYTES: usize = 256 * 1024;
@@ -652,7 +652,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::broker::authn::Origin;
+    use crate::authn::Origin;
 
     fn caller(pod: Option<&str>) -> Caller {
         Caller {

@@ -24,7 +24,7 @@ use moka::{future::Cache, ops::compute::Op};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::egress::{Egress, error_reason, sanitize};
+use crate::egress::{Egress, error_reason, sanitize};
 
 /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const LEEWAY_SECONDS: u64 = 60;
@@ -436,7 +436,7 @@ mod tests {
         if let Some(ca) = ca {
             builder = builder.tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).unwrap()]);
         }
-        Egress::new(builder, super::super::egress::EgressPolicy { allow_private: true, ..Default::default() }).unwrap()
+        Egress::new(builder, crate::egress::EgressPolicy { allow_private: true, ..Default::default() }).unwrap()
     }
 
     /// A JWKS server over HTTPS that counts the requests it gets, answers each after

@@ -12,7 +12,7 @@ use cloudpass_api::{
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{
+use crate::{
     authn::{Caller, Origin},
     aws,
     egress::Egress,
@@ -122,7 +122,7 @@ async fn check_azure(
     // Managed-identity tokens are v1 tokens (iss sts.windows.net) unless the resource
     // asked for v2; both are signed by the tenant's keys.
     let v2 = format!("{authority}/{tenant}/v2.0");
-    let issuer = match super::authn::unverified_issuer(token) {
+    let issuer = match crate::authn::unverified_issuer(token) {
         Some(iss) if iss == v2 => v2,
         _ => format!("https://sts.windows.net/{tenant}/"),
     };
