@@ -58,7 +58,7 @@ pub struct AuditRecord {
     pub outcome: &'static str,
     /// Error code when not allowed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
+    pub code: Option<&'static str>,
     /// Why not allowed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -33,8 +33,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    Refusal,
-    jwt::{Expectations, JwtVerifier, KeySource, LEEWAY_SECONDS, VerifyError, claim_strings},
+    Error, Refusal,
+    jwt::{Expectations, JwtVerifier, KeySource, LEEWAY_SECONDS, claim_strings},
 };
 
 /// Where the caller's token comes from.
@@ -165,12 +165,12 @@ async fn precheck(token: &str, verifier: &JwtVerifier) -> Result<(), Refusal> {
     let expect = Expectations { issuer, audiences: &audiences, algorithms: CLUSTER_ALGORITHMS };
     match verifier.verify::<Value>(token, &KeySource::ThisCluster, &expect).await {
         Ok(_) => Ok(()),
-        Err(VerifyError::Invalid(why)) => refuse(&format!("not signed by this cluster's service-account keys ({why})")),
         // Without the keys, TokenReview decides alone.
-        Err(VerifyError::KeysUnavailable(why)) => {
+        Err(Error::KeysUnavailable(why)) => {
             tracing::debug!(error = %why, "this cluster's keys are unavailable; the token goes to TokenReview unchecked");
             Ok(())
         }
+        Err(why) => refuse(&format!("not signed by this cluster's service-account keys ({why})")),
     }
 }
 

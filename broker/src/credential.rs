@@ -244,7 +244,8 @@ async fn post_form(
     basic: Option<(&str, &str)>,
     service: &str,
 ) -> Result<Value, Refusal> {
-    let mut builder = http.post(url).map_err(Refusal::denied)?.header("accept", "application/json").form(form);
+    let mut builder =
+        http.post(url).map_err(|e| Refusal::denied(e.to_string()))?.header("accept", "application/json").form(form);
     if let Some((user, password)) = basic {
         // RFC 6749 section 2.3.1: both parts are form-encoded before Basic encoding.
         let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
@@ -526,7 +527,7 @@ async fn gcp(
             let builder = ctx
                 .http
                 .post(&url)
-                .map_err(Refusal::denied)?
+                .map_err(|e| Refusal::denied(e.to_string()))?
                 .bearer_auth(federated.access_token.expose())
                 .json(&json!({"scope": scopes, "lifetime": format!("{}s", lifetime.as_secs())}));
             let answer = send_json(builder, &url, "Google IAM Credentials").await?;

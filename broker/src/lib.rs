@@ -14,6 +14,7 @@ pub mod cache;
 pub mod conditions;
 pub mod credential;
 pub mod egress;
+pub mod error;
 pub mod issuer;
 pub mod jwt;
 pub mod metrics;
@@ -31,6 +32,7 @@ use cloudpass_api::{
     selector::selector_matches,
 };
 use cloudpass_runtime::configs::Configs;
+pub use error::Error;
 
 use audit::{Audit, AuditRecord};
 use authn::{Caller, Origin, TokenReviewer};
@@ -78,6 +80,11 @@ impl Refusal {
     /// Whether an upstream service failed.
     pub fn is_upstream(&self) -> bool {
         self.code == ErrorCode::UpstreamFailure
+    }
+    /// The stable label of the refusal's code (`Unauthenticated`, `Denied`, ...): the
+    /// `code` of its audit record and of the `broker_requests` metric.
+    pub fn metric_label(&self) -> &'static str {
+        self.code.as_str()
     }
     /// The wire form.
     pub fn to_wire(&self) -> BrokerError {
@@ -204,13 +211,13 @@ impl Broker {
             }
             Err(refusal) => {
                 record.outcome = if refusal.code == ErrorCode::Denied { "denied" } else { "error" };
-                record.code = Some(format!("{:?}", refusal.code));
+                record.code = Some(refusal.metric_label());
                 record.reason = Some(refusal.message.clone());
                 record.upstream_code = refusal.upstream_code.clone();
             }
         }
-        let code = result.as_ref().err().map(|r| format!("{:?}", r.code)).unwrap_or_else(|| "OK".into());
-        self.metrics.request(record.outcome, &code, elapsed);
+        let code = result.as_ref().err().map_or("OK", Refusal::metric_label);
+        self.metrics.request(record.outcome, code, elapsed);
         self.audit.record(&record);
         Answer { result, decision_id: record.decision_id }
     }

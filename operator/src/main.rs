@@ -307,7 +307,7 @@ async fn start_broker(
     if egress.allow_private {
         warn!("--allow-private-upstreams: the broker calls loopback and private addresses that providers name");
     }
-    let http = Egress::new(http, egress)?;
+    let http = Egress::new(http, egress).map_err(|e| e.to_string())?;
     let audit = Audit::open(&args.audit_log).map_err(|e| format!("--audit-log {}: {e}", args.audit_log))?;
     let configs = Arc::new(Configs::default());
     tokio::spawn(configs::watch(client.clone(), args.namespace.clone(), configs.clone()));
