@@ -84,10 +84,10 @@ pub fn sts_error(xml: &str) -> (Option<String>, Option<String>) {
     }
 }
 
-/// The answer of `GetCallerIdentity`.
+/// Who the workload's pre-signed `GetCallerIdentity` says it is, as STS answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallerIdentity {
-    /// Account ID.
+    /// The caller's 12-digit AWS account ID.
     pub account: String,
     /// Caller ARN (`arn:aws:sts::<acct>:assumed-role/<role>/<session>` for a role).
     pub arn: String,
@@ -122,7 +122,7 @@ impl CallerIdentity {
 pub struct AssumedRole {
     /// `aws`, `aws-cn`, `aws-us-gov`.
     pub partition: String,
-    /// Account ID.
+    /// The role's 12-digit AWS account ID.
     pub account: String,
     /// Role name (without path).
     pub name: String,
@@ -286,19 +286,21 @@ pub async fn get_caller_identity(
 /// Temporary credentials from `AssumeRoleWithWebIdentity`; `Debug` shows no secret.
 #[derive(Debug)]
 pub struct StsCredentials {
-    /// Access key ID.
+    /// `AccessKeyId` (`ASIA...`), not secret.
     pub access_key_id: String,
-    /// Secret access key.
+    /// `SecretAccessKey`, redacted in `Debug`.
     pub secret_access_key: SecretString,
-    /// Session token.
+    /// `SessionToken`, redacted in `Debug`.
     pub session_token: SecretString,
-    /// Expiry.
+    /// `Expiration`: when STS says the credentials stop working.
     pub expiration: jiff::Timestamp,
-    /// Account of the assumed role.
+    /// The assumed role's account, from `AssumedRoleUser.Arn`, when STS names it.
     pub account_id: Option<String>,
 }
 
-/// Calls `AssumeRoleWithWebIdentity`.
+/// Calls `AssumeRoleWithWebIdentity` at `endpoint` with the broker-signed `token` (under
+/// the egress policy). STS's refusal becomes an upstream failure carrying STS's error code;
+/// a refused endpoint address is a denial.
 pub async fn assume_role_with_web_identity(
     http: &Egress,
     endpoint: &str,

@@ -22,9 +22,10 @@ use crate::Refusal;
 /// A credential with its lifetime.
 #[derive(Clone, Debug)]
 pub struct Issued {
-    /// The credential.
+    /// The credential as handed to the agent.
     pub credential: Credential,
-    /// When it was obtained.
+    /// When it was obtained: with `expires_at`, its lifetime, a quarter of which
+    /// [`Issued::refresh_at`] leaves before expiry.
     pub issued_at: jiff::Timestamp,
     /// When it stops working (or stops being served, under `maxCredentialLifetime`).
     pub expires_at: jiff::Timestamp,
@@ -53,7 +54,8 @@ impl Issued {
 /// How a lookup was answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lookup {
-    /// From the cache.
+    /// From the cache: a credential still before its `refresh_at`, or a remembered
+    /// upstream failure within the error TTL.
     Hit,
     /// By an upstream call this request made.
     Miss,
@@ -62,7 +64,7 @@ pub enum Lookup {
 }
 
 impl Lookup {
-    /// Label for metrics and audit.
+    /// The label of the `credential` cache metric and of the audit record's `cache`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Hit => "hit",
@@ -88,7 +90,9 @@ struct Slot {
 /// Slots kept before a sweep is forced.
 const MAX_SLOTS: usize = 100_000;
 
-/// The cache.
+/// The credential cache: one slot per key, served until [`Issued::refresh_at`]; one
+/// upstream call per key at a time (other requests wait for it); upstream failures
+/// remembered for the error TTL, other refusals not at all.
 pub struct CredentialCache {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     error_ttl: Duration,
@@ -142,7 +146,7 @@ impl CredentialCache {
         sweep_locked(&mut self.slots.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    /// Number of slots.
+    /// Number of slots, served or not (swept ones excluded).
     pub fn len(&self) -> usize {
         self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

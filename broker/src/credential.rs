@@ -45,7 +45,7 @@ pub struct MintContext<'a> {
     pub http: &'a Egress,
     /// Kubernetes client, to read Secrets.
     pub client: &'a kube::Client,
-    /// The issuer's keys.
+    /// The issuer's signing keys: the active one signs every broker-signed token.
     pub keys: &'a KeySet,
     /// The issuer URL (`iss` of every broker-signed token).
     pub issuer_url: &'a str,
@@ -53,15 +53,17 @@ pub struct MintContext<'a> {
 
 /// One request for a credential.
 pub struct MintRequest<'a> {
-    /// CredentialProvider name.
+    /// The CredentialProvider's name, in the caller's namespace (part of `sub`).
     pub provider: &'a str,
-    /// Its spec.
+    /// The CredentialProvider's compiled spec.
     pub spec: &'a CredentialProviderSpec,
-    /// The policy.
+    /// The AccessPolicy that allowed the request (named in the signed claims).
     pub policy: &'a CompiledPolicy,
-    /// The verified caller.
+    /// The verified caller, whose namespace, service account and pod the signed claims
+    /// and session names carry.
     pub caller: &'a Caller,
-    /// The policy's `maxCredentialLifetime`.
+    /// The policy's `maxCredentialLifetime`: shortens what is asked for where the cloud
+    /// allows it, and otherwise how long the credential is served.
     pub max_lifetime: Option<Duration>,
     /// When the policy's time window that allows this request closes, if it has windows:
     /// no credential is asked for, cached or served past it.
@@ -146,7 +148,7 @@ impl<'a> CallerClaims<'a> {
 
 /// The part of the cache key that depends on the caller: everything of the upstream
 /// request that varies between callers. For providers that present a broker-signed
-/// token, that is every caller claim the broker signs ([`CallerClaims`]), so a token
+/// token, that is every caller claim the broker signs (`CallerClaims`), so a token
 /// (or what a cloud exchanged it for) is never handed to a caller it was not signed for;
 /// plus the rendered session name for AWS. Providers that present no caller data
 /// (OAuth2 client credentials, Secrets) share one credential per policy.
@@ -330,7 +332,7 @@ pub fn expires_in(value: &Value) -> Result<Option<SignedDuration>, String> {
 /// An access token from a token endpoint's answer.
 #[derive(Debug)]
 pub struct TokenAnswer {
-    /// `access_token`.
+    /// `access_token`, redacted in `Debug`.
     pub access_token: SecretString,
     /// `token_type`; `Bearer` when absent.
     pub token_type: String,

@@ -38,9 +38,9 @@ pub const MAX_CODE_CHARS: usize = 64;
 /// What kind of address a destination is, as far as egress is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddressClass {
-    /// A public unicast address.
+    /// A public unicast address: always callable.
     Public,
-    /// Loopback (`127.0.0.0/8`, `::1`).
+    /// Loopback (`127.0.0.0/8`, `::1`): only with `--allow-private-upstreams`.
     Loopback,
     /// Private networks: `10/8`, `172.16/12`, `192.168/16`, unique local `fc00::/7`.
     Private,
@@ -146,7 +146,8 @@ fn non_public_v6(s: [u16; 8]) -> bool {
         || (s[0] == 0x100 && s[1..4] == [0, 0, 0])
 }
 
-/// The class of `ip`.
+/// The class of `ip` (IPv4 inside IPv6 counts as the IPv4 address), which decides
+/// whether the broker calls it.
 pub fn classify(ip: IpAddr) -> AddressClass {
     match ip {
         IpAddr::V4(v4) => classify_v4(v4),
@@ -268,7 +269,7 @@ impl Egress {
         Ok(Self { client, policy })
     }
 
-    /// The policy.
+    /// The policy every request of this client is checked against.
     pub fn policy(&self) -> &EgressPolicy {
         &self.policy
     }

@@ -70,7 +70,7 @@ impl Default for JwksTimings {
 pub enum KeySource {
     /// `jwks_uri` of `<issuer>/.well-known/openid-configuration`.
     Discovery(String),
-    /// A JWKS URL.
+    /// A JWKS fetched from this URL (`jwksUri`).
     Url(String),
     /// A JWKS given inline (JSON).
     Inline(String),
@@ -164,7 +164,8 @@ impl Slot {
     }
 }
 
-/// Verifies JWTs; caches keys per source.
+/// Verifies JWTs with pinned algorithms, issuer, audience and time claims; caches keys
+/// per source, refetching on an unknown `kid` at most once per interval.
 pub struct JwtVerifier {
     http: Egress,
     cluster: Option<kube::Client>,

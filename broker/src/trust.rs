@@ -193,7 +193,8 @@ async fn check_oidc(
     Ok(format!("subject {}", sub.first().map(String::as_str).unwrap_or("?")))
 }
 
-/// Runs one trust provider.
+/// Runs one trust provider against the caller and the request's evidence; the result,
+/// passed or not, with what matched or why not, goes into the audit record.
 pub async fn evaluate(
     name: &str,
     spec: &TrustProviderSpec,
