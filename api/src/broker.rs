@@ -165,6 +165,18 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as it is sent (`Unauthenticated`, `Denied`, ...): also the `code` of
+    /// audit records and the `code` label of the broker's metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "Unauthenticated",
+            Self::Denied => "Denied",
+            Self::BadRequest => "BadRequest",
+            Self::UpstreamFailure => "UpstreamFailure",
+            Self::Unavailable => "Unavailable",
+        }
+    }
+
     /// The HTTP status the broker answers with.
     pub fn http_status(self) -> u16 {
         match self {
@@ -195,6 +207,22 @@ pub struct BrokerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_code_labels_are_the_wire_names() {
+        for (code, label) in [
+            (ErrorCode::Unauthenticated, "Unauthenticated"),
+            (ErrorCode::Denied, "Denied"),
+            (ErrorCode::BadRequest, "BadRequest"),
+            (ErrorCode::UpstreamFailure, "UpstreamFailure"),
+            (ErrorCode::Unavailable, "Unavailable"),
+        ] {
+            assert_eq!(code.as_str(), label);
+            // What audit records and metrics carried before `as_str`: they must not change.
+            assert_eq!(format!("{code:?}"), label);
+            assert_eq!(serde_json::to_value(code).unwrap(), serde_json::json!(label));
+        }
+    }
 
     #[test]
     fn request_round_trip_and_strictness() {

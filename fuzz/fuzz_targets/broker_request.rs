@@ -4,7 +4,7 @@
 #![no_main]
 
 use cloudpass_api::broker::{BrokerError, CredentialRequest, CredentialResponse};
-use cloudpass_operator::broker::{authn::unverified_issuer, jwt::claim_strings};
+use cloudpass_broker::{authn::unverified_issuer, jwt::claim_strings};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

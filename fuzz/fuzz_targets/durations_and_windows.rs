@@ -3,7 +3,7 @@
 #![no_main]
 
 use cloudpass_api::{duration::Duration, policy::TimeWindow};
-use cloudpass_operator::broker::conditions::in_window;
+use cloudpass_broker::conditions::in_window;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

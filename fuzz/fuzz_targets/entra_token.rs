@@ -2,7 +2,7 @@
 //! required, and any JSON gives a bounded lifetime or an upstream error, never a panic.
 #![no_main]
 
-use cloudpass_operator::broker::credential::{MAX_UPSTREAM_LIFETIME, parse_entra_answer};
+use cloudpass_broker::credential::{MAX_UPSTREAM_LIFETIME, parse_entra_answer};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

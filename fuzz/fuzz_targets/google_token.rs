@@ -3,7 +3,7 @@
 //! gives a bounded expiry after the request or an upstream error, never a panic.
 #![no_main]
 
-use cloudpass_operator::broker::credential::{MAX_UPSTREAM_LIFETIME, parse_google_iam_answer, parse_google_sts_answer};
+use cloudpass_broker::credential::{MAX_UPSTREAM_LIFETIME, parse_google_iam_answer, parse_google_sts_answer};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

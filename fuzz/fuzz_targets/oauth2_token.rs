@@ -3,7 +3,7 @@
 //! lifetime the broker can add to a time, or an upstream error, never a panic.
 #![no_main]
 
-use cloudpass_operator::broker::credential::{MAX_UPSTREAM_LIFETIME, parse_oauth2_answer};
+use cloudpass_broker::credential::{MAX_UPSTREAM_LIFETIME, parse_oauth2_answer};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! XML (deep nesting, entities, huge text) must give an error, never a panic.
 #![no_main]
 
-use cloudpass_operator::broker::aws::{sts_error, xml_fields};
+use cloudpass_broker::aws::{sts_error, xml_fields};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

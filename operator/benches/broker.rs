@@ -136,7 +136,7 @@ async fn run() {
 }
 
 /// The issuer's signing keys, read from their Secret as the broker does.
-async fn signing_keys(cp: &ControlPlane) -> cloudpass_operator::issuer::KeySet {
+async fn signing_keys(cp: &ControlPlane) -> cloudpass_broker::issuer::KeySet {
     let secret =
         cp.kubectl_ok(&["get", "secret", "cloudpass-issuer-keys", "-n", "cloudpass-bench", "-o", "json"]).unwrap();
     let secret: Value = serde_json::from_str(&secret).unwrap();

@@ -1,12 +1,11 @@
 //! The cloudpass operator: reconciles TrustProviders, CredentialProviders and
 //! AccessPolicies into `status` and a compiled config per namespace, which the webhook
-//! and broker consume.
+//! and broker consume. The broker and the OIDC issuer are the crate `cloudpass-broker`;
+//! the `cloudpass-operator` binary runs either or both.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod broker;
 pub mod evaluate;
-pub mod issuer;
 pub mod metrics;
 pub mod reconcile;
 pub mod secret_access;

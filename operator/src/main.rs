@@ -16,15 +16,14 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use cloudpass_api::duration::Duration as TextDuration;
+use cloudpass_broker::{
+    Broker, BrokerSettings,
+    audit::Audit,
+    egress::{Egress, EgressPolicy},
+    issuer, server as broker_server,
+};
 use cloudpass_cli::{LogArgs, kube_client, termination_deadline};
 use cloudpass_operator::{
-    broker::{
-        Broker, BrokerSettings,
-        audit::Audit,
-        egress::{Egress, EgressPolicy},
-        server as broker_server,
-    },
-    issuer,
     metrics::Metrics,
     reconcile::{self, Settings},
     secret_access::BrokerSecretAccess,
@@ -308,7 +307,7 @@ async fn start_broker(
     if egress.allow_private {
         warn!("--allow-private-upstreams: the broker calls loopback and private addresses that providers name");
     }
-    let http = Egress::new(http, egress)?;
+    let http = Egress::new(http, egress).map_err(|e| e.to_string())?;
     let audit = Audit::open(&args.audit_log).map_err(|e| format!("--audit-log {}: {e}", args.audit_log))?;
     let configs = Arc::new(Configs::default());
     tokio::spawn(configs::watch(client.clone(), args.namespace.clone(), configs.clone()));
@@ -318,7 +317,7 @@ async fn start_broker(
     info!(server_ids = ?server_ids, "awsRole evidence must be signed for one of these server IDs");
     let settings =
         BrokerSettings { issuer_url, token_cache_ttl: args.token_cache_ttl.as_std(), server_ids, ..Default::default() };
-    let broker = Arc::new(Broker::new(settings, client.clone(), http, configs, keys, audit, metrics.clone()));
+    let broker = Arc::new(Broker::new(settings, client.clone(), http, configs, keys, audit, metrics.broker.clone()));
     let cert = Arc::new(ReloadableCert::default());
     start_broker_cert(client, args, mode, &cert, metrics).await;
     let limits = ServerLimits {

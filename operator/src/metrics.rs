@@ -5,6 +5,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use cloudpass_broker::metrics::BrokerMetrics;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -36,33 +37,6 @@ pub struct WriteLabels {
     pub target: String,
 }
 
-/// Labels of a broker decision.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DecisionLabels {
-    /// `allowed`, `denied` or `error`.
-    pub outcome: String,
-    /// `OK` or the error code.
-    pub code: String,
-}
-
-/// Labels of an upstream call.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct UpstreamLabels {
-    /// Credential provider kind (`awsSts`, ...).
-    pub provider: String,
-    /// `ok` or `error`.
-    pub result: String,
-}
-
-/// Labels of a cache lookup.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CacheLabels {
-    /// `credential` or `token_review`.
-    pub cache: String,
-    /// `hit`, `miss` or `coalesced`.
-    pub result: String,
-}
-
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -78,14 +52,8 @@ pub struct Metrics {
     objects: Family<ObjectLabels, Gauge>,
     /// 1 while this instance holds the leader lease.
     pub leader: Gauge,
-    /// Broker decisions by outcome and code.
-    broker_requests: Family<DecisionLabels, Counter>,
-    /// Broker decision latency, in seconds.
-    broker_latency: Histogram,
-    /// Upstream credential calls by provider kind and result.
-    upstream_calls: Family<UpstreamLabels, Counter>,
-    /// Cache lookups.
-    cache_lookups: Family<CacheLabels, Counter>,
+    /// The broker's metrics, registered here: hand a clone to the broker.
+    pub broker: BrokerMetrics,
     /// Broker serving certificate reloads (self-managed rotation or changed files).
     pub broker_cert_reloads: Counter,
     per_namespace: Mutex<BTreeMap<String, BTreeMap<ObjectLabels, i64>>>,
@@ -110,27 +78,8 @@ impl Default for Metrics {
         registry.register("api_writes", "Kubernetes API writes issued, by target", writes.clone());
         registry.register("objects", "cloudpass objects by kind and Ready state", objects.clone());
         registry.register("leader", "1 while this instance holds the leader lease", leader.clone());
-        let broker_requests = Family::<DecisionLabels, Counter>::default();
-        let broker_latency =
-            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-        let upstream_calls = Family::<UpstreamLabels, Counter>::default();
-        let cache_lookups = Family::<CacheLabels, Counter>::default();
-        registry.register(
-            "broker_requests",
-            "Broker credential decisions by outcome and code",
-            broker_requests.clone(),
-        );
-        registry.register(
-            "broker_request_duration_seconds",
-            "Time to decide a credential request",
-            broker_latency.clone(),
-        );
-        registry.register(
-            "broker_upstream_calls",
-            "Upstream credential calls by provider kind and result",
-            upstream_calls.clone(),
-        );
-        registry.register("broker_cache_lookups", "Broker cache lookups by cache and result", cache_lookups.clone());
+        let broker = BrokerMetrics::default();
+        broker.register(&mut registry);
         let broker_cert_reloads = Counter::default();
         registry.register(
             "broker_certificate_reloads",
@@ -138,10 +87,7 @@ impl Default for Metrics {
             broker_cert_reloads.clone(),
         );
         Self {
-            broker_requests,
-            broker_latency,
-            upstream_calls,
-            cache_lookups,
+            broker,
             broker_cert_reloads,
             registry,
             reconciles,
@@ -156,22 +102,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one broker decision and its latency.
-    pub fn broker_request(&self, outcome: &str, code: &str, elapsed: std::time::Duration) {
-        self.broker_requests.get_or_create(&DecisionLabels { outcome: outcome.into(), code: code.into() }).inc();
-        self.broker_latency.observe(elapsed.as_secs_f64());
-    }
-
-    /// Counts one upstream credential call.
-    pub fn upstream_call(&self, provider: &str, result: &str) {
-        self.upstream_calls.get_or_create(&UpstreamLabels { provider: provider.into(), result: result.into() }).inc();
-    }
-
-    /// Counts one cache lookup.
-    pub fn cache_lookup(&self, cache: &str, result: &str) {
-        self.cache_lookups.get_or_create(&CacheLabels { cache: cache.into(), result: result.into() }).inc();
-    }
-
     /// New metrics, shared.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())

@@ -21,7 +21,7 @@ pub struct Health {
     /// election, the leader once its caches are warm.
     pub ready: Arc<AtomicBool>,
     /// The broker, when this instance serves one: ready also needs it ready.
-    pub broker: Option<Arc<crate::broker::Broker>>,
+    pub broker: Option<Arc<cloudpass_broker::Broker>>,
     /// The broker's serving certificate, when it serves one: without it every TLS
     /// handshake fails, so ready also needs it loaded.
     pub broker_cert: Option<Arc<cloudpass_runtime::tls::ReloadableCert>>,

@@ -890,7 +890,7 @@ async fn jwt_and_aws_role_trust_providers() {
     let rotated = ci.sign(&claims);
     let (status, _) = b.ask(Some(&w.token), with("via-ci", json!({"tokens": {"ci": rotated.clone()}}))).await;
     assert_eq!(status, 403, "refetches are rate limited");
-    tokio::time::sleep(cloudpass_operator::broker::jwt::REFETCH_INTERVAL).await;
+    tokio::time::sleep(cloudpass_broker::jwt::REFETCH_INTERVAL).await;
     let (status, answer) = b.ask(Some(&w.token), with("via-ci", json!({"tokens": {"ci": rotated}}))).await;
     assert_eq!(status, 200, "{answer}");
 

@@ -49,7 +49,7 @@ async fn export_writes_discovery_and_a_stable_jwks() {
     let secret: Value = serde_json::from_str(&secret).unwrap();
     use base64::Engine;
     let raw = base64::engine::general_purpose::STANDARD.decode(secret["data"]["keys.json"].as_str().unwrap()).unwrap();
-    let keys: cloudpass_operator::issuer::KeySet = serde_json::from_slice(&raw).unwrap();
+    let keys: cloudpass_broker::issuer::KeySet = serde_json::from_slice(&raw).unwrap();
     let claims = serde_json::json!({"iss": issuer, "sub": "system:cloudpass:team:s3", "aud": "sts.amazonaws.com", "exp": 4_000_000_000u64});
     let token = keys.sign(&claims, jiff::Timestamp::now().as_second()).unwrap();
     let set: JwkSet = serde_json::from_value(jwks).unwrap();

@@ -6,7 +6,7 @@
 //! from a real broker on demand (503 then 200, a credential about to expire, a server
 //! that disappears, a time window closing in seconds). For a policy set with
 //! [`FakeBroker::mint`] it answers as the broker's credential cache does
-//! (`operator/src/broker/cache.rs`): the same credential until its `refreshAt`, a quarter
+//! (`broker/src/cache.rs`): the same credential until its `refreshAt`, a quarter
 //! of its lifetime before expiry, then a new one. The tests against the real broker and
 //! the official Python SDKs are in `sdk.rs`.
 #![allow(dead_code)]

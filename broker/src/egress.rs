@@ -28,6 +28,8 @@ use std::{
 use ipnet::IpNet;
 use reqwest::{Method, RequestBuilder, Url, dns::Resolve};
 
+use crate::Error;
+
 /// Largest number of characters of upstream text passed on to callers.
 pub const MAX_REASON_CHARS: usize = 200;
 /// Largest number of characters of an upstream error code passed on to callers.
@@ -36,9 +38,9 @@ pub const MAX_CODE_CHARS: usize = 64;
 /// What kind of address a destination is, as far as egress is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddressClass {
-    /// A public unicast address.
+    /// A public unicast address: always callable.
     Public,
-    /// Loopback (`127.0.0.0/8`, `::1`).
+    /// Loopback (`127.0.0.0/8`, `::1`): only with `--allow-private-upstreams`.
     Loopback,
     /// Private networks: `10/8`, `172.16/12`, `192.168/16`, unique local `fc00::/7`.
     Private,
@@ -144,7 +146,8 @@ fn non_public_v6(s: [u16; 8]) -> bool {
         || (s[0] == 0x100 && s[1..4] == [0, 0, 0])
 }
 
-/// The class of `ip`.
+/// The class of `ip` (IPv4 inside IPv6 counts as the IPv4 address), which decides
+/// whether the broker calls it.
 pub fn classify(ip: IpAddr) -> AddressClass {
     match ip {
         IpAddr::V4(v4) => classify_v4(v4),
@@ -163,53 +166,48 @@ pub struct EgressPolicy {
 
 impl EgressPolicy {
     /// Why `ip` may not be called, or `Ok`.
-    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+    pub fn check(&self, ip: IpAddr) -> Result<(), Error> {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
         if let Some(net) = self.cluster_cidrs.iter().find(|n| n.contains(&ip)) {
-            return Err(format!(
+            return Err(Error::Refused(format!(
                 "{ip} is in the cluster's range {net} (--cluster-cidrs), which the broker never calls"
-            ));
+            )));
         }
         let class = classify(ip);
         match class {
             AddressClass::Public => Ok(()),
             c if c.private() && self.allow_private => Ok(()),
-            c if c.private() => Err(format!(
+            c if c.private() => Err(Error::Refused(format!(
                 "{ip} is {}; the broker calls loopback, private and cluster-internal addresses only with \
                  --allow-private-upstreams",
                 c.describe()
-            )),
-            c => Err(format!("{ip} is {}, which the broker never calls", c.describe())),
+            ))),
+            c => Err(Error::Refused(format!("{ip} is {}, which the broker never calls", c.describe()))),
         }
     }
 
     /// Whether `url` may be requested: `https`, and a literal IP host must pass
     /// [`EgressPolicy::check`] (names are checked when they are resolved).
-    pub fn check_url(&self, url: &Url) -> Result<(), String> {
+    pub fn check_url(&self, url: &Url) -> Result<(), Error> {
         if url.scheme() != "https" {
-            return Err(format!("{} is not an https URL", sanitize(url.as_str())));
+            return Err(Error::Refused(format!("{} is not an https URL", sanitize(url.as_str()))));
         }
         // The URL parser has already normalised every IPv4 spelling (`2130706433`,
         // `0x7f.1`) to dotted decimal; IPv6 hosts come in brackets.
-        let host = url.host_str().ok_or_else(|| format!("{} names no host", sanitize(url.as_str())))?;
+        let host = url.host_str().ok_or_else(|| Error::Refused(format!("{} names no host", sanitize(url.as_str()))))?;
         let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else {
             return Ok(());
         };
-        self.check(ip).map_err(|why| format!("refused to call {}: {why}", origin(url)))
+        self.check(ip).map_err(|why| Error::Refused(format!("refused to call {}: {why}", origin(url))))
     }
 }
 
 fn origin(url: &Url) -> String {
     url.origin().ascii_serialization()
 }
-
-/// The error a refused destination surfaces as, inside reqwest's error chain.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RefusedDestination(String);
 
 /// Resolves names with the system resolver and keeps only the addresses the policy
 /// permits, so the connector can only connect to those.
@@ -239,9 +237,10 @@ impl Resolve for FilteringResolver {
                 })
                 .collect();
             if allowed.is_empty() {
-                let why = refused.unwrap_or_else(|| "no address".into());
+                let why = refused.map_or_else(|| "no address".to_owned(), |e| e.to_string());
+                // Inside reqwest's error chain, where `error_reason` finds it.
                 let err: Box<dyn StdError + Send + Sync> =
-                    Box::new(RefusedDestination(format!("refused to call {}: {why}", sanitize(&host))));
+                    Box::new(Error::Refused(format!("refused to call {}: {why}", sanitize(&host))));
                 return Err(err);
             }
             let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
@@ -260,35 +259,35 @@ pub struct Egress {
 
 impl Egress {
     /// A client from `builder` (timeouts, CAs, user agent) under `policy`.
-    pub fn new(builder: reqwest::ClientBuilder, policy: EgressPolicy) -> Result<Self, String> {
+    pub fn new(builder: reqwest::ClientBuilder, policy: EgressPolicy) -> Result<Self, Error> {
         let policy = Arc::new(policy);
         let client = builder
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(FilteringResolver { policy: policy.clone() }))
             .build()
-            .map_err(|e| format!("HTTP client: {e}"))?;
+            .map_err(|e| Error::HttpClient(e.to_string()))?;
         Ok(Self { client, policy })
     }
 
-    /// The policy.
+    /// The policy every request of this client is checked against.
     pub fn policy(&self) -> &EgressPolicy {
         &self.policy
     }
 
     /// A request to `url`, or why the destination is refused.
-    pub fn request(&self, method: Method, url: &str) -> Result<RequestBuilder, String> {
-        let parsed = Url::parse(url).map_err(|e| format!("{} is not a URL: {e}", sanitize(url)))?;
+    pub fn request(&self, method: Method, url: &str) -> Result<RequestBuilder, Error> {
+        let parsed = Url::parse(url).map_err(|e| Error::Refused(format!("{} is not a URL: {e}", sanitize(url))))?;
         self.policy.check_url(&parsed)?;
         Ok(self.client.request(method, parsed))
     }
 
     /// `GET url`, or why the destination is refused.
-    pub fn get(&self, url: &str) -> Result<RequestBuilder, String> {
+    pub fn get(&self, url: &str) -> Result<RequestBuilder, Error> {
         self.request(Method::GET, url)
     }
 
     /// `POST url`, or why the destination is refused.
-    pub fn post(&self, url: &str) -> Result<RequestBuilder, String> {
+    pub fn post(&self, url: &str) -> Result<RequestBuilder, Error> {
         self.request(Method::POST, url)
     }
 }
@@ -299,8 +298,8 @@ pub fn error_reason(e: &reqwest::Error) -> String {
     let mut source: Option<&(dyn StdError + 'static)> = Some(e);
     let mut innermost = None;
     while let Some(err) = source {
-        if let Some(refused) = err.downcast_ref::<RefusedDestination>() {
-            return refused.0.clone();
+        if let Some(refused @ Error::Refused(_)) = err.downcast_ref::<Error>() {
+            return refused.to_string();
         }
         innermost = Some(err);
         source = err.source();
@@ -443,18 +442,18 @@ mod tests {
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(strict.check(ip("8.8.8.8")).is_ok());
-        let err = strict.check(ip("127.0.0.1")).unwrap_err();
+        let err = strict.check(ip("127.0.0.1")).unwrap_err().to_string();
         assert!(err.contains("loopback") && err.contains("--allow-private-upstreams"), "{err}");
-        assert!(strict.check(ip("10.1.2.3")).unwrap_err().contains("private"));
+        assert!(strict.check(ip("10.1.2.3")).unwrap_err().to_string().contains("private"));
         assert!(lenient.check(ip("127.0.0.1")).is_ok());
         assert!(lenient.check(ip("10.244.77.1")).is_ok());
         assert!(lenient.check(ip("::ffff:10.244.77.1")).is_ok());
         // Link-local (metadata), unusable and the cluster's ranges: refused even so.
         for refused in ["169.254.169.254", "fe80::1", "fd00:ec2::254", "0.0.0.0", "224.0.0.1"] {
-            let err = lenient.check(ip(refused)).unwrap_err();
+            let err = lenient.check(ip(refused)).unwrap_err().to_string();
             assert!(err.contains("never calls"), "{refused}: {err}");
         }
-        let err = lenient.check(ip("10.96.0.1")).unwrap_err();
+        let err = lenient.check(ip("10.96.0.1")).unwrap_err().to_string();
         assert!(err.contains("10.96.0.0/12") && err.contains("--cluster-cidrs"), "{err}");
         assert!(lenient.check(ip("::ffff:10.96.0.10")).is_err());
         assert!(lenient.check(ip("fd00:10:96::1")).is_err());
@@ -466,7 +465,7 @@ mod tests {
         let url = |s: &str| Url::parse(s).unwrap();
         assert!(strict.check_url(&url("https://sts.amazonaws.com/")).is_ok());
         assert!(strict.check_url(&url("https://8.8.8.8/x")).is_ok());
-        assert!(strict.check_url(&url("http://8.8.8.8/x")).unwrap_err().contains("not an https URL"));
+        assert!(strict.check_url(&url("http://8.8.8.8/x")).unwrap_err().to_string().contains("not an https URL"));
         for refused in [
             "https://127.0.0.1:8443/token",
             "https://[::1]/",
@@ -476,7 +475,7 @@ mod tests {
             "https://[::ffff:a9fe:a9fe]/",
             "https://10.0.0.1/",
         ] {
-            let err = strict.check_url(&url(refused)).unwrap_err();
+            let err = strict.check_url(&url(refused)).unwrap_err().to_string();
             assert!(err.starts_with("refused to call https://"), "{refused}: {err}");
         }
     }
@@ -489,7 +488,7 @@ mod tests {
         let reason = error_reason(&err);
         assert!(reason.starts_with("refused to call localhost") && reason.contains("loopback"), "{reason}");
         // A literal address is refused before any request exists.
-        assert!(egress.get("https://127.0.0.1:9/").unwrap_err().contains("loopback"));
+        assert!(egress.get("https://127.0.0.1:9/").unwrap_err().to_string().contains("loopback"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use axum::{
 };
 use cloudpass_api::broker::{BrokerError, CREDENTIALS_PATH, ErrorCode, MAX_REQUEST_BYTES};
 
-use super::Broker;
+use crate::Broker;
 use crate::issuer::{DISCOVERY_PATH, JWKS_PATH, discovery};
 
 fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {

@@ -11,8 +11,8 @@ use cloudpass_api::{
 };
 use quick_xml::{Reader, events::Event};
 
-use super::{
-    Refusal,
+use crate::{
+    Error, Refusal,
     egress::{Egress, error_reason, sanitize, sanitize_code},
     jwt::read_limited,
 };
@@ -23,17 +23,17 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// The text of the first element named by each path's last segment inside the elements
 /// before it, e.g. `["GetCallerIdentityResult", "Arn"]`. Hostile input (bad XML,
 /// entities, deep nesting) gives an error, never a panic.
-pub fn xml_fields(xml: &str, wanted: &[&[&str]]) -> Result<Vec<Option<String>>, String> {
+pub fn xml_fields(xml: &str, wanted: &[&[&str]]) -> Result<Vec<Option<String>>, Error> {
     let mut reader = Reader::from_str(xml);
     reader.config_mut().trim_text(true);
     let mut path: Vec<String> = Vec::new();
     let mut found: Vec<Option<String>> = vec![None; wanted.len()];
     let mut text = String::new();
     loop {
-        match reader.read_event().map_err(|e| format!("malformed XML: {e}"))? {
+        match reader.read_event().map_err(|e| Error::Malformed(format!("malformed XML: {e}")))? {
             Event::Start(e) => {
                 if path.len() > 16 {
-                    return Err("XML nested too deeply".into());
+                    return Err(Error::Malformed("XML nested too deeply".into()));
                 }
                 path.push(String::from_utf8_lossy(e.local_name().as_ref()).into_owned());
                 text.clear();
@@ -47,7 +47,9 @@ pub fn xml_fields(xml: &str, wanted: &[&[&str]]) -> Result<Vec<Option<String>>, 
                 path.pop();
                 text.clear();
             }
-            Event::Text(t) => text.push_str(&t.decode().map_err(|e| format!("malformed XML text: {e}"))?),
+            Event::Text(t) => {
+                text.push_str(&t.decode().map_err(|e| Error::Malformed(format!("malformed XML text: {e}")))?)
+            }
             Event::CData(t) => text.push_str(&String::from_utf8_lossy(&t)),
             // Entity references arrive on their own; only XML's predefined entities and
             // character references exist in STS answers (no DTD is ever processed).
@@ -61,7 +63,7 @@ pub fn xml_fields(xml: &str, wanted: &[&[&str]]) -> Result<Vec<Option<String>>, 
                     "apos" => Some('\''),
                     _ => r.resolve_char_ref().ok().flatten(),
                 };
-                text.push(resolved.ok_or_else(|| format!("unknown XML entity &{name};"))?);
+                text.push(resolved.ok_or_else(|| Error::Malformed(format!("unknown XML entity &{name};")))?);
             }
             Event::Eof => break,
             _ => {}
@@ -82,10 +84,10 @@ pub fn sts_error(xml: &str) -> (Option<String>, Option<String>) {
     }
 }
 
-/// The answer of `GetCallerIdentity`.
+/// Who the workload's pre-signed `GetCallerIdentity` says it is, as STS answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallerIdentity {
-    /// Account ID.
+    /// The caller's 12-digit AWS account ID.
     pub account: String,
     /// Caller ARN (`arn:aws:sts::<acct>:assumed-role/<role>/<session>` for a role).
     pub arn: String,
@@ -120,7 +122,7 @@ impl CallerIdentity {
 pub struct AssumedRole {
     /// `aws`, `aws-cn`, `aws-us-gov`.
     pub partition: String,
-    /// Account ID.
+    /// The role's 12-digit AWS account ID.
     pub account: String,
     /// Role name (without path).
     pub name: String,
@@ -138,18 +140,18 @@ impl AssumedRole {
     /// name, and the path is not compared (STS does not report it); since a wildcard
     /// there could then match roles of any path, an entry with a path must have no `*`
     /// in its path or name, and one that has is an error, never a match.
-    pub fn matches(&self, pattern: &str) -> Result<bool, String> {
+    pub fn matches(&self, pattern: &str) -> Result<bool, Error> {
         let Some((prefix, resource)) = pattern.split_once(":role/") else {
-            return Err(format!("roleArns entry {pattern:?} is not an IAM role ARN"));
+            return Err(Error::InvalidSpec(format!("roleArns entry {pattern:?} is not an IAM role ARN")));
         };
         let Some((path, name)) = resource.rsplit_once('/') else {
             return Ok(glob_matches(pattern, &self.arn()));
         };
         if path.contains('*') || name.contains('*') {
-            return Err(format!(
+            return Err(Error::InvalidSpec(format!(
                 "roleArns entry {pattern:?} has a path and a wildcard: GetCallerIdentity does not show a role's path, \
                  so only an exact role name can be matched with a path"
-            ));
+            )));
         }
         Ok(glob_matches(&format!("{prefix}:role/{name}"), &self.arn()))
     }
@@ -160,37 +162,41 @@ impl AssumedRole {
 /// `Authorization` header), so that a request signed for another server (or captured on
 /// the way to it) cannot be replayed here. STS verifies the signature over the header
 /// when the broker forwards the request.
-pub fn check_server_id(request: &SignedRequest, server_ids: &[String]) -> Result<(), String> {
+pub fn check_server_id(request: &SignedRequest, server_ids: &[String]) -> Result<(), Error> {
     let mut seen = BTreeSet::new();
     for name in request.headers.keys() {
         if !seen.insert(name.to_ascii_lowercase()) {
-            return Err(format!("evidence has the header {name:?} more than once"));
+            return Err(Error::Evidence(format!("evidence has the header {name:?} more than once")));
         }
     }
     let header = |wanted: &str| request.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(wanted)).map(|(_, v)| v);
     let Some(value) = header(SERVER_ID_HEADER) else {
-        return Err(format!(
+        return Err(Error::Evidence(format!(
             "evidence has no {SERVER_ID_HEADER} header: the pre-signed GetCallerIdentity must name this broker"
-        ));
+        )));
     };
-    let authorization =
-        header("authorization").ok_or("evidence is not signed with an Authorization header (SigV4)")?.expose();
+    let evidence = |why: &str| Error::Evidence(why.to_owned());
+    let authorization = header("authorization")
+        .ok_or_else(|| evidence("evidence is not signed with an Authorization header (SigV4)"))?
+        .expose();
     let signed = authorization
         .strip_prefix("AWS4-HMAC-SHA256 ")
-        .ok_or("evidence's Authorization header is not AWS4-HMAC-SHA256")?
+        .ok_or_else(|| evidence("evidence's Authorization header is not AWS4-HMAC-SHA256"))?
         .split(',')
         .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
-        .ok_or("evidence's Authorization header has no SignedHeaders")?;
+        .ok_or_else(|| evidence("evidence's Authorization header has no SignedHeaders"))?;
     if !signed.split(';').any(|h| h.eq_ignore_ascii_case(SERVER_ID_HEADER)) {
-        return Err(format!("evidence's {SERVER_ID_HEADER} header is not covered by the signature (SignedHeaders)"));
+        return Err(Error::Evidence(format!(
+            "evidence's {SERVER_ID_HEADER} header is not covered by the signature (SignedHeaders)"
+        )));
     }
     let value = value.expose().trim();
     if !server_ids.iter().any(|id| id.eq_ignore_ascii_case(value)) {
         let shown: String = value.chars().take(64).collect();
-        return Err(format!(
+        return Err(Error::Evidence(format!(
             "evidence is signed for server ID {shown:?}, not for this broker ({})",
             server_ids.join(", ")
-        ));
+        )));
     }
     Ok(())
 }
@@ -228,16 +234,17 @@ pub async fn get_caller_identity(
     request: &SignedRequest,
     extra_endpoints: &[String],
     server_ids: &[String],
-) -> Result<CallerIdentity, String> {
-    let url = reqwest::Url::parse(&request.url).map_err(|e| format!("evidence URL is invalid: {e}"))?;
+) -> Result<CallerIdentity, Error> {
+    let url =
+        reqwest::Url::parse(&request.url).map_err(|e| Error::Evidence(format!("evidence URL is invalid: {e}")))?;
     if !allowed_sts_url(&url, extra_endpoints) {
-        return Err(format!(
+        return Err(Error::Evidence(format!(
             "evidence is addressed to {}, which is not an allowed STS endpoint",
             url.origin().ascii_serialization()
-        ));
+        )));
     }
     if request.method != "POST" {
-        return Err(format!("evidence must be a POST, not {}", request.method));
+        return Err(Error::Evidence(format!("evidence must be a POST, not {}", request.method)));
     }
     // Only GetCallerIdentity: the broker must not send any other signed action.
     let params: BTreeMap<String, String> = form_urlencoded::parse(request.body.as_bytes()).into_owned().collect();
@@ -245,7 +252,7 @@ pub async fn get_caller_identity(
         || params.keys().any(|k| k != "Action" && k != "Version")
         || url.query().is_some()
     {
-        return Err("evidence must be exactly an sts:GetCallerIdentity request".into());
+        return Err(Error::Evidence("evidence must be exactly an sts:GetCallerIdentity request".into()));
     }
     check_server_id(request, server_ids)?;
     let mut builder = http.post(url.as_str())?.body(request.body.clone());
@@ -256,41 +263,44 @@ pub async fn get_caller_identity(
         }
         builder = builder.header(name, value.expose());
     }
-    let response = builder.send().await.map_err(|e| format!("STS unreachable: {}", error_reason(&e)))?;
+    let response =
+        builder.send().await.map_err(|e| Error::Upstream(format!("STS unreachable: {}", error_reason(&e))))?;
     let status = response.status();
     let body = read_limited(response, MAX_ANSWER_BYTES).await?;
     let text = String::from_utf8_lossy(&body);
     if !status.is_success() {
         let (code, message) = sts_error(&text);
-        return Err(format!(
+        return Err(Error::Upstream(format!(
             "STS refused the evidence: {} ({})",
             code.unwrap_or_else(|| format!("HTTP {}", status.as_u16())),
             message.unwrap_or_default()
-        ));
+        )));
     }
     let fields = xml_fields(&text, &[&["GetCallerIdentityResult", "Account"], &["GetCallerIdentityResult", "Arn"]])?;
     match (fields[0].clone(), fields[1].clone()) {
         (Some(account), Some(arn)) => Ok(CallerIdentity { account, arn }),
-        _ => Err("STS answer has no Account and Arn".into()),
+        _ => Err(Error::Malformed("STS answer has no Account and Arn".into())),
     }
 }
 
 /// Temporary credentials from `AssumeRoleWithWebIdentity`; `Debug` shows no secret.
 #[derive(Debug)]
 pub struct StsCredentials {
-    /// Access key ID.
+    /// `AccessKeyId` (`ASIA...`), not secret.
     pub access_key_id: String,
-    /// Secret access key.
+    /// `SecretAccessKey`, redacted in `Debug`.
     pub secret_access_key: SecretString,
-    /// Session token.
+    /// `SessionToken`, redacted in `Debug`.
     pub session_token: SecretString,
-    /// Expiry.
+    /// `Expiration`: when STS says the credentials stop working.
     pub expiration: jiff::Timestamp,
-    /// Account of the assumed role.
+    /// The assumed role's account, from `AssumedRoleUser.Arn`, when STS names it.
     pub account_id: Option<String>,
 }
 
-/// Calls `AssumeRoleWithWebIdentity`.
+/// Calls `AssumeRoleWithWebIdentity` at `endpoint` with the broker-signed `token` (under
+/// the egress policy). STS's refusal becomes an upstream failure carrying STS's error code;
+/// a refused endpoint address is a denial.
 pub async fn assume_role_with_web_identity(
     http: &Egress,
     endpoint: &str,
@@ -309,14 +319,14 @@ pub async fn assume_role_with_web_identity(
     ];
     let response = http
         .post(endpoint)
-        .map_err(Refusal::denied)?
+        .map_err(|e| Refusal::denied(e.to_string()))?
         .header("accept", "application/xml")
         .form(&form)
         .send()
         .await
         .map_err(|e| Refusal::upstream(format!("AWS STS at {endpoint} unreachable: {}", error_reason(&e)), None))?;
     let status = response.status();
-    let body = read_limited(response, MAX_ANSWER_BYTES).await.map_err(|e| Refusal::upstream(e, None))?;
+    let body = read_limited(response, MAX_ANSWER_BYTES).await.map_err(|e| Refusal::upstream(e.to_string(), None))?;
     let text = String::from_utf8_lossy(&body);
     if !status.is_success() {
         let (code, message) = sts_error(&text);
@@ -427,7 +437,7 @@ mod tests {
             "arn:aws:iam::123456789012:role/*/deployer",
             "arn:aws:iam::123456789012:role/team-a/deploy*",
         ] {
-            let err = matches(pattern).unwrap_err();
+            let err = matches(pattern).unwrap_err().to_string();
             assert!(err.contains("path and a wildcard"), "{pattern}: {err}");
         }
         assert!(matches("arn:aws:iam::123456789012:user/deployer").is_err());
@@ -462,7 +472,7 @@ mod tests {
             Ok(())
         );
         let refused = |headers: &[(&str, &str)], want: &str| {
-            let err = check(headers).unwrap_err();
+            let err = check(headers).unwrap_err().to_string();
             assert!(err.contains(want), "{want}: {err}");
         };
         refused(&[("Authorization", AUTH_WITHOUT_ID)], "no x-cloudpass-server-id header");
@@ -485,7 +495,7 @@ mod tests {
             "more than once",
         );
         let long = "x".repeat(10_000);
-        let err = check(&[("Authorization", AUTH_WITH_ID), ("x-cloudpass-server-id", &long)]).unwrap_err();
+        let err = check(&[("Authorization", AUTH_WITH_ID), ("x-cloudpass-server-id", &long)]).unwrap_err().to_string();
         assert!(err.len() < 200, "bounded: {err}");
         // A header named like the server ID inside another header's value does not count.
         let sneaky = "AWS4-HMAC-SHA256 Credential=x, SignedHeaders=host;x-cloudpass-server-id-not, Signature=abc";

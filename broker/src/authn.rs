@@ -5,7 +5,7 @@
 //! TokenReview also refuses the token of a deleted pod (bound tokens). Before a token
 //! costs the apiserver a TokenReview, cheap checks refuse what cannot pass: it must be a
 //! JWT for audience `cloudpass`, not expired, and signed by one of the keys this cluster
-//! publishes (`/openid/v1/jwks`, cached like every JWKS, see [`super::jwt`]), which
+//! publishes (`/openid/v1/jwks`, cached like every JWKS, see [`crate::jwt`]), which
 //! only this cluster's issuer has. Answers, accepted or refused, are cached for a short
 //! time, keyed by a hash of the token (never the token itself), with the pod's labels,
 //! so that a busy agent costs one TokenReview and one pod read per cache period, a
@@ -32,15 +32,15 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::{
-    Refusal,
-    jwt::{Expectations, JwtVerifier, KeySource, LEEWAY_SECONDS, VerifyError, claim_strings},
+use crate::{
+    Error, Refusal,
+    jwt::{Expectations, JwtVerifier, KeySource, LEEWAY_SECONDS, claim_strings},
 };
 
 /// Where the caller's token comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
-    /// This cluster (TokenReview).
+    /// This cluster: the token passed TokenReview and names a pod of this cluster.
     ThisCluster,
     /// Another cluster, by issuer; `namespace` is the caller's namespace there.
     OtherCluster {
@@ -51,12 +51,12 @@ pub enum Origin {
     },
 }
 
-/// A verified caller.
+/// A verified caller: who the token says, once it is checked. Never holds the token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     /// Namespace (of the broker's cluster) whose policies apply.
     pub namespace: String,
-    /// Service-account name.
+    /// The name of the service account the caller runs as.
     pub service_account: String,
     /// Pod name, from the bound token.
     pub pod: Option<String>,
@@ -64,7 +64,7 @@ pub struct Caller {
     pub pod_uid: Option<String>,
     /// Pod labels (this cluster only).
     pub labels: BTreeMap<String, String>,
-    /// Audiences of the token.
+    /// The token's audiences, which `kubernetesServiceAccount` trust providers match.
     pub audiences: Vec<String>,
     /// Where the token comes from.
     pub origin: Origin,
@@ -86,7 +86,8 @@ const CLUSTER_ALGORITHMS: &[JwtAlgorithm] = &[
     JwtAlgorithm::EdDSA,
 ];
 
-/// Reviews tokens of this cluster.
+/// Reviews tokens of this cluster: the cheap checks first, then TokenReview and the pod,
+/// with answers cached by token hash for the configured TTL.
 pub struct TokenReviewer {
     client: Client,
     /// Answers by token hash: the caller, or why the token was refused. Failures to
@@ -97,9 +98,9 @@ pub struct TokenReviewer {
 /// How an answer was reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cached {
-    /// Served from the cache.
+    /// Served from the cache of earlier answers (accepted or refused).
     Hit,
-    /// Asked the apiserver (TokenReview).
+    /// Not cached: a TokenReview was sent to the apiserver.
     Miss,
     /// Refused by the cheap checks, without asking the apiserver.
     Refused,
@@ -165,12 +166,12 @@ async fn precheck(token: &str, verifier: &JwtVerifier) -> Result<(), Refusal> {
     let expect = Expectations { issuer, audiences: &audiences, algorithms: CLUSTER_ALGORITHMS };
     match verifier.verify::<Value>(token, &KeySource::ThisCluster, &expect).await {
         Ok(_) => Ok(()),
-        Err(VerifyError::Invalid(why)) => refuse(&format!("not signed by this cluster's service-account keys ({why})")),
         // Without the keys, TokenReview decides alone.
-        Err(VerifyError::KeysUnavailable(why)) => {
+        Err(Error::KeysUnavailable(why)) => {
             tracing::debug!(error = %why, "this cluster's keys are unavailable; the token goes to TokenReview unchecked");
             Ok(())
         }
+        Err(why) => refuse(&format!("not signed by this cluster's service-account keys ({why})")),
     }
 }
 
@@ -181,7 +182,7 @@ impl TokenReviewer {
     }
 
     /// Reviews `token` (audience `cloudpass`) and reads the pod it is bound to; tokens
-    /// that cannot pass are refused without asking the apiserver ([`precheck`], with
+    /// that cannot pass are refused without asking the apiserver (`precheck`, with
     /// this cluster's keys from `verifier`). The answer and how it was reached; `Err`
     /// when the apiserver could not be asked (not remembered).
     pub async fn review(
@@ -283,31 +284,32 @@ impl TokenReviewer {
 pub struct KubernetesClaims {
     /// `sub`: `system:serviceaccount:<namespace>:<name>`.
     pub sub: String,
-    /// Audiences.
+    /// `aud`, a string or a list.
     #[serde(default, deserialize_with = "one_or_many")]
     pub aud: Vec<String>,
-    /// The bound objects.
+    /// `kubernetes.io`: the namespace and the pod the token is bound to.
     #[serde(rename = "kubernetes.io", default)]
     pub kubernetes: Option<KubernetesIo>,
 }
 
-/// `kubernetes.io` claim.
+/// The `kubernetes.io` claim of a bound service-account token.
 #[derive(Deserialize, Debug, Default)]
 pub struct KubernetesIo {
-    /// Namespace.
+    /// The service account's namespace.
     #[serde(default)]
     pub namespace: Option<String>,
-    /// Bound pod.
+    /// The pod the token is bound to (absent for tokens not bound to a pod).
     #[serde(default)]
     pub pod: Option<NameUid>,
 }
 
-/// A name and UID.
+/// An object the token is bound to, by name and UID (a deleted and recreated pod has
+/// another UID).
 #[derive(Deserialize, Debug)]
 pub struct NameUid {
-    /// Name.
+    /// The object's name.
     pub name: String,
-    /// UID.
+    /// The object's UID.
     pub uid: String,
 }
 
@@ -375,7 +377,7 @@ mod tests {
 
     /// A verifier without this cluster's keys: the signature check is skipped.
     fn verifier() -> JwtVerifier {
-        let egress = super::super::egress::Egress::new(reqwest::Client::builder(), Default::default()).unwrap();
+        let egress = crate::egress::Egress::new(reqwest::Client::builder(), Default::default()).unwrap();
         JwtVerifier::new(egress)
     }
 

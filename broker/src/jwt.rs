@@ -24,7 +24,10 @@ use moka::{future::Cache, ops::compute::Op};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::egress::{Egress, error_reason, sanitize};
+use crate::{
+    Error,
+    egress::{Egress, error_reason, sanitize},
+};
 
 /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const LEEWAY_SECONDS: u64 = 60;
@@ -67,7 +70,7 @@ impl Default for JwksTimings {
 pub enum KeySource {
     /// `jwks_uri` of `<issuer>/.well-known/openid-configuration`.
     Discovery(String),
-    /// A JWKS URL.
+    /// A JWKS fetched from this URL (`jwksUri`).
     Url(String),
     /// A JWKS given inline (JSON).
     Inline(String),
@@ -86,32 +89,8 @@ impl KeySource {
     }
 }
 
-/// Why a token was not verified.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VerifyError {
-    /// The token is not valid: what failed.
-    Invalid(String),
-    /// No keys to verify with: they could not be fetched (and none are cached).
-    KeysUnavailable(String),
-}
-
-impl std::fmt::Display for VerifyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Invalid(why) => f.write_str(why),
-            Self::KeysUnavailable(why) => write!(f, "no keys to verify with: {why}"),
-        }
-    }
-}
-
-impl From<VerifyError> for String {
-    fn from(e: VerifyError) -> Self {
-        e.to_string()
-    }
-}
-
-fn invalid(why: impl Into<String>) -> VerifyError {
-    VerifyError::Invalid(why.into())
+fn invalid(why: impl Into<String>) -> Error {
+    Error::InvalidToken(why.into())
 }
 
 /// What a token must satisfy.
@@ -175,17 +154,18 @@ impl Slot {
     }
 
     /// The keys to verify with now.
-    fn keys(&self, now: Instant, t: &JwksTimings) -> Result<Arc<JwkSet>, VerifyError> {
+    fn keys(&self, now: Instant, t: &JwksTimings) -> Result<Arc<JwkSet>, Error> {
         match (&self.good, &self.failure) {
             (Some((keys, at)), _) if now.duration_since(*at) < t.max_stale => Ok(keys.clone()),
-            (_, Some(f)) => Err(VerifyError::KeysUnavailable(f.error.clone())),
-            (Some(_), None) => Err(VerifyError::KeysUnavailable("the cached keys are too old".into())),
-            (None, None) => Err(VerifyError::KeysUnavailable("not fetched yet".into())),
+            (_, Some(f)) => Err(Error::KeysUnavailable(f.error.clone())),
+            (Some(_), None) => Err(Error::KeysUnavailable("the cached keys are too old".into())),
+            (None, None) => Err(Error::KeysUnavailable("not fetched yet".into())),
         }
     }
 }
 
-/// Verifies JWTs; caches keys per source.
+/// Verifies JWTs with pinned algorithms, issuer, audience and time claims; caches keys
+/// per source, refetching on an unknown `kid` at most once per interval.
 pub struct JwtVerifier {
     http: Egress,
     cluster: Option<kube::Client>,
@@ -194,11 +174,13 @@ pub struct JwtVerifier {
 }
 
 /// Reads a response body of at most `limit` bytes.
-pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Error> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("reading the answer: {}", error_reason(&e)))? {
+    while let Some(chunk) =
+        response.chunk().await.map_err(|e| Error::Fetch(format!("reading the answer: {}", error_reason(&e))))?
+    {
         if body.len() + chunk.len() > limit {
-            return Err(format!("answer larger than {limit} bytes"));
+            return Err(Error::Fetch(format!("answer larger than {limit} bytes")));
         }
         body.extend_from_slice(&chunk);
     }
@@ -223,55 +205,66 @@ impl JwtVerifier {
         self
     }
 
-    async fn get_json(&self, url: &str) -> Result<Value, String> {
+    async fn get_json(&self, url: &str) -> Result<Value, Error> {
         let shown = sanitize(url);
         let request = self.http.get(url)?;
-        let response = request.send().await.map_err(|e| format!("fetching {shown}: {}", error_reason(&e)))?;
+        let response =
+            request.send().await.map_err(|e| Error::Fetch(format!("fetching {shown}: {}", error_reason(&e))))?;
         let status = response.status();
         if !status.is_success() {
-            return Err(format!("fetching {shown}: HTTP {}", status.as_u16()));
+            return Err(Error::Fetch(format!("fetching {shown}: HTTP {}", status.as_u16())));
         }
-        let body = read_limited(response, MAX_DOCUMENT_BYTES).await.map_err(|e| format!("fetching {shown}: {e}"))?;
-        serde_json::from_slice(&body).map_err(|e| format!("{shown} is not JSON: {e}"))
+        let body = read_limited(response, MAX_DOCUMENT_BYTES)
+            .await
+            .map_err(|e| Error::Fetch(format!("fetching {shown}: {e}")))?;
+        serde_json::from_slice(&body).map_err(|e| Error::Fetch(format!("{shown} is not JSON: {e}")))
     }
 
-    async fn cluster_jwks(&self) -> Result<Value, String> {
-        let client = self.cluster.as_ref().ok_or("this cluster's keys are not available here")?;
-        let request = http::Request::get(CLUSTER_JWKS_PATH).body(Vec::new()).map_err(|e| e.to_string())?;
+    async fn cluster_jwks(&self) -> Result<Value, Error> {
+        let client =
+            self.cluster.as_ref().ok_or_else(|| Error::Fetch("this cluster's keys are not available here".into()))?;
+        let request =
+            http::Request::get(CLUSTER_JWKS_PATH).body(Vec::new()).map_err(|e| Error::Fetch(e.to_string()))?;
         let text = client
             .request_text(request)
             .await
-            .map_err(|e| format!("reading {CLUSTER_JWKS_PATH} from the apiserver: {e}"))?;
-        serde_json::from_str(&text).map_err(|e| format!("{CLUSTER_JWKS_PATH} is not JSON: {e}"))
+            .map_err(|e| Error::Fetch(format!("reading {CLUSTER_JWKS_PATH} from the apiserver: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| Error::Fetch(format!("{CLUSTER_JWKS_PATH} is not JSON: {e}")))
     }
 
-    async fn fetch(&self, source: &KeySource) -> Result<JwkSet, String> {
+    async fn fetch(&self, source: &KeySource) -> Result<JwkSet, Error> {
         let value = match source {
-            KeySource::Inline(json) => serde_json::from_str(json).map_err(|e| format!("inline JWKS: {e}"))?,
+            KeySource::Inline(json) => {
+                serde_json::from_str(json).map_err(|e| Error::Fetch(format!("inline JWKS: {e}")))?
+            }
             KeySource::Url(url) => self.get_json(url).await?,
             KeySource::ThisCluster => self.cluster_jwks().await?,
             KeySource::Discovery(issuer) => {
                 let url = format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'));
                 let doc = self.get_json(&url).await?;
                 if doc.get("issuer").and_then(Value::as_str) != Some(issuer) {
-                    return Err(format!("the discovery document at {} names another issuer", sanitize(&url)));
+                    return Err(Error::Fetch(format!(
+                        "the discovery document at {} names another issuer",
+                        sanitize(&url)
+                    )));
                 }
                 let jwks_uri = doc
                     .get("jwks_uri")
                     .and_then(Value::as_str)
-                    .ok_or_else(|| format!("{} has no jwks_uri", sanitize(&url)))?;
+                    .ok_or_else(|| Error::Fetch(format!("{} has no jwks_uri", sanitize(&url))))?;
                 self.get_json(jwks_uri).await?
             }
         };
         // Keys of unknown types are skipped rather than failing the whole set.
-        let keys = value.get("keys").and_then(Value::as_array).ok_or("JWKS has no keys array")?;
+        let keys =
+            value.get("keys").and_then(Value::as_array).ok_or_else(|| Error::Fetch("JWKS has no keys array".into()))?;
         let keys = keys.iter().filter_map(|k| serde_json::from_value(k.clone()).ok()).collect();
         Ok(JwkSet { keys })
     }
 
     /// The keys of `source`: cached, or fetched when a fetch is due (absent or stale
     /// keys, or `refetch` for an unknown `kid`), one fetch at a time per source.
-    async fn keys(&self, source: &KeySource, refetch: bool) -> Result<Arc<JwkSet>, VerifyError> {
+    async fn keys(&self, source: &KeySource, refetch: bool) -> Result<Arc<JwkSet>, Error> {
         let t = self.timings;
         if let Some(slot) = self.cache.get(source).await
             && !slot.fetch_due(Instant::now(), refetch, &t)
@@ -293,12 +286,12 @@ impl JwtVerifier {
             .await;
         match result.into_entry() {
             Some(entry) => entry.into_value().keys(Instant::now(), &t),
-            None => Err(VerifyError::KeysUnavailable("not fetched".into())),
+            None => Err(Error::KeysUnavailable("not fetched".into())),
         }
     }
 
     /// The slot after a fetch: new keys, or the old keys and the failure remembered.
-    fn after_fetch(&self, source: &KeySource, old: Option<&Slot>, fetched: Result<JwkSet, String>) -> Slot {
+    fn after_fetch(&self, source: &KeySource, old: Option<&Slot>, fetched: Result<JwkSet, Error>) -> Slot {
         let now = Instant::now();
         let good = old.and_then(|o| o.good.clone());
         match fetched {
@@ -329,13 +322,17 @@ impl JwtVerifier {
                 };
                 match &good {
                     Some((_, at)) => tracing::warn!(
-                        source = %what, error = %error, retry_in_s = delay.as_secs(), keys_age_s = now.duration_since(*at).as_secs(),
+                        source = %what, error = %error, reason = error.metric_label(), retry_in_s = delay.as_secs(), keys_age_s = now.duration_since(*at).as_secs(),
                         "fetching keys failed; the last keys fetched stay in use"
                     ),
                     None => {
-                        tracing::warn!(source = %what, error = %error, retry_in_s = delay.as_secs(), "fetching keys failed")
+                        tracing::warn!(
+                            source = %what, error = %error, reason = error.metric_label(), retry_in_s = delay.as_secs(),
+                            "fetching keys failed"
+                        )
                     }
                 }
+                let error = error.to_string();
                 Slot { good, attempted: now, failure: Some(Failure { error, retry_at: now + delay, backoff }) }
             }
         }
@@ -347,7 +344,7 @@ impl JwtVerifier {
         token: &str,
         source: &KeySource,
         expect: &Expectations<'_>,
-    ) -> Result<C, VerifyError> {
+    ) -> Result<C, Error> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("not a JWT: {e}")))?;
         let pinned: Vec<Algorithm> = expect.algorithms.iter().copied().map(algorithm).collect();
         if !pinned.contains(&header.alg) {
@@ -436,7 +433,7 @@ mod tests {
         if let Some(ca) = ca {
             builder = builder.tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem().as_bytes()).unwrap()]);
         }
-        Egress::new(builder, super::super::egress::EgressPolicy { allow_private: true, ..Default::default() }).unwrap()
+        Egress::new(builder, crate::egress::EgressPolicy { allow_private: true, ..Default::default() }).unwrap()
     }
 
     /// A JWKS server over HTTPS that counts the requests it gets, answers each after
@@ -563,7 +560,7 @@ mod tests {
         for _ in 0..3 {
             let audiences = vec!["cloudpass".to_owned()];
             let err = fresh.verify::<Value>(&good, &source, &expectations(&audiences)).await.unwrap_err();
-            assert!(matches!(&err, VerifyError::KeysUnavailable(why) if why.contains("HTTP 503")), "{err:?}");
+            assert!(matches!(&err, Error::KeysUnavailable(why) if why.contains("HTTP 503")), "{err:?}");
         }
         assert_eq!(server.requests(), before + 1, "the failure is remembered");
     }
@@ -590,7 +587,7 @@ mod tests {
         };
         assert!(old.keys(now + t.max_stale - Duration::from_secs(1), &t).is_ok());
         let err = old.keys(now + t.max_stale, &t).unwrap_err();
-        assert_eq!(err, VerifyError::KeysUnavailable("HTTP 503".into()));
+        assert_eq!(err, Error::KeysUnavailable("HTTP 503".into()));
         assert!(!old.fetch_due(now + t.max_stale + Duration::from_secs(1), true, &t), "backing off");
     }
 

@@ -19,7 +19,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use serde_json::{Value, json};
 
-use super::{
+use crate::issuer::KeySet;
+use crate::{
     Refusal,
     authn::Caller,
     aws,
@@ -27,7 +28,6 @@ use super::{
     egress::{Egress, error_reason, json_error},
     jwt::read_limited,
 };
-use crate::issuer::KeySet;
 
 /// Largest token-endpoint answer read.
 const MAX_ANSWER_BYTES: usize = 256 * 1024;
@@ -45,7 +45,7 @@ pub struct MintContext<'a> {
     pub http: &'a Egress,
     /// Kubernetes client, to read Secrets.
     pub client: &'a kube::Client,
-    /// The issuer's keys.
+    /// The issuer's signing keys: the active one signs every broker-signed token.
     pub keys: &'a KeySet,
     /// The issuer URL (`iss` of every broker-signed token).
     pub issuer_url: &'a str,
@@ -53,15 +53,17 @@ pub struct MintContext<'a> {
 
 /// One request for a credential.
 pub struct MintRequest<'a> {
-    /// CredentialProvider name.
+    /// The CredentialProvider's name, in the caller's namespace (part of `sub`).
     pub provider: &'a str,
-    /// Its spec.
+    /// The CredentialProvider's compiled spec.
     pub spec: &'a CredentialProviderSpec,
-    /// The policy.
+    /// The AccessPolicy that allowed the request (named in the signed claims).
     pub policy: &'a CompiledPolicy,
-    /// The verified caller.
+    /// The verified caller, whose namespace, service account and pod the signed claims
+    /// and session names carry.
     pub caller: &'a Caller,
-    /// The policy's `maxCredentialLifetime`.
+    /// The policy's `maxCredentialLifetime`: shortens what is asked for where the cloud
+    /// allows it, and otherwise how long the credential is served.
     pub max_lifetime: Option<Duration>,
     /// When the policy's time window that allows this request closes, if it has windows:
     /// no credential is asked for, cached or served past it.
@@ -146,7 +148,7 @@ impl<'a> CallerClaims<'a> {
 
 /// The part of the cache key that depends on the caller: everything of the upstream
 /// request that varies between callers. For providers that present a broker-signed
-/// token, that is every caller claim the broker signs ([`CallerClaims`]), so a token
+/// token, that is every caller claim the broker signs (`CallerClaims`), so a token
 /// (or what a cloud exchanged it for) is never handed to a caller it was not signed for;
 /// plus the rendered session name for AWS. Providers that present no caller data
 /// (OAuth2 client credentials, Secrets) share one credential per policy.
@@ -244,7 +246,8 @@ async fn post_form(
     basic: Option<(&str, &str)>,
     service: &str,
 ) -> Result<Value, Refusal> {
-    let mut builder = http.post(url).map_err(Refusal::denied)?.header("accept", "application/json").form(form);
+    let mut builder =
+        http.post(url).map_err(|e| Refusal::denied(e.to_string()))?.header("accept", "application/json").form(form);
     if let Some((user, password)) = basic {
         // RFC 6749 section 2.3.1: both parts are form-encoded before Basic encoding.
         let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
@@ -329,7 +332,7 @@ pub fn expires_in(value: &Value) -> Result<Option<SignedDuration>, String> {
 /// An access token from a token endpoint's answer.
 #[derive(Debug)]
 pub struct TokenAnswer {
-    /// `access_token`.
+    /// `access_token`, redacted in `Debug`.
     pub access_token: SecretString,
     /// `token_type`; `Bearer` when absent.
     pub token_type: String,
@@ -526,7 +529,7 @@ async fn gcp(
             let builder = ctx
                 .http
                 .post(&url)
-                .map_err(Refusal::denied)?
+                .map_err(|e| Refusal::denied(e.to_string()))?
                 .bearer_auth(federated.access_token.expose())
                 .json(&json!({"scope": scopes, "lifetime": format!("{}s", lifetime.as_secs())}));
             let answer = send_json(builder, &url, "Google IAM Credentials").await?;
@@ -652,7 +655,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::broker::authn::Origin;
+    use crate::authn::Origin;
 
     fn caller(pod: Option<&str>) -> Caller {
         Caller {

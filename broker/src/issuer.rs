@@ -28,7 +28,8 @@ pub const JWKS_PATH: &str = "/openid/v1/jwks";
 /// Path of the discovery document, relative to the issuer URL.
 pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 
-/// Rotation settings.
+/// When keys rotate: how long one signs, how early a successor is published, and how
+/// long a superseded key stays published.
 #[derive(Clone, Debug)]
 pub struct RotationPolicy {
     /// How long a key signs before a successor takes over.

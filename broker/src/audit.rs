@@ -12,9 +12,10 @@ use std::{
 
 use serde::Serialize;
 
-use super::trust::TrustResult;
+use crate::trust::TrustResult;
 
-/// One decision.
+/// The audit record of one decision, written as one JSON line whether the credential was
+/// handed out or refused. Holds names and outcomes, never a token, credential or secret.
 #[derive(Serialize, Debug, Default, Clone)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
@@ -24,16 +25,17 @@ pub struct AuditRecord {
     pub time: String,
     /// Random ID, also in the answer's `x-cloudpass-decision` header.
     pub decision_id: String,
-    /// Namespace whose policy applies.
+    /// The caller's namespace, whose policy applies (set once the caller is known).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Calling pod.
+    /// The calling pod's name, from the verified token (absent for another cluster's
+    /// callers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
-    /// Its UID.
+    /// The calling pod's UID, checked against the pod the token is bound to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
-    /// Its service account.
+    /// The service account the caller runs as.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
     /// The issuer of the caller's token when it is another cluster's.
@@ -42,36 +44,38 @@ pub struct AuditRecord {
     /// The caller's namespace in that cluster.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_namespace: Option<String>,
-    /// Policy asked for.
+    /// The AccessPolicy named in the request (recorded even when it does not exist).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// Trust providers and their results, in the policy's order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub trust_providers: Vec<TrustResult>,
-    /// Credential provider used.
+    /// The CredentialProvider of the policy, once trust and conditions passed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_provider: Option<String>,
-    /// Its kind.
+    /// The CredentialProvider's kind (`awsSts`, `apiKey`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_kind: Option<&'static str>,
-    /// `allowed`, `denied` or `error`.
+    /// `allowed`; `denied` for a 403; `error` for every other refusal.
     pub outcome: &'static str,
-    /// Error code when not allowed.
+    /// The refusal's wire code (`Unauthenticated`, `Denied`, ...,
+    /// [`cloudpass_api::broker::ErrorCode::as_str`]); absent when allowed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
-    /// Why not allowed.
+    pub code: Option<&'static str>,
+    /// The refusal's message, as the caller got it; absent when allowed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The upstream's error code.
+    /// The upstream service's own error code (sanitized), for upstream failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_code: Option<String>,
-    /// `hit`, `miss` or `coalesced`.
+    /// How the credential cache answered: `hit`, `miss` or `coalesced`
+    /// ([`crate::cache::Lookup`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<&'static str>,
     /// Expiry of the credential handed out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
-    /// Milliseconds spent deciding.
+    /// Milliseconds from the request's arrival to the decision, to the microsecond.
     pub latency_ms: f64,
 }
 
@@ -80,7 +84,8 @@ enum Sink {
     File(Mutex<LineWriter<File>>),
 }
 
-/// Where records go.
+/// The audit sink: stdout (next to the logs) or a file records are appended to, one
+/// line per record.
 pub struct Audit {
     sink: Sink,
 }

@@ -1,7 +1,8 @@
 //! The credential cache: one slot per (namespace, policy, credential provider, subject),
 //! so that agents asking again before a credential nears its expiry cost no upstream
 //! call, and agents asking at the same time share one upstream call (the first caller
-//! fetches while holding the slot; the others wait for it and take its answer).
+//! fetches; the others wait for it and take its answer). The entries live in a bounded
+//! moka cache that expires each one when it stops being served.
 //!
 //! A credential is served from the cache until a refresh margin (a quarter of its
 //! lifetime) before it expires; the broker tells the agent to refresh at that moment, so
@@ -10,21 +11,22 @@
 //! upstream is not hammered by every agent but recovers within seconds.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use cloudpass_api::broker::Credential;
+use moka::{Expiry, future::Cache, ops::compute::Op};
 
-use super::Refusal;
+use crate::Refusal;
 
 /// A credential with its lifetime.
 #[derive(Clone, Debug)]
 pub struct Issued {
-    /// The credential.
+    /// The credential as handed to the agent.
     pub credential: Credential,
-    /// When it was obtained.
+    /// When it was obtained: with `expires_at`, its lifetime, a quarter of which
+    /// [`Issued::refresh_at`] leaves before expiry.
     pub issued_at: jiff::Timestamp,
     /// When it stops working (or stops being served, under `maxCredentialLifetime`).
     pub expires_at: jiff::Timestamp,
@@ -53,7 +55,8 @@ impl Issued {
 /// How a lookup was answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lookup {
-    /// From the cache.
+    /// From the cache: a credential still before its `refresh_at`, or a remembered
+    /// upstream failure within the error TTL.
     Hit,
     /// By an upstream call this request made.
     Miss,
@@ -62,7 +65,7 @@ pub enum Lookup {
 }
 
 impl Lookup {
-    /// Label for metrics and audit.
+    /// The label of the `credential` cache metric and of the audit record's `cache`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Hit => "hit",
@@ -72,32 +75,77 @@ impl Lookup {
     }
 }
 
-#[derive(Default)]
-enum State {
-    #[default]
-    Empty,
+/// What the cache holds for one key.
+#[derive(Clone)]
+enum Entry {
+    /// A credential, served until its [`Issued::refresh_at`].
     Ready(Arc<Issued>),
+    /// An upstream failure, served until the instant (the error TTL after it happened).
     Failed(Refusal, Instant),
 }
 
-#[derive(Default)]
-struct Slot {
-    state: tokio::sync::Mutex<State>,
+impl Entry {
+    /// What the entry answers now, or `None` once it must not be served. Moka expires
+    /// entries at the same moments ([`ExpireWhenStale`]); this keeps the rule exact
+    /// whatever its timer's granularity.
+    fn served(&self) -> Option<Result<Arc<Issued>, Refusal>> {
+        match self {
+            Self::Ready(issued) if jiff::Timestamp::now() < issued.refresh_at() => Some(Ok(issued.clone())),
+            Self::Failed(refusal, until) if Instant::now() < *until => Some(Err(refusal.clone())),
+            _ => None,
+        }
+    }
 }
 
-/// Slots kept before a sweep is forced.
-const MAX_SLOTS: usize = 100_000;
+/// Expires an entry when it stops being served: a credential at its
+/// [`Issued::refresh_at`], a failure at the end of its error TTL.
+struct ExpireWhenStale;
 
-/// The cache.
+impl ExpireWhenStale {
+    fn remaining(entry: &Entry) -> Duration {
+        match entry {
+            Entry::Ready(issued) => {
+                let left = issued.refresh_at().duration_since(jiff::Timestamp::now());
+                if left.is_positive() { left.unsigned_abs() } else { Duration::ZERO }
+            }
+            Entry::Failed(_, until) => until.saturating_duration_since(Instant::now()),
+        }
+    }
+}
+
+impl Expiry<String, Entry> for ExpireWhenStale {
+    fn expire_after_create(&self, _key: &String, entry: &Entry, _created_at: Instant) -> Option<Duration> {
+        Some(Self::remaining(entry))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        entry: &Entry,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(Self::remaining(entry))
+    }
+}
+
+/// Entries kept at most; beyond it moka evicts the least likely to be asked for again.
+const MAX_ENTRIES: u64 = 100_000;
+
+/// The credential cache: one entry per key, served until [`Issued::refresh_at`]; one
+/// upstream call per key at a time (other requests wait for it and take its answer);
+/// upstream failures remembered for the error TTL, other refusals not at all. At most
+/// [`MAX_ENTRIES`] entries.
 pub struct CredentialCache {
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    entries: Cache<String, Entry>,
     error_ttl: Duration,
 }
 
 impl CredentialCache {
     /// A cache keeping upstream failures for `error_ttl`.
     pub fn new(error_ttl: Duration) -> Self {
-        Self { slots: Mutex::default(), error_ttl }
+        let entries = Cache::builder().max_capacity(MAX_ENTRIES).expire_after(ExpireWhenStale).build();
+        Self { entries, error_ttl }
     }
 
     /// The credential of `key`: cached, or fetched by `fetch` (once for all concurrent
@@ -107,63 +155,57 @@ impl CredentialCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Issued, Refusal>>,
     {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            if slots.len() >= MAX_SLOTS && !slots.contains_key(key) {
-                sweep_locked(&mut slots);
-            }
-            slots.entry(key.to_owned()).or_default().clone()
-        };
-        let (mut state, waited) = match slot.state.try_lock() {
-            Ok(guard) => (guard, false),
-            Err(_) => (slot.state.lock().await, true),
-        };
-        let served = if waited { Lookup::Coalesced } else { Lookup::Hit };
-        match &*state {
-            State::Ready(issued) if jiff::Timestamp::now() < issued.refresh_at() => {
-                return (Ok(issued.clone()), served);
-            }
-            State::Failed(refusal, until) if Instant::now() < *until => return (Err(refusal.clone()), served),
-            _ => {}
+        if let Some(served) = self.entries.get(key).await.and_then(|e| e.served()) {
+            return (served, Lookup::Hit);
         }
-        let result = fetch().await.map(Arc::new);
-        *state = match &result {
-            Ok(issued) => State::Ready(issued.clone()),
-            // Only upstream trouble is worth remembering; a Secret fixed a second later
-            // or a denial must not stick.
-            Err(refusal) if refusal.is_upstream() => State::Failed(refusal.clone(), Instant::now() + self.error_ttl),
-            Err(_) => State::Empty,
-        };
-        (result, Lookup::Miss)
+        // Callers of one key queue here; each finds what the one before it stored.
+        let mut outcome = None;
+        let slot = &mut outcome;
+        self.entries
+            .entry_by_ref(key)
+            .and_compute_with(|current| async move {
+                if let Some(served) = current.as_ref().and_then(|e| e.value().served()) {
+                    *slot = Some((served, Lookup::Coalesced));
+                    return Op::Nop;
+                }
+                let result = fetch().await.map(Arc::new);
+                let op = match &result {
+                    Ok(issued) => Op::Put(Entry::Ready(issued.clone())),
+                    // Only upstream trouble is worth remembering; a Secret fixed a second
+                    // later or a denial must not stick.
+                    Err(refusal) if refusal.is_upstream() => {
+                        Op::Put(Entry::Failed(refusal.clone(), Instant::now() + self.error_ttl))
+                    }
+                    Err(_) if current.is_some() => Op::Remove,
+                    Err(_) => Op::Nop,
+                };
+                *slot = Some((result, Lookup::Miss));
+                op
+            })
+            .await;
+        outcome.expect("and_compute_with runs its closure once")
     }
 
-    /// Drops slots whose content can no longer be served.
+    /// Drops entries that can no longer be served now, instead of when moka's own
+    /// housekeeping next runs (it also runs as the cache is used). Needs a Tokio runtime;
+    /// without one it does nothing.
     pub fn sweep(&self) {
-        sweep_locked(&mut self.slots.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let entries = self.entries.clone();
+            runtime.spawn(async move { entries.run_pending_tasks().await });
+        }
     }
 
-    /// Number of slots.
+    /// Number of entries that can still be served (an O(n) scan, for tests and
+    /// diagnostics).
     pub fn len(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.entries.iter().filter(|(_, e)| e.served().is_some()).count()
     }
 
-    /// Whether the cache is empty.
+    /// Whether no entry can be served.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn sweep_locked(slots: &mut HashMap<String, Arc<Slot>>) {
-    let now = jiff::Timestamp::now();
-    slots.retain(|_, slot| match slot.state.try_lock() {
-        // Busy: a fetch is running.
-        Err(_) => true,
-        Ok(state) => match &*state {
-            State::Empty => false,
-            State::Ready(issued) => now < issued.usable_until(),
-            State::Failed(_, until) => Instant::now() < *until,
-        },
-    });
 }
 
 #[cfg(test)]

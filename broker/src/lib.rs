@@ -6,6 +6,14 @@
 //! namespace and check it selects the caller → run every trust provider → check the
 //! policy's conditions → obtain the credential through the cache (one upstream call per
 //! key at a time) → answer with the credential, its expiry and when to refresh.
+//!
+//! The crate also holds the OIDC issuer whose keys sign the broker's tokens
+//! ([`issuer`]), the broker's HTTPS routes ([`server`]) and its metrics ([`metrics`]),
+//! which the process running it registers; the `cloudpass-operator` binary wires it
+//! (`--components broker` or `all`). Internal failures are typed ([`Error`]); what the
+//! caller gets is a [`Refusal`].
+
+#![deny(missing_docs)]
 
 pub mod audit;
 pub mod authn;
@@ -14,7 +22,10 @@ pub mod cache;
 pub mod conditions;
 pub mod credential;
 pub mod egress;
+pub mod error;
+pub mod issuer;
 pub mod jwt;
+pub mod metrics;
 pub mod server;
 pub mod trust;
 
@@ -29,22 +40,24 @@ use cloudpass_api::{
     selector::selector_matches,
 };
 use cloudpass_runtime::configs::Configs;
+pub use error::Error;
 
-use crate::{issuer::KeySet, metrics::Metrics};
 use audit::{Audit, AuditRecord};
 use authn::{Caller, Origin, TokenReviewer};
 use cache::{CredentialCache, Lookup};
 use egress::{Egress, sanitize};
+use issuer::KeySet;
 use jwt::{Expectations, JwtVerifier, KeySource};
+use metrics::BrokerMetrics;
 
 /// Why a request was not answered with a credential. Never holds a secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    /// Category.
+    /// The category, which decides the HTTP status ([`ErrorCode::http_status`]).
     pub code: ErrorCode,
-    /// For a human.
+    /// What went wrong, for a human; also the audit record's `reason`.
     pub message: String,
-    /// The upstream service's own error code.
+    /// The upstream service's own error code (sanitized), for upstream failures.
     pub upstream_code: Option<String>,
 }
 
@@ -52,23 +65,26 @@ impl Refusal {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { code, message: message.into(), upstream_code: None }
     }
-    /// 401.
+    /// `Unauthenticated` (401): no token, or one that does not verify.
     pub fn unauthenticated(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unauthenticated, message)
     }
-    /// 403.
+    /// `Denied` (403): the caller is known but not allowed (policy, trust provider,
+    /// conditions, a refused upstream address).
     pub fn denied(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Denied, message)
     }
-    /// 400.
+    /// `BadRequest` (400): the body is not a credential request.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }
-    /// 503.
+    /// `Unavailable` (503): the broker cannot answer now (starting, apiserver
+    /// unreachable, a referenced Secret missing); worth retrying.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unavailable, message)
     }
-    /// 502, with the upstream's code.
+    /// `UpstreamFailure` (502): the upstream service refused or failed, with its own
+    /// error code when it gave one. Only these are remembered by the credential cache.
     pub fn upstream(message: impl Into<String>, upstream_code: Option<String>) -> Self {
         Self { code: ErrorCode::UpstreamFailure, message: message.into(), upstream_code }
     }
@@ -76,7 +92,12 @@ impl Refusal {
     pub fn is_upstream(&self) -> bool {
         self.code == ErrorCode::UpstreamFailure
     }
-    /// The wire form.
+    /// The stable label of the refusal's code (`Unauthenticated`, `Denied`, ...): the
+    /// `code` of its audit record and of the `broker_requests` metric.
+    pub fn metric_label(&self) -> &'static str {
+        self.code.as_str()
+    }
+    /// The error body sent to the caller.
     pub fn to_wire(&self) -> BrokerError {
         BrokerError { code: self.code, message: self.message.clone(), upstream_code: self.upstream_code.clone() }
     }
@@ -118,12 +139,12 @@ pub struct Broker {
     cache: CredentialCache,
     keys: Arc<RwLock<Option<KeySet>>>,
     audit: Audit,
-    metrics: Arc<Metrics>,
+    metrics: BrokerMetrics,
 }
 
 /// The answer to one request, with its audit record already written.
 pub struct Answer {
-    /// Credential or refusal.
+    /// The credential handed out, or why not.
     pub result: Result<CredentialResponse, Refusal>,
     /// Decision ID, also in the audit record.
     pub decision_id: String,
@@ -145,7 +166,7 @@ impl Broker {
         configs: Arc<Configs>,
         keys: Arc<RwLock<Option<KeySet>>>,
         audit: Audit,
-        metrics: Arc<Metrics>,
+        metrics: BrokerMetrics,
     ) -> Self {
         Self {
             reviewer: TokenReviewer::new(client.clone(), settings.token_cache_ttl),
@@ -166,12 +187,13 @@ impl Broker {
         self.configs.loaded() && self.keys.read().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
-    /// The issuer's current JWKS.
+    /// The issuer's current JWKS (every published key), `None` until the keys are loaded.
     pub fn jwks(&self) -> Option<serde_json::Value> {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(KeySet::jwks)
     }
 
-    /// The issuer URL.
+    /// The issuer URL: `iss` of every broker-signed token, and the base of the discovery
+    /// document.
     pub fn issuer_url(&self) -> &str {
         &self.settings.issuer_url
     }
@@ -201,13 +223,13 @@ impl Broker {
             }
             Err(refusal) => {
                 record.outcome = if refusal.code == ErrorCode::Denied { "denied" } else { "error" };
-                record.code = Some(format!("{:?}", refusal.code));
+                record.code = Some(refusal.metric_label());
                 record.reason = Some(refusal.message.clone());
                 record.upstream_code = refusal.upstream_code.clone();
             }
         }
-        let code = result.as_ref().err().map(|r| format!("{:?}", r.code)).unwrap_or_else(|| "OK".into());
-        self.metrics.broker_request(record.outcome, &code, elapsed);
+        let code = result.as_ref().err().map_or("OK", Refusal::metric_label);
+        self.metrics.request(record.outcome, code, elapsed);
         self.audit.record(&record);
         Answer { result, decision_id: record.decision_id }
     }
