@@ -31,7 +31,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use base64::Engine;
 use cloudpass_api::broker::Credential;
 use jiff::Timestamp;
 use serde_json::{Value, json};
@@ -244,12 +243,7 @@ fn token(state: &GcpState) -> Response {
 /// The audiences of a JWT (its `aud`, string or array), read without verifying: the
 /// broker signed it, the agent only picks the right one.
 pub fn jwt_audiences(jwt: &str) -> Vec<String> {
-    let payload = jwt.split('.').nth(1).unwrap_or_default().trim_end_matches('=');
-    let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default();
+    let claims = cloudpass_api::jwt::unverified_claims(jwt).unwrap_or_default();
     match &claims["aud"] {
         Value::String(aud) => vec![aud.clone()],
         Value::Array(auds) => auds.iter().filter_map(|a| a.as_str().map(String::from)).collect(),
@@ -301,6 +295,8 @@ mod tests {
     use axum::body::{Body, to_bytes};
     use cloudpass_api::secret::SecretString;
     use tower::ServiceExt;
+
+    use base64::Engine;
 
     use super::*;
     use crate::{metrics::Metrics, store::tests::fetched};

@@ -21,7 +21,12 @@ use std::{
     time::Duration,
 };
 
-use cloudpass_api::{BROKER_AUDIENCE, broker::ErrorCode, trust::JwtAlgorithm};
+use cloudpass_api::{
+    BROKER_AUDIENCE,
+    broker::ErrorCode,
+    jwt::{unverified_claims, unverified_part},
+    trust::JwtAlgorithm,
+};
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec},
     core::v1::Pod,
@@ -126,17 +131,12 @@ const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 
 /// The unverified header and payload of a compact JWS, if `token` is one.
 fn unverified_parts(token: &str) -> Option<(Value, Value)> {
-    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
     let mut parts = token.split('.');
     let (header, payload, signature) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || signature.is_empty() {
         return None;
     }
-    let decode = |part: &str| -> Option<Value> {
-        let value: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()?;
-        value.is_object().then_some(value)
-    };
-    Some((decode(header)?, decode(payload)?))
+    Some((unverified_part(header)?, unverified_part(payload)?))
 }
 
 /// The checks that cost the apiserver nothing: shape, audience, time, and a signature by
@@ -347,11 +347,7 @@ pub fn remote_caller(issuer: &str, claims: KubernetesClaims, namespace: &str) ->
 
 /// The unverified `iss` of a JWT, to choose how to verify it (never trusted as such).
 pub fn unverified_issuer(token: &str) -> Option<String> {
-    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-    let payload = token.split('.').nth(1)?;
-    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    value.get("iss")?.as_str().map(str::to_owned)
+    unverified_claims(token)?.get("iss")?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]

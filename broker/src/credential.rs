@@ -174,9 +174,7 @@ pub fn cache_discriminator(req: &MintRequest<'_>) -> String {
 
 /// A random token ID.
 fn jti() -> String {
-    let mut buf = [0u8; 16];
-    rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut buf).expect("system random source");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    cloudpass_rand::hex(16)
 }
 
 /// Whole seconds of `d`, as a JWT time difference.

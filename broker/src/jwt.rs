@@ -174,17 +174,11 @@ pub struct JwtVerifier {
 }
 
 /// Reads a response body of at most `limit` bytes.
-pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Error> {
-    let mut body = Vec::new();
-    while let Some(chunk) =
-        response.chunk().await.map_err(|e| Error::Fetch(format!("reading the answer: {}", error_reason(&e))))?
-    {
-        if body.len() + chunk.len() > limit {
-            return Err(Error::Fetch(format!("answer larger than {limit} bytes")));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+pub async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Error> {
+    cloudpass_outbound::read_limited(response, limit).await.map_err(|e| match e {
+        cloudpass_outbound::BodyError::Read(why) => Error::Fetch(format!("reading the answer: {}", sanitize(&why))),
+        cloudpass_outbound::BodyError::TooLarge(limit) => Error::Fetch(format!("answer larger than {limit} bytes")),
+    })
 }
 
 impl JwtVerifier {

@@ -37,7 +37,7 @@ use std::{
 use cloudpass_api::{
     broker::{BrokerError, CredentialRequest, CredentialResponse, ErrorCode},
     config::{CompiledPolicy, NamespaceConfig},
-    selector::selector_matches,
+    policy::NotSelected,
 };
 use cloudpass_runtime::configs::Configs;
 pub use error::Error;
@@ -151,9 +151,7 @@ pub struct Answer {
 }
 
 fn random_id() -> String {
-    let mut buf = [0u8; 12];
-    rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut buf).expect("system random source");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    cloudpass_rand::hex(12)
 }
 
 impl Broker {
@@ -392,29 +390,21 @@ impl Broker {
 /// Whether the policy selects the caller; remote callers have no pod labels here, so
 /// only policies whose pod selector is empty can select them.
 fn selects(policy: &CompiledPolicy, caller: &Caller) -> Result<(), Refusal> {
-    if let Some(sa) = &policy.client.service_account_name
-        && sa != &caller.service_account
-    {
-        return Err(Refusal::denied(format!(
+    let labels = match caller.origin {
+        Origin::ThisCluster => Some(&caller.labels),
+        Origin::OtherCluster { .. } => None,
+    };
+    policy.client.selects(&caller.service_account, labels).map_err(|why| match why {
+        NotSelected::ServiceAccount(sa) => Refusal::denied(format!(
             "policy {} is for service account {sa}, the caller runs as {}",
             policy.name, caller.service_account
-        )));
-    }
-    let selector = &policy.client.pod_selector;
-    let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
-        && selector.match_expressions.as_ref().is_none_or(|m| m.is_empty());
-    let matches = match caller.origin {
-        Origin::ThisCluster => selector_matches(selector, &caller.labels),
-        Origin::OtherCluster { .. } => empty,
-    };
-    if !matches {
-        return Err(Refusal::denied(format!(
+        )),
+        NotSelected::Labels | NotSelected::RemoteNeedsEmptySelector => Refusal::denied(format!(
             "policy {} does not select pod {}",
             policy.name,
             caller.pod.as_deref().unwrap_or("(unknown)")
-        )));
-    }
-    Ok(())
+        )),
+    })
 }
 
 /// The cache key: what the upstream request depends on. The config hash makes any
