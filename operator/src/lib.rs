@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod args;
 pub mod evaluate;
 pub mod metrics;
 pub mod reconcile;
