@@ -65,6 +65,33 @@ impl TrustProviderSpec {
         .into_iter()
         .find_map(|(set, name)| set.then_some(name))
     }
+
+    /// The cloud evidence the agent gathers for the TrustProvider `name` of this spec, if
+    /// it needs more than the pod's token: the one home of "this kind needs this
+    /// evidence". The webhook configures the agent with it; the broker's check of each
+    /// kind reads what it yields (`awsRole`: the pre-signed `GetCallerIdentity`;
+    /// `azureManagedIdentity` and `gcpIdentityToken`: a token under `name`). `oidc`
+    /// evidence comes from outside any pod, so it has none.
+    pub fn evidence_source(&self, name: &str) -> Option<crate::agent::EvidenceSource> {
+        use crate::agent::EvidenceSource;
+        let trust_provider = name.to_owned();
+        if self.aws_role.is_some() {
+            Some(EvidenceSource::AwsGetCallerIdentity { trust_provider })
+        } else if let Some(azure) = &self.azure_managed_identity {
+            Some(EvidenceSource::AzureManagedIdentity {
+                trust_provider,
+                resource: azure.audiences.first()?.clone(),
+                client_id: match azure.client_ids.as_slice() {
+                    [one] => Some(one.clone()),
+                    _ => None,
+                },
+            })
+        } else if let Some(gcp) = &self.gcp_identity_token {
+            Some(EvidenceSource::GcpIdentityToken { trust_provider, audience: gcp.audiences.first()?.clone() })
+        } else {
+            None
+        }
+    }
 }
 
 /// JWT signature algorithms a verifier may accept. `none` and HMAC algorithms are never

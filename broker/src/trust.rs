@@ -98,6 +98,8 @@ async fn check_aws(spec: &AwsRoleTrust, evidence: &Evidence, ctx: &TrustContext<
     Ok(identity.arn)
 }
 
+/// The token the agent gathered for the TrustProvider `name` (what each kind needs is
+/// [`cloudpass_api::trust::TrustProviderSpec::evidence_source`]).
 fn token<'e>(evidence: &'e Evidence, name: &str) -> Result<&'e str, Error> {
     evidence
         .tokens

@@ -229,30 +229,7 @@ fn app_env(kind: DeliveryKind, ports: &Ports, identity_header: &str, existing: &
 /// needs more than the pod's token. `oidc` evidence comes from outside any pod.
 fn evidence(policy: &CompiledPolicy, config: Option<&NamespaceConfig>) -> Vec<EvidenceSource> {
     let Some(config) = config else { return vec![] };
-    policy
-        .trust_providers
-        .iter()
-        .filter_map(|name| {
-            let spec = config.trust_providers.get(name)?;
-            let trust_provider = name.clone();
-            if spec.aws_role.is_some() {
-                Some(EvidenceSource::AwsGetCallerIdentity { trust_provider })
-            } else if let Some(azure) = &spec.azure_managed_identity {
-                Some(EvidenceSource::AzureManagedIdentity {
-                    trust_provider,
-                    resource: azure.audiences.first()?.clone(),
-                    client_id: match azure.client_ids.as_slice() {
-                        [one] => Some(one.clone()),
-                        _ => None,
-                    },
-                })
-            } else if let Some(gcp) = &spec.gcp_identity_token {
-                Some(EvidenceSource::GcpIdentityToken { trust_provider, audience: gcp.audiences.first()?.clone() })
-            } else {
-                None
-            }
-        })
-        .collect()
+    policy.trust_providers.iter().filter_map(|name| config.trust_providers.get(name)?.evidence_source(name)).collect()
 }
 
 fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> AgentEndpoint {
