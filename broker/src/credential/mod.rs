@@ -21,8 +21,8 @@ use serde_json::{Value, json};
 mod answers;
 
 pub use answers::{
-    TokenAnswer, check_expiry, expires_in, parse_entra_answer, parse_google_iam_answer, parse_google_sts_answer,
-    parse_oauth2_answer,
+    MAX_UPSTREAM_LIFETIME, TokenAnswer, check_expiry, expires_in, parse_entra_answer, parse_google_iam_answer,
+    parse_google_sts_answer, parse_oauth2_answer,
 };
 use answers::{answer_expiry, post_form, send_json};
 
