@@ -111,14 +111,26 @@ async fn the_operator_rolls_under_traffic_and_helm_uninstall_leaves_nothing_runn
     // The rolling restart.
     let client = cp.client().await.unwrap();
     let seen = watch_pods(client, NAMESPACE, OPERATOR_PODS);
-    let lease = |cp: &cloudpass_e2e::ControlPlane| {
+    // The holder; none for a moment after a leader released the Lease on SIGTERM and
+    // before a standby took it.
+    let holder = |cp: &cloudpass_e2e::ControlPlane| {
         json(&cp.kubectl_ok(&["get", "lease", "cloudpass-operator", "-n", NAMESPACE, "-o", "json"]).unwrap())["spec"]
             ["holderIdentity"]
             .as_str()
-            .unwrap()
-            .to_owned()
+            .map(str::to_owned)
     };
-    let leader_before = lease(cp);
+    // Waits (bounded by a lease duration and then some) for a holder other than `old`.
+    let lease = async |cp: &cloudpass_e2e::ControlPlane, old: &[String]| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match holder(cp) {
+                Some(h) if !old.contains(&h) => return h,
+                _ if Instant::now() > deadline => panic!("no new Lease holder within 60 s: {:?}", holder(cp)),
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    };
+    let leader_before = lease(cp, &[]).await;
     let old: Vec<String> = installed
         .pods(NAMESPACE, OPERATOR_PODS)
         .unwrap()
@@ -176,7 +188,7 @@ async fn the_operator_rolls_under_traffic_and_helm_uninstall_leaves_nothing_runn
         assert!(took.as_secs() < grace, "{name} exited within its grace period: {took:?}");
     }
 
-    let leader_after = lease(cp);
+    let leader_after = lease(cp, &old).await;
     assert_ne!(leader_after, leader_before, "the Lease moved to a new pod");
     assert!(!old.contains(&leader_after), "held by a new pod: {leader_after}");
 
