@@ -7,7 +7,7 @@
 //! objects, a pod and a token bound to it (TokenRequest, audience `cloudpass`), an agent
 //! in process (`Agent::start`) talking to the broker over HTTPS, and the app: a Python
 //! process from the test bed's venv with a clean environment holding exactly the
-//! variables the webhook sets for an app container (`webhook/src/inject.rs`, `app_env`)
+//! variables the webhook sets for an app container (`webhook/src/inject/deliver.rs`, `app_env`)
 //! plus the app's own configuration (which cloud endpoint it talks to). Nothing in the
 //! SDKs is configured for cloudpass.
 
