@@ -38,17 +38,6 @@ pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Resu
     Ok(body)
 }
 
-impl std::fmt::Display for BodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Read(why) => write!(f, "reading the answer failed: {why}"),
-            Self::TooLarge(limit) => write!(f, "the answer is larger than {limit} bytes"),
-        }
-    }
-}
-
-impl std::error::Error for BodyError {}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,11 +136,17 @@ impl<'a> CallerClaims<'a> {
     /// one), without building the JSON on every request.
     fn write_key(&self, key: &mut String) {
         let Self { subject, namespace, service_account, pod, policy, provider } = self;
-        let pod = pod.map_or(String::from("\u{1}"), |p| format!("={p}"));
-        for part in [subject.as_str(), namespace, service_account, &pod, policy, provider] {
-            key.push_str(part);
+        let mut push = |parts: &[&str]| {
+            parts.iter().for_each(|part| key.push_str(part));
             key.push('\u{0}');
-        }
+        };
+        push(&[subject]);
+        push(&[namespace]);
+        push(&[service_account]);
+        // `=name`, or U+0001 for no pod, so that no pod and any pod name differ.
+        push(&pod.map_or(["\u{1}", ""], |name| ["=", name]));
+        push(&[policy]);
+        push(&[provider]);
     }
 }
 

@@ -141,17 +141,6 @@ impl Decision {
         };
         Self { changes: Some(changes), warnings, policies: Vec::new(), skipped: Some(reason) }
     }
-
-    /// The pod these changes make of `pod`, which went through k8s-openapi (fields it
-    /// does not know are gone): for tests and tools that hold a typed pod. Admission
-    /// patches the JSON it was sent instead.
-    pub fn mutated(&self, pod: &Pod) -> Result<Option<Pod>, PatchError> {
-        let Some(changes) = &self.changes else { return Ok(None) };
-        let mut json = serde_json::to_value(pod).map_err(|e| PatchError(e.to_string()))?;
-        let patch = changes.patch(&json)?;
-        json_patch::patch(&mut json, &patch).map_err(|e| PatchError(e.to_string()))?;
-        serde_json::from_value(json).map(Some).map_err(|e| PatchError(e.to_string()))
-    }
 }
 
 /// Decides whether and how to inject the agent into `pod`.

@@ -104,7 +104,12 @@ fn decide_and_patch(
     identity_header: &str,
 ) -> Outcome {
     let d = decide(pod, config, settings, identity_header);
-    let mutated = d.mutated(pod).expect("the patch applies to the pod it was made for");
+    let mutated = d.changes.as_ref().map(|changes| {
+        let mut json = serde_json::to_value(pod).unwrap();
+        let patch = changes.patch(&json).expect("a patch for the pod it was decided for");
+        json_patch::patch(&mut json, &patch).expect("the patch applies to the pod it was made for");
+        serde_json::from_value::<Pod>(json).unwrap()
+    });
     Outcome { mutated, warnings: d.warnings, policies: d.policies, skipped: d.skipped }
 }
 
