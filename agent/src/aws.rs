@@ -34,7 +34,7 @@ use crate::{
     common::{Proof, Shared, check_proof, forbidden, guarded, not_found, unauthorized},
     endpoint::EndpointKind,
     error::AgentError,
-    store::{CredentialStore, credential_type},
+    store::CredentialStore,
 };
 
 /// A fresh random authorization token: 256 bits, URL-safe base64, so a legal header
@@ -132,7 +132,7 @@ async fn credentials(State(state): State<Arc<AwsState>>, headers: HeaderMap) -> 
         other => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "CredentialsUnavailable",
-            format!("policy {} has a {} credential, not AWS keys", state.policy, credential_type(other)),
+            format!("policy {} has a {} credential, not AWS keys", state.policy, other.shape().as_str()),
         ),
     }
 }

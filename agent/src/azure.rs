@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::{
     common::{Proof, Shared, check_proof, forbidden, guarded, not_found, parse_query, unauthorized},
     endpoint::{EndpointKind, normalize_resource},
-    store::{CredentialStore, credential_type},
+    store::CredentialStore,
 };
 
 /// The only API version of the App Service protocol the SDKs send.
@@ -98,7 +98,7 @@ async fn token(State(state): State<Arc<AzureState>>, headers: HeaderMap, RawQuer
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
-            format!("policy {policy} has a {} credential, not an access token", credential_type(&fetched.credential)),
+            format!("policy {policy} has a {} credential, not an access token", fetched.credential.shape().as_str()),
         );
     };
     // A caller naming a user-assigned identity must get that one. Only the client ID is

@@ -16,6 +16,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use cloudpass_api::{
     agent::{AgentDelivery, AgentEndpoint, EvidenceSource},
     broker::{BrokerError, CREDENTIALS_PATH, Credential, CredentialRequest, CredentialResponse},
+    fit::Delivery,
     secret::SecretString,
 };
 use jiff::Timestamp;
@@ -30,7 +31,7 @@ use crate::{
     error::AgentError,
     evidence::{EvidenceGatherer, server_id_of},
     settings::{BrokerClientSettings, RetrySettings},
-    store::{Fetched, credential_type},
+    store::Fetched,
 };
 
 /// Largest broker answer read.
@@ -132,36 +133,19 @@ impl BrokerClient {
     }
 }
 
-/// Whether a delivery can serve a credential of this type.
+/// Whether a delivery can serve this credential: the shape by the rule the operator
+/// also checks ([`Delivery`]), then for a header the value itself (a header cannot carry
+/// a line break), so the agent never reports ready with a credential every request
+/// would fail on.
 pub fn check_credential(policy: &str, endpoint: &AgentEndpoint, credential: &Credential) -> Result<(), AgentError> {
-    let ok = match endpoint {
-        AgentEndpoint::AwsContainerCredentials { .. } | AgentEndpoint::AwsSigV4 { .. } => {
-            matches!(credential, Credential::Aws { .. })
-        }
-        AgentEndpoint::AzureManagedIdentity { .. } => matches!(credential, Credential::AccessToken { .. }),
-        AgentEndpoint::GcpMetadata { .. } => {
-            matches!(credential, Credential::AccessToken { .. } | Credential::Jwt { .. })
-        }
-        AgentEndpoint::HttpHeader { format, .. } => {
-            // Checked at fetch time, so that the agent does not report ready with a
-            // credential every request would fail on; the reason says why.
-            return crate::proxy::header_value(format, credential)
-                .map(drop)
-                .map_err(|reason| AgentError::UnusableCredential { policy: policy.into(), reason });
-        }
-    };
-    if ok {
-        Ok(())
-    } else {
-        let endpoint = match endpoint {
-            AgentEndpoint::AwsContainerCredentials { .. } => "AWS",
-            AgentEndpoint::AwsSigV4 { .. } => "SigV4",
-            AgentEndpoint::AzureManagedIdentity { .. } => "Azure",
-            AgentEndpoint::GcpMetadata { .. } => "GCP",
-            AgentEndpoint::HttpHeader { .. } => "header",
-        };
-        Err(AgentError::WrongCredential { policy: policy.into(), got: credential_type(credential), endpoint })
+    Delivery::of_endpoint(endpoint)
+        .fits_credential(credential)
+        .map_err(|misfit| AgentError::WrongCredential { policy: policy.into(), reason: misfit.to_string() })?;
+    if let AgentEndpoint::HttpHeader { format, .. } = endpoint {
+        crate::proxy::header_value(format, credential)
+            .map_err(|reason| AgentError::UnusableCredential { policy: policy.into(), reason })?;
     }
+    Ok(())
 }
 
 /// How long to wait before the next fetch, after `fetched` arrived at `now`; `jitter` is
@@ -373,7 +357,10 @@ mod tests {
         };
         assert!(check_credential("p", &aws_ep, &aws).is_ok());
         let err = check_credential("p", &aws_ep, &key).unwrap_err().to_string();
-        assert_eq!(err, "broker sent a apiKey credential for policy p, which the AWS delivery cannot use");
+        assert_eq!(
+            err,
+            "credential of policy p does not fit its delivery: the broker sent an apiKey credential, which the delivery sdkEndpoint for server kind aws cannot carry"
+        );
         assert!(check_credential("p", &header("Bearer {token}"), &key).is_ok());
         assert!(check_credential("p", &header("Basic {basic}"), &basic).is_ok());
         assert!(check_credential("p", &header("Basic {basic}"), &key).is_err());

@@ -60,14 +60,12 @@ pub enum AgentError {
     #[error("broker answer not understood: {0}")]
     BrokerResponse(String),
     /// The broker sent a credential the delivery cannot use.
-    #[error("broker sent a {got} credential for policy {policy}, which the {endpoint} delivery cannot use")]
+    #[error("credential of policy {policy} does not fit its delivery: {reason}")]
     WrongCredential {
         /// The policy whose credential it is.
         policy: String,
-        /// The type of credential received (`aws`, `accessToken`, ...).
-        got: &'static str,
-        /// The kind of delivery that cannot use it (`AWS`, `Azure`, `header`, ...).
-        endpoint: &'static str,
+        /// What was sent and what the delivery takes ([`cloudpass_api::fit::Misfit`]).
+        reason: String,
     },
     /// The broker's credential cannot be delivered as configured (a header format whose
     /// placeholder the credential does not fill, a value a header cannot carry).

@@ -88,17 +88,6 @@ impl Fetched {
     }
 }
 
-/// The type name of a credential, for messages and checks.
-pub fn credential_type(credential: &Credential) -> &'static str {
-    match credential {
-        Credential::Aws { .. } => "aws",
-        Credential::AccessToken { .. } => "accessToken",
-        Credential::Jwt { .. } => "jwt",
-        Credential::ApiKey { .. } => "apiKey",
-        Credential::UsernamePassword { .. } => "usernamePassword",
-    }
-}
-
 #[derive(Default)]
 struct Slot {
     current: Option<Arc<Fetched>>,

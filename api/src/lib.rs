@@ -17,6 +17,7 @@ pub mod config;
 pub mod crd;
 pub mod credential;
 pub mod duration;
+pub mod fit;
 pub mod jwt;
 pub mod policy;
 pub mod secret;

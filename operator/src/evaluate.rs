@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cloudpass_api::{
-    AccessPolicy, CredentialProvider, CredentialProviderSpec, TrustProvider,
+    AccessPolicy, CredentialProvider, TrustProvider,
     common::reasons,
     config::{CompiledPolicy, NamespaceConfig},
+    fit::{Delivery, Misfit},
     policy::{ClientSelector, ServerKind},
     selector::host_matches,
 };
@@ -213,8 +214,8 @@ fn evaluate_policy(
         }
     }
     let cred = snapshot.credential.iter().find(|c| &c.name_any() == cred_name).expect("checked above");
-    if let Err(why) = check_delivery(policy, &cred.spec) {
-        return Outcome::not_ready(reasons::INVALID_SPEC, why);
+    if let Err(why) = check_delivery(policy, cred) {
+        return Outcome::not_ready(reasons::INVALID_SPEC, why.to_string());
     }
     Outcome::ready(format!(
         "{} server reachable with credentials from {cred_name}, verified by {}",
@@ -223,48 +224,11 @@ fn evaluate_policy(
     ))
 }
 
-/// Whether the delivery can carry what the credential provider obtains.
-fn check_delivery(policy: &AccessPolicy, cred: &CredentialProviderSpec) -> Result<(), String> {
-    let spec = &policy.spec;
-    let kind = cred.kind_name().unwrap_or("none");
-    let name = &spec.credential_provider.name;
-    if spec.delivery.sdk_endpoint.is_some() {
-        let (ok, wanted) = match spec.server.kind {
-            ServerKind::Aws => (cred.aws_sts.is_some(), "awsSts"),
-            ServerKind::Azure => (cred.azure_workload_identity.is_some(), "azureWorkloadIdentity"),
-            ServerKind::Gcp => (cred.gcp_workload_identity.is_some(), "gcpWorkloadIdentity"),
-            ServerKind::Http => (false, "a cloud"),
-        };
-        if !ok {
-            return Err(format!(
-                "delivery sdkEndpoint for server kind {} needs a {wanted} CredentialProvider, but {name} is {kind}",
-                spec.server.kind.as_str()
-            ));
-        }
-    }
-    if spec.delivery.aws_sig_v4.is_some() && cred.aws_sts.is_none() {
-        return Err(format!(
-            "delivery awsSigV4 signs with AWS credentials and needs an awsSts CredentialProvider, but {name} is {kind}"
-        ));
-    }
-    if let Some(header) = &spec.delivery.http_header {
-        if cred.aws_sts.is_some() {
-            return Err(format!(
-                "delivery httpHeader cannot carry AWS credentials from {name}; use awsSigV4 or sdkEndpoint"
-            ));
-        }
-        let basic = header.format.contains("{basic}");
-        if basic != cred.username_password.is_some() {
-            return Err(if basic {
-                format!(
-                    "httpHeader format uses {{basic}}, which needs a usernamePassword CredentialProvider, but {name} is {kind}"
-                )
-            } else {
-                format!("{name} is usernamePassword; its httpHeader format must use {{basic}}, not {{token}}")
-            });
-        }
-    }
-    Ok(())
+/// Whether every delivery of the policy can carry what the credential provider obtains
+/// (the rule the agent applies again to each credential: [`Delivery`]).
+fn check_delivery(policy: &AccessPolicy, cred: &CredentialProvider) -> Result<(), Misfit> {
+    let name = cred.name_any();
+    Delivery::of_policy(&policy.spec).into_iter().try_for_each(|delivery| delivery.fits_provider(&name, &cred.spec))
 }
 
 /// The single-valued endpoint a policy occupies in a container, if any.
@@ -408,6 +372,16 @@ mod tests {
     }
 
     #[test]
+    fn a_gcp_sdk_endpoint_serves_identity_tokens_from_an_oidc_token_provider() {
+        // The agent's metadata server answers `identity?audience=` from an oidcToken
+        // credential; the operator once refused the policy that configures it.
+        let oidc = object("CredentialProvider", "s3", json!({"oidcToken": {"audience": "https://api.example.com"}}));
+        let gcp = policy("id", json!({"server": {"kind": "gcp"}}));
+        let e = run(&[trust("k8s")], &[oidc], &[gcp]);
+        assert!(e.policies["id"].ready, "{:?}", e.policies["id"]);
+    }
+
+    #[test]
     fn each_failure_has_its_reason_and_message() {
         let api_key = |secret: &str, key: &str| -> CredentialProvider {
             object("CredentialProvider", "s3", json!({"apiKey": {"secretRef": {"name": secret, "key": key}}}))
@@ -459,7 +433,7 @@ mod tests {
                 vec![api_key("api", "key")],
                 policy("p", json!({})),
                 reasons::INVALID_SPEC,
-                "needs a awsSts CredentialProvider",
+                "needs an awsSts CredentialProvider",
             ),
             (
                 vec![trust("k8s")],

@@ -21,7 +21,6 @@ use super::{
 use crate::{
     error::AgentError,
     sigv4::{sign_v4, sigv4_scope_from_host},
-    store::credential_type,
 };
 
 /// The header value for `format` with the credential substituted in one pass (so a
@@ -46,11 +45,11 @@ pub fn header_value(format: &str, credential: &Credential) -> Result<SecretStrin
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
         if let Some(after) = tail.strip_prefix("{token}") {
-            out.push_str(token.ok_or_else(|| format!("{{token}} needs a token, not {}", credential_type(credential)))?);
+            out.push_str(token.ok_or_else(|| format!("{{token}} needs a token, not {}", credential.shape().as_str()))?);
             rest = after;
         } else if let Some(after) = tail.strip_prefix("{basic}") {
             out.push_str(basic.as_deref().ok_or_else(|| {
-                format!("{{basic}} needs a username and password, not {}", credential_type(credential))
+                format!("{{basic}} needs a username and password, not {}", credential.shape().as_str())
             })?);
             rest = after;
         } else {
@@ -121,7 +120,7 @@ pub(super) async fn add_credential(
             let Credential::Aws { access_key_id, secret_access_key, session_token, .. } = credential else {
                 return Err(refuse(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("policy {} holds a {} credential, not AWS keys", route.policy, credential_type(credential)),
+                    format!("policy {} holds a {} credential, not AWS keys", route.policy, credential.shape().as_str()),
                 ));
             };
             let derived = sigv4_scope_from_host(host);
