@@ -19,6 +19,7 @@ use cloudpass_api::{
     fit::Delivery,
     secret::SecretString,
 };
+use cloudpass_outbound::Retry;
 use jiff::Timestamp;
 use reqwest::{StatusCode, header::AUTHORIZATION, redirect::Policy};
 use tokio::sync::watch;
@@ -174,21 +175,13 @@ pub fn refresh_delay(fetched: &Fetched, now: Timestamp, jitter: f64) -> Duration
     Duration::from_secs_f64(delay.max(0.0)).max(MIN_REFRESH)
 }
 
-/// The delay before retry number `failures` (1 for the first): `initial` doubled per
-/// failure up to `max`, then a random point in its upper half (`jitter` in `[0, 1)`).
-pub fn backoff(retry: RetrySettings, failures: u32, jitter: f64) -> Duration {
-    let exp = retry.initial.saturating_mul(1u32 << failures.saturating_sub(1).min(20)).min(retry.max);
-    exp.mul_f64(0.5 + 0.5 * jitter)
-}
-
 /// One fetch of `policy`, with its effects on the store, metrics and logs. Returns the
 /// delay until the next one.
 pub async fn refresh_once(
     client: &BrokerClient,
     delivery: &AgentDelivery,
     shared: &Shared,
-    retry: RetrySettings,
-    failures: &mut u32,
+    retry: &mut Retry,
 ) -> Duration {
     let policy = delivery.policy.as_str();
     let result = client.fetch(policy, &delivery.evidence).await.and_then(|answer| {
@@ -204,7 +197,7 @@ pub async fn refresh_once(
     });
     match result {
         Ok(answer) => {
-            *failures = 0;
+            retry.succeeded();
             let fetched = Fetched::from_response(answer);
             let delay = refresh_delay(&fetched, fetched.fetched_at, cloudpass_rand::fraction());
             info!(
@@ -219,8 +212,7 @@ pub async fn refresh_once(
             delay
         }
         Err(e) => {
-            *failures += 1;
-            let delay = backoff(retry, *failures, cloudpass_rand::fraction());
+            let delay = retry.failed(cloudpass_rand::fraction());
             shared.metrics.refresh_failed(policy, e.metric_label());
             if e.is_denial() {
                 shared.store.revoke(policy, &e);
@@ -257,10 +249,10 @@ pub async fn refresh_loop(
     retry: RetrySettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut failures = 0;
+    let mut retry = Retry::new(retry.initial, retry.max);
     loop {
         let delay = tokio::select! {
-            delay = refresh_once(&client, &delivery, &shared, retry, &mut failures) => delay,
+            delay = refresh_once(&client, &delivery, &shared, &mut retry) => delay,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         tokio::select! {
@@ -325,15 +317,6 @@ mod tests {
         assert!(d(3600, 30, Some(60), 0.999) < Duration::from_secs(33));
         // A serveUntil after expiry changes nothing.
         assert_eq!(d(3600, 2700, Some(7200), 0.0), Duration::from_secs(2700));
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter() {
-        let retry = RetrySettings { initial: Duration::from_secs(1), max: Duration::from_secs(60) };
-        let top: Vec<u64> = (1..=8).map(|n| backoff(retry, n, 0.999_999).as_secs_f64().round() as u64).collect();
-        assert_eq!(top, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(backoff(retry, 3, 0.0), Duration::from_secs(2), "lower half is never used");
-        assert_eq!(backoff(retry, 1000, 0.0), Duration::from_secs(30), "no overflow");
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use cloudpass_api::trust::JwtAlgorithm;
+use cloudpass_outbound::Retry;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use moka::{future::Cache, ops::compute::Op};
 use serde::de::DeserializeOwned;
@@ -124,7 +124,7 @@ struct Failure {
     /// No attempt before this.
     retry_at: Instant,
     /// Delays of the attempts to come.
-    backoff: Arc<Mutex<ExponentialBackoff>>,
+    backoff: Arc<Mutex<Retry>>,
 }
 
 /// What is known of one source.
@@ -292,21 +292,12 @@ impl JwtVerifier {
             Ok(keys) => Slot { good: Some((Arc::new(keys), now)), attempted: now, failure: None },
             Err(error) => {
                 let backoff = old.and_then(|o| o.failure.as_ref()).map(|f| f.backoff.clone()).unwrap_or_else(|| {
-                    Arc::new(Mutex::new(
-                        ExponentialBuilder::default()
-                            .with_min_delay(self.timings.refetch_interval)
-                            .with_max_delay(self.timings.max_backoff)
-                            .with_factor(2.0)
-                            .with_jitter()
-                            .without_max_times()
-                            .build(),
-                    ))
+                    Arc::new(Mutex::new(Retry::new(self.timings.refetch_interval, self.timings.max_backoff)))
                 });
                 let delay = backoff
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .next()
-                    .unwrap_or(self.timings.max_backoff)
+                    .failed(cloudpass_rand::fraction())
                     .max(self.timings.refetch_interval);
                 let what = match source {
                     KeySource::Discovery(issuer) => sanitize(issuer),
@@ -576,7 +567,7 @@ mod tests {
             failure: Some(Failure {
                 error: "HTTP 503".into(),
                 retry_at: now + t.max_stale + t.max_backoff,
-                backoff: Arc::new(Mutex::new(ExponentialBuilder::default().build())),
+                backoff: Arc::new(Mutex::new(Retry::new(t.refetch_interval, t.max_backoff))),
             }),
         };
         assert!(old.keys(now + t.max_stale - Duration::from_secs(1), &t).is_ok());

@@ -15,6 +15,7 @@ use cloudpass_api::{
     common::{CONDITION_READY, ProviderStatus, reasons},
     policy::AccessPolicyStatus,
 };
+use cloudpass_outbound::Retry;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::{
     api::core::v1::{ConfigMap, Namespace, Secret},
@@ -61,8 +62,8 @@ pub struct Context {
     /// Namespace the operator runs in; compiled configs are stored there.
     pub operator_namespace: String,
     metrics: Arc<Metrics>,
-    /// Consecutive failures per namespace, for exponential backoff.
-    failures: std::sync::Mutex<BTreeMap<String, u32>>,
+    /// The retry delays of each namespace whose last reconcile failed.
+    retries: std::sync::Mutex<BTreeMap<String, Retry>>,
     /// The broker's access to referenced Secrets, when it has its own service account.
     broker_secret_access: Option<Arc<BrokerSecretAccess>>,
 }
@@ -87,7 +88,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
     let result = reconcile_namespace(&name, &ns.uid().unwrap_or_default(), &ctx).await;
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     if result.is_ok() {
-        ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+        ctx.retries.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
     }
     result
 }
@@ -317,22 +318,22 @@ fn merge_patch<S: Serialize>(current: &S, desired: &S) -> serde_json::Value {
     patch
 }
 
-/// Delay before retrying a namespace after `failures` consecutive failures: 1 s doubling
-/// to at most 256 s.
-pub fn retry_delay(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.saturating_sub(1).min(8)).min(RESYNC)
-}
+/// The first delay before retrying a failed namespace; it doubles per failure up to
+/// [`MAX_RETRY_DELAY`].
+pub const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// The longest delay before retrying a namespace, however many failures.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(256);
 
 fn error_policy(ns: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
     let reason = error.metric_label();
     ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ReasonLabels { reason: reason.into() }).inc();
-    let failures = {
-        let mut all = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let n = all.entry(ns.name_any()).or_default();
-        *n = n.saturating_add(1);
-        *n
+    // Jittered, so that the namespaces an apiserver outage failed together are not
+    // retried together.
+    let (delay, failures) = {
+        let mut all = ctx.retries.lock().unwrap_or_else(|e| e.into_inner());
+        let retry = all.entry(ns.name_any()).or_insert_with(|| Retry::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY));
+        (retry.failed(cloudpass_rand::fraction()), retry.failures())
     };
-    let delay = retry_delay(failures);
     warn!(namespace = %ns.name_any(), error = %error, reason, failures, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -399,7 +400,7 @@ pub async fn run(
         ),
         operator_namespace: settings.operator_namespace.clone(),
         metrics,
-        failures: Default::default(),
+        retries: Default::default(),
         broker_secret_access: settings.broker_secret_access.clone(),
     });
 
@@ -474,10 +475,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retries_back_off_exponentially_up_to_the_resync() {
-        let delays: Vec<u64> = [1, 2, 3, 4, 9, 10, 1000].iter().map(|&n| retry_delay(n).as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 256, 256, 256]);
-        assert!(retry_delay(u32::MAX) <= RESYNC);
+    fn the_longest_retry_delay_is_shorter_than_the_resync() {
+        let mut retry = Retry::new(FIRST_RETRY_DELAY, MAX_RETRY_DELAY);
+        let delays: Vec<u64> = (0..12).map(|_| retry.failed(1.0).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256, 256, 256]);
+        assert!(MAX_RETRY_DELAY <= RESYNC);
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! What the outbound HTTP calls of the agent (to the broker, to metadata services) and of
-//! the broker (to token services, JWKS) share: readable error chains and bounded answer
-//! bodies.
+//! What the outbound calls of the agent (to the broker, to metadata services), the broker
+//! (to token services, JWKS) and the operator (to the apiserver) share: readable error
+//! chains, bounded answer bodies and the delays between retries.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+mod retry;
+
+pub use retry::Retry;
 
 /// An error's message with its causes (`reqwest` puts the useful part, such as
 /// "connection refused" or the certificate problem, in the source chain).

@@ -23,6 +23,7 @@ use axum::{
     http::{Request, StatusCode},
     response::IntoResponse,
 };
+use cloudpass_outbound::Retry;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -240,25 +241,26 @@ impl Server {
     /// its own task; pauses after failed accepts instead of retrying at once.
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
-        let mut pause = ACCEPT_PAUSE_MIN;
+        let mut pauses = Retry::new(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
         loop {
             // At the limit the listener is not polled: new connections queue in the
             // kernel's backlog until a slot is free.
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let tcp = match listener.accept().await {
                 Ok((tcp, _)) => {
-                    pause = ACCEPT_PAUSE_MIN;
+                    pauses.succeeded();
                     tcp
                 }
                 // The client gave up before we took the connection: nothing to wait for.
                 Err(e) if matches!(e.kind(), ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset) => continue,
                 Err(e) => {
                     // Out of file descriptors, memory or buffers: retrying at once would
-                    // spin on the same error. Open connections keep being served.
+                    // spin on the same error. Open connections keep being served. One
+                    // listener: no jitter needed.
+                    let pause = pauses.failed(1.0);
                     warn!(error = %e, pause_ms = pause.as_millis() as u64, "cannot accept connections; pausing");
                     drop(slot);
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
                     continue;
                 }
             };
