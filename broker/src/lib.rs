@@ -321,6 +321,12 @@ impl Broker {
                 request.policy, caller.namespace
             )));
         };
+        if self.configs.is_withdrawn(&caller.namespace, &request.policy) {
+            return Err(Refusal::denied(format!(
+                "AccessPolicy {} in namespace {} is deleted or being deleted",
+                request.policy, caller.namespace
+            )));
+        }
         selects(policy, &caller)?;
 
         let ctx =

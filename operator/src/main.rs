@@ -91,6 +91,7 @@ async fn start_broker(
     let audit = Audit::open(&args.audit_log).map_err(|e| format!("--audit-log {}: {e}", args.audit_log))?;
     let configs = Arc::new(Configs::default());
     tokio::spawn(configs::watch(client.clone(), args.namespace.clone(), configs.clone()));
+    tokio::spawn(configs::watch_withdrawals(client.clone(), configs.clone()));
     let keys = Arc::new(RwLock::new(None));
     tokio::spawn(keep_keys(client.clone(), args.namespace.clone(), args.broker_keys_secret.clone(), keys.clone()));
     let server_ids = server_ids(args, &issuer_url)?;

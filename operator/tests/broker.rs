@@ -1596,3 +1596,76 @@ async fn only_ready_trust_providers_of_the_policy_verify() {
     let (status, answer) = b.ask(Some(&forged), ask("from-shop")).await;
     assert_eq!(status, 401, "{answer}");
 }
+
+/// A deleted AccessPolicy is refused as soon as the broker's own watch sees the deletion,
+/// not when the controller compiles the namespace's config again. A finalizer keeps the
+/// policy (and so the compiled config) in place: only the broker's watch can refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_being_deleted_is_refused_before_its_config_is_compiled_again() {
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let w = workload(cp, "broker-withdraw", "orders-1", "orders", json!({"app": "orders"})).await;
+    let ns = w.namespace.as_str();
+    cp.kubectl_ok(&["create", "secret", "generic", "weather", "-n", ns, "--from-literal=api-key=wx-Key-withdraw"])
+        .unwrap();
+    cp.apply_yaml(Some(ns), K8S_TRUST).unwrap();
+    let provider =
+        credential_provider("weather-key", json!({"apiKey": {"secretRef": {"name": "weather", "key": "api-key"}}}));
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "{token}"}});
+    let weather = policy(
+        "weather",
+        "orders",
+        "weather-key",
+        json!({"kind": "http", "hosts": ["api.weather.example.com"]}),
+        header,
+        None,
+    );
+    apply_ready(cp, ns, &[provider, weather.clone()], &["weather"]).await;
+    let body = json!({"policy": "weather"});
+    let (status, answer) = ask_when_loaded(b, &w.token, body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let hold = r#"{"metadata":{"finalizers":["test.cloudpass.dev/hold"]}}"#;
+    cp.kubectl_ok(&["patch", "accesspolicy", "weather", "-n", ns, "--type=merge", "-p", hold]).unwrap();
+    cp.kubectl_ok(&["delete", "accesspolicy", "weather", "-n", ns, "--wait=false"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let (status, answer) = b.ask(Some(&w.token), body.clone()).await;
+        if status == 403 {
+            break answer;
+        }
+        assert_eq!(status, 200, "{answer}");
+        assert!(Instant::now() < deadline, "the policy being deleted is still served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("AccessPolicy weather in namespace broker-withdraw is deleted or being deleted"),
+        "{refused}"
+    );
+
+    // Gone for good, then created again under the same name: served again.
+    cp.kubectl_ok(&[
+        "patch",
+        "accesspolicy",
+        "weather",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ])
+    .unwrap();
+    cp.kubectl_ok(&["wait", "--for=delete", "accesspolicy/weather", "-n", ns, "--timeout=30s"]).unwrap();
+    apply_ready(cp, ns, &[weather], &["weather"]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, answer) = b.ask(Some(&w.token), body.clone()).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the policy created again is not served: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

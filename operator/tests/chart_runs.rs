@@ -113,7 +113,9 @@ async fn the_rendered_controller_and_broker_run_each_with_its_own_rbac() {
         (broker_sa, &["watch", "secrets", "--all-namespaces"]),
         (broker_sa, &["update", "secrets/weather-api", "-n", "team"]),
         (broker_sa, &["create", "roles", "-n", "team"]),
-        (broker_sa, &["list", "accesspolicies.cloudpass.dev", "--all-namespaces"]),
+        // It watches which AccessPolicies are deleted, and nothing more of the API's objects.
+        (broker_sa, &["update", "accesspolicies.cloudpass.dev", "-n", "team"]),
+        (broker_sa, &["list", "credentialproviders.cloudpass.dev", "--all-namespaces"]),
         ("cloudpass-operator", &["list", "secrets", "-n", "team"]),
         ("cloudpass-operator", &["watch", "secrets", "--all-namespaces"]),
         ("cloudpass-operator", &["create", "tokenreviews.authentication.k8s.io"]),
