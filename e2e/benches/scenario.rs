@@ -5,6 +5,8 @@
 //!   next credential request of a pod that was being served (asked exactly as its agent
 //!   asks). Baseline in the same run: from the same delete request to a watch on the
 //!   AccessPolicy delivering the `Deleted` event, the earliest any controller can know.
+//!   The broker sees the deletion with its own watch. An edit that stops selecting the
+//!   pod is measured too: it takes the controller's path (debounce, compiled config).
 //! - Pod admitted to first credential: from the apiserver's answer to the pod creation
 //!   (the webhook has injected it) to the agent reporting ready (`GET /ready` passes: it
 //!   holds an STS credential for the pod), including the TokenRequest for its projected
@@ -26,7 +28,7 @@ use cloudpass_e2e::{
 use futures::StreamExt;
 use kube::{
     Api,
-    api::{DeleteParams, WatchEvent, WatchParams},
+    api::{DeleteParams, Patch, PatchParams, WatchEvent, WatchParams},
 };
 use serde_json::Value;
 
@@ -135,9 +137,27 @@ async fn main() {
         });
         let deleted = Instant::now();
         policies.delete(POLICY, &DeleteParams::default()).await.unwrap();
-        let (latency, _) = stack.wait_denied(&running, POLICY, Duration::from_secs(30)).await.unwrap();
-        revoked.push(latency);
+        stack.wait_denied(&running, POLICY, Duration::from_secs(30)).await.unwrap();
+        revoked.push(deleted.elapsed());
         observed.push(watcher.await.unwrap() - deleted);
+    }
+    // An edit that stops selecting the pod goes through the controller: its debounce, the
+    // compiled config's write and the broker's config watch.
+    let mut narrowed = Vec::new();
+    for _ in 0..REVOCATIONS {
+        setup.apply(&stack).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stack.ask_as_agent(&running, POLICY).await.unwrap().0 != 200 {
+            assert!(Instant::now() < deadline, "the broker never served the policy again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let nobody = serde_json::json!({"spec": {"client": {"podSelector": {"matchLabels": {"app": "nobody"}}}}});
+        let patched = Instant::now();
+        policies.patch(POLICY, &PatchParams::default(), &Patch::Merge(&nobody)).await.unwrap();
+        stack.wait_denied(&running, POLICY, Duration::from_secs(30)).await.unwrap();
+        narrowed.push(patched.elapsed());
+        // The next apply creates it afresh (the patch's fields have another manager).
+        policies.delete(POLICY, &DeleteParams::default()).await.unwrap();
     }
     running.stop();
 
@@ -147,4 +167,6 @@ async fn main() {
     println!("revocation ({REVOCATIONS} rounds): AccessPolicy delete request ->");
     summary("watch delivers Deleted (baseline)", observed);
     summary("broker denies the agent's next request", revoked);
+    println!("revocation by edit ({REVOCATIONS} rounds): AccessPolicy patched to select other pods ->");
+    summary("broker denies the agent's next request", narrowed);
 }

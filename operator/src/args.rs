@@ -55,6 +55,13 @@ pub struct Args {
     /// Namespaces reconciled concurrently.
     #[arg(long, env = "CLOUDPASS_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
+    /// How long a namespace's objects must stay unchanged before it is reconciled, so
+    /// that a burst of changes (an `apply` of many objects) costs one reconcile and one
+    /// set of writes. Revocation does not wait for it: the broker refuses a deleted
+    /// policy as soon as its own watch sees the deletion.
+    /// `0s` to `10s`, e.g. `200ms`.
+    #[arg(long, env = "CLOUDPASS_RECONCILE_DEBOUNCE", default_value = "200ms", value_parser = debounce)]
+    pub reconcile_debounce: std::time::Duration,
     /// Address of the broker's HTTPS API (with the issuer's documents). Loopback by
     /// default; the chart sets `0.0.0.0:8443`.
     #[arg(long, env = "CLOUDPASS_BROKER_ADDR", default_value = "127.0.0.1:8443")]
@@ -252,6 +259,17 @@ pub enum Command {
     },
 }
 
+/// A debounce: a duration such as `200ms` or `1s`, at most ten seconds.
+fn debounce(text: &str) -> Result<std::time::Duration, String> {
+    let parsed: jiff::SignedDuration =
+        text.parse().map_err(|e| format!("{text:?} is not a duration like 200ms: {e}"))?;
+    let duration = std::time::Duration::try_from(parsed).map_err(|_| format!("{text:?} is negative"))?;
+    if duration > std::time::Duration::from_secs(10) {
+        return Err(format!("{text:?} is longer than 10s, which would delay every change"));
+    }
+    Ok(duration)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +277,15 @@ mod tests {
     fn mode(args: &[&str]) -> Result<BrokerCertMode, String> {
         let parsed = Args::try_parse_from([&["cloudpass-operator"], args].concat()).map_err(|e| e.to_string())?;
         broker_cert_mode(&parsed)
+    }
+
+    #[test]
+    fn the_debounce_is_a_short_duration() {
+        assert_eq!(debounce("200ms"), Ok(std::time::Duration::from_millis(200)));
+        assert_eq!(debounce("0s"), Ok(std::time::Duration::ZERO));
+        assert!(debounce("11s").unwrap_err().contains("longer than 10s"));
+        assert!(debounce("-1s").unwrap_err().contains("negative"));
+        assert!(debounce("soon").is_err());
     }
 
     #[test]

@@ -371,6 +371,7 @@ async fn main() -> ExitCode {
         operator_namespace: args.namespace.clone(),
         instance: Some(instance),
         concurrency: args.concurrency,
+        debounce: args.reconcile_debounce,
         broker_secret_access: args
             .broker_service_account
             .clone()

@@ -346,6 +346,8 @@ pub struct Settings {
     pub instance: Option<String>,
     /// Namespaces reconciled at once.
     pub concurrency: u16,
+    /// How long a namespace's objects must stay unchanged before it is reconciled.
+    pub debounce: Duration,
     /// When the broker runs under its own service account: its per-namespace access to
     /// the referenced Secrets, kept by the controller.
     pub broker_secret_access: Option<Arc<BrokerSecretAccess>>,
@@ -406,9 +408,7 @@ pub async fn run(
 
     let controller = Controller::new(Api::<Namespace>::all(client.clone()), cfg)
         .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(settings.concurrency)
-                .debounce(Duration::from_millis(200)),
+            kube::runtime::controller::Config::default().concurrency(settings.concurrency).debounce(settings.debounce),
         )
         .watches_stream(trust_stream, namespace_of)
         .watches_stream(credential_stream, namespace_of)
