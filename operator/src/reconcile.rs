@@ -48,6 +48,9 @@ pub const FIELD_MANAGER: &str = "cloudpass-operator";
 /// watched, so this bounds how long a deleted Secret key goes unnoticed in status; the
 /// broker reads the Secret when it needs it and refuses at once).
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// The reconcile debounce unless `--reconcile-debounce` says otherwise: long enough that
+/// an `apply` of many objects costs one reconcile per namespace.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 /// How often a namespace waiting for a referenced Secret (or one of its keys) looks again.
 pub const SECRET_RECHECK: Duration = Duration::from_secs(10);
 

@@ -135,6 +135,7 @@ async fn through_apiserver() {
             operator_namespace: "cloudpass-system".into(),
             instance: None,
             concurrency: 4,
+            debounce: cloudpass_operator::reconcile::DEFAULT_DEBOUNCE,
             broker_secret_access: None,
         };
         cloudpass_operator::reconcile::run(

@@ -126,6 +126,7 @@ fn setup() -> &'static ControlPlane {
                     operator_namespace: SYSTEM_NS.into(),
                     instance: None,
                     concurrency: 4,
+                    debounce: cloudpass_operator::reconcile::DEFAULT_DEBOUNCE,
                     broker_secret_access: None,
                 };
                 let metrics = cloudpass_operator::metrics::Metrics::new();
