@@ -1,8 +1,9 @@
 //! `make bench`: the webhook's cost.
 //!
-//! (a) Pod-create latency through the real apiserver, p50/p99 over 500 creates, into a
-//!     namespace where the webhook injects versus one it is not called for (baseline),
-//!     in the same run.
+//! (a) Pod-create latency through the real apiserver, p50/p90/p99 over 500 creates each,
+//!     interleaved: into a namespace where the webhook injects, versus one it is not
+//!     called for (baseline), versus the injected pod resubmitted there (the cost of the
+//!     larger object without the call); and the stored pod's size, part by part.
 //! (b) AdmissionReviews answered per second in process on one core, against parsing the
 //!     same AdmissionReview alone (baseline).
 
@@ -113,15 +114,44 @@ fn orders_pod() -> Pod {
     .unwrap()
 }
 
-async fn creates(pods: &Api<Pod>, pod: &Pod) -> Vec<Duration> {
-    let mut times = Vec::with_capacity(CREATES);
+/// `CREATES` creates of each (namespace, pod), interleaved (one of each per round) so that
+/// a slower phase of the machine weighs on every series alike; each series sorted.
+async fn creates(series: &[(&Api<Pod>, &Pod)]) -> Vec<Vec<Duration>> {
+    let mut times = vec![Vec::with_capacity(CREATES); series.len()];
     for _ in 0..CREATES {
-        let started = Instant::now();
-        pods.create(&PostParams::default(), pod).await.unwrap();
-        times.push(started.elapsed());
+        for ((pods, pod), times) in series.iter().zip(times.iter_mut()) {
+            let started = Instant::now();
+            pods.create(&PostParams::default(), pod).await.unwrap();
+            times.push(started.elapsed());
+        }
     }
-    times.sort();
+    times.iter_mut().for_each(|t| t.sort());
     times
+}
+
+/// Bytes of an object's JSON, as `kubectl get -o json` shows it (managedFields included:
+/// the apiserver stores them too).
+fn json_size<T: serde::Serialize>(object: &T) -> usize {
+    serde_json::to_vec(object).map_or(0, |b| b.len())
+}
+
+/// What the injection adds to the stored pod, part by part.
+fn sizes(plain: &Pod, injected: &Pod) {
+    let total = |p: &Pod| json_size(p);
+    let managed = |p: &Pod| json_size(&p.metadata.managed_fields);
+    let spec = injected.spec.as_ref().expect("spec");
+    let agent = spec.init_containers.iter().flatten().find(|c| c.name == cloudpass_api::agent::AGENT_CONTAINER);
+    let agent_env =
+        |name: &str| agent.and_then(|a| a.env.iter().flatten().find(|e| e.name == name)).map_or(0, json_size);
+    let plain_volumes = plain.spec.as_ref().map_or(0, |s| json_size(&s.volumes));
+    println!("stored pod size (JSON with managedFields):");
+    println!("  not injected (baseline):    {:>6} bytes", total(plain));
+    println!("  injected:                   {:>6} bytes  (+{})", total(injected), total(injected) - total(plain));
+    println!("    agent container:          {:>6} bytes", agent.map_or(0, json_size));
+    println!("      broker CA env:          {:>6} bytes", agent_env(cloudpass_api::agent::BROKER_CA_ENV));
+    println!("      agent config env:       {:>6} bytes", agent_env(cloudpass_api::agent::AGENT_CONFIG_ENV));
+    println!("    volumes added:            {:>6} bytes", json_size(&spec.volumes).saturating_sub(plain_volumes));
+    println!("    managedFields added:      {:>6} bytes", managed(injected).saturating_sub(managed(plain)));
 }
 
 async fn through_apiserver() {
@@ -226,18 +256,32 @@ async fn through_apiserver() {
         }
     }
     // Warm every path, then measure.
-    creates(&off, &orders_pod()).await;
-    let baseline = creates(&off, &orders_pod()).await;
-    let big_baseline = creates(&off, &big).await;
-    let injected = creates(&on, &orders_pod()).await;
-    let p = |t: &[Duration]| (percentile(t, 0.5), percentile(t, 0.99));
-    let ((b50, b99), (g50, g99), (i50, i99)) = (p(&baseline), p(&big_baseline), p(&injected));
-    println!("pod create through the real apiserver ({CREATES} creates each, sequential):");
-    println!("  webhook not called (baseline):        p50 {b50:>6.2} ms   p99 {b99:>6.2} ms");
-    println!("  injected pod resubmitted, no webhook: p50 {g50:>6.2} ms   p99 {g99:>6.2} ms");
-    println!("  webhook injecting:                    p50 {i50:>6.2} ms   p99 {i99:>6.2} ms");
-    println!("  added, webhook registered vs not:     p50 {:>6.2} ms   p99 {:>6.2} ms", i50 - b50, i99 - b99);
-    println!("    of which the webhook call:          p50 {:>6.2} ms   p99 {:>6.2} ms", i50 - g50, i99 - g99);
+    let plain = orders_pod();
+    creates(&[(&off, &plain), (&off, &big), (&on, &plain)]).await;
+    let measured = creates(&[(&off, &plain), (&off, &big), (&on, &plain)]).await;
+    let [baseline, big_baseline, injected] = &measured[..] else { unreachable!() };
+    let p = |t: &[Duration], q: f64| percentile(t, q);
+    println!("pod create through the real apiserver ({CREATES} creates each, sequential, interleaved):");
+    let row = |name: &str, t: &[Duration]| {
+        println!("  {name:<40} p50 {:>6.2} ms   p90 {:>6.2} ms   p99 {:>6.2} ms", p(t, 0.5), p(t, 0.9), p(t, 0.99))
+    };
+    row("webhook not called (baseline)", baseline);
+    row("injected pod resubmitted, no webhook", big_baseline);
+    row("webhook injecting", injected);
+    let diff = |name: &str, a: &[Duration], b: &[Duration]| {
+        println!(
+            "  {name:<40} p50 {:>6.2} ms   p90 {:>6.2} ms   p99 {:>6.2} ms",
+            p(a, 0.5) - p(b, 0.5),
+            p(a, 0.9) - p(b, 0.9),
+            p(a, 0.99) - p(b, 0.99)
+        )
+    };
+    diff("added in total, webhook vs none", injected, baseline);
+    diff("  the larger pod (no webhook call)", big_baseline, baseline);
+    diff("  the webhook call", injected, big_baseline);
+    let stored_plain = off.create(&PostParams::default(), &plain).await.unwrap();
+    let stored_injected = on.create(&PostParams::default(), &plain).await.unwrap();
+    sizes(&stored_plain, &stored_injected);
     let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
     let text = http.get(format!("https://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
     let value = |name: &str| -> f64 {
