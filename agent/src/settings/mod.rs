@@ -124,7 +124,7 @@ impl AwsSource {
 }
 
 /// Retry delays after failed fetches: `initial`, doubled per failure up to `max`, with
-/// jitter (see `broker_client::backoff`).
+/// jitter (`cloudpass_outbound::Retry`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetrySettings {
     /// Delay after the first failure.
