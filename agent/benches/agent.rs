@@ -22,6 +22,7 @@ use cloudpass_e2e::{
     bench::{BrokerBench, concurrent_load, percentile},
     broker::pod_token,
     process::free_port,
+    repo_root,
 };
 use serde_json::json;
 
@@ -142,31 +143,39 @@ async fn run() {
             },
         ],
     };
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let agent = Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_cloudpass-agent"))
-            .env_clear()
-            .env("CLOUDPASS_AGENT_CONFIG", serde_json::to_string(&config).unwrap())
-            .env("CLOUDPASS_BROKER_CA", broker.ca.cert_pem())
-            .env("CLOUDPASS_TOKEN_FILE", &token_file)
-            .env("CLOUDPASS_SHARED_DIR", &shared)
-            .env("CLOUDPASS_UPSTREAM_CA_FILE", &upstream_ca)
-            .env("CLOUDPASS_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let spawn = |binary: &std::path::Path, log: &str| {
+        let log = std::fs::File::create(dir.path().join(log)).unwrap();
+        Killed(
+            std::process::Command::new(binary)
+                .env_clear()
+                .env("CLOUDPASS_AGENT_CONFIG", serde_json::to_string(&config).unwrap())
+                .env("CLOUDPASS_BROKER_CA", broker.ca.cert_pem())
+                .env("CLOUDPASS_TOKEN_FILE", &token_file)
+                .env("CLOUDPASS_SHARED_DIR", &shared)
+                .env("CLOUDPASS_UPSTREAM_CA_FILE", &upstream_ca)
+                .env("CLOUDPASS_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let agent = spawn(std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-agent")), "agent.log");
     let pid = agent.0.id();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http.get(format!("http://127.0.0.1:{health}/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "agent not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = rss_kib(pid, "VmRSS:");
+    let ready = || async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http.get(format!("http://127.0.0.1:{health}/ready")).send().await.is_ok_and(|r| r.status().is_success())
+        {
+            assert!(Instant::now() < deadline, "agent not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Settled: the first credentials fetched, nothing in flight.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    ready().await;
+    let idle = Memory::of(pid);
 
     let auth = std::fs::read_to_string(shared.join(cloudpass_api::agent::AWS_TOKEN_FILE)).unwrap();
     let client = http.clone();
@@ -197,12 +206,53 @@ async fn run() {
     println!("  GET /healthz (baseline):           {base_rate:>8.0} req/s   p50 {b50:>6.3} ms   p99 {b99:>6.3} ms");
     println!("  GET AWS container credentials:     {rate:>8.0} req/s   p50 {c50:>6.3} ms   p99 {c99:>6.3} ms");
     println!("  ratio to baseline:                 {:>8.2}x throughput", rate / base_rate);
-    println!("memory: RSS idle {:.1} MB, peak under load {:.1} MB", idle as f64 / 1024.0, peak as f64 / 1024.0);
+    println!("memory: RSS idle {:.1} MB, peak under load {:.1} MB", idle.rss as f64 / 1024.0, peak as f64 / 1024.0);
+    idle.print("this build");
     println!("header proxy ({PROXY_REQUESTS} sequential GETs to a local HTTPS API):");
     println!("  direct HTTPS (baseline):           p50 {d50:>6.3} ms   p99 {d99:>6.3} ms");
     println!("  through the agent's proxy:         p50 {p50:>6.3} ms   p99 {p99:>6.3} ms");
     println!("  added by the proxy:                p50 {:>6.3} ms   p99 {:>6.3} ms", p50 - d50, p99 - d99);
     drop(agent);
+
+    // The binary the image ships (static musl, release profile; `make images` builds it,
+    // `make bench` first): its idle memory, which is what a pod's agent holds.
+    let image = repo_root().join("target/x86_64-unknown-linux-musl/release/cloudpass-agent");
+    if image.exists() {
+        let agent = spawn(&image, "agent-image.log");
+        ready().await;
+        Memory::of(agent.0.id()).print("image's binary (static musl)");
+    } else {
+        println!("  (no image binary at {}: run make images to measure it)", image.display());
+    }
+}
+
+/// A process's resident memory, from `/proc/PID/status` (KiB).
+struct Memory {
+    rss: u64,
+    anonymous: u64,
+    file: u64,
+    threads: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Self {
+        Self {
+            rss: rss_kib(pid, "VmRSS:"),
+            anonymous: rss_kib(pid, "RssAnon:"),
+            file: rss_kib(pid, "RssFile:"),
+            threads: rss_kib(pid, "Threads:"),
+        }
+    }
+
+    fn print(&self, what: &str) {
+        println!(
+            "  idle, {what}: RSS {:.1} MB = {:.1} MB anonymous (heap, stacks) + {:.1} MB file-backed (binary and libraries), {} threads",
+            self.rss as f64 / 1024.0,
+            self.anonymous as f64 / 1024.0,
+            self.file as f64 / 1024.0,
+            self.threads
+        );
+    }
 }
 
 fn main() {
