@@ -9,13 +9,15 @@
 //!   signing, AssumeRoleWithWebIdentity through the gate into moto). Baseline in the same
 //!   run: the same AssumeRoleWithWebIdentity sent straight to the gate with a token
 //!   signed by the broker's own key. The difference is the broker's overhead.
+//! - Replicas: the upstream calls when each of those pods asks again, on the replica
+//!   that served it (baseline) and on a second replica, which caches on its own.
 
 use std::time::{Duration, Instant};
 
 use cloudpass_e2e::{
     ControlPlane,
     bench::{BrokerBench, concurrent_load, percentile},
-    broker::pod_token,
+    broker::{BrokerOptions, RunningBroker, pod_token},
 };
 use serde_json::{Value, json};
 
@@ -122,6 +124,42 @@ async fn run() {
     }
     cold.sort();
     direct.sort();
+
+    // A second replica, as `--components all` or a broker Deployment runs several: it
+    // serves the same configs and keys but caches on its own. Each pod served above asks
+    // it once (an agent whose connection lands on another replica, e.g. after a restart),
+    // then the first replica again.
+    let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.000000Z").to_string();
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "cloudpass-bench-standby", "namespace": "cloudpass-bench"},
+        "spec": {"holderIdentity": "someone-else", "leaseDurationSeconds": 86400, "acquireTime": now, "renewTime": now}});
+    cp.apply_yaml(Some("cloudpass-bench"), &lease.to_string()).unwrap();
+    let replica_options = BrokerOptions {
+        namespace: "cloudpass-bench".into(),
+        log_level: "warn".into(),
+        instance: "replica".into(),
+        lease_name: Some("cloudpass-bench-standby".into()),
+        extra_upstream_ca_pem: Some(broker.ca.cert_pem()),
+        ..Default::default()
+    };
+    let replica = RunningBroker::start(cp, binary, &replica_options).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replica.ask(Some(&hot_token), &body).await.unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "the replica never served the policy:\n{}", replica.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before_replica = gate.calls();
+    for t in &tokens {
+        let (status, answer) = replica.ask(Some(t), &body).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
+    let on_replica = gate.calls() - before_replica;
+    let before_first = gate.calls();
+    for t in &tokens {
+        let (status, answer) = broker.ask(Some(t), &body).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+    }
+    let back_on_first = gate.calls() - before_first;
     let (c50, c99, d50, d99) =
         (percentile(&cold, 0.5), percentile(&cold, 0.99), percentile(&direct, 0.5), percentile(&direct, 0.99));
 
@@ -133,6 +171,9 @@ async fn run() {
     println!("  direct STS call (baseline): p50 {d50:>6.2} ms   p99 {d99:>6.2} ms");
     println!("  first request of a pod:     p50 {c50:>6.2} ms   p99 {c99:>6.2} ms");
     println!("  broker overhead:            p50 {:>6.2} ms   p99 {:>6.2} ms", c50 - d50, c99 - d99);
+    println!("two broker replicas, each pod above asking again within its credential's lifetime:");
+    println!("  on the replica that served it (baseline): {back_on_first:>4} upstream calls for {COLD_PODS} pods");
+    println!("  on another replica:                       {on_replica:>4} upstream calls for {COLD_PODS} pods");
 }
 
 /// The issuer's signing keys, read from their Secret as the broker does.

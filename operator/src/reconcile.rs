@@ -51,6 +51,8 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// The reconcile debounce unless `--reconcile-debounce` says otherwise: long enough that
 /// an `apply` of many objects costs one reconcile per namespace.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
+/// How soon a namespace handed to the controller before its caches were full comes back.
+pub const WARMING_RECHECK: Duration = Duration::from_millis(500);
 /// How often a namespace waiting for a referenced Secret (or one of its keys) looks again.
 pub const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
@@ -69,6 +71,10 @@ pub struct Context {
     retries: std::sync::Mutex<BTreeMap<String, Retry>>,
     /// The broker's access to referenced Secrets, when it has its own service account.
     broker_secret_access: Option<Arc<BrokerSecretAccess>>,
+    /// Whether every cache holds its full initial list. Until then a namespace looks
+    /// empty (or half-listed) and reconciling it would delete its compiled config, so the
+    /// broker would deny and the webhook skip its pods.
+    warm: std::sync::atomic::AtomicBool,
 }
 
 /// Name of the ConfigMap holding a namespace's compiled config.
@@ -85,6 +91,11 @@ fn in_namespace<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, namespa
 
 /// Reconciles one namespace, recording its duration and outcome.
 pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // The caches fill while the controller runs (it polls their watches), so it cannot
+    // wait to start; the namespaces it is handed meanwhile come back once they are full.
+    if !ctx.warm.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(Action::requeue(WARMING_RECHECK));
+    }
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let name = ns.name_any();
@@ -407,6 +418,7 @@ pub async fn run(
         metrics,
         retries: Default::default(),
         broker_secret_access: settings.broker_secret_access.clone(),
+        warm: Default::default(),
     });
 
     let controller = Controller::new(Api::<Namespace>::all(client.clone()), cfg)
@@ -426,6 +438,7 @@ pub async fn run(
     let warm = {
         let (trust, credential, policies, configs) =
             (trust.clone(), credential.clone(), policies.clone(), configs.clone());
+        let ctx = ctx.clone();
         async move {
             let _ = futures::join!(
                 trust.wait_until_ready(),
@@ -433,6 +446,7 @@ pub async fn run(
                 policies.wait_until_ready(),
                 configs.wait_until_ready()
             );
+            ctx.warm.store(true, std::sync::atomic::Ordering::Release);
             info!("caches warm; reconciling");
             on_warm();
         }

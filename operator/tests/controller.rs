@@ -39,6 +39,10 @@ impl Operator {
 }
 
 fn start_operator(cp: &ControlPlane) -> Operator {
+    start_operator_with(cp, &[])
+}
+
+fn start_operator_with(cp: &ControlPlane, extra: &[&str]) -> Operator {
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let log = cp.dir().join(format!("operator-{stamp}.log"));
     let kubeconfig = cp.kubeconfig.to_string_lossy().to_string();
@@ -56,6 +60,7 @@ fn start_operator(cp: &ControlPlane) -> Operator {
         "2",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     let process = ManagedProcess::spawn(
@@ -299,7 +304,7 @@ fn versions(cp: &ControlPlane, ns: &str) -> Vec<(String, String)> {
             )
         })
         .collect();
-    let cm = config_map(cp, ns).unwrap();
+    let cm = config_map(cp, ns).expect("the namespace's compiled config exists (a restart deleted it?)");
     out.push(("ConfigMap".into(), cm["metadata"]["resourceVersion"].as_str().unwrap().to_owned()));
     out.sort();
     out
@@ -317,13 +322,31 @@ async fn a_restart_with_nothing_changed_writes_nothing() {
     for policy in ["orders-to-s3", "dashboards-to-gcs", "report-uploader-to-blob"] {
         wait_ready(cp, ns, "accesspolicy", policy, "True", "Ready").await;
     }
+    // More AccessPolicies than one page of the initial list (500), in a namespace listed
+    // after this one: the policies cache is complete only a round trip after this
+    // namespace's policies arrive, and a reconcile in between would see none of them.
+    let filler = "zz-restart-filler";
+    cp.create_namespace(filler, &[]).await.unwrap();
+    let mut docs = vec![
+        "apiVersion: cloudpass.dev/v1alpha1\nkind: TrustProvider\nmetadata: {name: k8s}\nspec: {kubernetesServiceAccount: {}}".to_owned(),
+        "apiVersion: cloudpass.dev/v1alpha1\nkind: CredentialProvider\nmetadata: {name: s3}\nspec: {awsSts: {roleArn: 'arn:aws:iam::123456789012:role/r', region: eu-west-1}}".to_owned(),
+    ];
+    docs.extend((0..550).map(|i| {
+        format!(
+            "apiVersion: cloudpass.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: p{i:03}}}\nspec: {{client: {{podSelector: {{matchLabels: {{app: svc-{i}}}}}}}, trustProviders: [{{name: k8s}}], server: {{kind: aws}}, credentialProvider: {{name: s3}}}}"
+        )
+    }));
+    cp.apply_yaml(Some(filler), &docs.join("\n---\n")).unwrap();
+    wait_ready(cp, filler, "accesspolicy", "p549", "True", "Ready").await;
     // Let the last writes settle, then take the picture.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = versions(cp, ns);
 
     // A restart re-lists everything and reconciles every namespace: a full resync.
     drop(operator.take());
-    let new = start_operator(cp);
+    // No debounce: each namespace is reconciled as soon as its first object is listed,
+    // which is before the cache is complete.
+    let new = start_operator_with(cp, &["--reconcile-debounce=0s"]);
     // The old instance released the lease on SIGTERM, so the new one leads at once.
     wait_leading(&new, Duration::from_secs(20)).await;
     // Wait until the resync has reconciled every namespace at least once.
@@ -336,6 +359,7 @@ async fn a_restart_with_nothing_changed_writes_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = versions(cp, ns);
     assert_eq!(before, after, "a resync of unchanged objects wrote something");
+    assert!(config_map(cp, filler).is_some(), "the large namespace keeps its config");
     let (_, text) = new.get("/metrics").await.unwrap();
     assert!(!text.contains("cloudpass_operator_api_writes_total{"), "no write at all after a restart:\n{text}");
     *operator = Some(new);
