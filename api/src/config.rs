@@ -116,14 +116,27 @@ struct HashedContent<'a> {
     policies: &'a [CompiledPolicy],
 }
 
+/// What one policy's hash covers: the policy as compiled and the providers it uses.
+#[derive(Serialize)]
+struct HashedPolicy<'a> {
+    namespace: &'a str,
+    policy: &'a CompiledPolicy,
+    trust_providers: BTreeMap<&'a str, &'a TrustProviderSpec>,
+    credential_provider: Option<&'a CredentialProviderSpec>,
+}
+
 fn content_hash(config: &NamespaceConfig) -> String {
-    let content = HashedContent {
+    sha256_of(&HashedContent {
         namespace: &config.namespace,
         trust_providers: &config.trust_providers,
         credential_providers: &config.credential_providers,
         policies: &config.policies,
-    };
-    let bytes = serde_json::to_vec(&content).expect("config content serializes");
+    })
+}
+
+/// `sha256:<hex>` of the JSON of `content`.
+fn sha256_of(content: &impl Serialize) -> String {
+    let bytes = serde_json::to_vec(content).expect("config content serializes");
     let digest = Sha256::digest(&bytes);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
@@ -196,6 +209,24 @@ impl NamespaceConfig {
         Ok(config)
     }
 
+    /// The content hash of one policy as compiled, with the providers it uses: it changes
+    /// when what the webhook and the broker do for this policy changes, and only then
+    /// (the policy's `status.configHash`), so an edit of one policy rewrites no other
+    /// policy's status.
+    pub fn policy_hash(&self, name: &str) -> Option<String> {
+        let policy = self.policy(name)?;
+        let trust_providers = (policy.trust_providers.iter())
+            .filter_map(|t| self.trust_providers.get_key_value(t))
+            .map(|(name, spec)| (name.as_str(), spec))
+            .collect();
+        Some(sha256_of(&HashedPolicy {
+            namespace: &self.namespace,
+            policy,
+            trust_providers,
+            credential_provider: self.credential_providers.get(&policy.credential_provider),
+        }))
+    }
+
     /// The policy of that name.
     pub fn policy(&self, name: &str) -> Option<&CompiledPolicy> {
         self.policies.binary_search_by(|p| p.name.as_str().cmp(name)).ok().map(|i| &self.policies[i])
@@ -249,6 +280,23 @@ mod tests {
         assert!(parsed.policy("c").is_none());
         let other_ns = config("team-b", vec![policy("a"), policy("b")]);
         assert_ne!(a.hash, other_ns.hash, "the namespace is part of the hash");
+    }
+
+    #[test]
+    fn a_policys_hash_changes_with_it_and_its_providers_only() {
+        let before = config("team-a", vec![policy("a"), policy("b")]);
+        let mut edited_b = policy("b");
+        edited_b.client =
+            serde_json::from_value(serde_json::json!({"podSelector": {"matchLabels": {"app": "b2"}}})).unwrap();
+        let after = config("team-a", vec![policy("a"), edited_b]);
+        assert_ne!(before.hash, after.hash);
+        assert_eq!(before.policy_hash("a"), after.policy_hash("a"), "another policy's edit leaves it alone");
+        assert_ne!(before.policy_hash("b"), after.policy_hash("b"));
+        let mut new_role = after.clone();
+        let s3 = new_role.credential_providers.get_mut("s3").unwrap();
+        s3.aws_sts.as_mut().unwrap().role_arn = "arn:aws:iam::123456789012:role/writer".into();
+        assert_ne!(after.policy_hash("a"), new_role.policy_hash("a"), "its provider is part of it");
+        assert!(before.policy_hash("c").is_none());
     }
 
     #[test]

@@ -352,7 +352,9 @@ pub struct AccessPolicyStatus {
     /// Conditions and observed generation.
     #[serde(flatten)]
     pub status: Status,
-    /// Content hash of the compiled namespace config this policy is part of, once Ready.
+    /// Content hash of this policy as compiled into its namespace's config, with the
+    /// providers it uses, once Ready: it changes when what is enforced for this policy
+    /// changes (its spec, its providers), and an edit of another policy leaves it alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
 }

@@ -377,6 +377,8 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
         &["get", "secrets/cp-issuer-keys", "-n", NS],
         &["update", "secrets/cp-issuer-keys", "-n", NS],
         &["update", "configmaps/cp-broker-ca", "-n", NS],
+        // Deletions refuse a policy at once (docs/broker.md, Revocation).
+        &["watch", "accesspolicies.cloudpass.dev", "--all-namespaces"],
     ];
     // Until the controller grants a namespace's referenced Secrets by name (tested where
     // the controller runs: operator/tests/chart_runs.rs), it reads no Secret there.
@@ -388,7 +390,8 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
         &["get", "secrets/cp-webhook-tls", "-n", NS],
         &["list", "secrets", "-n", NS],
         &["update", "configmaps/cloudpass-config-team", "-n", NS],
-        &["list", "accesspolicies.cloudpass.dev", "--all-namespaces"],
+        &["update", "accesspolicies.cloudpass.dev", "-n", "team"],
+        &["list", "credentialproviders.cloudpass.dev", "--all-namespaces"],
         &["patch", "accesspolicies.cloudpass.dev", "--subresource=status", "-n", "team"],
         &["list", "pods", "-n", "team"],
         &["create", "pods", "-n", "team"],

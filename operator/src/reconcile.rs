@@ -151,7 +151,9 @@ async fn reconcile_namespace(namespace: &str, namespace_uid: &str, ctx: &Context
     };
     let evaluation = evaluate(&snapshot);
     ctx.metrics.record_namespace(&namespace, object_counts(&evaluation));
-    let config_hash = evaluation.config.as_ref().map(|c| c.hash.clone());
+    let policy_hashes: BTreeMap<String, String> = (evaluation.config.iter())
+        .flat_map(|c| c.policies.iter().filter_map(|p| Some((p.name.clone(), c.policy_hash(&p.name)?))))
+        .collect();
     ctx.write_config(&namespace, evaluation.config).await?;
 
     let trust_kinds = trust.iter().map(|o| (o.as_ref(), o.status.clone(), o.spec.kind_name()));
@@ -167,7 +169,7 @@ async fn reconcile_namespace(namespace: &str, namespace_uid: &str, ctx: &Context
         let status = object.status.clone().unwrap_or_default();
         let desired = AccessPolicyStatus {
             status: desired_status(&status.status, object.meta().generation, outcome),
-            config_hash: if outcome.ready { config_hash.clone() } else { None },
+            config_hash: if outcome.ready { policy_hashes.get(&object.name_any()).cloned() } else { None },
         };
         ctx.write_status(object.as_ref(), &status.status, &status, desired, outcome).await?;
     }
@@ -367,6 +369,16 @@ pub struct Settings {
     pub broker_secret_access: Option<Arc<BrokerSecretAccess>>,
 }
 
+/// Drops what the controller never reads from a cached object: its managed fields and
+/// `kubectl apply`'s copy of the last applied object, which together are often larger
+/// than the rest (the caches hold every object of the cluster).
+fn slim<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 fn namespace_of<K: Resource>(object: K) -> Option<ObjectRef<Namespace>> {
     object.meta().namespace.as_deref().map(ObjectRef::new)
 }
@@ -385,21 +397,29 @@ pub async fn run(
     let (credential, credential_w) = reflector::store();
     let (policies, policies_w) = reflector::store();
     let (configs, configs_w) = reflector::store();
-    let trust_stream = reflector::reflector(trust_w, watcher(Api::<TrustProvider>::all(client.clone()), cfg.clone()))
-        .default_backoff()
-        .touched_objects();
-    let credential_stream =
-        reflector::reflector(credential_w, watcher(Api::<CredentialProvider>::all(client.clone()), cfg.clone()))
-            .default_backoff()
-            .touched_objects();
-    let policy_stream =
-        reflector::reflector(policies_w, watcher(Api::<AccessPolicy>::all(client.clone()), cfg.clone()))
-            .default_backoff()
-            .touched_objects();
+    let trust_stream = reflector::reflector(
+        trust_w,
+        watcher(Api::<TrustProvider>::all(client.clone()), cfg.clone()).modify(slim::<TrustProvider>),
+    )
+    .default_backoff()
+    .touched_objects();
+    let credential_stream = reflector::reflector(
+        credential_w,
+        watcher(Api::<CredentialProvider>::all(client.clone()), cfg.clone()).modify(slim::<CredentialProvider>),
+    )
+    .default_backoff()
+    .touched_objects();
+    let policy_stream = reflector::reflector(
+        policies_w,
+        watcher(Api::<AccessPolicy>::all(client.clone()), cfg.clone()).modify(slim::<AccessPolicy>),
+    )
+    .default_backoff()
+    .touched_objects();
     let config_cfg = watcher::Config::default().labels(CONFIG_NAMESPACE_LABEL);
     let config_stream = reflector::reflector(
         configs_w,
-        watcher(Api::<ConfigMap>::namespaced(client.clone(), &settings.operator_namespace), config_cfg),
+        watcher(Api::<ConfigMap>::namespaced(client.clone(), &settings.operator_namespace), config_cfg)
+            .modify(slim::<ConfigMap>),
     )
     .default_backoff()
     .touched_objects();

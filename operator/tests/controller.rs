@@ -181,9 +181,14 @@ async fn happy_path_provider_deletion_and_policy_deletion() {
     assert_eq!(tp["status"]["providerKind"], "kubernetesServiceAccount");
     assert_eq!(policy["status"]["observedGeneration"], policy["metadata"]["generation"]);
     let cm = config_map(cp, "team-happy").expect("compiled config exists");
-    let hash = cm["metadata"]["annotations"][CONFIG_HASH_ANNOTATION].as_str().unwrap().to_owned();
-    assert_eq!(policy["status"]["configHash"], hash.as_str(), "the policy records its config hash");
     let config = NamespaceConfig::from_json(cm["data"][CONFIG_DATA_KEY].as_str().unwrap()).unwrap();
+    assert_eq!(
+        cm["metadata"]["annotations"][CONFIG_HASH_ANNOTATION].as_str(),
+        Some(config.hash.as_str()),
+        "the ConfigMap is annotated with its document's hash"
+    );
+    let hash = config.policy_hash("orders-to-s3").unwrap();
+    assert_eq!(policy["status"]["configHash"], hash.as_str(), "the policy records its compiled hash");
     assert_eq!(config.namespace, "team-happy");
     assert_eq!(config.policies.len(), 1);
     assert_eq!(config.policies[0].credential_provider, "orders-s3");
@@ -208,7 +213,11 @@ async fn happy_path_provider_deletion_and_policy_deletion() {
     cp.apply_path(Some("team-happy"), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
     wait_ready(cp, "team-happy", "accesspolicy", "orders-to-s3", "True", "Ready").await;
     let again = config_map(cp, "team-happy").expect("config recreated");
-    assert_eq!(again["metadata"]["annotations"][CONFIG_HASH_ANNOTATION], hash.as_str(), "same content, same hash");
+    assert_eq!(
+        again["metadata"]["annotations"][CONFIG_HASH_ANNOTATION],
+        config.hash.as_str(),
+        "same content, same hash"
+    );
 
     cp.kubectl_ok(&["delete", "accesspolicy", "orders-to-s3", "-n", "team-happy"]).unwrap();
     wait_config_gone(cp, "team-happy").await;
