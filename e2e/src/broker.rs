@@ -52,6 +52,9 @@ pub struct BrokerOptions {
     /// Further CA certificates (PEM) trusted for upstream HTTPS besides the broker's own
     /// test CA, e.g. another broker's, whose fakes this one must reach too.
     pub extra_upstream_ca_pem: Option<String>,
+    /// `--issuer-url`; default: this broker's own URL. A second replica of a broker names
+    /// the first's, so that the clouds trust the tokens of both.
+    pub issuer_url: Option<String>,
 }
 
 impl Default for BrokerOptions {
@@ -64,6 +67,7 @@ impl Default for BrokerOptions {
             instance: "e2e".into(),
             lease_name: None,
             extra_upstream_ca_pem: None,
+            issuer_url: None,
         }
     }
 }
@@ -117,7 +121,7 @@ impl RunningBroker {
             "--broker-tls-key-file",
             &key,
             "--issuer-url",
-            &url,
+            options.issuer_url.as_deref().unwrap_or(&url),
             "--upstream-ca-file",
             &ca_file,
             "--token-cache-ttl",

@@ -140,6 +140,7 @@ async fn run() {
         instance: "replica".into(),
         lease_name: Some("cloudpass-bench-standby".into()),
         extra_upstream_ca_pem: Some(broker.ca.cert_pem()),
+        issuer_url: Some(broker.url.clone()),
         ..Default::default()
     };
     let replica = RunningBroker::start(cp, binary, &replica_options).await.unwrap();

@@ -97,6 +97,7 @@ fn start_strict_broker() -> &'static RunningBroker {
                     // The cloud fakes' certificates come from the main broker's CA: with
                     // that CA trusted, only the egress policy keeps this one away.
                     extra_upstream_ca_pem: Some(main.ca.cert_pem()),
+                    issuer_url: None,
                 };
                 let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
                 RunningBroker::start(main.cp, binary, &options).await.unwrap()
