@@ -172,7 +172,10 @@ async fn a_denial_stops_serving_at_once_and_wrong_types_are_refused() {
     let l = start_loop(&broker, &files, "gcs", AgentEndpoint::GcpMetadata { port: 0, scopes: vec![] });
     assert!(
         eventually(Duration::from_secs(5), || {
-            l.shared.store.valid("gcs").is_err_and(|e| e.to_string().contains("aws credential for policy gcs"))
+            l.shared.store.valid("gcs").is_err_and(|e| {
+                let e = e.to_string();
+                e.contains("credential of policy gcs does not fit") && e.contains("sent an aws credential")
+            })
         })
         .await
     );

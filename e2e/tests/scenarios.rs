@@ -273,14 +273,20 @@ async fn deleting_the_policy_denies_the_next_refresh() {
     stack.cp.kubectl_ok(&["delete", "accesspolicy", "orders-to-s3", "-n", ns]).unwrap();
     let (latency, denial) = stack.wait_denied(&running, "orders-to-s3", Duration::from_secs(30)).await.unwrap();
     assert_eq!(denial["code"], "Denied", "{denial}");
-    assert!(denial["message"].as_str().unwrap().contains("no Ready AccessPolicy orders-to-s3"), "{denial}");
+    // The broker's own watch of deletions refuses first; once the controller compiles
+    // the namespace again the policy is simply not there.
+    let deleted = |m: &str| {
+        m.contains("AccessPolicy orders-to-s3 in namespace scenario-revoke is deleted or being deleted")
+            || m.contains("no Ready AccessPolicy orders-to-s3")
+    };
+    assert!(deleted(denial["message"].as_str().unwrap()), "{denial}");
     eprintln!(
         "revocation: the broker denied the next refresh {:.3}s after kubectl delete returned",
         latency.as_secs_f64()
     );
     assert!(latency < Duration::from_secs(10), "revocation took {latency:?}");
     let denied = audited(stack, ns, &running.pod.name, "denied").await;
-    assert!(denied["reason"].as_str().unwrap().contains("no Ready AccessPolicy"), "{denied}");
+    assert!(deleted(denied["reason"].as_str().unwrap()), "{denied}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
