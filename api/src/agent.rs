@@ -11,7 +11,11 @@ pub const AGENT_CONFIG_ENV: &str = "CLOUDPASS_AGENT_CONFIG";
 /// Environment variable holding the broker's CA certificate (PEM).
 pub const BROKER_CA_ENV: &str = "CLOUDPASS_BROKER_CA";
 /// Directory of the projected service-account token (audience `cloudpass`), agent only.
-pub const TOKEN_DIR: &str = "/var/run/secrets/cloudpass.dev/serviceaccount";
+/// The Kubernetes API token's usual place: mounted there, the agent's volume is also what
+/// keeps the API token away from the agent (the ServiceAccount admission plugin mounts
+/// none into a container that has something at that path), with one volume and one mount
+/// rather than two of each in every injected pod.
+pub const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// File name of the projected token inside [`TOKEN_DIR`].
 pub const TOKEN_FILE: &str = "token";
 /// In-memory directory shared with the app containers (read-only for them).

@@ -376,7 +376,7 @@ async fn pods_using_the_webhooks_names_are_admitted() {
 
     // Volumes named like the webhook's: the pod is injected, its volumes kept, the
     // webhook's volumes named so as not to clash (the apiserver refuses duplicates).
-    let own = ["cloudpass-token", "cloudpass-shared", "cloudpass-no-kube-api-token"];
+    let own = ["cloudpass-token", "cloudpass-shared"];
     let pod = orders_pod(json!({"spec": {
         "volumes": own.iter().map(|name| json!({"name": name, "emptyDir": {}})).collect::<Vec<_>>(),
         "containers": [{"name": "api", "image": "orders:3",

@@ -1,5 +1,5 @@
-//! The agent container and the volumes it needs: its projected service-account token,
-//! the empty directory over the Kubernetes API token, the shared in-memory volume of AWS
+//! The agent container and the volumes it needs: its projected service-account token
+//! (mounted where the Kubernetes API token would be), the shared in-memory volume of AWS
 //! deliveries and the private CA bundles of proxied servers, named so that they never
 //! clash with the pod's own volumes.
 
@@ -27,15 +27,12 @@ use super::{
 /// name, the first free one of `<name>-2`, `<name>-3`, ...: see [`VolumeNames`]).
 pub(super) const TOKEN_VOLUME: &str = "cloudpass-token";
 pub(super) const SHARED_VOLUME: &str = "cloudpass-shared";
-pub(super) const NO_API_TOKEN_VOLUME: &str = "cloudpass-no-kube-api-token";
 /// Prefix of the volumes holding the CA bundles of policies' `server.tls`.
 pub(super) const SERVER_CA_VOLUME: &str = "cloudpass-server-ca";
 /// How long the agent's postStart hook waits for the first credential.
 const FIRST_CREDENTIAL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Mode of the agent's projected token file (see where the volume is built).
 const TOKEN_FILE_MODE: i32 = 0o444;
-/// Where the kubelet would mount the pod's Kubernetes API token.
-pub(super) const KUBE_API_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// The volume names of a pod, for naming the webhook's volumes so that they never clash
 /// with the pod's own (the apiserver refuses a pod with two volumes of one name).
@@ -62,18 +59,16 @@ impl VolumeNames {
 /// The names of the agent's fixed volumes in one pod.
 pub(super) struct AgentVolumes {
     token: String,
-    no_api_token: String,
     /// The shared in-memory volume, also mounted into AWS-served containers.
     pub shared: String,
 }
 
 impl AgentVolumes {
-    /// Claims the names of the token, no-API-token and shared volumes, in that order.
+    /// Claims the names of the token and shared volumes, in that order.
     pub(super) fn claim(names: &mut VolumeNames) -> Self {
         let token = names.claim(TOKEN_VOLUME);
-        let no_api_token = names.claim(NO_API_TOKEN_VOLUME);
         let shared = names.claim(SHARED_VOLUME);
-        Self { token, no_api_token, shared }
+        Self { token, shared }
     }
 }
 
@@ -87,7 +82,7 @@ pub(super) fn build(
     identity_header: &str,
 ) -> (Container, Vec<Volume>) {
     let Delivered { deliveries, needs_shared, server_cas, uses_azure, .. } = delivered;
-    let AgentVolumes { token: token_volume, no_api_token: no_api_token_volume, shared: shared_volume } = names;
+    let AgentVolumes { token: token_volume, shared: shared_volume } = names;
     let agent_config = AgentConfig {
         broker_url: settings.broker_url.clone(),
         health_port: settings.ports.health,
@@ -101,23 +96,16 @@ pub(super) fn build(
     if uses_azure {
         agent_env.push(env("IDENTITY_HEADER", identity_header));
     }
-    let mut agent_mounts = vec![
-        VolumeMount {
-            name: token_volume.clone(),
-            mount_path: TOKEN_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        },
-        // An empty directory over the default service-account mount: the agent needs no
-        // Kubernetes API token (least privilege), and the ServiceAccount admission plugin
-        // then leaves the agent alone, so the apiserver does not call the webhook twice.
-        VolumeMount {
-            name: no_api_token_volume.clone(),
-            mount_path: KUBE_API_TOKEN_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        },
-    ];
+    // The agent's own token, at the Kubernetes API token's usual place: the agent needs
+    // no API token (least privilege), and with something mounted there the
+    // ServiceAccount admission plugin leaves the agent alone, so the apiserver does not
+    // call the webhook twice.
+    let mut agent_mounts = vec![VolumeMount {
+        name: token_volume.clone(),
+        mount_path: TOKEN_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
     if needs_shared {
         agent_mounts.push(VolumeMount {
             name: shared_volume.clone(),
@@ -156,15 +144,6 @@ pub(super) fn build(
             // does with the agent's 65532; 0440 then left the agent unable to read it.
             // Only the agent mounts this volume, so readable-by-all means by the agent.
             default_mode: Some(TOKEN_FILE_MODE),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    volumes.push(Volume {
-        name: no_api_token_volume,
-        empty_dir: Some(EmptyDirVolumeSource {
-            medium: Some("Memory".into()),
-            size_limit: Some(Quantity("1Ki".into())),
             ..Default::default()
         }),
         ..Default::default()

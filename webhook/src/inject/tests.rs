@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use serde_json::json;
 
 use super::{
-    agent::{KUBE_API_TOKEN_DIR, NO_API_TOKEN_VOLUME, SERVER_CA_VOLUME, TOKEN_VOLUME},
+    agent::{SERVER_CA_VOLUME, TOKEN_VOLUME},
     *,
 };
 use crate::files::WatchedText;
@@ -117,6 +117,9 @@ fn aws() -> serde_json::Value {
     json!({"kind": "aws"})
 }
 
+/// Where the kubelet would mount the pod's Kubernetes API token.
+const KUBE_API_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 #[test]
 fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
     let cfg = config(json!([policy("s3", aws(), json!({}))]));
@@ -158,7 +161,8 @@ fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
         .collect();
     assert_eq!(token_mounts, [AGENT_CONTAINER]);
     let shadowed = agent.volume_mounts.iter().flatten().find(|m| m.mount_path == KUBE_API_TOKEN_DIR).unwrap();
-    assert_eq!(shadowed.name, NO_API_TOKEN_VOLUME, "the agent gets no Kubernetes API token");
+    assert_eq!(shadowed.name, TOKEN_VOLUME, "the agent gets its own token where the Kubernetes API token would be");
+    assert_eq!(agent.volume_mounts.iter().flatten().count(), 2, "its token and the shared volume, nothing else");
     let token = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
     let projection =
         token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone().unwrap();
@@ -316,7 +320,7 @@ fn pods_left_alone_say_why() {
 #[test]
 fn the_pods_own_volume_names_never_clash_with_the_webhooks() {
     let cfg = config(json!([policy("s3", aws(), json!({}))]));
-    let own = ["cloudpass-token", "cloudpass-shared", "cloudpass-shared-2", "cloudpass-no-kube-api-token"];
+    let own = ["cloudpass-token", "cloudpass-shared", "cloudpass-shared-2", "cloudpass-other"];
     let submitted = pod(json!({
         "volumes": own.iter().map(|name| json!({"name": name, "emptyDir": {}})).collect::<Vec<_>>(),
         "containers": [{"name": "web", "image": "w", "volumeMounts": [{"name": "cloudpass-token", "mountPath": "/data"}]}],
@@ -334,7 +338,6 @@ fn the_pods_own_volume_names_never_clash_with_the_webhooks() {
     let token = agent_mount(TOKEN_DIR);
     assert_eq!(token.name, "cloudpass-token-2");
     assert!(by_name(&token.name).projected.is_some());
-    assert_eq!(agent_mount(KUBE_API_TOKEN_DIR).name, "cloudpass-no-kube-api-token-2");
     let shared = agent_mount(SHARED_DIR);
     assert_eq!(shared.name, "cloudpass-shared-3");
     assert_eq!(by_name(&shared.name).empty_dir.as_ref().unwrap().medium.as_deref(), Some("Memory"));
@@ -586,7 +589,7 @@ fn the_patch_adds_whole_what_the_pod_lacks_and_appends_to_what_it_has() {
             "add /spec/containers/0/env/-",
             "add /spec/containers/0/volumeMounts",
             "add /spec/initContainers/0",
-            "add /spec/volumes/-",
+            // The agent's token and the shared volume of the AWS delivery.
             "add /spec/volumes/-",
             "add /spec/volumes/-",
             "add /metadata/annotations/cloudpass.dev~1injected",
