@@ -3,7 +3,7 @@
 //! `POST {broker}/v1/credentials` with the projected service-account token as bearer
 //! (re-read from its file on every request, so the kubelet's rotation is picked up) and
 //! `{"policy": ...}`. The broker's CA is the only trust anchor unless system roots are
-//! asked for. Each delivery fetches at start, then again at the broker's `refreshAt`, a
+//! asked for; its file, too, is read again before each request. Each delivery fetches at start, then again at the broker's `refreshAt`, a
 //! little later by random jitter so that pods started together do not refresh together:
 //! the broker serves the same cached credential until `refreshAt`, so asking sooner
 //! would only get it back (one call per credential, see [`refresh_delay`]). Failures are
@@ -11,7 +11,11 @@
 //! still-valid credential meanwhile, never past its expiry or the broker's
 //! `serveUntil`. Only the broker's `Denied` drops the credential at once.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use cloudpass_api::{
     agent::{AgentDelivery, AgentEndpoint, EvidenceSource},
@@ -31,7 +35,7 @@ use crate::{
     common::Shared,
     error::AgentError,
     evidence::{EvidenceGatherer, server_id_of},
-    settings::{BrokerClientSettings, RetrySettings},
+    settings::{BrokerCa, BrokerClientSettings, RetrySettings},
     store::Fetched,
 };
 
@@ -42,24 +46,45 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 
 /// A client of the broker's credential endpoint.
 pub struct BrokerClient {
-    http: reqwest::Client,
+    http: BrokerHttp,
     endpoint: String,
     token_file: PathBuf,
     policy_namespace: Option<String>,
     evidence: EvidenceGatherer,
 }
 
-impl BrokerClient {
-    /// A client trusting the configured broker CA (and, if asked, the system roots).
-    pub fn new(settings: &BrokerClientSettings) -> Result<Self, AgentError> {
-        let certs = match &settings.ca_pem {
-            Some(pem) => reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| AgentError::Tls(format!("broker CA: {}", chain(&e))))?,
-            None => Vec::new(),
+/// The HTTPS client of the broker, and, when its CA comes from a file, that file and
+/// the bundle the client was built with: a changed file (the kubelet's copy of a rotated
+/// CA) gets a new client before the next call.
+struct BrokerHttp {
+    settings: BrokerClientSettings,
+    file: Option<PathBuf>,
+    current: Mutex<(Vec<u8>, reqwest::Client)>,
+}
+
+impl BrokerHttp {
+    fn new(settings: &BrokerClientSettings) -> Result<Self, AgentError> {
+        let (file, pem) = match &settings.ca {
+            Some(BrokerCa::Pem(pem)) => (None, pem.as_bytes().to_vec()),
+            Some(BrokerCa::File(path)) => (Some(path.clone()), read_ca(path)?),
+            None => (None, Vec::new()),
         };
-        if settings.ca_pem.is_some() && certs.is_empty() {
-            return Err(AgentError::Tls("broker CA: no certificate in the PEM".into()));
-        }
+        let client = Self::build(settings, &pem)?;
+        Ok(Self { settings: settings.clone(), file, current: Mutex::new((pem, client)) })
+    }
+
+    /// A client trusting `pem` (and, if asked, the system roots).
+    fn build(settings: &BrokerClientSettings, pem: &[u8]) -> Result<reqwest::Client, AgentError> {
+        let certs = if settings.ca.is_some() {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| AgentError::Tls(format!("broker CA: {}", chain(&e))))?;
+            if certs.is_empty() {
+                return Err(AgentError::Tls("broker CA: no certificate in the PEM".into()));
+            }
+            certs
+        } else {
+            Vec::new()
+        };
         let builder = reqwest::Client::builder()
             .no_proxy()
             .https_only(true)
@@ -69,7 +94,46 @@ impl BrokerClient {
             .user_agent(concat!("cloudpass-agent/", env!("CARGO_PKG_VERSION")));
         let builder =
             if settings.trust_system_roots { builder.tls_certs_merge(certs) } else { builder.tls_certs_only(certs) };
-        let http = builder.build().map_err(|e| AgentError::Tls(format!("broker client: {}", chain(&e))))?;
+        builder.build().map_err(|e| AgentError::Tls(format!("broker client: {}", chain(&e))))
+    }
+
+    /// The client for the next call: rebuilt first if the CA file changed. A file that
+    /// cannot be read or holds no certificate keeps the last good client, loudly.
+    async fn client(&self) -> reqwest::Client {
+        let lock = || self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = &self.file {
+            match tokio::fs::read(path).await {
+                Ok(pem) => {
+                    let changed = lock().0 != pem;
+                    if changed {
+                        match Self::build(&self.settings, &pem) {
+                            Ok(client) => {
+                                info!(file = %path.display(), "broker CA changed; trusting the new bundle");
+                                *lock() = (pem, client);
+                            }
+                            Err(e) => {
+                                warn!(file = %path.display(), error = %e, "broker CA file changed but is unusable; keeping the last good one")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "cannot read the broker CA file; keeping the last good one")
+                }
+            }
+        }
+        lock().1.clone()
+    }
+}
+
+fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, AgentError> {
+    std::fs::read(path).map_err(|e| AgentError::Tls(format!("broker CA file {}: {e}", path.display())))
+}
+
+impl BrokerClient {
+    /// A client trusting the configured broker CA (and, if asked, the system roots).
+    pub fn new(settings: &BrokerClientSettings) -> Result<Self, AgentError> {
+        let http = BrokerHttp::new(settings)?;
         let endpoint = format!("{}{CREDENTIALS_PATH}", settings.url.trim_end_matches('/'));
         let mut evidence = settings.evidence.clone();
         if evidence.server_id.is_none() {
@@ -103,6 +167,8 @@ impl BrokerClient {
         let body = CredentialRequest { policy: policy.to_owned(), namespace: self.policy_namespace.clone(), evidence };
         let response = self
             .http
+            .client()
+            .await
             .post(&self.endpoint)
             .header(AUTHORIZATION, format!("Bearer {}", token.expose()))
             .json(&body)

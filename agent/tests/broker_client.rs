@@ -17,7 +17,7 @@ use cloudpass_agent::{
     broker_client::{BrokerClient, refresh_loop},
     common::Shared,
     metrics::Metrics,
-    settings::RetrySettings,
+    settings::{BrokerCa, RetrySettings},
     store::CredentialStore,
 };
 use cloudpass_api::{
@@ -85,12 +85,38 @@ async fn only_the_configured_ca_is_trusted() {
     broker.script("s3", vec![ok("s3", aws_keys(), 3600, 3000)]);
     let files = Files::new("t");
     let mut s = settings(&broker, &files, vec![]);
-    s.broker.ca_pem = Some(Tls::new().ca_pem);
+    s.broker.ca = Some(BrokerCa::Pem(Tls::new().ca_pem));
     let e = BrokerClient::new(&s.broker).unwrap().fetch("s3", &[]).await.unwrap_err();
     assert_eq!(e.metric_label(), "unreachable", "{e}");
     assert!(broker.seen().is_empty(), "the token never reached an untrusted server");
-    s.broker.ca_pem = Some("not a pem".into());
+    s.broker.ca = Some(BrokerCa::Pem("not a pem".into()));
     assert_eq!(BrokerClient::new(&s.broker).err().unwrap().metric_label(), "tls");
+}
+
+#[tokio::test]
+async fn a_ca_file_is_read_again_before_each_call_so_a_rotated_ca_is_trusted_without_a_restart() {
+    let broker = FakeBroker::start().await;
+    broker.script("s3", vec![ok("s3", aws_keys(), 3600, 3000), ok("s3", aws_keys(), 3600, 3000)]);
+    let files = Files::new("t");
+    let mut s = settings(&broker, &files, vec![]);
+    // The kubelet's copy still holds another CA: the broker is not trusted yet.
+    let ca_file = files.write("broker-ca.crt", &Tls::new().ca_pem);
+    s.broker.ca = Some(BrokerCa::File(ca_file.clone()));
+    let client = BrokerClient::new(&s.broker).unwrap();
+    let e = client.fetch("s3", &[]).await.unwrap_err();
+    assert_eq!(e.metric_label(), "unreachable", "{e}");
+    assert!(broker.seen().is_empty(), "the token never reached an untrusted server");
+    // The kubelet replaces the file: the same client trusts the new bundle at once.
+    files.write("broker-ca.crt", &broker.ca_pem);
+    client.fetch("s3", &[]).await.unwrap();
+    // A broken file keeps the last good bundle rather than trusting nothing.
+    files.write("broker-ca.crt", "not a pem");
+    client.fetch("s3", &[]).await.unwrap();
+    assert_eq!(broker.seen().len(), 2);
+    // A missing file at start is an error that names it.
+    s.broker.ca = Some(BrokerCa::File(ca_file.with_file_name("absent.crt")));
+    let e = BrokerClient::new(&s.broker).err().unwrap();
+    assert!(e.to_string().contains("absent.crt"), "{e}");
 }
 
 struct Loop {

@@ -28,7 +28,7 @@ use axum::{
 };
 use cloudpass_agent::{
     Agent, EndpointKind, Settings,
-    settings::{AwsSource, BrokerClientSettings, EvidenceSettings, RetrySettings},
+    settings::{AwsSource, BrokerCa, BrokerClientSettings, EvidenceSettings, RetrySettings},
 };
 use cloudpass_api::{
     agent::{
@@ -191,7 +191,7 @@ fn settings(broker_url: &str, files: &PodFiles, identity_header: &str, deliverie
         config: AgentConfig { broker_url: broker_url.into(), health_port: 0, deliveries, policy_namespace: None },
         broker: BrokerClientSettings {
             url: broker_url.into(),
-            ca_pem: Some(ca.clone()),
+            ca: Some(BrokerCa::Pem(ca.clone())),
             trust_system_roots: false,
             token_file: files.token_file(),
             timeout: Duration::from_secs(5),

@@ -8,8 +8,15 @@ use serde::{Deserialize, Serialize};
 pub const AGENT_CONTAINER: &str = "cloudpass-agent";
 /// Environment variable holding the agent's [`AgentConfig`] as JSON.
 pub const AGENT_CONFIG_ENV: &str = "CLOUDPASS_AGENT_CONFIG";
-/// Environment variable holding the broker's CA certificate (PEM).
+/// Environment variable holding the broker's CA certificate (PEM), for an agent that
+/// does not mount [`BROKER_CA_FILE`] (a cluster other than the broker's).
 pub const BROKER_CA_ENV: &str = "CLOUDPASS_BROKER_CA";
+/// File name of the broker's CA bundle inside [`TOKEN_DIR`]: the operator's copy of the
+/// published bundle in the pod's namespace, projected beside the token, which the kubelet
+/// keeps current when the CA rotates.
+pub const BROKER_CA_FILE: &str = "broker-ca.crt";
+/// Key of the broker's CA bundle in its ConfigMaps (the published one and each copy).
+pub const BROKER_CA_KEY: &str = "ca.crt";
 /// Directory of the projected service-account token (audience `cloudpass`), agent only.
 /// The Kubernetes API token's usual place: mounted there, the agent's volume is also what
 /// keeps the API token away from the agent (the ServiceAccount admission plugin mounts

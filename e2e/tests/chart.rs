@@ -342,10 +342,20 @@ async fn installs_applies_idempotently_and_grants_least_privilege() {
         &["create", "rolebindings", "-n", "team"],
         &["update", "roles/cp-broker-secrets", "-n", "team"],
         &["delete", "rolebindings/cp-broker-secrets", "-n", "team"],
+        // The copy of the broker's CA that injected agents mount.
+        &["create", "configmaps", "-n", "team"],
+        &["get", "configmaps/cp-broker-ca", "-n", "team"],
+        &["watch", "configmaps/cp-broker-ca", "--all-namespaces"],
+        &["update", "configmaps/cp-broker-ca", "-n", "team"],
+        &["delete", "configmaps/cp-broker-ca", "-n", "team"],
     ];
     let operator_no: &[&[&str]] = &[
         &["update", "accesspolicies.cloudpass.dev", "-n", "team"],
-        &["create", "configmaps", "-n", "team"],
+        &["get", "configmaps/app-settings", "-n", "team"],
+        &["list", "configmaps", "-n", "team"],
+        &["watch", "configmaps", "--all-namespaces"],
+        &["update", "configmaps/app-settings", "-n", "team"],
+        &["delete", "configmaps/app-settings", "-n", "team"],
         &["delete", "secrets", "-n", "team"],
         &["update", "secrets/other", "-n", NS],
         &["update", "secrets/cp-webhook-tls", "-n", NS],

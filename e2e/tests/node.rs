@@ -225,6 +225,17 @@ async fn aks_to_s3_runs_as_a_deployment_with_an_init_container_and_survives_a_ki
             "{pod_name}: init container: {migrated:?}"
         );
         let pod = json(&installed.cp().kubectl_ok(&["get", "pod", pod_name, "-n", ns, "-o", "json"]).unwrap());
+        // The agent trusted the broker through the namespace's copy of its CA, which the
+        // kubelet projected beside its token: no PEM in the pod spec.
+        let agent = pod["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "cloudpass-agent");
+        let agent_env = agent.unwrap()["env"].as_array().unwrap();
+        assert!(!agent_env.iter().any(|e| e["name"] == "CLOUDPASS_BROKER_CA"), "{pod_name}: {agent_env:?}");
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        let projected_ca = volumes
+            .iter()
+            .flat_map(|v| v["projected"]["sources"].as_array().into_iter().flatten())
+            .any(|s| s["configMap"]["name"].as_str().is_some_and(|n| n.ends_with("broker-ca")));
+        assert!(projected_ca, "{pod_name}: {volumes:?}");
         let migrate = container_status(&pod, "migrate");
         assert_eq!(migrate["state"]["terminated"]["exitCode"], 0, "{migrate}");
         assert!(started_at(migrate) >= started_at(container_status(&pod, "cloudpass-agent")));

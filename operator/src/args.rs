@@ -107,7 +107,8 @@ pub struct Args {
     #[arg(long, env = "CLOUDPASS_BROKER_CERT_SECRET", default_value = "cloudpass-broker-tls")]
     pub broker_cert_secret: String,
     /// ConfigMap (in `--namespace`) where the broker's CA bundle is published under
-    /// `ca.crt`: public, for the webhook to hand to every agent.
+    /// `ca.crt`: public. The controller keeps a copy of the same name in every namespace
+    /// labelled `cloudpass.dev/injection=enabled`, which injected agents mount.
     #[arg(long, env = "CLOUDPASS_BROKER_CA_CONFIGMAP", default_value = "cloudpass-broker-ca")]
     pub broker_ca_configmap: String,
     /// The broker's Service: the self-managed certificate is valid for

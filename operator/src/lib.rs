@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod args;
+pub mod broker_ca;
 pub mod evaluate;
 pub mod metrics;
 pub mod reconcile;
@@ -18,6 +19,9 @@ pub enum Error {
     /// A call to the Kubernetes API failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// A shared runtime step (publishing a CA bundle) failed other than in its API call.
+    #[error("{0}")]
+    Runtime(cloudpass_runtime::Error),
 }
 
 impl Error {
@@ -26,6 +30,16 @@ impl Error {
         match self {
             Self::Kube(kube::Error::Api(_)) => "api_status",
             Self::Kube(_) => "api_transport",
+            Self::Runtime(e) => e.metric_label(),
+        }
+    }
+}
+
+impl From<cloudpass_runtime::Error> for Error {
+    fn from(e: cloudpass_runtime::Error) -> Self {
+        match e {
+            cloudpass_runtime::Error::Kube(e) => Self::Kube(e),
+            other => Self::Runtime(other),
         }
     }
 }

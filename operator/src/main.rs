@@ -376,6 +376,7 @@ async fn main() -> ExitCode {
             .broker_service_account
             .clone()
             .map(|account| Arc::new(BrokerSecretAccess::new(client.clone(), args.namespace.clone(), account))),
+        broker_ca_configmap: Some(args.broker_ca_configmap.clone()),
     };
     let warm = ready.clone();
     reconcile::run(client, settings, metrics.clone(), stopped(stop_rx), move || warm.store(true, Ordering::Relaxed))

@@ -10,8 +10,8 @@ use std::{
 };
 
 use cloudpass_api::{
-    AccessPolicy, CONFIG_DATA_KEY, CONFIG_HASH_ANNOTATION, CONFIG_NAMESPACE_LABEL, CredentialProvider, Status,
-    TrustProvider,
+    AccessPolicy, CONFIG_DATA_KEY, CONFIG_HASH_ANNOTATION, CONFIG_NAMESPACE_LABEL, CredentialProvider,
+    INJECTION_ENABLED, INJECTION_LABEL, Status, TrustProvider,
     common::{CONDITION_READY, ProviderStatus, reasons},
     policy::AccessPolicyStatus,
 };
@@ -37,6 +37,7 @@ use tracing::{info, warn};
 
 use crate::{
     Error,
+    broker_ca::NamespaceBrokerCa,
     evaluate::{Evaluation, Outcome, Snapshot, evaluate},
     metrics::{Metrics, ObjectLabels},
     secret_access::BrokerSecretAccess,
@@ -71,6 +72,8 @@ pub struct Context {
     retries: std::sync::Mutex<BTreeMap<String, Retry>>,
     /// The broker's access to referenced Secrets, when it has its own service account.
     broker_secret_access: Option<Arc<BrokerSecretAccess>>,
+    /// The copies of the broker's CA bundle in opted-in namespaces, when kept.
+    broker_ca: Option<NamespaceBrokerCa>,
     /// Whether every cache holds its full initial list. Until then a namespace looks
     /// empty (or half-listed) and reconciling it would delete its compiled config, so the
     /// broker would deny and the webhook skip its pods.
@@ -99,7 +102,8 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let name = ns.name_any();
-    let result = reconcile_namespace(&name, &ns.uid().unwrap_or_default(), &ctx).await;
+    let opted_in = ns.labels().get(INJECTION_LABEL).map(String::as_str) == Some(INJECTION_ENABLED);
+    let result = reconcile_namespace(&name, &ns.uid().unwrap_or_default(), opted_in, &ctx).await;
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     if result.is_ok() {
         ctx.retries.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
@@ -123,7 +127,12 @@ fn object_counts(evaluation: &Evaluation) -> BTreeMap<ObjectLabels, i64> {
     counts
 }
 
-async fn reconcile_namespace(namespace: &str, namespace_uid: &str, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_namespace(
+    namespace: &str,
+    namespace_uid: &str,
+    opted_in: bool,
+    ctx: &Context,
+) -> Result<Action, Error> {
     let namespace = namespace.to_owned();
     let trust = in_namespace(&ctx.trust, &namespace);
     let credential = in_namespace(&ctx.credential, &namespace);
@@ -154,6 +163,10 @@ async fn reconcile_namespace(namespace: &str, namespace_uid: &str, ctx: &Context
     let policy_hashes: BTreeMap<String, String> = (evaluation.config.iter())
         .flat_map(|c| c.policies.iter().filter_map(|p| Some((p.name.clone(), c.policy_hash(&p.name)?))))
         .collect();
+    // The CA copy first: a pod injected by the new config mounts it.
+    if let Some(ca) = &ctx.broker_ca {
+        ca.sync(&ctx.operator_namespace, &namespace, opted_in).await?;
+    }
     ctx.write_config(&namespace, evaluation.config).await?;
 
     let trust_kinds = trust.iter().map(|o| (o.as_ref(), o.status.clone(), o.spec.kind_name()));
@@ -367,6 +380,10 @@ pub struct Settings {
     /// When the broker runs under its own service account: its per-namespace access to
     /// the referenced Secrets, kept by the controller.
     pub broker_secret_access: Option<Arc<BrokerSecretAccess>>,
+    /// Name of the ConfigMap in the operator's namespace where the broker publishes its
+    /// CA bundle: when set, the controller keeps a copy of it in every opted-in
+    /// namespace (see [`crate::broker_ca`]).
+    pub broker_ca_configmap: Option<String>,
 }
 
 /// Drops what the controller never reads from a cached object: its managed fields and
@@ -424,6 +441,17 @@ pub async fn run(
     .default_backoff()
     .touched_objects();
 
+    // Every ConfigMap named like the published broker CA: the original, whose change
+    // reconciles every namespace again (each copy follows a rotation), and the copies,
+    // whose change reconciles their own namespace (one deleted by hand comes back).
+    let (broker_ca, broker_ca_w) = reflector::store();
+    let broker_ca_stream = settings.broker_ca_configmap.as_ref().map(|name| {
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        reflector::reflector(broker_ca_w, watcher(Api::<ConfigMap>::all(client.clone()), cfg).modify(slim::<ConfigMap>))
+            .default_backoff()
+            .touched_objects()
+    });
+
     let ctx = Arc::new(Context {
         client: client.clone(),
         trust: trust.clone(),
@@ -438,10 +466,14 @@ pub async fn run(
         metrics,
         retries: Default::default(),
         broker_secret_access: settings.broker_secret_access.clone(),
+        broker_ca: (settings.broker_ca_configmap.clone())
+            .map(|name| NamespaceBrokerCa::new(client.clone(), name, broker_ca.clone())),
         warm: Default::default(),
     });
 
-    let controller = Controller::new(Api::<Namespace>::all(client.clone()), cfg)
+    let controller = Controller::new(Api::<Namespace>::all(client.clone()), cfg);
+    let namespaces = controller.store();
+    let mut controller = controller
         .with_config(
             kube::runtime::controller::Config::default().concurrency(settings.concurrency).debounce(settings.debounce),
         )
@@ -452,6 +484,16 @@ pub async fn run(
             cm.labels().get(CONFIG_NAMESPACE_LABEL).map(|ns| ObjectRef::new(ns))
         })
         .graceful_shutdown_on(shutdown);
+    if let Some(stream) = broker_ca_stream {
+        let operator_namespace = settings.operator_namespace.clone();
+        controller = controller.watches_stream(stream, move |cm: ConfigMap| {
+            if cm.namespace().as_deref() == Some(operator_namespace.as_str()) {
+                namespaces.state().iter().map(|ns| ObjectRef::from_obj(ns.as_ref())).collect()
+            } else {
+                namespace_of(cm).into_iter().collect::<Vec<_>>()
+            }
+        });
+    }
 
     // Reconciling before the caches are complete would, for example, delete the config of
     // a namespace whose policies have not been listed yet: wait for every cache first.
@@ -464,7 +506,12 @@ pub async fn run(
                 trust.wait_until_ready(),
                 credential.wait_until_ready(),
                 policies.wait_until_ready(),
-                configs.wait_until_ready()
+                configs.wait_until_ready(),
+                async {
+                    if ctx.broker_ca.is_some() {
+                        let _ = broker_ca.wait_until_ready().await;
+                    }
+                }
             );
             ctx.warm.store(true, std::sync::atomic::Ordering::Release);
             info!("caches warm; reconciling");

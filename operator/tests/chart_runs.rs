@@ -141,6 +141,37 @@ async fn the_rendered_controller_and_broker_run_each_with_its_own_rbac() {
         .unwrap();
     assert!(ca.contains("BEGIN CERTIFICATE"), "published CA: {ca:?}");
 
+    // Every opted-in namespace gets a copy of it, which injected agents mount: it follows
+    // the original, comes back when deleted by hand, and goes when the namespace opts
+    // out. A namespace not opted in gets none.
+    cp.create_namespace("apps", &[("cloudpass.dev/injection", "enabled")]).await.unwrap();
+    let copy = |ns: &str| {
+        let out = cp
+            .kubectl_output(
+                &["get", "configmap", "cloudpass-broker-ca", "-n", ns, "-o", "jsonpath={.data.ca\\.crt}"],
+                None,
+            )
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}:\n{}", process.log_tail(4000));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    wait_for("no copy of the broker CA in the opted-in namespace", &|| copy("apps").as_deref() == Some(ca.as_str()));
+    assert_eq!(copy("team"), None, "a namespace not opted in gets no copy");
+    cp.kubectl_ok(&["delete", "configmap", "cloudpass-broker-ca", "-n", "apps"]).unwrap();
+    wait_for("the deleted copy was not restored", &|| copy("apps").as_deref() == Some(ca.as_str()));
+    let rotated = format!("{ca}{}", TestCa::new("next").unwrap().cert_pem());
+    let patch = serde_json::json!({"data": {"ca.crt": rotated}}).to_string();
+    cp.kubectl_ok(&["patch", "configmap", "cloudpass-broker-ca", "-n", NS, "--type=merge", "-p", &patch]).unwrap();
+    wait_for("the copy did not follow the original", &|| copy("apps").as_deref() == Some(rotated.as_str()));
+    cp.kubectl_ok(&["label", "namespace", "apps", "cloudpass.dev/injection-"]).unwrap();
+    wait_for("the copy outlived the opt-in", &|| copy("apps").is_none());
+
     // The issuer's discovery document over TLS, verified with only the published CA and
     // the Service's DNS name (the Service's port moved to where the container listens).
     let host = format!("cloudpass-broker.{NS}.svc");

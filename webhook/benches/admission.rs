@@ -18,8 +18,7 @@ use cloudpass_e2e::{
 use cloudpass_webhook::{
     admission::Admission,
     configs::Configs,
-    files::WatchedText,
-    inject::{InjectSettings, Ports},
+    inject::{BrokerCa, InjectSettings, Ports},
     metrics::Metrics,
 };
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::LabelSelector};
@@ -62,7 +61,7 @@ fn review_body(policies: usize) -> (Admission, Vec<u8>) {
             pull_policy: "IfNotPresent".into(),
             agent_path: "/usr/local/bin/cloudpass-agent".into(),
             broker_url: "https://cloudpass-broker.cloudpass-system.svc:8443".into(),
-            broker_ca: WatchedText::fixed(TestCa::new("broker").unwrap().cert_pem()),
+            broker_ca: BrokerCa::ConfigMap("cloudpass-broker-ca".into()),
             ports: Ports::default(),
             token_seconds: 3600,
             version: "bench".into(),
@@ -167,6 +166,7 @@ async fn through_apiserver() {
             concurrency: 4,
             debounce: cloudpass_operator::reconcile::DEFAULT_DEBOUNCE,
             broker_secret_access: None,
+            broker_ca_configmap: None,
         };
         cloudpass_operator::reconcile::run(
             operator_client,

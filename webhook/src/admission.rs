@@ -203,7 +203,7 @@ mod tests {
                 pull_policy: "IfNotPresent".into(),
                 agent_path: "/agent".into(),
                 broker_url: "https://broker".into(),
-                broker_ca: crate::files::WatchedText::fixed(""),
+                broker_ca: crate::inject::BrokerCa::ConfigMap("cloudpass-broker-ca".into()),
                 ports: Ports::default(),
                 token_seconds: 3600,
                 version: "test".into(),

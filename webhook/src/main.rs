@@ -11,7 +11,7 @@ use cloudpass_webhook::{
     certs::{CertManager, CertSettings},
     configs::{self, Configs},
     files::{WatchedText, validate_pem_certificates},
-    inject::{InjectSettings, Ports},
+    inject::{BrokerCa, InjectSettings, Ports},
     metrics::Metrics,
     server::{self, AppState},
     tls::{self, ReloadableCert, ServerLimits},
@@ -73,9 +73,15 @@ struct Args {
     /// Broker URL the agent calls. Default: `https://cloudpass-broker.<namespace>.svc:8443`.
     #[arg(long, env = "CLOUDPASS_BROKER_URL")]
     broker_url: Option<String>,
-    /// PEM file with the broker's CA bundle, handed to the agent (e.g. the mounted
-    /// ConfigMap the operator publishes). Re-read when it changes (checked every few
-    /// seconds); until it has been read once the webhook is not ready.
+    /// ConfigMap holding the broker's CA bundle (`ca.crt`) in every opted-in namespace,
+    /// which the operator keeps there: projected into each agent beside its token, so
+    /// the kubelet brings a rotated CA to running agents.
+    #[arg(long, env = "CLOUDPASS_BROKER_CA_CONFIGMAP", default_value = "cloudpass-broker-ca")]
+    broker_ca_configmap: String,
+    /// PEM file with the broker's CA bundle, handed to each agent in its environment
+    /// instead of `--broker-ca-configmap`: for `--remote-cluster`, where no operator keeps
+    /// the namespaces' copies. Re-read when it changes (checked every few seconds); until
+    /// it has been read once the webhook is not ready.
     #[arg(long, env = "CLOUDPASS_BROKER_CA_FILE")]
     broker_ca_file: Option<PathBuf>,
     /// Lifetime of the projected token mounted into the agent (the kubelet renews it at 80%).
@@ -147,13 +153,22 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    // The file may appear after the start (an optional ConfigMap volume the operator fills
-    // later) and changes when the broker's CA rotates: watch it, cheaply.
+    // The file may appear after the start (an optional ConfigMap volume filled later)
+    // and changes when the broker's CA rotates: watch it, cheaply.
     let broker_ca = match &args.broker_ca_file {
-        Some(path) => {
-            WatchedText::watch(path.clone(), BROKER_CA_CHECK_INTERVAL, "broker CA", validate_pem_certificates)
+        Some(path) => BrokerCa::Inline(WatchedText::watch(
+            path.clone(),
+            BROKER_CA_CHECK_INTERVAL,
+            "broker CA",
+            validate_pem_certificates,
+        )),
+        None if args.remote_cluster => {
+            error!(
+                "--remote-cluster needs --broker-ca-file: no operator keeps the broker CA in this cluster's namespaces"
+            );
+            return ExitCode::FAILURE;
         }
-        None => WatchedText::fixed(""),
+        None => BrokerCa::ConfigMap(args.broker_ca_configmap.clone()),
     };
     let metrics = Metrics::new();
     let configs = Arc::new(Configs::default());

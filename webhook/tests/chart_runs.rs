@@ -1,12 +1,11 @@
 //! The webhook container as the Helm chart renders it really runs: the real binary with
 //! exactly the rendered arguments and environment (bind address moved to loopback), as
 //! the chart's service account with only the chart's RBAC, becomes ready on the port the
-//! Service and the webhook configuration point at once it has the broker's CA from its
-//! (optional) ConfigMap volume, and takes over the caBundle.
+//! Service and the webhook configuration point at, and takes over the caBundle.
 
 use std::time::{Duration, Instant};
 
-use cloudpass_e2e::{ControlPlane, certs::TestCa, chart};
+use cloudpass_e2e::{ControlPlane, chart};
 
 const NS: &str = "cloudpass-system";
 
@@ -28,12 +27,11 @@ async fn the_rendered_webhook_runs_with_its_own_rbac() {
     let rendered = chart::container_command(deployment, "webhook", NS, "cloudpass-webhook-0").unwrap();
     assert!(rendered.args.contains(&format!("--listen-addr=0.0.0.0:{port}")), "{:?}", rendered.args);
 
-    // The broker CA comes from the ConfigMap the operator publishes, mounted as a file.
-    assert!(rendered.args.contains(&"--broker-ca-file=/etc/cloudpass/broker-ca/ca.crt".to_owned()));
-    let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
-    let broker_ca = volumes.as_sequence().unwrap().iter().find(|v| v["name"] == "broker-ca").unwrap();
-    assert_eq!(broker_ca["configMap"]["name"], "cloudpass-broker-ca");
-    assert_eq!(broker_ca["configMap"]["optional"], true, "the webhook starts before the operator published it");
+    // Agents mount the operator's copy of the broker CA in their own namespace: the
+    // webhook itself needs no CA, and no volume for it.
+    assert!(rendered.args.contains(&"--broker-ca-configmap=cloudpass-broker-ca".to_owned()), "{:?}", rendered.args);
+    assert!(!rendered.args.iter().any(|a| a.starts_with("--broker-ca-file")));
+    assert!(deployment["spec"]["template"]["spec"]["volumes"].is_null(), "no volume without cert-manager");
 
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-webhook"));
     let process = chart::run_container(cp, deployment, "webhook", "cloudpass-webhook", binary).await.unwrap();
@@ -44,22 +42,6 @@ async fn the_rendered_webhook_runs_with_its_own_rbac() {
         let response = http.get(format!("https://127.0.0.1:{port}/readyz")).send().await.ok()?;
         Some((response.status().as_u16(), response.text().await.unwrap_or_default()))
     };
-    // Without the broker CA it would inject agents that cannot reach the broker: not ready.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let answer = readyz().await;
-        if answer.as_ref().is_some_and(|(_, body)| body.contains("broker CA")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{answer:?}:\n{}", process.log_tail(4000));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(!chart::project_config_map(cp, deployment, "broker-ca").unwrap(), "nothing published yet");
-    // What the operator publishes, and the kubelet then projects into the volume.
-    let ca = TestCa::new("broker").unwrap().cert_pem();
-    cp.kubectl_ok(&["create", "configmap", "cloudpass-broker-ca", "-n", NS, &format!("--from-literal=ca.crt={ca}")])
-        .unwrap();
-    assert!(chart::project_config_map(cp, deployment, "broker-ca").unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let answer = readyz().await;

@@ -128,6 +128,7 @@ fn setup() -> &'static ControlPlane {
                     concurrency: 4,
                     debounce: cloudpass_operator::reconcile::DEFAULT_DEBOUNCE,
                     broker_secret_access: None,
+                    broker_ca_configmap: None,
                 };
                 let metrics = cloudpass_operator::metrics::Metrics::new();
                 cloudpass_operator::reconcile::run(client, settings, metrics, std::future::pending(), move || {

@@ -7,13 +7,15 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use cloudpass_api::{
-    agent::{AGENT_CONFIG_ENV, AgentConfig, BROKER_CA_ENV, SHARED_DIR, TOKEN_DIR, TOKEN_FILE},
+    agent::{AGENT_CONFIG_ENV, AgentConfig, BROKER_CA_ENV, BROKER_CA_FILE, SHARED_DIR, TOKEN_DIR, TOKEN_FILE},
     duration::Duration as TextDuration,
     secret::SecretString,
 };
 use cloudpass_cli::LogArgs;
 
-use super::{AwsSource, BrokerClientSettings, EvidenceSettings, LINK_LOCAL_METADATA, RetrySettings, Settings};
+use super::{
+    AwsSource, BrokerCa, BrokerClientSettings, EvidenceSettings, LINK_LOCAL_METADATA, RetrySettings, Settings,
+};
 use crate::error::AgentError;
 
 /// The cloudpass agent: fetches this pod's credentials from the cloudpass broker and
@@ -66,6 +68,10 @@ pub struct RunArgs {
     /// these are trusted for the broker unless `--broker-trust-system-roots`.
     #[arg(long, env = BROKER_CA_ENV, hide_env_values = true)]
     pub broker_ca: Option<String>,
+    /// PEM file of the broker's CA bundle, used when `--broker-ca` is not given and read
+    /// again before each broker call (the kubelet replaces it when the CA rotates).
+    #[arg(long, env = "CLOUDPASS_BROKER_CA_FILE", default_value_t = default_broker_ca_file())]
+    pub broker_ca_file: String,
     /// Also trust the system's root CAs for the broker (a broker behind a publicly
     /// trusted certificate).
     #[arg(long, env = "CLOUDPASS_BROKER_TRUST_SYSTEM_ROOTS", default_value_t = false, action = clap::ArgAction::Set)]
@@ -124,6 +130,10 @@ fn default_token_file() -> String {
     format!("{TOKEN_DIR}/{TOKEN_FILE}")
 }
 
+fn default_broker_ca_file() -> String {
+    format!("{TOKEN_DIR}/{BROKER_CA_FILE}")
+}
+
 impl RunArgs {
     /// The parsed and checked agent configuration only (what `probe` needs).
     pub fn agent_config(&self) -> Result<AgentConfig, AgentError> {
@@ -147,7 +157,10 @@ impl RunArgs {
         let settings = Settings {
             broker: BrokerClientSettings {
                 url: config.broker_url.clone(),
-                ca_pem: self.broker_ca.filter(|pem| !pem.trim().is_empty()),
+                ca: match self.broker_ca.filter(|pem| !pem.trim().is_empty()) {
+                    Some(pem) => Some(BrokerCa::Pem(pem)),
+                    None => Some(PathBuf::from(self.broker_ca_file)).filter(|file| file.exists()).map(BrokerCa::File),
+                },
                 trust_system_roots: self.broker_trust_system_roots,
                 token_file: PathBuf::from(self.token_file),
                 timeout: self.broker_timeout.as_std(),
@@ -187,6 +200,7 @@ mod tests {
             "CLOUDPASS_AGENT_CONFIG",
             "--broker-ca",
             "CLOUDPASS_BROKER_CA",
+            "--broker-ca-file",
             "--token-file",
             "--shared-dir",
             "--identity-header",

@@ -38,9 +38,9 @@ pub const LINK_LOCAL_METADATA: &str = "http://169.254.169.254";
 pub struct BrokerClientSettings {
     /// Base URL (`https://...`), the configuration's `brokerUrl`.
     pub url: String,
-    /// PEM CA certificate(s) of the broker: the only trust anchors for it unless
+    /// The broker's CA certificate(s): the only trust anchors for it unless
     /// `trust_system_roots`.
-    pub ca_pem: Option<String>,
+    pub ca: Option<BrokerCa>,
     /// Also trust the system's root CAs (a broker with a publicly trusted certificate).
     pub trust_system_roots: bool,
     /// The projected service-account token presented as bearer, re-read for every
@@ -50,6 +50,16 @@ pub struct BrokerClientSettings {
     pub timeout: Duration,
     /// Where cloud evidence comes from.
     pub evidence: EvidenceSettings,
+}
+
+/// Where the agent's trust in the broker comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerCa {
+    /// PEM given at start ([`BROKER_CA_ENV`]).
+    Pem(String),
+    /// A PEM file, read again before each broker call: the namespace's copy of the
+    /// broker's CA, projected by the kubelet, which replaces it when the CA rotates.
+    File(PathBuf),
 }
 
 /// Where the agent looks for cloud evidence: the metadata services and the pod's AWS
@@ -169,8 +179,10 @@ impl Settings {
                 config.broker_url
             ));
         }
-        if self.broker.ca_pem.is_none() && !self.broker.trust_system_roots {
-            return bad(format!("no broker CA: set {BROKER_CA_ENV} or --broker-trust-system-roots"));
+        if self.broker.ca.is_none() && !self.broker.trust_system_roots {
+            return bad(format!(
+                "no broker CA: mount it at --broker-ca-file, or set {BROKER_CA_ENV} or --broker-trust-system-roots"
+            ));
         }
         if let Some(id) = &self.broker.evidence.server_id
             && axum::http::HeaderValue::from_str(id).is_err()
@@ -279,7 +291,7 @@ mod tests {
             },
             broker: BrokerClientSettings {
                 url: "https://broker:8443".into(),
-                ca_pem: Some("pem".into()),
+                ca: Some(BrokerCa::Pem("pem".into())),
                 trust_system_roots: false,
                 token_file: "/t".into(),
                 timeout: Duration::from_secs(1),
@@ -350,7 +362,7 @@ mod tests {
             (
                 {
                     let mut s = settings(vec![]);
-                    s.broker.ca_pem = None;
+                    s.broker.ca = None;
                     s
                 },
                 "no broker CA",

@@ -27,7 +27,7 @@ use axum::{
 };
 use cloudpass_agent::{
     Settings,
-    settings::{BrokerClientSettings, RetrySettings},
+    settings::{BrokerCa, BrokerClientSettings, RetrySettings},
 };
 use cloudpass_api::{
     agent::{AgentConfig, AgentDelivery},
@@ -276,7 +276,7 @@ pub fn settings(broker: &FakeBroker, files: &Files, deliveries: Vec<AgentDeliver
         config: AgentConfig { broker_url: broker.url.clone(), health_port: 0, deliveries, policy_namespace: None },
         broker: BrokerClientSettings {
             url: broker.url.clone(),
-            ca_pem: Some(broker.ca_pem.clone()),
+            ca: Some(BrokerCa::Pem(broker.ca_pem.clone())),
             trust_system_roots: false,
             token_file: files.token_file(),
             timeout: Duration::from_secs(5),

@@ -7,8 +7,8 @@
 //! a host folder, starts the injected agent container as a process with exactly its
 //! environment and arguments, runs its postStart hook, and runs app containers as Python
 //! programs with exactly their environment. The only changes are paths under volume mounts
-//! (moved to the host folders, for the agent through its `--token-file`/`--shared-dir`
-//! flags and in its configuration) and the machine's own settings an app's container image
+//! (moved to the host folders, for the agent through its `--token-file`/`--broker-ca-file`/
+//! `--shared-dir` flags and in its configuration) and the machine's own settings an app's container image
 //! would carry: `PATH`, `HOME` and a CA bundle holding the test bed's CA (`SSL_CERT_FILE`,
 //! `REQUESTS_CA_BUNDLE`). The agent gets no such bundle: its image has the system roots.
 
@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use cloudpass_api::agent::{AGENT_CONTAINER, SHARED_DIR, TOKEN_DIR, TOKEN_FILE};
+use cloudpass_api::agent::{AGENT_CONTAINER, BROKER_CA_FILE, SHARED_DIR, TOKEN_DIR, TOKEN_FILE};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -262,6 +262,11 @@ impl Node {
                 project_config_map(cp, &pod.namespace, config_map, &volume["configMap"]["items"], &host)?;
             }
             for source in volume["projected"]["sources"].as_array().into_iter().flatten() {
+                // `kube-root-ca.crt` is published by kube-controller-manager, which this
+                // test bed does not run; no container here reads the API server's CA.
+                if let Some(config_map) = source["configMap"]["name"].as_str().filter(|n| *n != "kube-root-ca.crt") {
+                    project_config_map(cp, &pod.namespace, config_map, &source["configMap"]["items"], &host)?;
+                }
                 let token = &source["serviceAccountToken"];
                 if token.is_null() {
                     continue;
@@ -411,13 +416,15 @@ impl RunningPod {
             .collect();
         // The only additions: the agent's fixed paths, moved with their volumes...
         args.push(format!("--token-file={}", remap(&format!("{TOKEN_DIR}/{TOKEN_FILE}"), &mounts)));
+        args.push(format!("--broker-ca-file={}", remap(&format!("{TOKEN_DIR}/{BROKER_CA_FILE}"), &mounts)));
         args.push(format!("--shared-dir={}", remap(SHARED_DIR, &mounts)));
         // ...and the node's metadata address, moved to its fake.
         if let Some(url) = &self.node.metadata_url {
             args.extend(["azure-imds-url", "gcp-metadata-url", "aws-imds-url"].map(|flag| format!("--{flag}={url}")));
         }
         // Nothing else: the agent's image carries only the system roots; the broker's CA
-        // comes with its configuration and a private API's CA through server.tls.
+        // comes from its namespace's copy (or its environment) and a private API's CA
+        // through server.tls.
         let env = self.env_of(&agent)?;
         // `env -i`: the container's environment only, nothing of the test process.
         let mut argv: Vec<String> = vec!["-i".into()];

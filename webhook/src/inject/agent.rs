@@ -6,20 +6,23 @@
 use std::collections::BTreeSet;
 
 use cloudpass_api::{
-    agent::{AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, BROKER_CA_ENV, SHARED_DIR, TOKEN_DIR, TOKEN_FILE},
+    agent::{
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, BROKER_CA_ENV, BROKER_CA_FILE, BROKER_CA_KEY, SHARED_DIR,
+        TOKEN_DIR, TOKEN_FILE,
+    },
     config::NamespaceConfig,
 };
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, ExecAction, KeyToPath, Lifecycle,
-        LifecycleHandler, Pod, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+        Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, ExecAction,
+        KeyToPath, Lifecycle, LifecycleHandler, Pod, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+        SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::api::resource::Quantity,
 };
 
 use super::{
-    InjectSettings,
+    BrokerCa, InjectSettings,
     deliver::{Delivered, env},
 };
 
@@ -89,10 +92,11 @@ pub(super) fn build(
         deliveries,
         policy_namespace: config.filter(|_| settings.remote_cluster).map(|c| c.namespace.clone()),
     };
-    let mut agent_env = vec![
-        env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes")),
-        env(BROKER_CA_ENV, settings.broker_ca.get().to_string()),
-    ];
+    let mut agent_env =
+        vec![env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes"))];
+    if let BrokerCa::Inline(pem) = &settings.broker_ca {
+        agent_env.push(env(BROKER_CA_ENV, pem.get().to_string()));
+    }
     if uses_azure {
         agent_env.push(env("IDENTITY_HEADER", identity_header));
     }
@@ -127,18 +131,35 @@ pub(super) fn build(
     let agent = agent_container(settings, agent_env, agent_mounts);
 
     let mut volumes = Vec::new();
+    let mut sources = vec![VolumeProjection {
+        service_account_token: Some(ServiceAccountTokenProjection {
+            audience: Some(cloudpass_api::BROKER_AUDIENCE.into()),
+            expiration_seconds: Some(settings.token_seconds),
+            path: TOKEN_FILE.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    if let BrokerCa::ConfigMap(name) = &settings.broker_ca {
+        sources.push(VolumeProjection {
+            config_map: Some(ConfigMapProjection {
+                name: name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: BROKER_CA_KEY.into(),
+                    path: BROKER_CA_FILE.into(),
+                    ..Default::default()
+                }]),
+                // Required: without it the kubelet holds the pod with a FailedMount Event
+                // naming the ConfigMap, rather than start an agent that trusts nothing.
+                optional: None,
+            }),
+            ..Default::default()
+        });
+    }
     volumes.push(Volume {
         name: token_volume,
         projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(cloudpass_api::BROKER_AUDIENCE.into()),
-                    expiration_seconds: Some(settings.token_seconds),
-                    path: TOKEN_FILE.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
+            sources: Some(sources),
             // The kubelet writes the token as root and hands its ownership to the pod's
             // user only when every container runs as the same UID, which an app seldom
             // does with the agent's 65532; 0440 then left the agent unable to read it.

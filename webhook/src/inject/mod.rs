@@ -59,9 +59,8 @@ pub struct InjectSettings {
     pub agent_path: String,
     /// Broker base URL.
     pub broker_url: String,
-    /// Broker CA certificates (PEM), handed to every agent. Watched: a pod gets the
-    /// bundle current at its admission.
-    pub broker_ca: Arc<WatchedText>,
+    /// Where agents find the broker's CA bundle.
+    pub broker_ca: BrokerCa,
     /// Agent ports.
     pub ports: Ports,
     /// Lifetime of the projected token, seconds (the kubelet rotates it at 80%).
@@ -73,6 +72,30 @@ pub struct InjectSettings {
     /// with an empty pod selector apply, because the broker cannot see this cluster's
     /// pod labels.
     pub remote_cluster: bool,
+}
+
+/// Where injected agents find the broker's CA bundle.
+#[derive(Clone, Debug)]
+pub enum BrokerCa {
+    /// In the ConfigMap of this name that the operator keeps in every opted-in namespace
+    /// (see `cloudpass_operator::broker_ca`), projected beside the agent's token: a few
+    /// bytes in the pod rather than the PEM, and the kubelet brings a rotated CA to
+    /// running agents.
+    ConfigMap(String),
+    /// The PEM itself, in the agent's environment: for clusters where no operator keeps
+    /// those copies (`--remote-cluster`). Watched: a pod gets the bundle current at its
+    /// admission.
+    Inline(Arc<WatchedText>),
+}
+
+impl BrokerCa {
+    /// Whether agents can be given the CA (an inline bundle must have been read once).
+    pub fn is_loaded(&self) -> bool {
+        match self {
+            Self::ConfigMap(_) => true,
+            Self::Inline(pem) => pem.is_loaded(),
+        }
+    }
 }
 
 /// Why a pod was left without an agent.

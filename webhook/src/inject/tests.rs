@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cloudpass_api::{
     agent::{
-        AGENT_CONFIG_ENV, AGENT_CONTAINER, AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, EvidenceSource,
-        INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR, SKIPPED_ANNOTATION, TOKEN_DIR,
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, BROKER_CA_ENV, BROKER_CA_FILE,
+        BROKER_CA_KEY, EvidenceSource, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR, SKIPPED_ANNOTATION,
+        TOKEN_DIR,
     },
     config::{CompiledPolicy, NamespaceConfig},
 };
@@ -24,7 +25,7 @@ fn settings() -> InjectSettings {
         pull_policy: "IfNotPresent".into(),
         agent_path: "/usr/local/bin/cloudpass-agent".into(),
         broker_url: "https://broker".into(),
-        broker_ca: WatchedText::fixed("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"),
+        broker_ca: BrokerCa::ConfigMap("cloudpass-broker-ca".into()),
         ports: Ports::default(),
         token_seconds: 3600,
         version: "0.1.0".into(),
@@ -167,12 +168,34 @@ fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
     let projection =
         token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone().unwrap();
     assert_eq!(projection.audience.as_deref(), Some("cloudpass"));
+    // The broker's CA comes from the namespace's copy, beside the token: not in the spec.
+    let ca = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[1].config_map.clone().unwrap();
+    assert_eq!(ca.name, "cloudpass-broker-ca");
+    let item = &ca.items.unwrap()[0];
+    assert_eq!((item.key.as_str(), item.path.as_str()), (BROKER_CA_KEY, BROKER_CA_FILE));
+    assert_ne!(ca.optional, Some(true), "a pod without the CA waits for it, loudly");
+    assert!(!agent_env.contains_key(BROKER_CA_ENV), "no PEM in the pod spec");
     let env = env_of(&p, "web");
     assert_eq!(env["AWS_CONTAINER_CREDENTIALS_FULL_URI"], "http://127.0.0.1:15021/v1/aws/credentials");
     assert_eq!(env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"], format!("{SHARED_DIR}/{AWS_TOKEN_FILE}"));
     let ann = p.metadata.annotations.unwrap();
     assert_eq!(ann[INJECTED_ANNOTATION], "0.1.0");
     assert_eq!(ann[POLICIES_ANNOTATION], "s3");
+}
+
+#[test]
+fn an_inline_broker_ca_goes_into_the_agents_environment_and_nothing_is_projected() {
+    let cfg = config(json!([policy("s3", aws(), json!({}))]));
+    let pem = "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n";
+    let settings = InjectSettings { broker_ca: BrokerCa::Inline(WatchedText::fixed(pem)), ..settings() };
+    let d = decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings, "proof");
+    let p = d.mutated.unwrap();
+    let spec = p.spec.as_ref().unwrap();
+    let agent = &spec.init_containers.as_ref().unwrap()[0];
+    let ca = agent.env.iter().flatten().find(|e| e.name == BROKER_CA_ENV).unwrap();
+    assert_eq!(ca.value.as_deref(), Some(pem));
+    let token = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
+    assert_eq!(token.projected.as_ref().unwrap().sources.as_ref().unwrap().len(), 1, "the token alone");
 }
 
 #[test]
