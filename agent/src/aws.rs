@@ -64,7 +64,7 @@ fn is_authorization_token(text: &str) -> bool {
     text.len() == 43 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Writes the token to `<dir>/aws-container-authorization-token`: no trailing newline
+/// Writes the token to `<dir>/aws-token`: no trailing newline
 /// (botocore and Go refuse header values with line breaks), mode 0644 (the app may run
 /// as another user), replaced atomically so an SDK never reads half a token.
 pub fn write_token_file(dir: &Path, token: &SecretString) -> Result<PathBuf, AgentError> {
@@ -278,7 +278,7 @@ pub(crate) mod tests {
         assert!(token.expose().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         assert_ne!(token.expose(), new_authorization_token().expose());
         let path = write_token_file(dir.path(), &token).unwrap();
-        assert_eq!(path, dir.path().join("aws-container-authorization-token"));
+        assert_eq!(path, dir.path().join(AWS_TOKEN_FILE));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), token.expose());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);

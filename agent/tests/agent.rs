@@ -141,7 +141,7 @@ async fn in_process_agent_serves_every_sdk_endpoint_and_stops() {
     }
     assert_eq!(status, 200);
 
-    let token = std::fs::read_to_string(files.shared_dir().join("aws-container-authorization-token")).unwrap();
+    let token = std::fs::read_to_string(files.shared_dir().join(cloudpass_api::agent::AWS_TOKEN_FILE)).unwrap();
     assert_eq!(token, agent.aws_token().unwrap().expose());
     assert!(!token.ends_with('\n'));
     check_endpoints(aws, azure, gcp, &token).await;
@@ -292,7 +292,7 @@ async fn the_binary_runs_from_the_webhooks_environment() {
     let ready = eventually(Duration::from_secs(10), || probe(Some(&config)).status.success()).await;
     assert!(ready, "probe never passed");
 
-    let token = std::fs::read_to_string(files.shared_dir().join("aws-container-authorization-token")).unwrap();
+    let token = std::fs::read_to_string(files.shared_dir().join(cloudpass_api::agent::AWS_TOKEN_FILE)).unwrap();
     check_endpoints(aws, azure, gcp, &token).await;
 
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();

@@ -234,7 +234,7 @@ fn var(name: &str, value: impl Into<String>) -> (String, String) {
 }
 
 // The webhook's `app_env`, per delivery kind. The only difference: the AWS token file is
-// where this test's shared volume is, not /var/run/cloudpass.dev/shared.
+// where this test's shared volume is, not /var/run/cloudpass.
 
 fn aws_env(port: u16, files: &PodFiles) -> Env {
     vec![

@@ -26,7 +26,7 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// File name of the projected token inside [`TOKEN_DIR`].
 pub const TOKEN_FILE: &str = "token";
 /// In-memory directory shared with the app containers (read-only for them).
-pub const SHARED_DIR: &str = "/var/run/cloudpass.dev/shared";
+pub const SHARED_DIR: &str = "/var/run/cloudpass";
 /// Where the agent finds the CA bundle of a policy's `server.tls` (mounted from its
 /// ConfigMap): `<SERVER_CA_DIR>/<policy>/ca.crt`.
 pub const SERVER_CA_DIR: &str = "/var/run/cloudpass.dev/server-ca";
@@ -37,7 +37,7 @@ pub fn server_ca_file(policy: &str) -> String {
 }
 
 /// File in [`SHARED_DIR`] holding the AWS container-credentials authorization token.
-pub const AWS_TOKEN_FILE: &str = "aws-container-authorization-token";
+pub const AWS_TOKEN_FILE: &str = "aws-token";
 /// Path of the agent's readiness endpoint (all credentials fetched) on its health port.
 pub const READY_PATH: &str = "/ready";
 /// Path of the AWS container-credentials endpoint.
@@ -52,13 +52,26 @@ pub const POLICIES_ANNOTATION: &str = "cloudpass.dev/policies";
 /// Pod annotation explaining what was not injected and why.
 pub const SKIPPED_ANNOTATION: &str = "cloudpass.dev/injection-skipped";
 
+/// The agent's health port unless the webhook says otherwise.
+pub const DEFAULT_HEALTH_PORT: u16 = 15020;
+
+fn default_health_port() -> u16 {
+    DEFAULT_HEALTH_PORT
+}
+
+fn is_default_health_port(port: &u16) -> bool {
+    *port == DEFAULT_HEALTH_PORT
+}
+
 /// Everything the agent needs, written by the webhook.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentConfig {
     /// Base URL of the broker (`https://...`).
     pub broker_url: String,
-    /// Port of `/ready`, `/healthz` and `/metrics` on loopback.
+    /// Port of `/ready`, `/healthz` and `/metrics` on loopback; left out of the JSON when
+    /// it is [`DEFAULT_HEALTH_PORT`] (every byte here is stored in every injected pod).
+    #[serde(default = "default_health_port", skip_serializing_if = "is_default_health_port")]
     pub health_port: u16,
     /// What to serve, one entry per policy.
     pub deliveries: Vec<AgentDelivery>,
@@ -224,6 +237,12 @@ mod tests {
         assert!(json.contains(r#""type":"awsContainerCredentials""#), "{json}");
         assert!(json.contains(r#""evidence":[{"type":"gcpIdentityToken","trustProvider":"gke""#), "{json}");
         assert_eq!(serde_json::from_str::<AgentConfig>(&json).unwrap(), config);
+        assert!(serde_json::from_str::<AgentConfig>(&json.replace("deliveries", "delivery")).is_err());
+        assert!(!json.contains("healthPort"), "the default port is left out: {json}");
+        let other = AgentConfig { health_port: 15030, ..config };
+        let json = serde_json::to_string(&other).unwrap();
+        assert!(json.contains(r#""healthPort":15030"#), "{json}");
+        assert_eq!(serde_json::from_str::<AgentConfig>(&json).unwrap(), other);
         assert!(serde_json::from_str::<AgentConfig>(&json.replace("healthPort", "helthPort")).is_err());
     }
 }

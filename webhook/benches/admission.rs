@@ -148,6 +148,10 @@ fn sizes(plain: &Pod, injected: &Pod) {
     println!("  injected:                   {:>6} bytes  (+{})", total(injected), total(injected) - total(plain));
     println!("    agent container:          {:>6} bytes", agent.map_or(0, json_size));
     println!("      broker CA env:          {:>6} bytes", agent_env(cloudpass_api::agent::BROKER_CA_ENV));
+    // The CA comes from the namespace's copy; inline (`--remote-cluster`), its PEM would
+    // be in the environment instead.
+    let pem = TestCa::new("cloudpass-broker-ca").map_or(0, |ca| ca.cert_pem().len());
+    println!("      (inline instead, --remote-cluster: +{pem} bytes of PEM, this bench's CA)");
     println!("      agent config env:       {:>6} bytes", agent_env(cloudpass_api::agent::AGENT_CONFIG_ENV));
     println!("    volumes added:            {:>6} bytes", json_size(&spec.volumes).saturating_sub(plain_volumes));
     println!("    managedFields added:      {:>6} bytes", managed(injected).saturating_sub(managed(plain)));
@@ -282,6 +286,10 @@ async fn through_apiserver() {
     let stored_plain = off.create(&PostParams::default(), &plain).await.unwrap();
     let stored_injected = on.create(&PostParams::default(), &plain).await.unwrap();
     sizes(&stored_plain, &stored_injected);
+    let dump = std::env::temp_dir().join("cloudpass-bench-injected-pod.json");
+    if std::fs::write(&dump, serde_json::to_vec_pretty(&stored_injected).unwrap_or_default()).is_ok() {
+        println!("  the injected pod as stored: {}", dump.display());
+    }
     let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
     let text = http.get(format!("https://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
     let value = |name: &str| -> f64 {

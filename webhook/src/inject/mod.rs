@@ -44,7 +44,7 @@ pub struct Ports {
 
 impl Default for Ports {
     fn default() -> Self {
-        Self { health: 15020, aws: 15021, azure: 15022, gcp: 15023, proxy: 15024 }
+        Self { health: cloudpass_api::agent::DEFAULT_HEALTH_PORT, aws: 15021, azure: 15022, gcp: 15023, proxy: 15024 }
     }
 }
 
