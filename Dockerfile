@@ -25,9 +25,9 @@ RUN apt-get update \
     && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
-# The one build step, shared with `make images`: a static release build of the three
-# binaries (cargo build --release --locked --target x86_64-unknown-linux-musl), staged
-# into /out. The registry and target caches persist between builds.
+# The one build step, shared with `make images`: a static, optimized build of the three
+# binaries (cargo build --locked --target x86_64-unknown-linux-musl; the agent for size),
+# staged into /out. The registry and target caches persist between builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,sharing=locked \
     images/build-binaries.sh /out

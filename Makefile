@@ -62,9 +62,9 @@ images: ## Build the operator, webhook and agent images (as the Dockerfile says)
 MUSL_TARGET = x86_64-unknown-linux-musl
 
 .PHONY: agent-static
-agent-static: ## Build the static (musl) operator, webhook and agent with images/build-binaries.sh, as the images have them, into target/x86_64-unknown-linux-musl/release
+agent-static: ## Build the static (musl) operator, webhook and agent with images/build-binaries.sh, as the images have them, into target/images/binaries
 	images/build-binaries.sh target/images/binaries
-	@file target/$(MUSL_TARGET)/release/cloudpass-agent; ls -l target/$(MUSL_TARGET)/release/cloudpass-agent
+	@file target/images/binaries/cloudpass-agent; ls -l target/images/binaries/cloudpass-agent
 
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS = sts_xml broker_request agent_config namespace_config admission_pod hosts_and_formats durations_and_windows \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the three binaries of the cloudpass images, fully static (musl) and in release
-# mode, and stages them into one folder. The Dockerfile's build stage and the local image
+# Builds the three binaries of the cloudpass images, fully static (musl) and optimized
+# (the agent for size, see profile_of), and stages them into one folder. The Dockerfile's build stage and the local image
 # assembler (`make images`, e2e/src/images/) both run this script, so both build the
 # binaries the same way.
 #
@@ -37,13 +37,20 @@ export CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS="$remap"
 export CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-musl-gcc}
 export CFLAGS_x86_64_unknown_linux_musl="$prefix_map"
 
-packages=()
-for binary in "${binaries[@]}"; do packages+=(-p "$binary"); done
-cargo build --release --locked --target "$triple" "${packages[@]}" --bins
+# The cargo profile of each binary: the agent, in every injected pod, is built for size
+# (`agent-image` in Cargo.toml); the operator and the webhook for speed.
+profile_of() {
+  case $1 in
+    cloudpass-agent) echo agent-image ;;
+    *) echo release ;;
+  esac
+}
+cargo build --release --locked --target "$triple" -p cloudpass-operator -p cloudpass-webhook --bins
+cargo build --profile agent-image --locked --target "$triple" -p cloudpass-agent --bins
 
 target_dir=${CARGO_TARGET_DIR:-target}
 for binary in "${binaries[@]}"; do
+  built="$target_dir/$triple/$(profile_of "$binary")/$binary"
   # Copy only when the content changed, so that the staged file keeps its identity.
-  cmp -s "$target_dir/$triple/release/$binary" "$out/$binary" 2>/dev/null \
-    || install -m 0755 "$target_dir/$triple/release/$binary" "$out/$binary"
+  cmp -s "$built" "$out/$binary" 2>/dev/null || install -m 0755 "$built" "$out/$binary"
 done

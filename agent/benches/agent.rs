@@ -214,15 +214,33 @@ async fn run() {
     println!("  added by the proxy:                p50 {:>6.3} ms   p99 {:>6.3} ms", p50 - d50, p99 - d99);
     drop(agent);
 
-    // The binary the image ships (static musl, release profile; `make images` builds it,
+    // The binary the image ships (static musl, built for size; `make images` builds it,
     // `make bench` first): its idle memory, which is what a pod's agent holds.
-    let image = repo_root().join("target/x86_64-unknown-linux-musl/release/cloudpass-agent");
+    let image = repo_root().join("target").join(cloudpass_e2e::images::built_binary("cloudpass-agent"));
     if image.exists() {
         let agent = spawn(&image, "agent-image.log");
         ready().await;
-        Memory::of(agent.0.id()).print("image's binary (static musl)");
+        Memory::of(agent.0.id()).print("image's binary (static musl, built for size)");
+        // Its hot path, against the release build's above (same run, same load).
+        let auth = std::fs::read_to_string(shared.join(cloudpass_api::agent::AWS_TOKEN_FILE)).unwrap();
+        let client = http.clone();
+        let creds = format!("http://127.0.0.1:{aws_port}{}", cloudpass_api::agent::AWS_CREDENTIALS_PATH);
+        let (image_rate, i50, i99) = load(move || client.get(&creds).header("authorization", &auth)).await;
+        println!(
+            "  GET AWS container credentials, image's binary: {image_rate:>8.0} req/s   p50 {i50:>6.3} ms   p99 {i99:>6.3} ms   ({:.2}x the release build's throughput)",
+            image_rate / rate
+        );
+        drop(agent);
     } else {
         println!("  (no image binary at {}: run make images to measure it)", image.display());
+    }
+    // Another build to compare in the same run (another profile, allocator or TLS
+    // provider): CLOUDPASS_BENCH_AGENT_BINARY=path.
+    if let Some(other) = std::env::var_os("CLOUDPASS_BENCH_AGENT_BINARY").map(std::path::PathBuf::from) {
+        let size = std::fs::metadata(&other).map(|m| m.len()).unwrap_or(0);
+        let agent = spawn(&other, "agent-other.log");
+        ready().await;
+        Memory::of(agent.0.id()).print(&format!("{} ({size} bytes)", other.display()));
     }
 }
 

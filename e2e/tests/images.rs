@@ -244,7 +244,7 @@ fn declared_files(stage: &Stage) -> BTreeMap<String, Vec<u8>> {
                 // What cargo built, independently of the assembler's staging.
                 (Some(_), Some(binary)) => {
                     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or(repo.join("target"), |d| repo.join(d));
-                    target_dir.join("x86_64-unknown-linux-musl/release").join(binary)
+                    target_dir.join(cloudpass_e2e::images::built_binary(binary))
                 }
                 (Some(_), None) => PathBuf::from(source),
                 (None, _) => repo.join(source),
@@ -615,10 +615,11 @@ fn dockerfile_build_stage_builds_what_the_chart_and_webhook_expect() {
             assert!(minor(toolchain) >= minor(rust_version), "{} older than rust-version {rust_version}", build.from);
         }
     }
-    // One cargo invocation, static, release, locked, one -p per binary, paths remapped.
+    // Static, locked, paths remapped; the agent for size.
     let script = fs::read_to_string(repo_root().join(BUILD_SCRIPT)).unwrap();
     for needle in [
         "cargo build --release --locked --target \"$triple\"",
+        "cargo build --profile agent-image --locked --target \"$triple\" -p cloudpass-agent",
         "--remap-path-prefix",
         "triple=x86_64-unknown-linux-musl",
     ] {

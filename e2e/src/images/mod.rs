@@ -33,7 +33,7 @@ use anyhow::{Context, Result, bail};
 pub use apps::{APPS_DIR, APPS_IMAGE_REPOSITORY, PYTHON_VERSION, REQUIREMENTS, SITE_PACKAGES};
 pub use oci::BuiltImage;
 pub use pause::{PAUSE_IMAGE, pinned_version};
-pub use targets::BUILD_SCRIPT;
+pub use targets::{BUILD_SCRIPT, built_binary};
 
 use crate::repo_root;
 

@@ -22,6 +22,14 @@ use super::{
 /// The shared build script, which the Dockerfile's build stage runs too.
 pub const BUILD_SCRIPT: &str = "images/build-binaries.sh";
 
+/// Where cargo puts `binary` as the build script builds it, under the target directory:
+/// the agent is built with the size-optimized profile `agent-image`, the others with
+/// `release` (`profile_of` in the script).
+pub fn built_binary(binary: &str) -> String {
+    let profile = if binary == "cloudpass-agent" { "agent-image" } else { "release" };
+    format!("x86_64-unknown-linux-musl/{profile}/{binary}")
+}
+
 /// A stage whose files the final stages copy from (`COPY --from=<it>`).
 struct BuildStage {
     /// The folder the build script fills, inside the stage (`/out`).
