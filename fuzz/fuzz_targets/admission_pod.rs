@@ -5,8 +5,7 @@
 use std::sync::OnceLock;
 
 use cloudpass_api::config::NamespaceConfig;
-use cloudpass_runtime::files::WatchedText;
-use cloudpass_webhook::inject::{InjectSettings, Ports, decide};
+use cloudpass_webhook::inject::{BrokerCa, InjectSettings, Ports, decide};
 use k8s_openapi::api::core::v1::Pod;
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
@@ -58,7 +57,7 @@ fn settings() -> &'static InjectSettings {
         pull_policy: "IfNotPresent".into(),
         agent_path: "/usr/local/bin/cloudpass-agent".into(),
         broker_url: "https://broker".into(),
-        broker_ca: WatchedText::fixed("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"),
+        broker_ca: BrokerCa::ConfigMap("cloudpass-broker-ca".into()),
         ports: Ports::default(),
         token_seconds: 3600,
         version: "0.0.0".into(),

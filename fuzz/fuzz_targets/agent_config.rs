@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cloudpass_agent::{
     Settings,
-    settings::{BrokerClientSettings, RetrySettings},
+    settings::{BrokerCa, BrokerClientSettings, RetrySettings},
 };
 use cloudpass_api::agent::AgentConfig;
 use libfuzzer_sys::fuzz_target;
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let settings = Settings {
         broker: BrokerClientSettings {
             url: config.broker_url.clone(),
-            ca_pem: Some("pem".into()),
+            ca: Some(BrokerCa::Pem("pem".into())),
             trust_system_roots: false,
             token_file: "/token".into(),
             timeout: Duration::from_secs(1),
