@@ -293,7 +293,7 @@ fn describe_injection(n: &Narrator, pod: &AdmittedPod) {
     ));
     n.say(&format!("  agent environment: {}", s.agent_env.join(", ")));
     n.say(&format!(
-        "  volumes: {} (the projected token, audience cloudpass, is mounted into the agent only)",
+        "  volumes: {} (the projected token, audience cloudpass, and the namespace's copy of the broker CA, mounted into the agent only)",
         s.volumes.join(", ")
     ));
     for (container, env) in &s.env_added {
