@@ -77,6 +77,24 @@ impl CredentialProviderSpec {
         .find_map(|(set, name)| set.then_some(name))
     }
 
+    /// For the federated kinds, what the broker signs and the cloud must trust: the
+    /// token's audience (the kind's default unless `audience` is set) and its subject
+    /// format. `None` for the kinds that need nothing in a cloud.
+    pub fn federation(&self) -> Option<Federation> {
+        let (kind, audience, subject) = if let Some(c) = &self.aws_sts {
+            ("awsSts", c.audience.clone().unwrap_or_else(|| AWS_DEFAULT_AUDIENCE.into()), c.subject)
+        } else if let Some(c) = &self.azure_workload_identity {
+            ("azureWorkloadIdentity", c.audience.clone().unwrap_or_else(|| AZURE_DEFAULT_AUDIENCE.into()), c.subject)
+        } else if let Some(c) = &self.gcp_workload_identity {
+            ("gcpWorkloadIdentity", c.audience().into_owned(), c.subject)
+        } else if let Some(c) = &self.oidc_token {
+            ("oidcToken", c.audience.clone(), c.subject)
+        } else {
+            return None;
+        };
+        Some(Federation { kind, audience, subject })
+    }
+
     /// The Secrets this provider reads, so the operator can check them and watch them.
     pub fn secret_refs(&self) -> Vec<SecretKeyRef> {
         let mut refs = Vec::new();
@@ -93,6 +111,24 @@ impl CredentialProviderSpec {
         }
         refs
     }
+}
+
+/// `aud` of the broker's JWT for AWS STS unless `awsSts.audience` says otherwise: the
+/// client ID an IAM OIDC provider lists by default.
+pub const AWS_DEFAULT_AUDIENCE: &str = "sts.amazonaws.com";
+/// `aud` of the broker's assertion for Entra unless `azureWorkloadIdentity.audience`
+/// says otherwise: the audience of a federated identity credential by default.
+pub const AZURE_DEFAULT_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+/// What a cloud must trust for one federated CredentialProvider (besides the issuer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Federation {
+    /// The provider's kind (`awsSts`, ...).
+    pub kind: &'static str,
+    /// `aud` of every token the broker signs for it.
+    pub audience: String,
+    /// How `sub` is formed.
+    pub subject: SubjectFormat,
 }
 
 /// The `sub` claim of the JWT the broker signs for a federated exchange. A cloud's trust
@@ -194,6 +230,16 @@ pub struct AzureWorkloadIdentityCredential {
     /// `sub` of the broker-signed assertion. Default: `Provider`.
     #[serde(default)]
     pub subject: SubjectFormat,
+}
+
+impl GcpWorkloadIdentityCredential {
+    /// `aud` of the broker's JWT: `audience`, else the provider's full resource URL.
+    pub fn audience(&self) -> std::borrow::Cow<'_, str> {
+        match &self.audience {
+            Some(a) => a.into(),
+            None => format!("https://iam.googleapis.com/{}", self.workload_identity_provider).into(),
+        }
+    }
 }
 
 fn default_gcp_token_lifetime() -> Duration {

@@ -8,8 +8,9 @@ use cloudpass_api::{
     broker::Credential,
     config::CompiledPolicy,
     credential::{
-        AwsStsCredential, AzureWorkloadIdentityCredential, ClientAuthentication, CredentialProviderSpec,
-        GcpWorkloadIdentityCredential, OAuth2ClientCredentials, SubjectFormat,
+        AWS_DEFAULT_AUDIENCE, AZURE_DEFAULT_AUDIENCE, AwsStsCredential, AzureWorkloadIdentityCredential,
+        ClientAuthentication, CredentialProviderSpec, GcpWorkloadIdentityCredential, OAuth2ClientCredentials,
+        SubjectFormat,
     },
     secret::SecretString,
 };
@@ -242,7 +243,7 @@ fn bounded(req: &MintRequest<'_>, issued_at: Timestamp, expires_at: Timestamp) -
 }
 
 async fn aws_sts(ctx: &MintContext<'_>, req: &MintRequest<'_>, spec: &AwsStsCredential) -> Result<Issued, Refusal> {
-    let audience = spec.audience.as_deref().unwrap_or("sts.amazonaws.com");
+    let audience = spec.audience.as_deref().unwrap_or(AWS_DEFAULT_AUDIENCE);
     let issued_at = Timestamp::now();
     let token = sign(ctx, req, &subject_of(spec.subject, req), audience, issued_at, ASSERTION_LIFETIME)?;
     let endpoint = spec.sts_endpoint.clone().unwrap_or_else(|| format!("https://sts.{}.amazonaws.com/", spec.region));
@@ -276,7 +277,7 @@ async fn azure(
     let resource = req.policy.server.resource.as_deref().ok_or_else(|| {
         Refusal::bad_request(format!("policy {} names no Azure resource (server.resource)", req.policy.name))
     })?;
-    let audience = spec.audience.as_deref().unwrap_or("api://AzureADTokenExchange");
+    let audience = spec.audience.as_deref().unwrap_or(AZURE_DEFAULT_AUDIENCE);
     let issued_at = Timestamp::now();
     let assertion = sign(ctx, req, &subject_of(spec.subject, req), audience, issued_at, ASSERTION_LIFETIME)?;
     let authority = spec.authority_host.as_deref().unwrap_or("https://login.microsoftonline.com").trim_end_matches('/');
@@ -317,10 +318,9 @@ async fn gcp(
     spec: &GcpWorkloadIdentityCredential,
 ) -> Result<Issued, Refusal> {
     let provider = &spec.workload_identity_provider;
-    let default_audience = format!("https://iam.googleapis.com/{provider}");
-    let audience = spec.audience.as_deref().unwrap_or(&default_audience);
+    let audience = spec.audience();
     let issued_at = Timestamp::now();
-    let subject_token = sign(ctx, req, &subject_of(spec.subject, req), audience, issued_at, ASSERTION_LIFETIME)?;
+    let subject_token = sign(ctx, req, &subject_of(spec.subject, req), &audience, issued_at, ASSERTION_LIFETIME)?;
     let sts = spec.sts_endpoint.as_deref().unwrap_or("https://sts.googleapis.com").trim_end_matches('/');
     let scopes: Vec<String> = if req.policy.server.scopes.is_empty() {
         vec![CLOUD_PLATFORM.into()]
