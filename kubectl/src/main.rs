@@ -1,0 +1,194 @@
+//! `kubectl-cloudpass`: a kubectl plugin (`kubectl cloudpass ...`) that reads the cluster
+//! with the caller's own kubeconfig and says what cloudpass does and needs.
+//!
+//! `trust`: for each federated CredentialProvider, the issuer, audience and subjects of
+//! the tokens the broker signs, and the exact cloud-side configuration to create.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod trust;
+
+use std::{fmt::Write as _, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use cloudpass_api::{AccessPolicy, CredentialProvider};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::{Api, Client, ResourceExt, api::ListParams};
+
+use crate::trust::Trust;
+
+/// What cloudpass does and needs, read from the cluster with your kubeconfig.
+#[derive(Parser, Debug)]
+#[command(name = "kubectl-cloudpass", bin_name = "kubectl cloudpass", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// What each cloud must trust for the federated CredentialProviders (awsSts,
+    /// azureWorkloadIdentity, gcpWorkloadIdentity, oidcToken), and the commands and
+    /// documents that configure it.
+    Trust(TrustArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TrustArgs {
+    /// Only this CredentialProvider.
+    name: Option<String>,
+    /// Namespace of the CredentialProviders. Default: the kubeconfig context's.
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long, conflicts_with_all = ["namespace", "name"])]
+    all_namespaces: bool,
+    /// The cloudpass issuer URL. Default: the `--issuer-url` of the broker Deployment
+    /// `<release>-broker` in `--cloudpass-namespace`.
+    #[arg(long, env = "CLOUDPASS_ISSUER_URL")]
+    issuer_url: Option<String>,
+    /// Namespace cloudpass is installed in.
+    #[arg(long, default_value = "cloudpass-system")]
+    cloudpass_namespace: String,
+    /// Helm release name of cloudpass.
+    #[arg(long, default_value = "cloudpass")]
+    release: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// A table, then each provider's configuration steps.
+    Table,
+    /// One JSON document.
+    Json,
+    /// One YAML document.
+    Yaml,
+}
+
+/// Why a command failed, in words that name what is missing.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("no Kubernetes configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Format(String),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Trust(trust) => run_trust(trust).await,
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client() -> Result<(Client, String), Error> {
+    let config = kube::Config::infer().await.map_err(|e| Error::Config(e.to_string()))?;
+    let namespace = config.default_namespace.clone();
+    Ok((Client::try_from(config).map_err(|e| Error::Config(e.to_string()))?, namespace))
+}
+
+/// The issuer URL the broker Deployment of the release runs with.
+async fn issuer_of_release(client: &Client, namespace: &str, release: &str) -> Result<String, Error> {
+    let name = format!("{release}-broker");
+    let deployment = Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(&name).await?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "Deployment {namespace}/{name} not found, so the issuer URL is unknown: pass --issuer-url, or --cloudpass-namespace and --release"
+        ))
+    })?;
+    let containers = deployment.spec.template.spec.map(|s| s.containers).unwrap_or_default();
+    containers
+        .iter()
+        .flat_map(|c| c.args.iter().flatten())
+        .find_map(|a| a.strip_prefix("--issuer-url=").map(str::to_owned))
+        .ok_or_else(|| {
+            Error::NotFound(format!("Deployment {namespace}/{name} has no --issuer-url argument: pass --issuer-url"))
+        })
+}
+
+async fn run_trust(args: TrustArgs) -> Result<String, Error> {
+    let (client, default_namespace) = client().await?;
+    let issuer = match &args.issuer_url {
+        Some(url) => url.clone(),
+        None => issuer_of_release(&client, &args.cloudpass_namespace, &args.release).await?,
+    };
+    let namespace = args.namespace.clone().unwrap_or(default_namespace);
+    let (providers, policies): (Api<CredentialProvider>, Api<AccessPolicy>) = if args.all_namespaces {
+        (Api::all(client.clone()), Api::all(client.clone()))
+    } else {
+        (Api::namespaced(client.clone(), &namespace), Api::namespaced(client.clone(), &namespace))
+    };
+    let providers = match &args.name {
+        Some(name) => vec![
+            providers
+                .get_opt(name)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("CredentialProvider {namespace}/{name} not found")))?,
+        ],
+        None => providers.list(&ListParams::default()).await?.items,
+    };
+    let policies = policies.list(&ListParams::default()).await?.items;
+    let trusts: Vec<Trust> = providers
+        .iter()
+        .filter_map(|p| {
+            let same_namespace: Vec<AccessPolicy> =
+                policies.iter().filter(|a| a.namespace() == p.namespace()).cloned().collect();
+            trust::of(p, &same_namespace, &issuer)
+        })
+        .collect();
+    if let (Some(name), true) = (&args.name, trusts.is_empty()) {
+        return Err(Error::NotFound(format!(
+            "CredentialProvider {namespace}/{name} is not federated: it needs nothing in a cloud"
+        )));
+    }
+    match args.output {
+        Output::Json => {
+            serde_json::to_string_pretty(&trusts).map(|s| s + "\n").map_err(|e| Error::Format(e.to_string()))
+        }
+        Output::Yaml => serde_yaml::to_string(&trusts).map_err(|e| Error::Format(e.to_string())),
+        Output::Table => Ok(table(&trusts)),
+    }
+}
+
+fn table(trusts: &[Trust]) -> String {
+    if trusts.is_empty() {
+        return "No federated CredentialProvider found.\n".into();
+    }
+    let rows: Vec<[String; 5]> = trusts
+        .iter()
+        .map(|t| [t.namespace.clone(), t.name.clone(), t.kind.clone(), t.audience.clone(), t.subjects.join(",")])
+        .collect();
+    let header = ["NAMESPACE", "NAME", "KIND", "AUDIENCE", "SUBJECTS"].map(String::from);
+    let widths: Vec<usize> =
+        (0..5).map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in [&header].into_iter().chain(&rows) {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("   ").trim_end());
+    }
+    for t in trusts {
+        let _ = writeln!(out, "\n# {}/{} ({}): tokens from {}", t.namespace, t.name, t.kind, t.issuer);
+        for step in &t.configure {
+            let _ = writeln!(out, "# {}\n{}", step.what, step.text);
+        }
+    }
+    out
+}

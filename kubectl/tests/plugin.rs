@@ -1,0 +1,100 @@
+//! `kubectl cloudpass trust` as users run it: the real binary, against the real
+//! apiserver with the examples applied, through a kubeconfig.
+
+use std::process::{Command, Output};
+
+use cloudpass_e2e::{ControlPlane, repo_root};
+
+fn plugin(cp: &ControlPlane, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kubectl-cloudpass"))
+        .args(args)
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .env_remove("CLOUDPASS_ISSUER_URL")
+        .output()
+        .unwrap()
+}
+
+fn ok(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = plugin(cp, args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn failure(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = plugin(cp, args);
+    assert!(!out.status.success(), "{args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[tokio::test]
+async fn trust_prints_each_clouds_configuration_for_the_federated_providers() {
+    let cp = ControlPlane::shared();
+    let _logs = cp.logs_on_panic();
+    cp.install_crds().await.unwrap();
+    cp.create_namespace("trust-team", &[]).await.unwrap();
+    for example in ["aks-to-s3.yaml", "eks-to-azure-blob.yaml", "any-to-gcs.yaml", "http-api-key.yaml"] {
+        cp.apply_path(Some("trust-team"), &repo_root().join("examples").join(example)).unwrap();
+    }
+    let issuer = "https://oidc.example.com";
+
+    // JSON: one entry per federated provider, the API key's left out.
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(cp, &["trust", "-n", "trust-team", "--issuer-url", issuer, "-o", "json"])).unwrap();
+    let names: Vec<&str> = json.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["azure-blob-writer", "gcs-reader", "orders-s3"], "{json}");
+    let aws = &json[2];
+    assert_eq!(aws["audience"], "sts.amazonaws.com");
+    assert_eq!(aws["subjects"], serde_json::json!(["system:cloudpass:trust-team:orders-s3"]));
+    let policy: serde_json::Value = serde_json::from_str(aws["configure"][1]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        policy["Statement"][0]["Principal"]["Federated"],
+        "arn:aws:iam::123456789012:oidc-provider/oidc.example.com"
+    );
+    assert_eq!(json[0]["audience"], "api://AzureADTokenExchange");
+
+    // The table, then the steps.
+    let table = ok(cp, &["trust", "-n", "trust-team", "--issuer-url", issuer]);
+    assert!(table.starts_with("NAMESPACE"), "{table}");
+    assert!(table.contains("aws iam create-open-id-connect-provider --url https://oidc.example.com"), "{table}");
+    assert!(table.contains("gcloud iam service-accounts add-iam-policy-binding reader@analytics-prod"), "{table}");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&ok(
+        cp,
+        &["trust", "orders-s3", "-n", "trust-team", "--issuer-url", issuer, "-o", "yaml"],
+    ))
+    .unwrap();
+    assert_eq!(yaml[0]["kind"], "awsSts");
+
+    // Errors name what is missing.
+    let e = failure(cp, &["trust", "absent", "-n", "trust-team", "--issuer-url", issuer]);
+    assert!(e.contains("CredentialProvider trust-team/absent not found"), "{e}");
+    let e = failure(cp, &["trust", "weather-api-key", "-n", "trust-team", "--issuer-url", issuer]);
+    assert!(e.contains("is not federated"), "{e}");
+    let e = failure(cp, &["trust", "-n", "trust-team", "--cloudpass-namespace", "trust-nowhere"]);
+    assert!(e.contains("Deployment trust-nowhere/cloudpass-broker not found") && e.contains("--issuer-url"), "{e}");
+
+    // Without --issuer-url: the issuer the release's broker runs with.
+    cp.create_namespace("trust-system", &[]).await.unwrap();
+    let deployment = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "cp-broker"},
+        "spec": {"selector": {"matchLabels": {"app": "b"}}, "template": {"metadata": {"labels": {"app": "b"}},
+            "spec": {"containers": [{"name": "broker", "image": "broker:1",
+                "args": ["--components=broker", "--issuer-url=https://issuer.from.release"]}]}}}});
+    cp.apply_yaml(Some("trust-system"), &deployment.to_string()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        cp,
+        &[
+            "trust",
+            "orders-s3",
+            "-n",
+            "trust-team",
+            "--cloudpass-namespace",
+            "trust-system",
+            "--release",
+            "cp",
+            "-o",
+            "json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(json[0]["issuer"], "https://issuer.from.release");
+}
