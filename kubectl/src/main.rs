@@ -3,16 +3,19 @@
 //!
 //! `trust`: for each federated CredentialProvider, the issuer, audience and subjects of
 //! the tokens the broker signs, and the exact cloud-side configuration to create.
+//! `who-can`: who can obtain a CredentialProvider's credential, through which policies,
+//! under which conditions, and which running workloads that is.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod trust;
+mod who_can;
 
 use std::{fmt::Write as _, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cloudpass_api::{AccessPolicy, CredentialProvider};
-use k8s_openapi::api::apps::v1::Deployment;
+use cloudpass_api::{AccessPolicy, CredentialProvider, TrustProvider};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{Api, Client, ResourceExt, api::ListParams};
 
 use crate::trust::Trust;
@@ -31,6 +34,22 @@ enum Command {
     /// azureWorkloadIdentity, gcpWorkloadIdentity, oidcToken), and the commands and
     /// documents that configure it.
     Trust(TrustArgs),
+    /// Who can obtain a CredentialProvider's credential: through which AccessPolicies, as
+    /// which service accounts, verified by which TrustProviders, under which conditions,
+    /// and which running workloads that means now.
+    WhoCan(WhoCanArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct WhoCanArgs {
+    /// The CredentialProvider.
+    name: String,
+    /// Its namespace. Default: the kubeconfig context's.
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(clap::Args, Debug)]
@@ -87,6 +106,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Command::Trust(trust) => run_trust(trust).await,
+        Command::WhoCan(who) => run_who_can(who).await,
     };
     match result {
         Ok(text) => {
@@ -168,22 +188,70 @@ async fn run_trust(args: TrustArgs) -> Result<String, Error> {
     }
 }
 
+async fn run_who_can(args: WhoCanArgs) -> Result<String, Error> {
+    let (client, default_namespace) = client().await?;
+    let namespace = args.namespace.unwrap_or(default_namespace);
+    let name = &args.name;
+    Api::<CredentialProvider>::namespaced(client.clone(), &namespace)
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("CredentialProvider {namespace}/{name} not found")))?;
+    let list = ListParams::default();
+    let policies = Api::<AccessPolicy>::namespaced(client.clone(), &namespace).list(&list).await?.items;
+    let trust = Api::<TrustProvider>::namespaced(client.clone(), &namespace).list(&list).await?.items;
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace).list(&list).await?.items;
+    let access = who_can::of(name, &policies, &trust, &pods);
+    match args.output {
+        Output::Json => {
+            serde_json::to_string_pretty(&access).map(|s| s + "\n").map_err(|e| Error::Format(e.to_string()))
+        }
+        Output::Yaml => serde_yaml::to_string(&access).map_err(|e| Error::Format(e.to_string())),
+        Output::Table if access.is_empty() => Ok(format!(
+            "No AccessPolicy of namespace {namespace} uses CredentialProvider {name}: nobody can obtain it.\n"
+        )),
+        Output::Table => Ok(columns(
+            ["POLICY", "READY", "SERVICE-ACCOUNTS", "PODS", "TRUST-PROVIDERS", "WORKLOADS", "CONDITIONS"],
+            access.iter().map(|a| {
+                [
+                    a.policy.clone(),
+                    a.ready.clone(),
+                    a.service_accounts.join(","),
+                    a.pod_selector.clone(),
+                    a.trust_providers.join("; "),
+                    a.workloads
+                        .iter()
+                        .map(|w| format!("{} ({} as {})", w.owner, w.pods, w.service_account))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    a.conditions.join("; "),
+                ]
+            }),
+        )),
+    }
+}
+
+/// Rows under a header, each column as wide as its widest cell.
+fn columns<const N: usize>(header: [&str; N], rows: impl Iterator<Item = [String; N]>) -> String {
+    let rows: Vec<[String; N]> = std::iter::once(header.map(String::from)).chain(rows).collect();
+    let widths: Vec<usize> = (0..N).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("   ").trim_end());
+    }
+    out
+}
+
 fn table(trusts: &[Trust]) -> String {
     if trusts.is_empty() {
         return "No federated CredentialProvider found.\n".into();
     }
-    let rows: Vec<[String; 5]> = trusts
-        .iter()
-        .map(|t| [t.namespace.clone(), t.name.clone(), t.kind.clone(), t.audience.clone(), t.subjects.join(",")])
-        .collect();
-    let header = ["NAMESPACE", "NAME", "KIND", "AUDIENCE", "SUBJECTS"].map(String::from);
-    let widths: Vec<usize> =
-        (0..5).map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in [&header].into_iter().chain(&rows) {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        let _ = writeln!(out, "{}", cells.join("   ").trim_end());
-    }
+    let mut out = columns(
+        ["NAMESPACE", "NAME", "KIND", "AUDIENCE", "SUBJECTS"],
+        trusts
+            .iter()
+            .map(|t| [t.namespace.clone(), t.name.clone(), t.kind.clone(), t.audience.clone(), t.subjects.join(",")]),
+    );
     for t in trusts {
         let _ = writeln!(out, "\n# {}/{} ({}): tokens from {}", t.namespace, t.name, t.kind, t.issuer);
         for step in &t.configure {

@@ -98,3 +98,41 @@ async fn trust_prints_each_clouds_configuration_for_the_federated_providers() {
     .unwrap();
     assert_eq!(json[0]["issuer"], "https://issuer.from.release");
 }
+
+#[tokio::test]
+async fn who_can_names_the_policies_service_accounts_and_running_workloads() {
+    let cp = ControlPlane::shared();
+    let _logs = cp.logs_on_panic();
+    cp.install_crds().await.unwrap();
+    let ns = "whocan-team";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    cp.apply_path(Some(ns), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
+    for sa in ["orders", "default"] {
+        cp.create_service_account(ns, sa).await.unwrap();
+    }
+    // Two pods of the workload's service account and labels, one of another account.
+    for (name, sa) in [("orders-1", "orders"), ("orders-2", "orders"), ("impostor", "default")] {
+        let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "orders"}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "api", "image": "orders:1"}]}});
+        cp.apply_yaml(Some(ns), &pod.to_string()).unwrap();
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(cp, &["who-can", "orders-s3", "-n", ns, "-o", "json"])).unwrap();
+    let access = &json[0];
+    assert_eq!(access["policy"], "orders-to-s3");
+    assert_eq!(access["serviceAccounts"], serde_json::json!(["orders"]));
+    assert_eq!(access["podSelector"], "app=orders");
+    let workloads: Vec<(&str, u64)> = access["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["owner"].as_str().unwrap(), w["pods"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(workloads, [("Pod/orders-1", 1), ("Pod/orders-2", 1)], "{json}");
+
+    let table = ok(cp, &["who-can", "orders-s3", "-n", ns]);
+    assert!(table.starts_with("POLICY") && table.contains("orders-to-s3"), "{table}");
+    let e = failure(cp, &["who-can", "absent", "-n", ns]);
+    assert!(e.contains("CredentialProvider whocan-team/absent not found"), "{e}");
+}
