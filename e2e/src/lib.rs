@@ -82,7 +82,7 @@ pub fn tools_bin() -> Result<PathBuf> {
 }
 
 /// Path of a binary of this workspace (`cloudpass-operator`, `cloudpass-webhook`,
-/// `cloudpass-agent`) for tests and benchmarks of other packages, which cargo does not
+/// `cloudpass-agent`, `kubectl-cloudpass`) for tests and benchmarks of other packages, which cargo does not
 /// hand the paths of other packages' binaries. `$CLOUDPASS_BIN_DIR` (set by `make test`,
 /// after the workspace build that made them) wins; otherwise cargo builds the binary (or
 /// finds it up to date) in the caller's own target directory and profile.
@@ -103,9 +103,12 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
         None => bail!("no profile directory above {}", exe.display()),
     };
     let target_dir = profile_dir.parent().context("target directory")?;
+    // Every binary is its package's name but the kubectl plugin's, which kubectl finds by
+    // its name.
+    let package = if name == "kubectl-cloudpass" { "cloudpass-kubectl" } else { name };
     let out = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .current_dir(repo_root())
-        .args(["build", "--quiet", "--locked", "-p", name, "--bin", name, "--profile", &profile])
+        .args(["build", "--quiet", "--locked", "-p", package, "--bin", name, "--profile", &profile])
         .arg("--target-dir")
         .arg(target_dir)
         .output()

@@ -236,6 +236,23 @@ async fn aks_to_s3_runs_as_a_deployment_with_an_init_container_and_survives_a_ki
             .flat_map(|v| v["projected"]["sources"].as_array().into_iter().flatten())
             .any(|s| s["configMap"]["name"].as_str().is_some_and(|n| n.ends_with("broker-ca")));
         assert!(projected_ca, "{pod_name}: {volumes:?}");
+        // kubectl cloudpass explain pod: the policy selects it, both containers get the
+        // AWS endpoint, and the broker's audit records show its allowed decisions.
+        let plugin = cloudpass_e2e::workspace_binary("kubectl-cloudpass").unwrap();
+        let out = std::process::Command::new(plugin)
+            .args(["explain", "pod", pod_name, "-n", ns, "-o", "json"])
+            .env("KUBECONFIG", &installed.cp().kubeconfig)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let explained = json(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(explained["namespaceOptedIn"], true, "{explained}");
+        let verdict = explained["policies"].as_array().unwrap().iter().find(|p| p["policy"] == "orders-to-s3").unwrap();
+        assert_eq!(verdict["selects"], true, "{explained}");
+        assert_eq!(explained["deliveries"][0]["endpoint"], "awsContainerCredentials :15021", "{explained}");
+        assert_eq!(explained["deliveries"][0]["containers"], serde_json::json!(["migrate", "api"]), "{explained}");
+        let decisions = explained["decisions"].as_array().unwrap();
+        assert!(decisions.iter().any(|d| d["outcome"] == "allowed" && d["policy"] == "orders-to-s3"), "{explained}");
         let migrate = container_status(&pod, "migrate");
         assert_eq!(migrate["state"]["terminated"]["exitCode"], 0, "{migrate}");
         assert!(started_at(migrate) >= started_at(container_status(&pod, "cloudpass-agent")));

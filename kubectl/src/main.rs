@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod explain;
 mod trust;
 mod who_can;
 
@@ -38,6 +39,37 @@ enum Command {
     /// which service accounts, verified by which TrustProviders, under which conditions,
     /// and which running workloads that means now.
     WhoCan(WhoCanArgs),
+    /// Why an object has (or lacks) credentials.
+    Explain {
+        #[command(subcommand)]
+        what: Explain,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Explain {
+    /// Whether its namespace is opted in, which AccessPolicies select it and why the
+    /// others do not, what was injected, which deliveries each container has, and the
+    /// broker's last decisions for it (from the broker's audit records).
+    Pod(ExplainPodArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExplainPodArgs {
+    /// The pod.
+    name: String,
+    /// Its namespace. Default: the kubeconfig context's.
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Namespace cloudpass is installed in (its broker pods' audit records are read).
+    #[arg(long, default_value = "cloudpass-system")]
+    cloudpass_namespace: String,
+    /// How many of the broker's last decisions for the pod to show.
+    #[arg(long, default_value_t = 5)]
+    decisions: usize,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,6 +139,7 @@ async fn main() -> ExitCode {
     let result = match args.command {
         Command::Trust(trust) => run_trust(trust).await,
         Command::WhoCan(who) => run_who_can(who).await,
+        Command::Explain { what: Explain::Pod(pod) } => run_explain_pod(pod).await,
     };
     match result {
         Ok(text) => {
@@ -227,6 +260,117 @@ async fn run_who_can(args: WhoCanArgs) -> Result<String, Error> {
                 ]
             }),
         )),
+    }
+}
+
+/// Lines of the broker pods' logs the audit records are searched in, per pod.
+const AUDIT_TAIL_LINES: i64 = 5000;
+
+/// The broker pods' recent log lines that are JSON (audit records among them), or why
+/// they cannot be read.
+async fn broker_records(client: &Client, namespace: &str) -> Result<Vec<serde_json::Value>, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let brokers = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=broker"))
+        .await
+        .map_err(|e| format!("cannot list the broker pods in {namespace}: {e}"))?;
+    if brokers.items.is_empty() {
+        return Err(format!("no broker pod in {namespace} (app.kubernetes.io/component=broker)"));
+    }
+    let mut records = Vec::new();
+    for broker in &brokers.items {
+        let name = broker.name_any();
+        let params = kube::api::LogParams { tail_lines: Some(AUDIT_TAIL_LINES), ..Default::default() };
+        let text =
+            pods.logs(&name, &params).await.map_err(|e| format!("cannot read the logs of {namespace}/{name}: {e}"))?;
+        records.extend(text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()));
+    }
+    records.sort_by(|a, b| a["time"].as_str().cmp(&b["time"].as_str()));
+    Ok(records)
+}
+
+async fn run_explain_pod(args: ExplainPodArgs) -> Result<String, Error> {
+    let (client, default_namespace) = client().await?;
+    let namespace = args.namespace.unwrap_or(default_namespace);
+    let name = &args.name;
+    let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("pod {namespace}/{name} not found")))?;
+    let ns = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get_opt(&namespace)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("namespace {namespace} not found")))?;
+    let policies =
+        Api::<AccessPolicy>::namespaced(client.clone(), &namespace).list(&ListParams::default()).await?.items;
+    let records = broker_records(&client, &args.cloudpass_namespace).await;
+    let explanation = explain::of(&pod, &ns, &policies, records, args.decisions);
+    match args.output {
+        Output::Json => {
+            serde_json::to_string_pretty(&explanation).map(|s| s + "\n").map_err(|e| Error::Format(e.to_string()))
+        }
+        Output::Yaml => serde_yaml::to_string(&explanation).map_err(|e| Error::Format(e.to_string())),
+        Output::Table => Ok(explain_text(&explanation)),
+    }
+}
+
+fn explain_text(e: &explain::Explanation) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Pod {} (service account {})", e.pod, e.service_account);
+    let opted = if e.namespace_opted_in { "yes" } else { "no: label it cloudpass.dev/injection=enabled" };
+    let _ = writeln!(out, "Namespace opted in: {opted}");
+    let injected = e.injected.as_ref().map_or("no".to_owned(), |v| format!("yes, agent {v}"));
+    let _ = writeln!(out, "Agent injected: {injected}");
+    if let Some(skipped) = &e.skipped {
+        let _ = writeln!(out, "Left out by the webhook: {skipped}");
+    }
+    let _ = writeln!(out, "\nPolicies:");
+    out.push_str(&columns(
+        ["POLICY", "SELECTS", "WHY", "READY", "CREDENTIAL-PROVIDER"],
+        e.policies.iter().map(|p| {
+            [
+                p.policy.clone(),
+                if p.selects { "yes" } else { "no" }.into(),
+                p.why.clone(),
+                p.ready.clone(),
+                p.credential_provider.clone(),
+            ]
+        }),
+    ));
+    if !e.deliveries.is_empty() {
+        let _ = writeln!(out, "\nDeliveries:");
+        out.push_str(&columns(
+            ["POLICY", "ENDPOINT", "CONTAINERS"],
+            e.deliveries.iter().map(|d| [d.policy.clone(), d.endpoint.clone(), d.containers.join(",")]),
+        ));
+    }
+    let _ = writeln!(out, "\nBroker decisions:");
+    match &e.decisions_unavailable {
+        Some(why) => {
+            let _ = writeln!(out, "  unavailable: {why}");
+        }
+        None if e.decisions.is_empty() => {
+            let _ = writeln!(out, "  none in the broker's recent records");
+        }
+        None => out.push_str(&columns(
+            ["TIME", "POLICY", "OUTCOME", "REASON"],
+            e.decisions.iter().map(|d| {
+                let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+                [text("time"), text("policy"), text("outcome"), text("reason")]
+            }),
+        )),
+    }
+    out
+}
+
+/// A policy's `Ready` condition in words: `True`, or the status with its reason (a
+/// policy that is not Ready gives nothing).
+fn policy_ready(policy: &AccessPolicy) -> String {
+    let conditions = policy.status.as_ref().map(|s| s.status.conditions.as_slice()).unwrap_or_default();
+    match conditions.iter().find(|c| c.type_ == cloudpass_api::common::CONDITION_READY) {
+        Some(c) if c.status == "True" => "True".into(),
+        Some(c) => format!("{} ({})", c.status, c.reason),
+        None => "Unknown (not reconciled yet)".into(),
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use cloudpass_api::{AccessPolicy, TrustProvider, common::CONDITION_READY, selector::glob_matches};
+use cloudpass_api::{AccessPolicy, TrustProvider, selector::glob_matches};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use serde::Serialize;
@@ -90,7 +90,7 @@ fn access(policy: &AccessPolicy, trust: &[TrustProvider], pods: &[Pod]) -> Acces
     }
     Access {
         policy: policy.name_any(),
-        ready: ready(policy),
+        ready: crate::policy_ready(policy),
         service_accounts,
         pod_selector: selector_text(policy),
         trust_providers,
@@ -99,16 +99,6 @@ fn access(policy: &AccessPolicy, trust: &[TrustProvider], pods: &[Pod]) -> Acces
             .into_iter()
             .map(|((owner, service_account), pods)| Workload { owner, service_account, pods })
             .collect(),
-    }
-}
-
-fn ready(policy: &AccessPolicy) -> String {
-    let condition =
-        policy.status.as_ref().and_then(|s| s.status.conditions.iter().find(|c| c.type_ == CONDITION_READY));
-    match condition {
-        Some(c) if c.status == "True" => "True".into(),
-        Some(c) => format!("{} ({})", c.status, c.reason),
-        None => "Unknown (not reconciled yet)".into(),
     }
 }
 

@@ -136,3 +136,42 @@ async fn who_can_names_the_policies_service_accounts_and_running_workloads() {
     let e = failure(cp, &["who-can", "absent", "-n", ns]);
     assert!(e.contains("CredentialProvider whocan-team/absent not found"), "{e}");
 }
+
+#[tokio::test]
+async fn explain_pod_says_which_policies_select_it_and_why_the_others_do_not() {
+    let cp = ControlPlane::shared();
+    let _logs = cp.logs_on_panic();
+    cp.install_crds().await.unwrap();
+    let ns = "explain-team";
+    cp.create_namespace(ns, &[("cloudpass.dev/injection", "enabled")]).await.unwrap();
+    cp.apply_path(Some(ns), &repo_root().join("examples/aks-to-s3.yaml")).unwrap();
+    for sa in ["orders", "billing"] {
+        cp.create_service_account(ns, sa).await.unwrap();
+    }
+    for (name, sa) in [("orders-1", "orders"), ("billing-1", "billing")] {
+        let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "orders"}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "api", "image": "orders:1"}]}});
+        cp.apply_yaml(Some(ns), &pod.to_string()).unwrap();
+    }
+    let explain = |pod: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(
+            cp,
+            &["explain", "pod", pod, "-n", ns, "--cloudpass-namespace", "explain-none", "-o", "json"],
+        ))
+        .unwrap()
+    };
+    let selected = explain("orders-1");
+    assert_eq!(selected["namespaceOptedIn"], true);
+    assert_eq!(selected["policies"][0]["selects"], true, "{selected}");
+    assert_eq!(selected["injected"], serde_json::Value::Null, "no webhook runs here");
+    assert!(selected["decisionsUnavailable"].as_str().unwrap().contains("no broker pod in explain-none"), "{selected}");
+    let other = explain("billing-1");
+    assert_eq!(other["policies"][0]["selects"], false);
+    assert_eq!(other["policies"][0]["why"], "it is for service account orders, the pod runs as billing");
+
+    let text = ok(cp, &["explain", "pod", "billing-1", "-n", ns, "--cloudpass-namespace", "explain-none"]);
+    assert!(text.contains("Namespace opted in: yes") && text.contains("it is for service account orders"), "{text}");
+    let e = failure(cp, &["explain", "pod", "absent", "-n", ns]);
+    assert!(e.contains("pod explain-team/absent not found"), "{e}");
+}

@@ -1,0 +1,215 @@
+//! Why a pod has (or lacks) credentials: whether its namespace is opted in, which
+//! AccessPolicies select it and why the others do not, what the webhook injected, which
+//! deliveries each container has, and the broker's last decisions for it. The selection
+//! rule is the webhook's and the broker's own ([`ClientSelector::selects`]).
+
+use cloudpass_api::{
+    AccessPolicy, INJECTION_ENABLED, INJECTION_LABEL,
+    agent::{
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SKIPPED_ANNOTATION,
+    },
+    policy::NotSelected,
+};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
+use kube::ResourceExt;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Everything `explain pod` says about one pod.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Explanation {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Whether the namespace is labelled `cloudpass.dev/injection=enabled`.
+    pub namespace_opted_in: bool,
+    /// Service account the pod runs as.
+    pub service_account: String,
+    /// The agent version the webhook injected, if it did.
+    pub injected: Option<String>,
+    /// What the webhook left out, and why (its annotation).
+    pub skipped: Option<String>,
+    /// Each AccessPolicy of the namespace: does it select the pod, and why (not).
+    pub policies: Vec<PolicyVerdict>,
+    /// What the agent serves, per policy (its configuration).
+    pub deliveries: Vec<Delivery>,
+    /// The broker's last decisions for this pod, newest last (from its audit records).
+    pub decisions: Vec<Value>,
+    /// Why decisions could not be read, if they could not.
+    pub decisions_unavailable: Option<String>,
+}
+
+/// One AccessPolicy and whether it selects the pod.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyVerdict {
+    /// The AccessPolicy.
+    pub policy: String,
+    /// Whether it selects the pod (its client matches).
+    pub selects: bool,
+    /// Why (not), in words.
+    pub why: String,
+    /// Its `Ready` condition status and reason.
+    pub ready: String,
+    /// Its CredentialProvider.
+    pub credential_provider: String,
+}
+
+/// One policy the agent serves and the containers that receive its settings.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// The AccessPolicy.
+    pub policy: String,
+    /// The endpoint kind and port (`awsContainerCredentials :15021`, ...).
+    pub endpoint: String,
+    /// Containers whose environment points at that endpoint.
+    pub containers: Vec<String>,
+}
+
+/// Explains `pod` of `namespace` given the namespace's `policies` and the broker's audit
+/// `records` (any JSON lines; only this pod's audit records are kept, the last `keep`).
+pub fn of(
+    pod: &Pod,
+    namespace: &Namespace,
+    policies: &[AccessPolicy],
+    records: Result<Vec<Value>, String>,
+    keep: usize,
+) -> Explanation {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let service_account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+    let annotations = pod.annotations();
+    let verdicts = policies
+        .iter()
+        .map(|p| {
+            let (selects, why) = match p.spec.client.selects(&service_account, Some(pod.labels())) {
+                Ok(()) => (true, "its pod selector and service account match".to_owned()),
+                Err(NotSelected::ServiceAccount(sa)) => {
+                    (false, format!("it is for service account {sa}, the pod runs as {service_account}"))
+                }
+                Err(NotSelected::Labels) => (false, "the pod's labels do not match its pod selector".to_owned()),
+                Err(NotSelected::RemoteNeedsEmptySelector) => {
+                    (false, "a pod of another cluster needs an empty pod selector".to_owned())
+                }
+            };
+            PolicyVerdict {
+                policy: p.name_any(),
+                selects,
+                why,
+                ready: crate::policy_ready(p),
+                credential_provider: p.spec.credential_provider.name.clone(),
+            }
+        })
+        .collect();
+    let containers: Vec<&Container> = spec.init_containers.iter().flatten().chain(spec.containers.iter()).collect();
+    let deliveries = agent_config(&containers)
+        .map(|config| {
+            config
+                .deliveries
+                .iter()
+                .map(|d| {
+                    let endpoint = serde_json::to_value(&d.endpoint).unwrap_or_default();
+                    let kind = endpoint["type"].as_str().unwrap_or("?").to_owned();
+                    let port = endpoint["port"].as_u64().unwrap_or_default();
+                    let needle = format!("127.0.0.1:{port}");
+                    let receiving = containers
+                        .iter()
+                        .filter(|c| c.name != AGENT_CONTAINER)
+                        .filter(|c| {
+                            c.env.iter().flatten().any(|e| e.value.as_deref().is_some_and(|v| v.contains(&needle)))
+                        })
+                        .map(|c| c.name.clone())
+                        .collect();
+                    Delivery { policy: d.policy.clone(), endpoint: format!("{kind} :{port}"), containers: receiving }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let uid = pod.uid().unwrap_or_default();
+    let (decisions, decisions_unavailable) = match records {
+        Ok(records) => {
+            let mine: Vec<Value> = records
+                .into_iter()
+                .filter(|r| r["kind"] == "cloudpass.dev/audit" && r["podUid"].as_str() == Some(uid.as_str()))
+                .collect();
+            let skip = mine.len().saturating_sub(keep);
+            (mine.into_iter().skip(skip).collect(), None)
+        }
+        Err(why) => (Vec::new(), Some(why)),
+    };
+    Explanation {
+        pod: format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+        namespace_opted_in: namespace.labels().get(INJECTION_LABEL).map(String::as_str) == Some(INJECTION_ENABLED),
+        service_account,
+        injected: annotations.get(INJECTED_ANNOTATION).cloned(),
+        skipped: annotations.get(SKIPPED_ANNOTATION).cloned(),
+        policies: verdicts,
+        deliveries,
+        decisions,
+        decisions_unavailable,
+    }
+    .with_served(annotations.get(POLICIES_ANNOTATION))
+}
+
+impl Explanation {
+    /// Keeps the served-policies annotation's order for the deliveries, when present.
+    fn with_served(mut self, served: Option<&String>) -> Self {
+        if let Some(served) = served {
+            let order: Vec<&str> = served.split(',').collect();
+            self.deliveries.sort_by_key(|d| order.iter().position(|p| *p == d.policy).unwrap_or(usize::MAX));
+        }
+        self
+    }
+}
+
+fn agent_config(containers: &[&Container]) -> Option<AgentConfig> {
+    let agent = containers.iter().find(|c| c.name == AGENT_CONTAINER)?;
+    let json = agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV)?.value.clone()?;
+    serde_json::from_str(&json).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn an_injected_pod_shows_its_deliveries_per_container_and_only_its_own_decisions() {
+        let config = json!({"brokerUrl": "https://b", "deliveries": [
+            {"policy": "to-s3", "endpoint": {"type": "awsContainerCredentials", "port": 15021}}]});
+        let pod: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "orders-1", "namespace": "team", "uid": "u-1", "labels": {"app": "orders"},
+                         "annotations": {"cloudpass.dev/injected": "0.1.0", "cloudpass.dev/policies": "to-s3"}},
+            "spec": {"serviceAccountName": "orders",
+                "initContainers": [{"name": "cloudpass-agent", "env": [{"name": "CLOUDPASS_AGENT_CONFIG", "value": config.to_string()}]}],
+                "containers": [
+                    {"name": "api", "env": [{"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://127.0.0.1:15021/v1/aws/credentials"}]},
+                    {"name": "sidecar"}]}}))
+        .unwrap();
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": "team"}})).unwrap();
+        let records = vec![
+            json!({"kind": "cloudpass.dev/audit", "podUid": "u-1", "policy": "to-s3", "outcome": "allowed", "time": "1"}),
+            json!({"kind": "cloudpass.dev/audit", "podUid": "u-2", "policy": "to-s3", "outcome": "denied", "time": "2"}),
+            json!({"level": "info", "podUid": "u-1", "message": "a log line, not a decision"}),
+            json!({"kind": "cloudpass.dev/audit", "podUid": "u-1", "policy": "to-s3", "outcome": "denied", "time": "3"}),
+        ];
+        let e = of(&pod, &namespace, &[], Ok(records), 1);
+        assert!(!e.namespace_opted_in);
+        assert_eq!(e.injected.as_deref(), Some("0.1.0"));
+        assert_eq!(
+            e.deliveries,
+            [Delivery {
+                policy: "to-s3".into(),
+                endpoint: "awsContainerCredentials :15021".into(),
+                containers: vec!["api".into()]
+            }]
+        );
+        assert_eq!(
+            e.decisions,
+            [
+                json!({"kind": "cloudpass.dev/audit", "podUid": "u-1", "policy": "to-s3", "outcome": "denied", "time": "3"})
+            ]
+        );
+    }
+}
