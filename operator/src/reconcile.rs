@@ -443,7 +443,10 @@ pub async fn run(
 
     // Every ConfigMap named like the published broker CA: the original, whose change
     // reconciles every namespace again (each copy follows a rotation), and the copies,
-    // whose change reconciles their own namespace (one deleted by hand comes back).
+    // whose change reconciles their own namespace (one deleted by hand comes back). Not
+    // part of the warm gate: until this cache is filled a namespace writes and deletes no
+    // copy (no original, no copy seen), and a watch refused for lack of RBAC must not
+    // stop every namespace from being reconciled (it logs, and retries).
     let (broker_ca, broker_ca_w) = reflector::store();
     let broker_ca_stream = settings.broker_ca_configmap.as_ref().map(|name| {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
@@ -506,12 +509,7 @@ pub async fn run(
                 trust.wait_until_ready(),
                 credential.wait_until_ready(),
                 policies.wait_until_ready(),
-                configs.wait_until_ready(),
-                async {
-                    if ctx.broker_ca.is_some() {
-                        let _ = broker_ca.wait_until_ready().await;
-                    }
-                }
+                configs.wait_until_ready()
             );
             ctx.warm.store(true, std::sync::atomic::Ordering::Release);
             info!("caches warm; reconciling");
