@@ -143,7 +143,7 @@ fn sizes(plain: &Pod, injected: &Pod) {
     let agent_env =
         |name: &str| agent.and_then(|a| a.env.iter().flatten().find(|e| e.name == name)).map_or(0, json_size);
     let plain_volumes = plain.spec.as_ref().map_or(0, |s| json_size(&s.volumes));
-    println!("stored pod size (JSON with managedFields):");
+    println!("stored pod size (JSON as stored; its managedFields record nothing the webhook adds):");
     println!("  not injected (baseline):    {:>6} bytes", total(plain));
     println!("  injected:                   {:>6} bytes  (+{})", total(injected), total(injected) - total(plain));
     println!("    agent container:          {:>6} bytes", agent.map_or(0, json_size));
