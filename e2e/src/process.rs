@@ -8,6 +8,7 @@
 //! No `unsafe` (no `prctl`), no orphaned etcd.
 
 use std::{
+    collections::BTreeSet,
     fs::{self, File},
     io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
@@ -167,7 +168,26 @@ pub fn is_running(pid: u32) -> bool {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// Ports [`free_port`] hands out: below the kernel's ephemeral range (32768-60999 by
+/// default), from which every outgoing connection takes its local port. A port taken
+/// from that range (by binding port 0) could be taken again by some connection between
+/// this check and the server's own bind: etcd then failed with "address already in use".
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A free TCP port on 127.0.0.1 for a server a test starts: a random one of
+/// [`TEST_PORTS`] that binds now and that this process has not handed out before.
 pub fn free_port() -> Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    for _ in 0..1000 {
+        let port = TEST_PORTS.start + (u32::from_le_bytes(cloudpass_rand::bytes::<4>()) % span) as u16;
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if handed_out.contains(&port) || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        handed_out.insert(port);
+        return Ok(port);
+    }
+    // A crowded range: let the kernel pick, as before.
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
