@@ -1,6 +1,6 @@
 //! The agent's endpoints as the webhook's configuration names them: the kind of loopback
-//! listener each delivery is served by, its port, and the form in which Azure resources
-//! are matched. Plain data about `cloudpass_api::agent::AgentEndpoint`, shared by the
+//! listener each delivery is served by (its port is `AgentEndpoint::port`), and the form
+//! in which Azure resources are matched. Plain data about `cloudpass_api::agent::AgentEndpoint`, shared by the
 //! settings check and the listeners.
 
 use cloudpass_api::agent::AgentEndpoint;
@@ -40,17 +40,6 @@ impl EndpointKind {
             AgentEndpoint::GcpMetadata { .. } => Self::Gcp,
             AgentEndpoint::HttpHeader { .. } | AgentEndpoint::AwsSigV4 { .. } => Self::Proxy,
         }
-    }
-}
-
-/// The port of an endpoint.
-pub fn port_of(endpoint: &AgentEndpoint) -> u16 {
-    match endpoint {
-        AgentEndpoint::AwsContainerCredentials { port }
-        | AgentEndpoint::AzureManagedIdentity { port, .. }
-        | AgentEndpoint::GcpMetadata { port, .. }
-        | AgentEndpoint::HttpHeader { port, .. }
-        | AgentEndpoint::AwsSigV4 { port, .. } => *port,
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
     aws, azure,
     broker_client::{BrokerClient, refresh_loop},
     common::Shared,
-    endpoint::{EndpointKind, port_of},
+    endpoint::EndpointKind,
     error::AgentError,
     gcp, health,
     metrics::Metrics,
@@ -66,7 +66,7 @@ impl Agent {
         let mut groups: BTreeMap<(EndpointKind, u16), Vec<&AgentDelivery>> = BTreeMap::new();
         for delivery in deliveries {
             let kind = EndpointKind::of(&delivery.endpoint);
-            groups.entry((kind, port_of(&delivery.endpoint))).or_default().push(delivery);
+            groups.entry((kind, delivery.endpoint.port())).or_default().push(delivery);
         }
         let aws_token = if groups.keys().any(|(kind, _)| *kind == EndpointKind::Aws) {
             let (token, path) = aws::pod_authorization_token(&settings.shared_dir)?;

@@ -15,8 +15,6 @@ pub const BROKER_CA_ENV: &str = "CLOUDPASS_BROKER_CA";
 /// published bundle in the pod's namespace, projected beside the token, which the kubelet
 /// keeps current when the CA rotates.
 pub const BROKER_CA_FILE: &str = "broker-ca.crt";
-/// Key of the broker's CA bundle in its ConfigMaps (the published one and each copy).
-pub const BROKER_CA_KEY: &str = "ca.crt";
 /// Directory of the projected service-account token (audience `cloudpass`), agent only.
 /// The Kubernetes API token's usual place: mounted there, the agent's volume is also what
 /// keeps the API token away from the agent (the ServiceAccount admission plugin mounts
@@ -198,6 +196,19 @@ pub enum AgentEndpoint {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ca_file: Option<String>,
     },
+}
+
+impl AgentEndpoint {
+    /// The loopback port it is served on.
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::AwsContainerCredentials { port }
+            | Self::AzureManagedIdentity { port, .. }
+            | Self::GcpMetadata { port, .. }
+            | Self::HttpHeader { port, .. }
+            | Self::AwsSigV4 { port, .. } => *port,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -82,9 +82,9 @@ impl CredentialProviderSpec {
     /// format. `None` for the kinds that need nothing in a cloud.
     pub fn federation(&self) -> Option<Federation> {
         let (kind, audience, subject) = if let Some(c) = &self.aws_sts {
-            ("awsSts", c.audience.clone().unwrap_or_else(|| AWS_DEFAULT_AUDIENCE.into()), c.subject)
+            ("awsSts", c.audience().to_owned(), c.subject)
         } else if let Some(c) = &self.azure_workload_identity {
-            ("azureWorkloadIdentity", c.audience.clone().unwrap_or_else(|| AZURE_DEFAULT_AUDIENCE.into()), c.subject)
+            ("azureWorkloadIdentity", c.audience().to_owned(), c.subject)
         } else if let Some(c) = &self.gcp_workload_identity {
             ("gcpWorkloadIdentity", c.audience().into_owned(), c.subject)
         } else if let Some(c) = &self.oidc_token {
@@ -115,10 +115,10 @@ impl CredentialProviderSpec {
 
 /// `aud` of the broker's JWT for AWS STS unless `awsSts.audience` says otherwise: the
 /// client ID an IAM OIDC provider lists by default.
-pub const AWS_DEFAULT_AUDIENCE: &str = "sts.amazonaws.com";
+const AWS_DEFAULT_AUDIENCE: &str = "sts.amazonaws.com";
 /// `aud` of the broker's assertion for Entra unless `azureWorkloadIdentity.audience`
 /// says otherwise: the audience of a federated identity credential by default.
-pub const AZURE_DEFAULT_AUDIENCE: &str = "api://AzureADTokenExchange";
+const AZURE_DEFAULT_AUDIENCE: &str = "api://AzureADTokenExchange";
 
 /// What a cloud must trust for one federated CredentialProvider (besides the issuer).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,6 +230,20 @@ pub struct AzureWorkloadIdentityCredential {
     /// `sub` of the broker-signed assertion. Default: `Provider`.
     #[serde(default)]
     pub subject: SubjectFormat,
+}
+
+impl AwsStsCredential {
+    /// `aud` of the broker's JWT: `audience`, else `sts.amazonaws.com`.
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(AWS_DEFAULT_AUDIENCE)
+    }
+}
+
+impl AzureWorkloadIdentityCredential {
+    /// `aud` of the broker's assertion: `audience`, else `api://AzureADTokenExchange`.
+    pub fn audience(&self) -> &str {
+        self.audience.as_deref().unwrap_or(AZURE_DEFAULT_AUDIENCE)
+    }
 }
 
 impl GcpWorkloadIdentityCredential {

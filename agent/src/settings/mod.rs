@@ -25,7 +25,7 @@ mod args;
 pub use args::{Args, Command, RunArgs};
 
 use crate::{
-    endpoint::{EndpointKind, normalize_resource, port_of},
+    endpoint::{EndpointKind, normalize_resource},
     error::AgentError,
 };
 
@@ -206,7 +206,7 @@ impl Settings {
                 return bad(format!("policy {policy:?} is empty or listed twice"));
             }
             let kind = EndpointKind::of(&delivery.endpoint);
-            let port = port_of(&delivery.endpoint);
+            let port = delivery.endpoint.port();
             if port != 0 {
                 match port_kinds.insert(port, kind) {
                     Some(other) if other != kind => {

@@ -8,9 +8,8 @@ use cloudpass_api::{
     broker::Credential,
     config::CompiledPolicy,
     credential::{
-        AWS_DEFAULT_AUDIENCE, AZURE_DEFAULT_AUDIENCE, AwsStsCredential, AzureWorkloadIdentityCredential,
-        ClientAuthentication, CredentialProviderSpec, GcpWorkloadIdentityCredential, OAuth2ClientCredentials,
-        SubjectFormat,
+        AwsStsCredential, AzureWorkloadIdentityCredential, ClientAuthentication, CredentialProviderSpec,
+        GcpWorkloadIdentityCredential, OAuth2ClientCredentials, SubjectFormat,
     },
     secret::SecretString,
 };
@@ -243,7 +242,7 @@ fn bounded(req: &MintRequest<'_>, issued_at: Timestamp, expires_at: Timestamp) -
 }
 
 async fn aws_sts(ctx: &MintContext<'_>, req: &MintRequest<'_>, spec: &AwsStsCredential) -> Result<Issued, Refusal> {
-    let audience = spec.audience.as_deref().unwrap_or(AWS_DEFAULT_AUDIENCE);
+    let audience = spec.audience();
     let issued_at = Timestamp::now();
     let token = sign(ctx, req, &subject_of(spec.subject, req), audience, issued_at, ASSERTION_LIFETIME)?;
     let endpoint = spec.sts_endpoint.clone().unwrap_or_else(|| format!("https://sts.{}.amazonaws.com/", spec.region));
@@ -277,7 +276,7 @@ async fn azure(
     let resource = req.policy.server.resource.as_deref().ok_or_else(|| {
         Refusal::bad_request(format!("policy {} names no Azure resource (server.resource)", req.policy.name))
     })?;
-    let audience = spec.audience.as_deref().unwrap_or(AZURE_DEFAULT_AUDIENCE);
+    let audience = spec.audience();
     let issued_at = Timestamp::now();
     let assertion = sign(ctx, req, &subject_of(spec.subject, req), audience, issued_at, ASSERTION_LIFETIME)?;
     let authority = spec.authority_host.as_deref().unwrap_or("https://login.microsoftonline.com").trim_end_matches('/');

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 
 use cloudpass_api::{
     agent::{
-        AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, BROKER_CA_ENV, BROKER_CA_FILE, BROKER_CA_KEY, SHARED_DIR,
-        TOKEN_DIR, TOKEN_FILE,
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, BROKER_CA_ENV, BROKER_CA_FILE, SHARED_DIR, TOKEN_DIR,
+        TOKEN_FILE,
     },
     config::NamespaceConfig,
 };
@@ -145,7 +145,7 @@ pub(super) fn build(
             config_map: Some(ConfigMapProjection {
                 name: name.clone(),
                 items: Some(vec![KeyToPath {
-                    key: BROKER_CA_KEY.into(),
+                    key: crate::certs::CA_CONFIG_MAP_KEY.into(),
                     path: BROKER_CA_FILE.into(),
                     ..Default::default()
                 }]),

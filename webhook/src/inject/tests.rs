@@ -5,8 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use cloudpass_api::{
     agent::{
         AGENT_CONFIG_ENV, AGENT_CONTAINER, AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, BROKER_CA_ENV, BROKER_CA_FILE,
-        BROKER_CA_KEY, EvidenceSource, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR, SKIPPED_ANNOTATION,
-        TOKEN_DIR,
+        EvidenceSource, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR, SKIPPED_ANNOTATION, TOKEN_DIR,
     },
     config::{CompiledPolicy, NamespaceConfig},
 };
@@ -172,7 +171,7 @@ fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
     let ca = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[1].config_map.clone().unwrap();
     assert_eq!(ca.name, "cloudpass-broker-ca");
     let item = &ca.items.unwrap()[0];
-    assert_eq!((item.key.as_str(), item.path.as_str()), (BROKER_CA_KEY, BROKER_CA_FILE));
+    assert_eq!((item.key.as_str(), item.path.as_str()), (crate::certs::CA_CONFIG_MAP_KEY, BROKER_CA_FILE));
     assert_ne!(ca.optional, Some(true), "a pod without the CA waits for it, loudly");
     assert!(!agent_env.contains_key(BROKER_CA_ENV), "no PEM in the pod spec");
     let env = env_of(&p, "web");
