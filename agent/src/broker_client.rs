@@ -3,8 +3,9 @@
 //! `POST {broker}/v1/credentials` with the projected service-account token as bearer
 //! (re-read from its file on every request, so the kubelet's rotation is picked up) and
 //! `{"policy": ...}`. The broker's CA is the only trust anchor unless system roots are
-//! asked for; its file, too, is read again before each request. Each delivery fetches at start, then again at the broker's `refreshAt`, a
-//! little later by random jitter so that pods started together do not refresh together:
+//! asked for; its file, too, is read again before each request. Each delivery fetches
+//! at start, then again at the broker's `refreshAt`, a little later by random jitter so
+//! that pods started together do not refresh together:
 //! the broker serves the same cached credential until `refreshAt`, so asking sooner
 //! would only get it back (one call per credential, see [`refresh_delay`]). Failures are
 //! retried with capped exponential backoff and jitter; the store keeps serving a

@@ -5,9 +5,7 @@
 
 use cloudpass_api::{
     AccessPolicy, INJECTION_ENABLED, INJECTION_LABEL,
-    agent::{
-        AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SKIPPED_ANNOTATION,
-    },
+    agent::{AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, INJECTED_ANNOTATION, SKIPPED_ANNOTATION},
     policy::NotSelected,
 };
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
@@ -108,9 +106,12 @@ pub fn of(
                 .deliveries
                 .iter()
                 .map(|d| {
-                    let endpoint = serde_json::to_value(&d.endpoint).unwrap_or_default();
-                    let kind = endpoint["type"].as_str().unwrap_or("?").to_owned();
-                    let port = endpoint["port"].as_u64().unwrap_or_default();
+                    // The kind as the configuration spells it (its serde tag).
+                    let kind = serde_json::to_value(&d.endpoint).unwrap_or_default()["type"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .to_owned();
+                    let port = d.endpoint.port();
                     let needle = format!("127.0.0.1:{port}");
                     let receiving = containers
                         .iter()
@@ -147,18 +148,6 @@ pub fn of(
         deliveries,
         decisions,
         decisions_unavailable,
-    }
-    .with_served(annotations.get(POLICIES_ANNOTATION))
-}
-
-impl Explanation {
-    /// Keeps the served-policies annotation's order for the deliveries, when present.
-    fn with_served(mut self, served: Option<&String>) -> Self {
-        if let Some(served) = served {
-            let order: Vec<&str> = served.split(',').collect();
-            self.deliveries.sort_by_key(|d| order.iter().position(|p| *p == d.policy).unwrap_or(usize::MAX));
-        }
-        self
     }
 }
 

@@ -366,8 +366,7 @@ fn explain_text(e: &explain::Explanation) -> String {
 /// A policy's `Ready` condition in words: `True`, or the status with its reason (a
 /// policy that is not Ready gives nothing).
 fn policy_ready(policy: &AccessPolicy) -> String {
-    let conditions = policy.status.as_ref().map(|s| s.status.conditions.as_slice()).unwrap_or_default();
-    match conditions.iter().find(|c| c.type_ == cloudpass_api::common::CONDITION_READY) {
+    match policy.status.as_ref().and_then(|s| s.status.condition(cloudpass_api::common::CONDITION_READY)) {
         Some(c) if c.status == "True" => "True".into(),
         Some(c) => format!("{} ({})", c.status, c.reason),
         None => "Unknown (not reconciled yet)".into(),

@@ -16,7 +16,7 @@
 //! opted out is deleted, even across restarts. It may create ConfigMaps in any namespace
 //! (a create cannot be limited by name) but read, update and delete only this name.
 
-use cloudpass_runtime::certs::{CA_CONFIG_MAP_KEY, publish_ca};
+use cloudpass_runtime::certs::{CA_CONFIG_MAP_KEY, MANAGED_BY, publish_ca};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, ResourceExt,
@@ -29,8 +29,6 @@ use crate::Error;
 
 /// Owner named in the copies' `app.kubernetes.io/managed-by` label.
 const OWNER: &str = "cloudpass-operator";
-/// The label naming who manages a ConfigMap.
-const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
 /// Keeps the broker's CA bundle, as published in the release namespace, in every
 /// opted-in namespace under the same ConfigMap name.

@@ -40,7 +40,7 @@ struct Granted {
 }
 
 /// Label on every Role and RoleBinding the controller writes, naming who manages them.
-const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "cloudpass-operator");
+const MANAGED_BY: (&str, &str) = (cloudpass_runtime::certs::MANAGED_BY, "cloudpass-operator");
 
 /// Keeps the per-namespace Roles of one broker service account in line with what the
 /// namespace's CredentialProviders reference.

@@ -410,7 +410,8 @@ impl CertManager {
     }
 }
 
-const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The label naming who manages an object the cloudpass components write.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
 /// Writes `bundle` (PEM) into the ConfigMap `name` under [`CA_CONFIG_MAP_KEY`], creating
 /// it if absent; `Ok(true)` when something was written. Replicas may race: a conflict
