@@ -92,6 +92,29 @@ pub struct ProviderStatus {
 /// Type of the condition every cloudpass resource carries.
 pub const CONDITION_READY: &str = "Ready";
 
+/// Type of the condition a federated CredentialProvider (and each AccessPolicy using
+/// one) carries: whether a real exchange with the cloud's token service, with a token
+/// like a workload's, succeeded. It never changes `Ready`: a cloud can be briefly
+/// unreachable.
+pub const CONDITION_VERIFIED: &str = "Verified";
+
+/// Reasons of the `Verified` condition besides the cloud's own error code, which is the
+/// reason when the cloud refused (e.g. `AccessDenied`, `AADSTS70021`, `invalid_grant`).
+pub mod verify_reasons {
+    /// The exchange succeeded.
+    pub const VERIFIED: &str = "Verified";
+    /// No check has finished yet for the current spec.
+    pub const PENDING: &str = "Pending";
+    /// The token service could not be reached or answered a server error: unknown.
+    pub const UNREACHABLE: &str = "Unreachable";
+    /// The cloud refused without an error code.
+    pub const REFUSED: &str = "Refused";
+    /// The operator could not sign a probe (no issuer key yet).
+    pub const NOT_SIGNED: &str = "IssuerNotReady";
+    /// On a policy: its CredentialProvider is not Ready or has no check.
+    pub const NOT_CHECKED: &str = "NotChecked";
+}
+
 /// Reasons of the `Ready` condition. They are part of the API: alerts and GitOps health
 /// checks match on them.
 pub mod reasons {

@@ -25,6 +25,7 @@ use crate::{
     printcolumn = r#"{"name":"Kind","type":"string","description":"Which kind of credential this provider obtains","jsonPath":".status.providerKind"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Verified","type":"string","description":"Whether a real exchange with the cloud succeeded","jsonPath":".status.conditions[?(@.type==\"Verified\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -58,6 +59,36 @@ pub struct CredentialProviderSpec {
     /// A username and password from a Secret (e.g. of type `kubernetes.io/basic-auth`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username_password: Option<UsernamePasswordCredential>,
+    /// Whether the operator checks the cloud-side trust of a federated kind with a real
+    /// exchange (the `Verified` condition). Default: on.
+    #[serde(default, skip_serializing_if = "Verification::is_default")]
+    pub verification: Verification,
+}
+
+/// The `Verified` check of a federated CredentialProvider.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Verification {
+    /// `false` turns the check off for this provider (e.g. a cloud whose audit log must
+    /// show only workload sign-ins). Default: `true`.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+impl Default for Verification {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl Verification {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl CredentialProviderSpec {

@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod broker;
+pub mod cloud_trust;
 pub mod common;
 pub mod config;
 pub mod crd;
@@ -40,6 +41,9 @@ pub const INJECTION_LABEL: &str = "cloudpass.dev/injection";
 pub const INJECTION_ENABLED: &str = "enabled";
 /// Pod annotation forcing (`"true"`) or refusing (`"false"`) injection.
 pub const INJECT_ANNOTATION: &str = "cloudpass.dev/inject";
+/// CredentialProvider annotation asking for a verification now (any new value, e.g. a
+/// timestamp), as `kubectl cloudpass verify` sets it.
+pub const VERIFY_REQUESTED_ANNOTATION: &str = "cloudpass.dev/verify-requested-at";
 /// Label on the operator's compiled-config ConfigMaps, valued with the source namespace.
 pub const CONFIG_NAMESPACE_LABEL: &str = "cloudpass.dev/config-for";
 /// Annotation on a compiled-config ConfigMap holding the document's content hash.

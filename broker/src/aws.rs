@@ -296,6 +296,8 @@ pub struct StsCredentials {
     pub expiration: jiff::Timestamp,
     /// The assumed role's account, from `AssumedRoleUser.Arn`, when STS names it.
     pub account_id: Option<String>,
+    /// `AssumedRoleUser.Arn`, when STS names it.
+    pub assumed_role_arn: Option<String>,
 }
 
 /// Calls `AssumeRoleWithWebIdentity` at `endpoint` with the broker-signed `token` (under
@@ -308,15 +310,20 @@ pub async fn assume_role_with_web_identity(
     session_name: &str,
     duration_seconds: u64,
     token: &str,
+    session_policy: Option<&str>,
 ) -> Result<StsCredentials, Refusal> {
-    let form = [
+    let duration = duration_seconds.to_string();
+    let mut form = vec![
         ("Action", "AssumeRoleWithWebIdentity"),
         ("Version", "2011-06-15"),
         ("RoleArn", role_arn),
         ("RoleSessionName", session_name),
-        ("DurationSeconds", &duration_seconds.to_string()),
+        ("DurationSeconds", &duration),
         ("WebIdentityToken", token),
     ];
+    if let Some(policy) = session_policy {
+        form.push(("Policy", policy));
+    }
     let response = http
         .post(endpoint)
         .map_err(|e| Refusal::denied(e.to_string()))?
@@ -364,6 +371,7 @@ pub async fn assume_role_with_web_identity(
         session_token: SecretString::new(f[2].clone().ok_or_else(missing)?),
         expiration,
         account_id,
+        assumed_role_arn: f[4].clone(),
     })
 }
 
@@ -511,6 +519,7 @@ mod tests {
             session_token: SecretString::new("FwoGZXIvYXdzE-token"),
             expiration: jiff::Timestamp::UNIX_EPOCH,
             account_id: None,
+            assumed_role_arn: None,
         };
         let shown = format!("{creds:?} {creds:#?}");
         assert!(!shown.contains("wJalrXUtnFEMI") && !shown.contains("FwoGZXIvYXdzE"), "{shown}");

@@ -184,6 +184,14 @@ fn data(set: &KeySet) -> BTreeMap<String, ByteString> {
     [(KEYS_DATA.to_owned(), ByteString(serde_json::to_vec(set).expect("key set serializes")))].into()
 }
 
+/// Reads the key set from its Secret without creating or rotating it (for a process that
+/// signs but does not own the keys, as the controller's verification does); `None`
+/// while the broker has not created it yet.
+pub async fn load_keys(client: &Client, namespace: &str, secret_name: &str) -> Result<Option<KeySet>, IssuerError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    api.get_opt(secret_name).await?.map(|secret| parse(secret_name, &secret)).transpose()
+}
+
 /// Loads the key set from its Secret, creating or rotating it as due (optimistic
 /// concurrency: replicas racing cannot both write).
 pub async fn sync_keys(

@@ -28,6 +28,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod server;
 pub mod trust;
+pub mod verify;
 
 use std::{
     sync::{Arc, RwLock},
@@ -238,6 +239,11 @@ impl Broker {
         request: &CredentialRequest,
         record: &mut AuditRecord,
     ) -> Result<Arc<Caller>, Refusal> {
+        if cloudpass_api::jwt::unverified_claims(token).is_some_and(|claims| verify::is_probe(&claims)) {
+            return Err(Refusal::unauthenticated(
+                "the token is a cloudpass verification probe, which identifies no workload",
+            ));
+        }
         // Another cluster's token is recognised by an issuer that a TrustProvider in the
         // named namespace trusts; everything else goes to TokenReview.
         if let Some(namespace) = &request.namespace

@@ -48,6 +48,15 @@ fn not_trusted(why: impl Into<String>) -> Error {
     Error::NotTrusted(why.into())
 }
 
+/// A verification probe of the cloudpass issuer is never a caller's evidence, even where
+/// a TrustProvider trusts that issuer.
+fn not_a_probe(claims: &Value) -> Result<(), Error> {
+    if crate::verify::is_probe(claims) {
+        return Err(not_trusted("the token is a cloudpass verification probe, which identifies no workload"));
+    }
+    Ok(())
+}
+
 fn any_glob(patterns: &[String], value: &str) -> bool {
     patterns.iter().any(|p| glob_matches(p, value))
 }
@@ -136,6 +145,7 @@ async fn check_azure(
     let source = KeySource::Url(format!("{authority}/{tenant}/discovery/v2.0/keys"));
     let expect = Expectations { issuer: &issuer, audiences: &spec.audiences, algorithms: &[JwtAlgorithm::RS256] };
     let claims: Value = ctx.verifier.verify(token, &source, &expect).await?;
+    not_a_probe(&claims)?;
     if claim_strings(&claims, "tid") != [tenant.clone()] {
         return Err(not_trusted("tenant does not match"));
     }
@@ -165,6 +175,7 @@ async fn check_gcp(
         KeySource::Url(spec.jwks_uri.clone().unwrap_or_else(|| "https://www.googleapis.com/oauth2/v3/certs".into()));
     let expect = Expectations { issuer, audiences: &spec.audiences, algorithms: &[JwtAlgorithm::RS256] };
     let claims: Value = ctx.verifier.verify(token, &source, &expect).await?;
+    not_a_probe(&claims)?;
     let email = claim_strings(&claims, "email");
     if !spec.service_account_emails.is_empty() && claim_strings(&claims, "email_verified") != ["true"] {
         return Err(not_trusted("the token's email is not verified"));
@@ -184,6 +195,7 @@ async fn check_oidc(
     let source = KeySource::for_issuer(&spec.issuer, spec.jwks_uri.as_deref(), None);
     let expect = Expectations { issuer: &spec.issuer, audiences: &spec.audiences, algorithms: &spec.algorithms };
     let claims: Value = ctx.verifier.verify(token, &source, &expect).await?;
+    not_a_probe(&claims)?;
     let sub = claim_strings(&claims, "sub");
     require(&spec.subjects, &sub, "subject")?;
     for matcher in &spec.claims {

@@ -52,6 +52,9 @@ pub struct BrokerOptions {
     /// Further CA certificates (PEM) trusted for upstream HTTPS besides the broker's own
     /// test CA, e.g. another broker's, whose fakes this one must reach too.
     pub extra_upstream_ca_pem: Option<String>,
+    /// `--verify-interval`; default `0s` (off): most suites name real cloud endpoints in
+    /// providers they never use, which a check would call. The verification suite sets it.
+    pub verify_interval: String,
     /// `--issuer-url`; default: this broker's own URL. A second replica of a broker names
     /// the first's, so that the clouds trust the tokens of both.
     pub issuer_url: Option<String>,
@@ -68,6 +71,7 @@ impl Default for BrokerOptions {
             lease_name: None,
             extra_upstream_ca_pem: None,
             issuer_url: None,
+            verify_interval: "0s".into(),
         }
     }
 }
@@ -138,6 +142,7 @@ impl RunningBroker {
         .chain(extra.iter().cloned())
         .collect();
         args.push(format!("--allow-private-upstreams={}", options.allow_private_upstreams));
+        args.push(format!("--verify-interval={}", options.verify_interval));
         if let Some(lease) = &options.lease_name {
             args.push(format!("--lease-name={lease}"));
         }

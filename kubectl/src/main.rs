@@ -9,7 +9,6 @@
 #![deny(missing_docs)]
 
 mod explain;
-mod trust;
 mod who_can;
 
 use std::{fmt::Write as _, process::ExitCode};
@@ -19,7 +18,7 @@ use cloudpass_api::{AccessPolicy, CredentialProvider, TrustProvider};
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{Api, Client, ResourceExt, api::ListParams};
 
-use crate::trust::Trust;
+use cloudpass_api::cloud_trust::{self as trust, Trust};
 
 /// What cloudpass does and needs, read from the cluster with your kubeconfig.
 #[derive(Parser, Debug)]

@@ -160,6 +160,13 @@ pub struct Args {
     /// not reviewed again within it.
     #[arg(long, env = "CLOUDPASS_TOKEN_CACHE_TTL", default_value = "10s")]
     pub token_cache_ttl: TextDuration,
+    /// How often the controller checks each federated CredentialProvider's cloud-side trust
+    /// with a real exchange (its `Verified` condition), besides on every change; jittered
+    /// by up to 10 %. `0s` turns verification off. Needs `--issuer-url` and read access
+    /// to `--issuer-keys-secret`; the exchange goes through the same egress policy as the
+    /// broker's (`--allow-private-upstreams`, `--cluster-cidr`, `--upstream-ca-file`).
+    #[arg(long, env = "CLOUDPASS_VERIFY_INTERVAL", default_value = "1h")]
+    pub verify_interval: TextDuration,
     /// After SIGTERM, how long the broker keeps answering (already reporting not ready)
     /// before the process exits: Services stop routing to a terminating pod only after
     /// its endpoint is removed everywhere, and agents' requests sent meanwhile still get

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod secret_access;
 pub mod server;
+pub mod verify;
 
 /// Everything that can fail in the operator.
 #[derive(Debug, thiserror::Error)]

@@ -27,6 +27,7 @@ use cloudpass_operator::{
     reconcile::{self, Settings},
     secret_access::BrokerSecretAccess,
     server::{self, Health},
+    verify::VerifySettings,
 };
 use cloudpass_runtime::{
     certs::{self, CertManager, CertSettings},
@@ -51,6 +52,40 @@ const BROKER_CERT_SYNC_INTERVAL: Duration = Duration::from_secs(60);
 /// The running broker and its serving certificate (for readiness).
 type RunningBroker = (Arc<Broker>, Arc<ReloadableCert>);
 
+/// The HTTP client for the destinations providers name, under the egress policy: the
+/// broker's, and the controller's verification probes.
+fn upstream_client(args: &Args) -> Result<Egress, String> {
+    let mut http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("cloudpass-broker/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &args.upstream_ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        http = http.tls_certs_merge(certs);
+    }
+    let egress =
+        EgressPolicy { allow_private: args.allow_private_upstreams, cluster_cidrs: args.cluster_cidrs.clone() };
+    Egress::new(http, egress).map_err(|e| e.to_string())
+}
+
+/// The controller's verification settings: `None` when `--verify-interval` is `0s` or
+/// there is no `--issuer-url` to sign probes for.
+fn verify_settings(args: &Args) -> Result<Option<VerifySettings>, String> {
+    let interval = args.verify_interval.as_std();
+    let Some(issuer_url) = args.broker_issuer_url.clone().filter(|_| !interval.is_zero()) else {
+        info!("verification of CredentialProviders off: --verify-interval 0s or no --issuer-url");
+        return Ok(None);
+    };
+    Ok(Some(VerifySettings {
+        interval,
+        issuer_url,
+        keys_namespace: args.namespace.clone(),
+        keys_secret: args.broker_keys_secret.clone(),
+        http: upstream_client(args)?,
+    }))
+}
+
 /// Starts the broker when configured; `Ok(None)` when it is off.
 async fn start_broker(
     client: &kube::Client,
@@ -73,21 +108,10 @@ async fn start_broker(
     if !issuer_url.starts_with("https://") {
         return Err(format!("--issuer-url must be an https URL, got {issuer_url:?}"));
     }
-    let mut http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(5))
-        .user_agent(concat!("cloudpass-broker/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = &args.upstream_ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
-        http = http.tls_certs_merge(certs);
-    }
-    let egress =
-        EgressPolicy { allow_private: args.allow_private_upstreams, cluster_cidrs: args.cluster_cidrs.clone() };
-    if egress.allow_private {
+    let http = upstream_client(args)?;
+    if args.allow_private_upstreams {
         warn!("--allow-private-upstreams: the broker calls loopback and private addresses that providers name");
     }
-    let http = Egress::new(http, egress).map_err(|e| e.to_string())?;
     let audit = Audit::open(&args.audit_log).map_err(|e| format!("--audit-log {}: {e}", args.audit_log))?;
     let configs = Arc::new(Configs::default());
     tokio::spawn(configs::watch(client.clone(), args.namespace.clone(), configs.clone()));
@@ -377,6 +401,13 @@ async fn main() -> ExitCode {
             .clone()
             .map(|account| Arc::new(BrokerSecretAccess::new(client.clone(), args.namespace.clone(), account))),
         broker_ca_configmap: Some(args.broker_ca_configmap.clone()),
+        verify: match verify_settings(&args) {
+            Ok(v) => v,
+            Err(e) => {
+                error!(error = %e, "cannot set up verification");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let warm = ready.clone();
     reconcile::run(client, settings, metrics.clone(), stopped(stop_rx), move || warm.store(true, Ordering::Relaxed))

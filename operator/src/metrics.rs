@@ -12,6 +12,22 @@ use prometheus_client::{
     registry::Registry,
 };
 
+/// Labels of one CredentialProvider's verification.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// Labels of a finished verification.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerifyLabels {
+    /// `verified`, `refused` or `unknown`.
+    pub result: String,
+}
+
 /// Labels of an object count: its kind and its `Ready` condition.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct ObjectLabels {
@@ -56,6 +72,10 @@ pub struct Metrics {
     pub broker: BrokerMetrics,
     /// Broker serving certificate reloads (self-managed rotation or changed files).
     pub broker_cert_reloads: Counter,
+    /// Per federated CredentialProvider: 1 Verified, 0 refused, -1 unknown.
+    pub verified: Family<ProviderLabels, Gauge>,
+    /// Verifications finished, by result.
+    pub verifications: Family<VerifyLabels, Counter>,
     per_namespace: Mutex<BTreeMap<String, BTreeMap<ObjectLabels, i64>>>,
 }
 
@@ -86,9 +106,23 @@ impl Default for Metrics {
             "Broker serving certificate reloads",
             broker_cert_reloads.clone(),
         );
+        let verified = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "credential_provider_verified",
+            "Whether the cloud accepted the last verification of a CredentialProvider: 1 yes, 0 refused, -1 unknown",
+            verified.clone(),
+        );
+        let verifications = Family::<VerifyLabels, Counter>::default();
+        registry.register(
+            "verifications",
+            "Verifications of CredentialProviders finished, by result",
+            verifications.clone(),
+        );
         Self {
             broker,
             broker_cert_reloads,
+            verified,
+            verifications,
             registry,
             reconciles,
             reconcile_errors,

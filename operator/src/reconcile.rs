@@ -12,7 +12,7 @@ use std::{
 use cloudpass_api::{
     AccessPolicy, CONFIG_DATA_KEY, CONFIG_HASH_ANNOTATION, CONFIG_NAMESPACE_LABEL, CredentialProvider,
     INJECTION_ENABLED, INJECTION_LABEL, Status, TrustProvider,
-    common::{CONDITION_READY, ProviderStatus, reasons},
+    common::{CONDITION_READY, CONDITION_VERIFIED, ProviderStatus, reasons},
     policy::AccessPolicyStatus,
 };
 use cloudpass_outbound::Retry;
@@ -41,6 +41,7 @@ use crate::{
     evaluate::{Evaluation, Outcome, Snapshot, evaluate},
     metrics::{Metrics, ObjectLabels},
     secret_access::BrokerSecretAccess,
+    verify::{VerifiedState, Verifier, VerifySettings},
 };
 
 /// Field manager of every write the operator makes.
@@ -74,6 +75,8 @@ pub struct Context {
     broker_secret_access: Option<Arc<BrokerSecretAccess>>,
     /// The copies of the broker's CA bundle in opted-in namespaces, when kept.
     broker_ca: Option<NamespaceBrokerCa>,
+    /// The `Verified` checks, when on.
+    verifier: Option<Arc<Verifier>>,
     /// Whether every cache holds its full initial list. Until then a namespace looks
     /// empty (or half-listed) and reconciling it would delete its compiled config, so the
     /// broker would deny and the webhook skip its pods.
@@ -169,19 +172,37 @@ async fn reconcile_namespace(
     }
     ctx.write_config(&namespace, evaluation.config).await?;
 
+    // The cloud-side check of each federated provider that is Ready (a spec the operator
+    // refuses is not worth a call to a cloud).
+    let policy_objects: Vec<AccessPolicy> = policies.iter().map(|p| p.as_ref().clone()).collect();
+    let verified: BTreeMap<String, VerifiedState> = match &ctx.verifier {
+        Some(verifier) => {
+            verifier.retain(&namespace, &credential.iter().map(|c| c.name_any()).collect());
+            credential
+                .iter()
+                .filter(|c| evaluation.credential[&c.name_any()].ready)
+                .filter_map(|c| Some((c.name_any(), verifier.state(c, &policy_objects)?)))
+                .collect()
+        }
+        None => BTreeMap::new(),
+    };
+
     let trust_kinds = trust.iter().map(|o| (o.as_ref(), o.status.clone(), o.spec.kind_name()));
     let credential_kinds = credential.iter().map(|o| (o.as_ref(), o.status.clone(), o.spec.kind_name()));
     for (object, status, kind) in trust_kinds {
-        ctx.write_provider_status(object, status, kind, &evaluation.trust[&object.name_any()]).await?;
+        ctx.write_provider_status(object, status, kind, &evaluation.trust[&object.name_any()], None).await?;
     }
     for (object, status, kind) in credential_kinds {
-        ctx.write_provider_status(object, status, kind, &evaluation.credential[&object.name_any()]).await?;
+        let name = object.name_any();
+        ctx.write_provider_status(object, status, kind, &evaluation.credential[&name], verified.get(&name)).await?;
     }
     for object in &policies {
         let outcome = &evaluation.policies[&object.name_any()];
+        let provider = &object.spec.credential_provider.name;
+        let verified = verified.get(provider).filter(|_| outcome.ready).map(|v| v.for_policy(provider));
         let status = object.status.clone().unwrap_or_default();
         let desired = AccessPolicyStatus {
-            status: desired_status(&status.status, object.meta().generation, outcome),
+            status: desired_status(&status.status, object.meta().generation, outcome, verified.as_ref()),
             config_hash: if outcome.ready { policy_hashes.get(&object.name_any()).cloned() } else { None },
         };
         ctx.write_status(object.as_ref(), &status.status, &status, desired, outcome).await?;
@@ -192,25 +213,48 @@ async fn reconcile_namespace(
     Ok(Action::requeue(if waiting_for_secret { SECRET_RECHECK } else { RESYNC }))
 }
 
-/// The status an object should have: its `Ready` condition from the outcome, keeping the
-/// transition time while the condition's status stays the same.
-fn desired_status(current: &Status, generation: Option<i64>, outcome: &Outcome) -> Status {
-    let previous = current.condition(CONDITION_READY);
-    let status = if outcome.ready { "True" } else { "False" };
-    let last_transition_time = match previous {
+/// One condition, keeping its transition time while its status stays the same.
+fn condition(
+    current: &Status,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> Condition {
+    let last_transition_time = match current.condition(type_) {
         Some(p) if p.status == status => p.last_transition_time.clone(),
         _ => Time(jiff::Timestamp::now()),
     };
-    let mut conditions: Vec<Condition> =
-        current.conditions.iter().filter(|c| c.type_ != CONDITION_READY).cloned().collect();
-    conditions.push(Condition {
-        type_: CONDITION_READY.into(),
+    Condition {
+        type_: type_.into(),
         status: status.into(),
-        reason: outcome.reason.into(),
-        message: outcome.message.clone(),
+        reason: reason.into(),
+        message: message.into(),
         observed_generation: generation,
         last_transition_time,
-    });
+    }
+}
+
+/// The status an object should have: its `Ready` condition from the outcome, and its
+/// `Verified` condition when it has one (none removes it).
+fn desired_status(
+    current: &Status,
+    generation: Option<i64>,
+    outcome: &Outcome,
+    verified: Option<&VerifiedState>,
+) -> Status {
+    let status = if outcome.ready { "True" } else { "False" };
+    let mut conditions: Vec<Condition> = current
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != CONDITION_READY && c.type_ != CONDITION_VERIFIED)
+        .cloned()
+        .collect();
+    conditions.push(condition(current, CONDITION_READY, status, outcome.reason, &outcome.message, generation));
+    if let Some(v) = verified {
+        conditions.push(condition(current, CONDITION_VERIFIED, v.status, &v.reason, &v.message, generation));
+    }
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
     Status { conditions, observed_generation: generation }
 }
@@ -237,10 +281,11 @@ impl Context {
         current: Option<ProviderStatus>,
         kind: Option<&str>,
         outcome: &Outcome,
+        verified: Option<&VerifiedState>,
     ) -> Result<(), Error> {
         let current = current.unwrap_or_default();
         let desired = ProviderStatus {
-            status: desired_status(&current.status, object.meta().generation, outcome),
+            status: desired_status(&current.status, object.meta().generation, outcome, verified),
             provider_kind: kind.map(str::to_owned),
         };
         self.write_status(object, &current.status, &current, desired, outcome).await
@@ -262,6 +307,10 @@ impl Context {
         if *full_current == desired {
             return Ok(());
         }
+        let verified_after = serde_json::to_value(&desired)
+            .ok()
+            .and_then(|v| serde_json::from_value::<Status>(v).ok())
+            .and_then(|s| s.condition(CONDITION_VERIFIED).cloned());
         let namespace = object.namespace().unwrap_or_default();
         let api: Api<K> = Api::namespaced(self.client.clone(), &namespace);
         let patch = serde_json::json!({ "status": merge_patch(full_current, &desired) });
@@ -282,6 +331,24 @@ impl Context {
                 warn!(error = %e, object = %object.name_any(), "could not record an Event");
             }
             info!(kind = %K::kind(&()), namespace, name = %object.name_any(), ready = outcome.ready, reason = outcome.reason, message = %outcome.message, "Ready changed");
+        }
+        // An Event on each transition of a provider's check (policies follow it).
+        let verified_before = current.condition(CONDITION_VERIFIED);
+        if K::kind(&()) == "CredentialProvider"
+            && let Some(after) = verified_after
+            && verified_before.is_none_or(|b| b.status != after.status || b.reason != after.reason)
+            && after.reason != cloudpass_api::common::verify_reasons::PENDING
+        {
+            let event = Event {
+                type_: if after.status == "True" { EventType::Normal } else { EventType::Warning },
+                reason: after.reason.clone(),
+                note: Some(after.message.chars().take(1000).collect()),
+                action: "Verify".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+                warn!(error = %e, object = %object.name_any(), "could not record an Event");
+            }
         }
         Ok(())
     }
@@ -384,6 +451,8 @@ pub struct Settings {
     /// CA bundle: when set, the controller keeps a copy of it in every opted-in
     /// namespace (see [`crate::broker_ca`]).
     pub broker_ca_configmap: Option<String>,
+    /// The `Verified` checks of federated CredentialProviders, when on.
+    pub verify: Option<VerifySettings>,
 }
 
 /// Drops what the controller never reads from a cached object: its managed fields and
@@ -455,6 +524,7 @@ pub async fn run(
             .touched_objects()
     });
 
+    let verifier = settings.verify.map(|v| Verifier::new(v, client.clone(), metrics.clone()));
     let ctx = Arc::new(Context {
         client: client.clone(),
         trust: trust.clone(),
@@ -471,6 +541,7 @@ pub async fn run(
         broker_secret_access: settings.broker_secret_access.clone(),
         broker_ca: (settings.broker_ca_configmap.clone())
             .map(|name| NamespaceBrokerCa::new(client.clone(), name, broker_ca.clone())),
+        verifier: verifier.as_ref().map(|(v, _)| v.clone()),
         warm: Default::default(),
     });
 
@@ -487,6 +558,10 @@ pub async fn run(
             cm.labels().get(CONFIG_NAMESPACE_LABEL).map(|ns| ObjectRef::new(ns))
         })
         .graceful_shutdown_on(shutdown);
+    if let Some((_, finished)) = verifier {
+        // A finished check reconciles its provider's namespace, which writes the condition.
+        controller = controller.reconcile_on(finished);
+    }
     if let Some(stream) = broker_ca_stream {
         let operator_namespace = settings.operator_namespace.clone();
         controller = controller.watches_stream(stream, move |cm: ConfigMap| {

@@ -98,6 +98,7 @@ fn start_strict_broker() -> &'static RunningBroker {
                     // that CA trusted, only the egress policy keeps this one away.
                     extra_upstream_ca_pem: Some(main.ca.cert_pem()),
                     issuer_url: None,
+                    ..Default::default()
                 };
                 let binary = std::path::Path::new(env!("CARGO_BIN_EXE_cloudpass-operator"));
                 RunningBroker::start(main.cp, binary, &options).await.unwrap()

@@ -171,6 +171,7 @@ async fn through_apiserver() {
             debounce: cloudpass_operator::reconcile::DEFAULT_DEBOUNCE,
             broker_secret_access: None,
             broker_ca_configmap: None,
+            verify: None,
         };
         cloudpass_operator::reconcile::run(
             operator_client,

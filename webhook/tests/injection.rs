@@ -129,6 +129,7 @@ fn setup() -> &'static ControlPlane {
                     debounce: cloudpass_operator::reconcile::DEFAULT_DEBOUNCE,
                     broker_secret_access: None,
                     broker_ca_configmap: None,
+                    verify: None,
                 };
                 let metrics = cloudpass_operator::metrics::Metrics::new();
                 cloudpass_operator::reconcile::run(client, settings, metrics, std::future::pending(), move || {

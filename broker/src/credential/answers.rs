@@ -17,7 +17,7 @@ use crate::{
 /// Largest token-endpoint answer read.
 const MAX_ANSWER_BYTES: usize = 256 * 1024;
 
-pub(super) async fn post_form(
+pub(crate) async fn post_form(
     http: &Egress,
     url: &str,
     form: &[(&str, &str)],
@@ -35,7 +35,7 @@ pub(super) async fn post_form(
     send_json(builder, url, service).await
 }
 
-pub(super) async fn send_json(builder: reqwest::RequestBuilder, url: &str, service: &str) -> Result<Value, Refusal> {
+pub(crate) async fn send_json(builder: reqwest::RequestBuilder, url: &str, service: &str) -> Result<Value, Refusal> {
     let response = builder
         .send()
         .await
@@ -175,7 +175,7 @@ pub fn check_expiry(issued_at: Timestamp, expires_at: Timestamp, service: &str) 
 }
 
 /// The expiry of a token answer: `issued_at + expires_in`, or `issued_at + default`.
-pub(super) fn answer_expiry(
+pub(crate) fn answer_expiry(
     answer: &TokenAnswer,
     issued_at: Timestamp,
     default: SignedDuration,

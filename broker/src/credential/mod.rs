@@ -24,7 +24,7 @@ pub use answers::{
     MAX_UPSTREAM_LIFETIME, TokenAnswer, check_expiry, expires_in, parse_entra_answer, parse_google_iam_answer,
     parse_google_sts_answer, parse_oauth2_answer,
 };
-use answers::{answer_expiry, post_form, send_json};
+pub(crate) use answers::{answer_expiry, post_form, send_json};
 
 use crate::issuer::KeySet;
 use crate::{Refusal, authn::Caller, aws, cache::Issued, egress::Egress};
@@ -35,7 +35,7 @@ const ASSERTION_LIFETIME: Duration = Duration::from_secs(300);
 /// which is how fast a rotated Secret or a deleted policy takes effect.
 const SECRET_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(20 * 60);
 /// Default scope of Google tokens.
-const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+pub(crate) const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 
 /// What obtaining a credential needs.
 pub struct MintContext<'a> {
@@ -177,7 +177,7 @@ pub fn cache_discriminator(req: &MintRequest<'_>) -> String {
 }
 
 /// A random token ID.
-fn jti() -> String {
+pub(crate) fn jti() -> String {
     cloudpass_rand::hex(16)
 }
 
@@ -256,6 +256,7 @@ async fn aws_sts(ctx: &MintContext<'_>, req: &MintRequest<'_>, spec: &AwsStsCred
         &session_name(&spec.session_name, req),
         duration.as_secs(),
         &token,
+        None,
     )
     .await?;
     let expires_at = check_expiry(issued_at, creds.expiration, "AWS STS")?;

@@ -123,6 +123,11 @@ impl StsGate {
         self.served.url()
     }
 
+    /// The parameters of the last `AssumeRoleWithWebIdentity` requests, oldest first (see [`super::Counters::requests`]).
+    pub fn requests(&self) -> Vec<Vec<(String, String)>> {
+        self.state.counters.requests()
+    }
+
     /// Number of requests moto answered with a 2xx through the gate.
     pub fn calls(&self) -> u64 {
         self.state.counters.calls()
@@ -171,6 +176,7 @@ async fn handle(
     if param(&params, "Action") != Some("AssumeRoleWithWebIdentity") {
         return forward_unchanged(&state, method, &uri, &headers, body).await;
     }
+    state.counters.record_request(&params);
     if let Some(status) = state.counters.take_failure() {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return if status == StatusCode::SERVICE_UNAVAILABLE {

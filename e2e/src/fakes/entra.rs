@@ -151,6 +151,11 @@ impl EntraFake {
         v1_issuer(&self.state.config.tenant_id)
     }
 
+    /// The parameters of the last token requests, oldest first (see [`super::Counters::requests`]).
+    pub fn requests(&self) -> Vec<Vec<(String, String)>> {
+        self.state.counters.requests()
+    }
+
     /// Number of access tokens issued at the token endpoint.
     pub fn calls(&self) -> u64 {
         self.state.counters.calls()
@@ -254,6 +259,7 @@ async fn token(State(state): State<Arc<EntraState>>, Path(tenant): Path<String>,
         return tenant_not_found(&tenant);
     }
     let form = parse_form(&body);
+    state.counters.record_request(&form);
     match param(&form, "grant_type") {
         None => return missing("grant_type"),
         Some("client_credentials") => {}

@@ -213,6 +213,11 @@ impl GoogleFake {
         format!("{}/v1/projects/-/serviceAccounts/{email}:generateAccessToken", self.url())
     }
 
+    /// The parameters of the last STS or IAM Credentials requests, oldest first (see [`super::Counters::requests`]).
+    pub fn requests(&self) -> Vec<Vec<(String, String)>> {
+        self.state.counters.requests()
+    }
+
     /// Number of access tokens issued (STS and impersonation together).
     pub fn calls(&self) -> u64 {
         self.state.counters.calls()
@@ -292,6 +297,7 @@ async fn sts_token(State(state): State<Arc<GoogleState>>, body: Bytes) -> Respon
         return failure;
     }
     let form = parse_form(&body);
+    state.counters.record_request(&form);
     if param(&form, "grant_type") != Some(TOKEN_EXCHANGE) {
         return sts_error("invalid_request", "Invalid value for \"grant_type\".");
     }
@@ -438,6 +444,13 @@ async fn generate_access_token(
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return api_error(StatusCode::BAD_REQUEST, "Invalid JSON payload received.", "INVALID_ARGUMENT");
     };
+    let fields: Vec<(String, String)> = request
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+        .collect();
+    state.counters.record_request(&fields);
     let scopes: Vec<String> = request["scope"]
         .as_array()
         .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())

@@ -78,7 +78,11 @@ impl Drop for Served {
 pub struct Counters {
     calls: AtomicU64,
     failures: Mutex<(u32, u16)>,
+    requests: Mutex<std::collections::VecDeque<Vec<(String, String)>>>,
 }
+
+/// How many token requests a fake remembers.
+const REMEMBERED_REQUESTS: usize = 64;
 
 impl Counters {
     /// How many successful answers (those the real service would give with a 2xx) the fake
@@ -101,6 +105,21 @@ impl Counters {
         }
         failures.0 -= 1;
         Some(failures.1)
+    }
+
+    /// The parameters of the last token requests, oldest first (form fields, or the JSON
+    /// body's top-level fields as text), whatever the answers: what a test checks a caller
+    /// sent.
+    pub fn requests(&self) -> Vec<Vec<(String, String)>> {
+        self.requests.lock().expect("counters lock").iter().cloned().collect()
+    }
+
+    pub(crate) fn record_request(&self, params: &[(String, String)]) {
+        let mut requests = self.requests.lock().expect("counters lock");
+        if requests.len() == REMEMBERED_REQUESTS {
+            requests.pop_front();
+        }
+        requests.push_back(params.to_vec());
     }
 
     pub(crate) fn record_success(&self) {

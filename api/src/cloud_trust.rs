@@ -3,10 +3,11 @@
 //! exact cloud-side configuration (AWS trust policy, Entra federated credential, Google
 //! workload identity pool provider and binding). The audience and subject rules are the
 //! broker's own ([`CredentialProviderSpec::federation`], [`SubjectFormat::subject`]).
+//! `kubectl cloudpass trust` prints it; the operator's `Verified` condition names it.
 
 use std::collections::BTreeSet;
 
-use cloudpass_api::{
+use crate::{
     AccessPolicy, CredentialProvider,
     credential::{CredentialProviderSpec, SubjectFormat},
 };
@@ -68,7 +69,9 @@ pub fn of(provider: &CredentialProvider, policies: &[AccessPolicy], issuer: &str
     })
 }
 
-fn subjects(namespace: &str, provider: &str, format: SubjectFormat, policies: &[AccessPolicy]) -> Vec<String> {
+/// Every `sub` the broker may sign for `provider`: one per service account its
+/// `policies` name (`*` for one that names none), or the provider's one subject.
+pub fn subjects(namespace: &str, provider: &str, format: SubjectFormat, policies: &[AccessPolicy]) -> Vec<String> {
     if format == SubjectFormat::Provider {
         return vec![format.subject(namespace, provider, "")];
     }
@@ -90,7 +93,8 @@ fn issuer_host(issuer: &str) -> &str {
     issuer.trim_start_matches("https://").trim_end_matches('/')
 }
 
-fn configure(
+/// The cloud-side configuration for these `subjects`, step by step.
+pub fn configure(
     spec: &CredentialProviderSpec,
     namespace: &str,
     name: &str,
