@@ -87,6 +87,21 @@ pub struct ProviderStatus {
     /// Which kind of provider the spec sets (e.g. `awsSts`), for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_kind: Option<String>,
+    /// The last `Verified` check of a federated CredentialProvider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verification: Option<LastVerification>,
+}
+
+/// When the `Verified` check last ran, and which request it answered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastVerification {
+    /// When the check finished.
+    pub time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// The `cloudpass.dev/verify-requested-at` value the check started after, if any:
+    /// how `kubectl cloudpass verify` knows its request was answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// Type of the condition every cloudpass resource carries.

@@ -5,10 +5,13 @@
 //! the tokens the broker signs, and the exact cloud-side configuration to create.
 //! `who-can`: who can obtain a CredentialProvider's credential, through which policies,
 //! under which conditions, and which running workloads that is.
+//! `verify`: the cloud-side check of a federated CredentialProvider, now.
+//! `explain pod`: why a pod has (or lacks) credentials.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod explain;
+mod verify;
 mod who_can;
 
 use std::{fmt::Write as _, process::ExitCode};
@@ -38,6 +41,10 @@ enum Command {
     /// which service accounts, verified by which TrustProviders, under which conditions,
     /// and which running workloads that means now.
     WhoCan(WhoCanArgs),
+    /// Checks a federated CredentialProvider's cloud-side trust now: asks the operator
+    /// for a real exchange at the cloud (its `Verified` condition) and prints the result;
+    /// exits 1 unless the cloud accepted.
+    Verify(VerifyArgs),
     /// Why an object has (or lacks) credentials.
     Explain {
         #[command(subcommand)]
@@ -69,6 +76,26 @@ struct ExplainPodArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+struct VerifyArgs {
+    /// The CredentialProvider.
+    name: String,
+    /// Its namespace. Default: the kubeconfig context's.
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// How long to wait for the operator's answer.
+    #[arg(long, default_value = "60s", value_parser = humantime_seconds)]
+    timeout: std::time::Duration,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// A duration such as `60s`, `2m` or `500ms`.
+fn humantime_seconds(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<cloudpass_api::duration::Duration>().map(|d| d.as_std()).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args, Debug)]
@@ -138,6 +165,15 @@ async fn main() -> ExitCode {
     let result = match args.command {
         Command::Trust(trust) => run_trust(trust).await,
         Command::WhoCan(who) => run_who_can(who).await,
+        Command::Verify(args) => match verify::run(args).await {
+            // A refusal is an answer: printed, and exit status 1.
+            Ok((text, false)) => {
+                print!("{text}");
+                return ExitCode::FAILURE;
+            }
+            Ok((text, true)) => Ok(text),
+            Err(e) => Err(e),
+        },
         Command::Explain { what: Explain::Pod(pod) } => run_explain_pod(pod).await,
     };
     match result {

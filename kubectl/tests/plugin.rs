@@ -175,3 +175,79 @@ async fn explain_pod_says_which_policies_select_it_and_why_the_others_do_not() {
     let e = failure(cp, &["explain", "pod", "absent", "-n", ns]);
     assert!(e.contains("pod explain-team/absent not found"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_runs_a_check_now_and_prints_the_clouds_answer() {
+    use cloudpass_e2e::{
+        broker::{BrokerOptions, RunningBroker},
+        cloudpass_object,
+        fakes::entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
+        scenario::Binaries,
+    };
+    use serde_json::json;
+    const TENANT: &str = "8c1d3f0e-7b6a-4e55-9f21-0a3b5c7d9e11";
+    const CLIENT_ID: &str = "4f9e2c1a-33b7-4d8e-a1f0-6c2b9e8d7a55";
+    let cp = ControlPlane::shared();
+    let _logs = cp.logs_on_panic();
+    let ns = "verify-team";
+    let options =
+        BrokerOptions { namespace: "cloudpass-plugin".into(), verify_interval: "1h".into(), ..Default::default() };
+    let b = RunningBroker::start(cp, &Binaries::locate().unwrap().operator, &options).await.unwrap();
+    cp.create_namespace(ns, &[]).await.unwrap();
+    let entra = EntraFake::start(
+        EntraConfig {
+            tenant_id: TENANT.into(),
+            apps: vec![EntraApp {
+                client_id: CLIENT_ID.into(),
+                object_id: "6b1f2e3d-4c5b-4a69-8877-665544332211".into(),
+                federated_credentials: vec![FederatedCredential::new(&b.url, &format!("system:cloudpass:{ns}:blob"))],
+            }],
+            issuer_ca_pem: b.ca.cert_pem(),
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let azure =
+        json!({"azureWorkloadIdentity": {"tenantId": TENANT, "clientId": CLIENT_ID, "authorityHost": entra.url()}});
+    let mut off = azure.clone();
+    off["verification"] = json!({"enabled": false});
+    for (name, spec) in [
+        ("blob", azure.clone()),
+        ("blob-elsewhere", azure),
+        ("blob-unchecked", off),
+        ("weather", json!({"apiKey": {"secretRef": {"name": "weather", "key": "key"}}})),
+    ] {
+        cp.apply_yaml(Some(ns), &cloudpass_object("CredentialProvider", name, spec).to_string()).unwrap();
+    }
+    // The operator's own first check, so that the plugin's is another.
+    cp.wait_for_condition("credentialprovider", ns, "blob", "Verified", "True", std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let asked = entra.requests().len();
+
+    let table = ok(cp, &["verify", "blob", "-n", ns]);
+    assert!(table.lines().next().unwrap().starts_with("NAMESPACE"), "{table}");
+    assert!(table.contains("True") && table.contains(&format!("application {CLIENT_ID}")), "{table}");
+    assert!(entra.requests().len() > asked, "the plugin's request ran a new check");
+
+    // A refusal is printed with what to configure, and the exit status says so.
+    let out = plugin(cp, &["verify", "blob-elsewhere", "-n", ns, "-o", "json"]);
+    assert!(!out.status.success());
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (answer["verified"]["status"].as_str(), answer["verified"]["reason"].as_str()),
+        (Some("False"), Some("AADSTS70021"))
+    );
+    let message = answer["verified"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("az ad app federated-credential create --id {CLIENT_ID}")), "{message}");
+    assert!(answer["lastVerification"]["request"].is_string(), "{answer}");
+
+    // Errors name what is missing or why there is nothing to check.
+    let e = failure(cp, &["verify", "absent", "-n", ns]);
+    assert!(e.contains("CredentialProvider verify-team/absent not found"), "{e}");
+    let e = failure(cp, &["verify", "weather", "-n", ns]);
+    assert!(e.contains("of kind apiKey") && e.contains("nothing to verify"), "{e}");
+    let e = failure(cp, &["verify", "blob-unchecked", "-n", ns]);
+    assert!(e.contains("spec.verification.enabled: false"), "{e}");
+}

@@ -12,7 +12,7 @@ use std::{
 use cloudpass_api::{
     AccessPolicy, CONFIG_DATA_KEY, CONFIG_HASH_ANNOTATION, CONFIG_NAMESPACE_LABEL, CredentialProvider,
     INJECTION_ENABLED, INJECTION_LABEL, Status, TrustProvider,
-    common::{CONDITION_READY, CONDITION_VERIFIED, ProviderStatus, reasons},
+    common::{CONDITION_READY, CONDITION_VERIFIED, LastVerification, ProviderStatus, reasons},
     policy::AccessPolicyStatus,
 };
 use cloudpass_outbound::Retry;
@@ -284,9 +284,15 @@ impl Context {
         verified: Option<&VerifiedState>,
     ) -> Result<(), Error> {
         let current = current.unwrap_or_default();
+        // The last check's time and request, kept while a new spec's check is pending.
+        let last_verification = verified.and_then(|v| match &v.checked {
+            Some((time, request)) => Some(LastVerification { time: Time(*time), request: request.clone() }),
+            None => current.last_verification.clone(),
+        });
         let desired = ProviderStatus {
             status: desired_status(&current.status, object.meta().generation, outcome, verified),
             provider_kind: kind.map(str::to_owned),
+            last_verification,
         };
         self.write_status(object, &current.status, &current, desired, outcome).await
     }

@@ -67,6 +67,9 @@ pub struct VerifiedState {
     pub reason: String,
     /// What was obtained, or what to configure.
     pub message: String,
+    /// When the check finished and which request it answered; `None` until a check of
+    /// this spec has finished in this process.
+    pub checked: Option<(jiff::Timestamp, Option<String>)>,
 }
 
 impl VerifiedState {
@@ -75,6 +78,7 @@ impl VerifiedState {
             status: "Unknown",
             reason: verify_reasons::PENDING.into(),
             message: "the first check of this spec has not finished yet".into(),
+            checked: None,
         }
     }
 
@@ -84,7 +88,7 @@ impl VerifiedState {
             "False" => "False",
             _ => "Unknown",
         };
-        Some(Self { status, reason: c.reason.clone(), message: c.message.clone() })
+        Some(Self { status, reason: c.reason.clone(), message: c.message.clone(), checked: None })
     }
 
     /// The state an AccessPolicy using the provider `name` shows: the same status and
@@ -98,7 +102,7 @@ impl VerifiedState {
             ),
             _ => format!("CredentialProvider {name}: not verified yet ({})", self.reason),
         };
-        Self { status: self.status, reason: self.reason.clone(), message }
+        Self { status: self.status, reason: self.reason.clone(), message, checked: None }
     }
 }
 
@@ -286,7 +290,10 @@ impl Verifier {
         };
         self.metrics.verifications.get_or_create(&VerifyLabels { result: result.into() }).inc();
         self.metrics.verified.get_or_create(&ProviderLabels { namespace: id.0.clone(), name: id.1.clone() }).set(gauge);
-        let state = self.render(&id, &key.subject, &spec, verdict);
+        let state = VerifiedState {
+            checked: Some((jiff::Timestamp::now(), key.requested.clone())),
+            ..self.render(&id, &key.subject, &spec, verdict)
+        };
         info!(namespace = %id.0, name = %id.1, status = state.status, reason = %state.reason, "CredentialProvider verified");
         {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -342,6 +349,7 @@ impl Verifier {
         let claims = format!("iss={issuer} sub={sub} aud={}", federation.audience);
         match verdict {
             Verdict::Verified { obtained, expires_at } => VerifiedState {
+                checked: None,
                 status: "True",
                 reason: verify_reasons::VERIFIED.into(),
                 message: match expires_at {
@@ -363,6 +371,7 @@ impl Verifier {
                     })
                     .collect();
                 VerifiedState {
+                    checked: None,
                     status: "False",
                     reason,
                     message: bounded(format!(
@@ -372,6 +381,7 @@ impl Verifier {
                 }
             }
             Verdict::Unknown { reason, message } => VerifiedState {
+                checked: None,
                 status: "Unknown",
                 reason,
                 message: bounded(format!("{message}; checked again in about a minute")),
@@ -398,10 +408,15 @@ mod tests {
 
     #[test]
     fn a_policys_message_stays_the_same_from_check_to_check() {
-        let a = VerifiedState { status: "True", reason: "Verified".into(), message: "valid until 1".into() };
+        let a = VerifiedState {
+            status: "True",
+            reason: "Verified".into(),
+            message: "valid until 1".into(),
+            checked: Some((jiff::Timestamp::UNIX_EPOCH, None)),
+        };
         let b = VerifiedState { message: "valid until 2".into(), ..a.clone() };
         assert_eq!(a.for_policy("p"), b.for_policy("p"));
-        let refused = VerifiedState { status: "False", reason: "AccessDenied".into(), message: String::new() };
+        let refused = VerifiedState { status: "False", reason: "AccessDenied".into(), ..a };
         assert!(refused.for_policy("p").message.contains("AccessDenied"));
     }
 
