@@ -114,7 +114,7 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_VERIFIED: &str = "Verified";
 
 /// Reasons of the `Verified` condition besides the cloud's own error code, which is the
-/// reason when the cloud refused (e.g. `AccessDenied`, `AADSTS70021`, `invalid_grant`).
+/// reason when the cloud refused (e.g. `AccessDenied`, `AADSTS700213`, `invalid_grant`).
 pub mod verify_reasons {
     /// The exchange succeeded.
     pub const VERIFIED: &str = "Verified";

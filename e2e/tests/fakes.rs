@@ -565,25 +565,26 @@ async fn entra_refuses_like_entra() {
         700016,
     );
     let foreign = stranger.sign(&stranger.claims(SUBJECT, "api://AzureADTokenExchange"));
-    expect(request(APP_CLIENT_ID, foreign, storage).await, 400, "invalid_request", 70021);
+    // No federated credential for the issuer, the audience, the subject: each named.
+    expect(request(APP_CLIENT_ID, foreign, storage).await, 401, "invalid_client", 700211);
     expect(
         request(APP_CLIENT_ID, issuer.sign(&with("sub", json!("system:serviceaccount:demo:other"))), storage).await,
-        400,
-        "invalid_request",
-        70021,
+        401,
+        "invalid_client",
+        700213,
     );
     // Entra matches exactly: no wildcards, case-sensitive.
     expect(
         request(APP_CLIENT_ID, issuer.sign(&with("sub", json!("System:ServiceAccount:demo:app"))), storage).await,
-        400,
-        "invalid_request",
-        70021,
+        401,
+        "invalid_client",
+        700213,
     );
     expect(
         request(APP_CLIENT_ID, issuer.sign(&with("aud", json!("sts.amazonaws.com"))), storage).await,
-        400,
-        "invalid_request",
-        70021,
+        401,
+        "invalid_client",
+        700212,
     );
     expect(
         request(APP_CLIENT_ID, issuer.sign(&with("exp", json!(now() - 120))), storage).await,

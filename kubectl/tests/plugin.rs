@@ -237,7 +237,7 @@ async fn verify_runs_a_check_now_and_prints_the_clouds_answer() {
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (answer["verified"]["status"].as_str(), answer["verified"]["reason"].as_str()),
-        (Some("False"), Some("AADSTS70021"))
+        (Some("False"), Some("AADSTS700213"))
     );
     let message = answer["verified"]["message"].as_str().unwrap();
     assert!(message.contains(&format!("az ad app federated-credential create --id {CLIENT_ID}")), "{message}");

@@ -237,7 +237,7 @@ async fn each_cloud_accepts_or_refuses_with_its_own_code_and_the_probes_open_not
         ("s3-other-subject", "False", "AccessDenied", "aws iam update-assume-role-policy --role-name orders-s3"),
         ("s3-other-audience", "False", "InvalidIdentityToken", "Incorrect token audience"),
         ("s3-unregistered", "False", "InvalidIdentityToken", "aws iam create-open-id-connect-provider --url"),
-        ("blob-other-subject", "False", "AADSTS70021", "az ad app federated-credential create --id"),
+        ("blob-other-subject", "False", "AADSTS700213", "az ad app federated-credential create --id"),
         ("blob-unknown-app", "False", "AADSTS700016", "was not found in the directory"),
         ("gcs-not-bound", "False", "PERMISSION_DENIED", "--role=roles/iam.workloadIdentityUser"),
         (

@@ -356,16 +356,16 @@ fn single_default_scope(scope: &str) -> Option<&str> {
 async fn check_assertion(state: &EntraState, app: &EntraApp, assertion: &str) -> Result<(), Response> {
     let malformed = || error(StatusCode::UNAUTHORIZED, "invalid_client", 50027, "JWT token is invalid or malformed.");
     let claims = unverified_claims(assertion).map_err(|_| malformed())?;
-    let no_match = |claims: &super::jwt::Claims| {
+    // Entra names the claim that matched no federated credential: the issuer first (no
+    // credential of the app trusts it), then the audience, then the subject (AADSTS700211,
+    // 700212, 700213, replacing the older catch-all AADSTS70021; docs/cloud-errors.md).
+    let no_match = |code: u32, claim: &str, value: &str| {
         error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            70021,
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            code,
             &format!(
-                "No matching federated identity record found for presented assertion. Assertion Issuer: '{}'. Assertion Subject: '{}'. Assertion Audience: '{}'. https://learn.microsoft.com/entra/workload-id/workload-identity-federation",
-                claims.iss,
-                claims.sub.as_deref().unwrap_or_default(),
-                claims.aud.join(",")
+                "No matching federated identity record found for presented assertion {claim} '{value}'. Check your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation"
             ),
         )
     };
@@ -373,7 +373,7 @@ async fn check_assertion(state: &EntraState, app: &EntraApp, assertion: &str) ->
         app.federated_credentials.iter().filter(|c| c.issuer == claims.iss).collect();
     if candidates.is_empty() {
         // Entra fetches keys only from issuers the app trusts.
-        return Err(no_match(&claims));
+        return Err(no_match(700211, "issuer", &claims.iss));
     }
     let audiences: Vec<String> = candidates.iter().map(|c| c.audience.clone()).collect();
     let verified = state
@@ -381,7 +381,7 @@ async fn check_assertion(state: &EntraState, app: &EntraApp, assertion: &str) ->
         .verify(assertion, &Expected { issuer: &claims.iss, audiences: &audiences })
         .await
         .map_err(|e| match e {
-            JwtError::AudienceMismatch { .. } => no_match(&claims),
+            JwtError::AudienceMismatch { .. } => no_match(700212, "audience", &claims.aud.join(",")),
             JwtError::Expired { exp, now }
             | JwtError::NotYetValid { nbf: exp, now }
             | JwtError::IssuedInFuture { iat: exp, now } => error(
@@ -413,7 +413,7 @@ async fn check_assertion(state: &EntraState, app: &EntraApp, assertion: &str) ->
     let subject = verified.claims.sub.as_deref().unwrap_or_default();
     let matched = candidates.iter().any(|c| c.subject == subject && verified.claims.aud.contains(&c.audience));
     if !matched {
-        return Err(no_match(&verified.claims));
+        return Err(no_match(700213, "subject", subject));
     }
     Ok(())
 }
