@@ -313,6 +313,14 @@ async fn eks_to_azure_blob_runs_as_a_deployment() {
     let app = direction.app.clone();
     deploy_and_check(installed, ns, &mut direction.example, &app, 1).await;
     assert!(direction.entra.calls() >= 1, "the broker's token came from Entra (the fake)");
+    // The chart's controller, in its pod with its own RBAC, read the issuer's keys and
+    // checked the cloud side itself.
+    let provider = installed
+        .cp()
+        .wait_for_condition("credentialprovider", ns, "azure-blob-writer", "Verified", "True", ROLLOUT)
+        .await
+        .unwrap();
+    assert!(provider["status"]["lastVerification"]["time"].is_string(), "{provider}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

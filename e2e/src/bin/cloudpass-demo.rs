@@ -134,6 +134,7 @@ async fn run(stop: impl std::future::Future<Output = ()>) -> Result<()> {
     let app = s3.app.clone();
     show_applied(&n, &installed, ns, &mut s3.example, &app, "orders-to-s3").await?;
     n.done("AccessPolicy orders-to-s3 is Ready; Deployment orders rolled out");
+    show_verified(&n, &installed, ns, "orders-s3").await?;
     let orders = show_pods(&n, &installed, ns, "app=orders", &app).await?;
     if let Some(first) = orders.first() {
         n.say(&format!(
@@ -170,6 +171,7 @@ async fn run(stop: impl std::future::Future<Output = ()>) -> Result<()> {
     let blob_app = blob.app.clone();
     show_applied(&n, &installed, blob_ns, &mut blob.example, &blob_app, "report-uploader-to-blob").await?;
     n.done("AccessPolicy report-uploader-to-blob is Ready; Deployment report-uploader rolled out");
+    show_verified(&n, &installed, blob_ns, "azure-blob-writer").await?;
     let reports = show_pods(&n, &installed, blob_ns, "app=report-uploader", &blob_app).await?;
     if let Some(first) = reports.first() {
         n.say(&format!(
@@ -231,6 +233,22 @@ async fn show_applied(
         n.say(line);
     }
     installed.wait_rollout(namespace, &app.workload, Duration::from_secs(120))
+}
+
+/// Shows the `Verified` condition the controller wrote after its own exchange with the
+/// cloud, as `kubectl get credentialprovider` does.
+async fn show_verified(n: &Narrator, installed: &Installed<'_>, namespace: &str, name: &str) -> anyhow::Result<()> {
+    let provider = installed
+        .cp()
+        .wait_for_condition("credentialprovider", namespace, name, "Verified", "True", Duration::from_secs(60))
+        .await?;
+    let conditions = provider["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let verified = conditions.iter().find(|c| c["type"] == "Verified").cloned().unwrap_or_default();
+    n.say(&format!(
+        "CredentialProvider {name}: Verified=True, the controller's own check at the cloud: {}",
+        verified["message"].as_str().unwrap_or_default()
+    ));
+    Ok(())
 }
 
 /// Shows the workload's pods as kubectl does, what the webhook injected into the first,
