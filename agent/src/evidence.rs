@@ -262,18 +262,19 @@ impl EvidenceGatherer {
             HeaderValue::from_str(server_id)
                 .map_err(|_| failed(source, format!("broker server ID {server_id:?} is not a header value")))?,
         );
-        crate::sigv4::sign_v4(
+        cloudpass_outbound::sigv4::sign_v4(
             "POST",
             &url,
             &mut headers,
             SignableBody::Bytes(GET_CALLER_IDENTITY.as_bytes()),
             &credentials.access_key_id,
-            &credentials.secret_access_key,
-            credentials.token.as_ref(),
+            credentials.secret_access_key.expose(),
+            credentials.token.as_ref().map(|t| t.expose()),
             "sts",
             aws.region(),
             SystemTime::now(),
-        )?;
+        )
+        .map_err(|e| AgentError::Signing(e.to_string()))?;
         let headers: BTreeMap<String, SecretString> = headers
             .iter()
             .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), SecretString::new(v))))

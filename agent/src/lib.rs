@@ -29,7 +29,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod settings;
-pub mod sigv4;
 pub mod store;
 
 pub use endpoint::EndpointKind;

@@ -21,10 +21,9 @@ use std::{
 
 use axum::{
     Router,
-    body::Body,
     extract::Request,
     http::{HeaderValue, StatusCode, header::HOST},
-    response::{IntoResponse, Response},
+    response::IntoResponse,
 };
 use cloudpass_agent::{
     Agent, EndpointKind, Settings,
@@ -362,40 +361,6 @@ async fn api_server(
     });
     let (addr, handle) = serve_https(router, &ca.issue_server(&[]).unwrap()).await.unwrap();
     (addr.port(), seen, handle)
-}
-
-/// A TLS front for moto (which serves plain HTTP), as AWS's own front ends terminate TLS:
-/// requests go to moto unchanged, `Host` included, so moto verifies SigV4 signatures
-/// exactly as they were made for `localhost:<front port>`.
-async fn tls_front(moto_url: &str, ca: &TestCa) -> (u16, JoinHandle<()>) {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let moto_url = moto_url.to_owned();
-    let router = Router::new().fallback(move |request: Request| {
-        let (client, moto_url) = (client.clone(), moto_url.clone());
-        async move {
-            let (parts, body) = request.into_parts();
-            let body = axum::body::to_bytes(body, 16 << 20).await.unwrap();
-            let mut headers = parts.headers;
-            if !headers.contains_key(HOST) {
-                let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_default();
-                headers.insert(HOST, HeaderValue::from_str(&authority).unwrap());
-            }
-            let url = format!("{moto_url}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
-            let answer = match client.request(parts.method, url).headers(headers).body(body).send().await {
-                Ok(answer) => answer,
-                Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-            };
-            let mut response = Response::builder().status(answer.status());
-            for (name, value) in answer.headers() {
-                if !["transfer-encoding", "connection", "content-length"].contains(&name.as_str()) {
-                    response = response.header(name, value);
-                }
-            }
-            response.body(Body::from(answer.bytes().await.unwrap_or_default())).unwrap()
-        }
-    });
-    let (addr, handle) = serve_https(router, &ca.issue_server(&[]).unwrap()).await.unwrap();
-    (addr.port(), handle)
 }
 
 /// A TCP relay to the broker that the test can cut: to the agent behind it, the broker
@@ -809,7 +774,8 @@ async fn plain_http_requests_signed_by_the_proxy_are_accepted_by_moto() {
     let _logs = b.cp.logs_on_panic();
     let ns = "sdk-sigv4";
     let aws = aws_bed(ns, "s3").await;
-    let (s3_port, _front) = tls_front(aws.moto.url(), &b.broker.ca).await;
+    let front = aws.moto.https_front(&b.broker.ca).await.unwrap();
+    let s3_port = front.port();
     let token = namespace(
         ns,
         &[
@@ -848,14 +814,14 @@ async fn plain_http_requests_signed_by_the_proxy_are_accepted_by_moto() {
     let url = format!("https://localhost:{s3_port}/orders/");
     let mut forged = axum::http::HeaderMap::new();
     forged.insert(HOST, HeaderValue::from_str(&format!("localhost:{s3_port}")).unwrap());
-    cloudpass_agent::sigv4::sign_v4(
+    cloudpass_outbound::sigv4::sign_v4(
         "GET",
         &url,
         &mut forged,
         aws_sigv4::http_request::SignableBody::Bytes(&[]),
         access_key_id,
-        &SecretString::new("not-the-secret-access-key"),
-        Some(session_token),
+        "not-the-secret-access-key",
+        Some(session_token.expose()),
         "s3",
         "us-east-1",
         std::time::SystemTime::now(),

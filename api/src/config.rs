@@ -123,6 +123,10 @@ struct HashedPolicy<'a> {
     policy: &'a CompiledPolicy,
     trust_providers: BTreeMap<&'a str, &'a TrustProviderSpec>,
     credential_provider: Option<&'a CredentialProviderSpec>,
+    /// The provider a secret-store kind reads with (absent otherwise, so that the hashes
+    /// of other policies are what they were before the secret-store kinds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reads_with: Option<&'a CredentialProviderSpec>,
 }
 
 fn content_hash(config: &NamespaceConfig) -> String {
@@ -153,7 +157,16 @@ impl NamespaceConfig {
     ) -> Self {
         policies.sort_by(|a, b| a.name.cmp(&b.name));
         trust_providers.retain(|name, _| policies.iter().any(|p| p.trust_providers.contains(name)));
-        credential_providers.retain(|name, _| policies.iter().any(|p| &p.credential_provider == name));
+        // The providers the policies use, and those their secret-store kinds read with.
+        let used: Vec<String> = policies
+            .iter()
+            .flat_map(|p| {
+                let spec = credential_providers.get(&p.credential_provider);
+                [Some(p.credential_provider.clone()), spec.and_then(|s| s.reads_with()).map(str::to_owned)]
+            })
+            .flatten()
+            .collect();
+        credential_providers.retain(|name, _| used.contains(name));
         let mut config = Self {
             format_version: CONFIG_FORMAT_VERSION,
             namespace: namespace.into(),
@@ -224,6 +237,9 @@ impl NamespaceConfig {
             policy,
             trust_providers,
             credential_provider: self.credential_providers.get(&policy.credential_provider),
+            reads_with: (self.credential_providers.get(&policy.credential_provider))
+                .and_then(|spec| spec.reads_with())
+                .and_then(|name| self.credential_providers.get(name)),
         }))
     }
 

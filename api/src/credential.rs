@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     common::{GUID_PATTERN, HTTPS_URL_PATTERN, OBJECT_NAME_PATTERN, ProviderStatus, SECRET_KEY_PATTERN, SecretKeyRef},
     duration::Duration,
+    secret_store::{AwsSecretsManagerSecret, AzureKeyVaultSecret, GcpSecretManagerSecret, Store},
 };
 
 /// How to obtain a credential for the target. Exactly one kind is set. Secret material
@@ -21,7 +22,7 @@ use crate::{
     shortname = "cp",
     category = "cloudpass",
     derive = "PartialEq",
-    doc = "CredentialProvider tells the cloudpass broker how to obtain a short-lived credential for the target: AWS STS, Entra workload identity federation, Google workload identity federation, OAuth2 client credentials, a broker-signed OIDC token, or an API key or username/password from a Secret.",
+    doc = "CredentialProvider tells the cloudpass broker how to obtain a short-lived credential for the target: AWS STS, Entra workload identity federation, Google workload identity federation, OAuth2 client credentials, a broker-signed OIDC token, an API key or username/password from a Secret, or a secret from AWS Secrets Manager, Azure Key Vault or Google Secret Manager read with a federated credential.",
     printcolumn = r#"{"name":"Kind","type":"string","description":"Which kind of credential this provider obtains","jsonPath":".status.providerKind"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
@@ -30,8 +31,8 @@ use crate::{
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.awsSts) ? 1 : 0) + (has(self.azureWorkloadIdentity) ? 1 : 0) + (has(self.gcpWorkloadIdentity) ? 1 : 0) + (has(self.oauth2ClientCredentials) ? 1 : 0) + (has(self.oidcToken) ? 1 : 0) + (has(self.apiKey) ? 1 : 0) + (has(self.usernamePassword) ? 1 : 0) == 1",
-    "message": "exactly one of awsSts, azureWorkloadIdentity, gcpWorkloadIdentity, oauth2ClientCredentials, oidcToken, apiKey or usernamePassword must be set"
+    "rule": "(has(self.awsSts) ? 1 : 0) + (has(self.azureWorkloadIdentity) ? 1 : 0) + (has(self.gcpWorkloadIdentity) ? 1 : 0) + (has(self.oauth2ClientCredentials) ? 1 : 0) + (has(self.oidcToken) ? 1 : 0) + (has(self.apiKey) ? 1 : 0) + (has(self.usernamePassword) ? 1 : 0) + (has(self.awsSecretsManager) ? 1 : 0) + (has(self.azureKeyVault) ? 1 : 0) + (has(self.gcpSecretManager) ? 1 : 0) == 1",
+    "message": "exactly one of awsSts, azureWorkloadIdentity, gcpWorkloadIdentity, oauth2ClientCredentials, oidcToken, apiKey, usernamePassword, awsSecretsManager, azureKeyVault or gcpSecretManager must be set"
 }]))]
 pub struct CredentialProviderSpec {
     /// AWS credentials from `sts:AssumeRoleWithWebIdentity`, presenting a JWT signed by
@@ -59,6 +60,18 @@ pub struct CredentialProviderSpec {
     /// A username and password from a Secret (e.g. of type `kubernetes.io/basic-auth`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username_password: Option<UsernamePasswordCredential>,
+    /// A secret from AWS Secrets Manager, read with the credentials of an `awsSts`
+    /// provider of this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_secrets_manager: Option<AwsSecretsManagerSecret>,
+    /// A secret from Azure Key Vault, read with the token of an `azureWorkloadIdentity`
+    /// provider of this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_key_vault: Option<AzureKeyVaultSecret>,
+    /// A secret from Google Secret Manager, read with the token of a
+    /// `gcpWorkloadIdentity` provider of this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcp_secret_manager: Option<GcpSecretManagerSecret>,
     /// Whether the operator checks the cloud-side trust of a federated kind with a real
     /// exchange (the `Verified` condition). Default: on.
     #[serde(default, skip_serializing_if = "Verification::is_default")]
@@ -103,6 +116,9 @@ impl CredentialProviderSpec {
             (self.oidc_token.is_some(), "oidcToken"),
             (self.api_key.is_some(), "apiKey"),
             (self.username_password.is_some(), "usernamePassword"),
+            (self.aws_secrets_manager.is_some(), "awsSecretsManager"),
+            (self.azure_key_vault.is_some(), "azureKeyVault"),
+            (self.gcp_secret_manager.is_some(), "gcpSecretManager"),
         ]
         .into_iter()
         .find_map(|(set, name)| set.then_some(name))
@@ -124,6 +140,23 @@ impl CredentialProviderSpec {
             return None;
         };
         Some(Federation { kind, audience, subject })
+    }
+
+    /// The cloud secret store this provider reads, for the secret-store kinds.
+    pub fn store(&self) -> Option<Store<'_>> {
+        if let Some(s) = &self.aws_secrets_manager {
+            Some(Store::Aws(s))
+        } else if let Some(s) = &self.azure_key_vault {
+            Some(Store::Azure(s))
+        } else {
+            self.gcp_secret_manager.as_ref().map(Store::Gcp)
+        }
+    }
+
+    /// For the secret-store kinds: the name of the provider whose credential reads the
+    /// secret.
+    pub fn reads_with(&self) -> Option<&str> {
+        self.store().map(|s| s.read().credential_provider_ref.name.as_str())
     }
 
     /// The Secrets this provider reads, so the operator can check them and watch them.

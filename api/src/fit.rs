@@ -91,6 +91,9 @@ fn accepted(delivery: Delivery<'_>) -> &'static [(&'static str, CredentialShape)
             ("oauth2ClientCredentials", S::AccessToken),
             ("oidcToken", S::Jwt),
             ("apiKey", S::ApiKey),
+            ("awsSecretsManager", S::ApiKey),
+            ("azureKeyVault", S::ApiKey),
+            ("gcpSecretManager", S::ApiKey),
         ],
     }
 }

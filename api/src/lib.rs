@@ -22,6 +22,7 @@ pub mod fit;
 pub mod jwt;
 pub mod policy;
 pub mod secret;
+pub mod secret_store;
 pub mod selector;
 pub mod trust;
 

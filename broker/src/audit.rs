@@ -56,6 +56,9 @@ pub struct AuditRecord {
     /// The CredentialProvider's kind (`awsSts`, `apiKey`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_kind: Option<&'static str>,
+    /// For the secret-store kinds: the secret and version handed out, never its value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
     /// `allowed`; `denied` for a 403; `error` for every other refusal.
     pub outcome: &'static str,
     /// The refusal's wire code (`Unauthenticated`, `Denied`, ...,

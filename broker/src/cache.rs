@@ -33,6 +33,9 @@ pub struct Issued {
     /// When the policy's time window closes, if that is before `expires_at`: the agent
     /// stops serving it then, and the cache too.
     pub serve_until: Option<jiff::Timestamp>,
+    /// For a secret read from a cloud's store: which secret and version it is (never the
+    /// value), for the audit record.
+    pub source: Option<String>,
 }
 
 impl Issued {
@@ -223,6 +226,7 @@ mod tests {
             issued_at: now,
             expires_at: now + jiff::SignedDuration::from_secs(lifetime_s),
             serve_until: None,
+            source: None,
         }
     }
 

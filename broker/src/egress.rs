@@ -353,23 +353,28 @@ pub fn sanitize_code(code: &str) -> Option<String> {
     (!clean.is_empty()).then_some(clean)
 }
 
-/// The error code and description of an upstream's JSON error answer, OAuth2's
-/// (`{"error": "...", "error_description": "..."}`) or Google's (`{"error": {"status":
-/// "...", "message": "..."}}`), through [`sanitize_code`] and [`sanitize`] (the first
-/// line of the description). Nothing of any other answer, which may be an internal
-/// service's page.
+/// The error code and description of an upstream's JSON error answer: OAuth2's
+/// (`{"error": "...", "error_description": "..."}`), Google's (`{"error": {"status":
+/// "...", "message": "..."}}`), Azure Key Vault's (`{"error": {"code": "...",
+/// "message": "..."}}`) or the AWS JSON protocol's (`{"__type": "...#Code", "message":
+/// "..."}`), through [`sanitize_code`] and [`sanitize`] (the first line of the
+/// description). Nothing of any other answer, which may be an internal service's page.
 pub fn json_error(value: &serde_json::Value) -> (Option<String>, Option<String>) {
     use serde_json::Value;
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(|d| sanitize(d.lines().next().unwrap_or("")));
     match value.get("error") {
-        Some(Value::String(code)) => (
-            sanitize_code(code),
-            value.get("error_description").and_then(Value::as_str).map(|d| sanitize(d.lines().next().unwrap_or(""))),
-        ),
+        Some(Value::String(code)) => (sanitize_code(code), text(value.get("error_description"))),
         Some(Value::Object(e)) => (
-            e.get("status").and_then(Value::as_str).and_then(sanitize_code),
-            e.get("message").and_then(Value::as_str).map(sanitize),
+            e.get("status").or_else(|| e.get("code")).and_then(Value::as_str).and_then(sanitize_code),
+            text(e.get("message")),
         ),
-        _ => (None, None),
+        _ => match value.get("__type").and_then(Value::as_str) {
+            Some(kind) => (
+                sanitize_code(kind.rsplit('#').next().unwrap_or(kind)),
+                text(value.get("message").or_else(|| value.get("Message"))),
+            ),
+            None => (None, None),
+        },
     }
 }
 
@@ -519,6 +524,12 @@ mod tests {
         assert!(code.unwrap().len() <= MAX_CODE_CHARS);
         let message = message.unwrap();
         assert!(message.chars().count() <= MAX_REASON_CHARS + 1 && !message.contains('\t'), "{message}");
+        // Azure Key Vault and the AWS JSON protocol.
+        let (code, message) = json_error(&json!({"error": {"code": "SecretNotFound", "message": "not here"}}));
+        assert_eq!((code.as_deref(), message.as_deref()), (Some("SecretNotFound"), Some("not here")));
+        let (code, message) =
+            json_error(&json!({"__type": "com.amazonaws.secretsmanager#AccessDeniedException", "Message": "no"}));
+        assert_eq!((code.as_deref(), message.as_deref()), (Some("AccessDeniedException"), Some("no")));
         // Anything else says nothing of the body.
         assert_eq!(json_error(&json!({"rows": ["secret"]})), (None, None));
         assert_eq!(json_error(&serde_json::Value::Null), (None, None));

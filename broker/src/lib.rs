@@ -363,7 +363,12 @@ impl Broker {
         let max_lifetime =
             policy.conditions.as_ref().and_then(|c| c.max_credential_lifetime.as_ref()).map(|d| d.as_std());
         let access_ends = conditions::access_ends(policy.conditions.as_ref(), now);
-        let req = credential::MintRequest { provider, spec, policy, caller: &caller, max_lifetime, access_ends };
+        // A secret-store kind reads with another provider of the namespace (Ready ones only).
+        let reads_with = (spec.reads_with())
+            .and_then(|name| config.credential_providers.get_key_value(name))
+            .map(|(name, spec)| (name.as_str(), spec));
+        let req =
+            credential::MintRequest { provider, spec, policy, caller: &caller, max_lifetime, access_ends, reads_with };
         let key = cache_key(config, &req);
         let (issued, lookup) = self
             .cache
@@ -384,6 +389,7 @@ impl Broker {
             })
             .await;
         record.cache = Some(lookup.as_str());
+        record.secret = issued.as_ref().ok().and_then(|i| i.source.clone());
         self.metrics.cache_lookup("credential", lookup.as_str());
         if lookup == Lookup::Miss && issued.is_ok() {
             tracing::info!(namespace = %caller.namespace, policy = %policy.name, provider = %provider, "credential obtained");

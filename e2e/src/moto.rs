@@ -47,6 +47,32 @@ impl AwsKeys {
     }
 }
 
+/// moto behind HTTPS: a front that relays every request unchanged (the `Host` header
+/// too, so SigV4 signatures still verify), for clients that speak only HTTPS. Stops on
+/// drop.
+pub struct HttpsFront {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpsFront {
+    /// Its port on the test bed's listen address.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        crate::net::local_url("https", self.port)
+    }
+}
+
+impl Drop for HttpsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A `moto_server` process on a free loopback port, stopped on drop.
 pub struct MotoServer {
     process: ManagedProcess,
@@ -90,6 +116,51 @@ impl MotoServer {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("moto_server did not answer within 60 s; log tail:\n{}", self.process.log_tail(4000))
+    }
+
+    /// An HTTPS front to this moto with a serving certificate of `ca`.
+    pub async fn https_front(&self, ca: &crate::certs::TestCa) -> Result<HttpsFront> {
+        use axum::{
+            Router,
+            body::Body,
+            extract::Request,
+            http::{HeaderValue, StatusCode, header::HOST},
+            response::{IntoResponse, Response},
+        };
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let moto_url = self.url.clone();
+        let router = Router::new().fallback(move |request: Request| {
+            let (client, moto_url) = (client.clone(), moto_url.clone());
+            async move {
+                let (parts, body) = request.into_parts();
+                let Ok(body) = axum::body::to_bytes(body, 16 << 20).await else {
+                    return (StatusCode::PAYLOAD_TOO_LARGE, "body over 16 MiB").into_response();
+                };
+                let mut headers = parts.headers;
+                if !headers.contains_key(HOST) {
+                    let authority = parts.uri.authority().map(|a| a.to_string()).unwrap_or_default();
+                    if let Ok(value) = HeaderValue::from_str(&authority) {
+                        headers.insert(HOST, value);
+                    }
+                }
+                let url = format!("{moto_url}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+                let answer = match client.request(parts.method, url).headers(headers).body(body).send().await {
+                    Ok(answer) => answer,
+                    Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+                };
+                let mut response = Response::builder().status(answer.status());
+                for (name, value) in answer.headers() {
+                    if !["transfer-encoding", "connection", "content-length"].contains(&name.as_str()) {
+                        response = response.header(name, value);
+                    }
+                }
+                response
+                    .body(Body::from(answer.bytes().await.unwrap_or_default()))
+                    .unwrap_or_else(|e| (StatusCode::BAD_GATEWAY, e.to_string()).into_response())
+            }
+        });
+        let (addr, task) = crate::tls::serve_https(router, &ca.issue_server(&[])?).await?;
+        Ok(HttpsFront { port: addr.port(), task })
     }
 
     /// Base URL, `http://127.0.0.1:<port>`.
@@ -185,6 +256,29 @@ print(role["Role"]["Arn"])
 "#;
         let out = self.python_with_env(script, &[("ROLE", name), ("POLICY", &policy.to_string())]).await?;
         Ok(out.trim().to_owned())
+    }
+
+    /// Stores `value` as the current version of Secrets Manager secret `name` (creating
+    /// it), signed with the keys in `env` once authentication is enforced; its ARN and
+    /// version ID.
+    pub async fn put_secret(&self, name: &str, value: &str, env: &[(&str, &str)]) -> Result<(String, String)> {
+        let script = r#"
+import boto3, os
+sm = boto3.client("secretsmanager")
+try:
+    r = sm.create_secret(Name=os.environ["NAME"], SecretString=os.environ["VALUE"])
+except sm.exceptions.ResourceExistsException:
+    r = sm.put_secret_value(SecretId=os.environ["NAME"], SecretString=os.environ["VALUE"])
+print(r["ARN"], r["VersionId"])
+"#;
+        let mut all = vec![("NAME", name), ("VALUE", value)];
+        all.extend_from_slice(env);
+        let out = self.python_with_env(script, &all).await?;
+        let mut parts = out.split_whitespace();
+        match (parts.next(), parts.next()) {
+            (Some(arn), Some(version)) => Ok((arn.to_owned(), version.to_owned())),
+            _ => anyhow::bail!("unexpected answer of put_secret: {out}"),
+        }
     }
 
     /// Creates an IAM user with the inline policy `policy` and returns a new access key of it.

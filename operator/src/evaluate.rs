@@ -66,8 +66,15 @@ pub struct Evaluation {
 /// Decides readiness for every object of the namespace and compiles its config.
 pub fn evaluate(snapshot: &Snapshot<'_>) -> Evaluation {
     let trust: BTreeMap<String, Outcome> = snapshot.trust.iter().map(|t| (t.name_any(), evaluate_trust(t))).collect();
-    let credential: BTreeMap<String, Outcome> =
+    let mut credential: BTreeMap<String, Outcome> =
         snapshot.credential.iter().map(|c| (c.name_any(), evaluate_credential(c, &snapshot.secrets))).collect();
+    // The secret-store kinds depend on the provider that reads for them (which is never a
+    // store kind itself, so one pass settles them).
+    for provider in &snapshot.credential {
+        if let Some(outcome) = evaluate_store_reader(provider, snapshot, &credential) {
+            credential.insert(provider.name_any(), outcome);
+        }
+    }
 
     let mut policies: BTreeMap<String, Outcome> = BTreeMap::new();
     let mut candidates = Vec::new();
@@ -174,6 +181,41 @@ fn evaluate_credential(provider: &CredentialProvider, secrets: &BTreeMap<String,
         Some(kind) => Outcome::ready(format!("obtains credentials with {kind}")),
         None => Outcome::not_ready(reasons::INVALID_SPEC, "no credential kind is set"),
     }
+}
+
+/// For a secret-store kind that is otherwise Ready: whether the provider that reads the
+/// secret exists, is of the cloud's federated kind and is Ready.
+fn evaluate_store_reader(
+    provider: &CredentialProvider,
+    snapshot: &Snapshot<'_>,
+    credential: &BTreeMap<String, Outcome>,
+) -> Option<Outcome> {
+    let store = provider.spec.store()?;
+    if !credential.get(&provider.name_any()).is_some_and(|o| o.ready) {
+        return None;
+    }
+    let name = &store.read().credential_provider_ref.name;
+    let kind = provider.spec.kind_name().unwrap_or_default();
+    let wanted = store.federated_kind();
+    let Some(reader) = snapshot.credential.iter().find(|c| &c.name_any() == name) else {
+        return Some(Outcome::not_ready(
+            reasons::PROVIDER_NOT_FOUND,
+            format!("CredentialProvider {name} ({wanted}, to read {}) not found in this namespace", store.describe()),
+        ));
+    };
+    if reader.spec.kind_name() != Some(wanted) {
+        return Some(Outcome::not_ready(
+            reasons::INVALID_SPEC,
+            format!(
+                "{kind} reads with a CredentialProvider of kind {wanted}; {name} is of kind {}",
+                reader.spec.kind_name().unwrap_or("of no kind")
+            ),
+        ));
+    }
+    if let Some(not_ready) = reference_outcome("CredentialProvider", name, credential) {
+        return Some(not_ready);
+    }
+    Some(Outcome::ready(format!("reads {} with the credentials of {name}", store.describe())))
 }
 
 fn reference_outcome(kind: &str, name: &str, outcomes: &BTreeMap<String, Outcome>) -> Option<Outcome> {
@@ -332,6 +374,32 @@ mod tests {
 
     fn trust(name: &str) -> TrustProvider {
         object("TrustProvider", name, json!({"kubernetesServiceAccount": {}}))
+    }
+
+    #[test]
+    fn a_secret_store_kind_is_ready_only_with_a_ready_provider_of_its_clouds_kind() {
+        let store = |reader: &str| -> CredentialProvider {
+            object(
+                "CredentialProvider",
+                "db",
+                json!({"awsSecretsManager": {"secretId": "prod/db", "credentialProviderRef": {"name": reader}}}),
+            )
+        };
+        let api_key: CredentialProvider =
+            object("CredentialProvider", "key", json!({"apiKey": {"secretRef": {"name": "s", "key": "k"}}}));
+        let aws = sts("aws");
+        let outcome = |providers: Vec<&CredentialProvider>| {
+            let snapshot = Snapshot { namespace: "team", credential: providers, ..Default::default() };
+            evaluate(&snapshot).credential["db"].clone()
+        };
+        let (missing, wrong, good) = (store("absent"), store("key"), store("aws"));
+        assert_eq!(outcome(vec![&missing, &aws]).reason, reasons::PROVIDER_NOT_FOUND);
+        let o = outcome(vec![&wrong, &api_key]);
+        assert_eq!(o.reason, reasons::INVALID_SPEC);
+        assert!(o.message.contains("of kind awsSts; key is of kind apiKey"), "{}", o.message);
+        let o = outcome(vec![&good, &aws]);
+        assert!(o.ready, "{o:?}");
+        assert_eq!(o.message, "reads secretsmanager:prod/db with the credentials of aws");
     }
 
     fn sts(name: &str) -> CredentialProvider {

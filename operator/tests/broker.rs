@@ -1672,3 +1672,177 @@ async fn a_policy_being_deleted_is_refused_before_its_config_is_compiled_again()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_from_each_clouds_store_are_read_with_the_workloads_federated_credential() {
+    use cloudpass_e2e::{
+        fakes::{
+            aws_sts::{AwsOidcProvider, AwsRoleTrust, StsGate, StsGateConfig},
+            google::{GoogleConfig, GoogleFake, WorkloadIdentityProvider},
+            secret_stores::{KeyVaultFake, SecretManagerFake},
+        },
+        moto::MotoServer,
+    };
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-stores";
+    let w = workload(cp, ns, "orders-1", "orders", json!({"app": "orders"})).await;
+    let sub = |provider: &str| format!("system:cloudpass:{ns}:{provider}");
+    let (db_v1, db_v2, vault_value, google_value) = (
+        r#"{"username":"app","password":"Pw-v1-7d3c9a"}"#,
+        r#"{"username":"app","password":"Pw-v2-e81f04"}"#,
+        "pk-live-5b2e8c",
+        "whsec-91af3d",
+    );
+
+    // AWS: Secrets Manager in moto with authentication enforced; a role that may read it
+    // and one that may not, each trusting one provider's subject, behind the STS gate.
+    let moto = MotoServer::start().await.unwrap();
+    let everything =
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]});
+    let admin = moto.create_user_keys("admin", &everything).await.unwrap();
+    let admin_env: Vec<(&str, String)> = admin.env();
+    let admin_env: Vec<(&str, &str)> = admin_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (_, v1) = moto.put_secret("prod/db", db_v1, &admin_env).await.unwrap();
+    let read_secrets = json!({"Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": "*"}]});
+    let reader = moto.create_role("db-reader", &read_secrets).await.unwrap();
+    let s3_only =
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]});
+    let outsider = moto.create_role("no-secrets", &s3_only).await.unwrap();
+    let trust = |role: &str, provider: &str| {
+        let mut t = AwsRoleTrust::new(role, &b.url, &sub(provider));
+        t.audiences = vec!["sts.amazonaws.com".into()];
+        t
+    };
+    let gate = StsGate::start(
+        StsGateConfig {
+            moto_url: moto.url().to_owned(),
+            providers: vec![AwsOidcProvider { url: b.url.clone(), client_ids: vec!["sts.amazonaws.com".into()] }],
+            roles: vec![trust(&reader, "aws"), trust(&outsider, "aws-no-secrets")],
+            issuer_ca_pem: b.ca.cert_pem(),
+            forward_credentials: Some(admin.clone()),
+        },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    moto.enforce_auth(0).await.unwrap();
+    let front = moto.https_front(&b.ca).await.unwrap();
+
+    // Azure: Key Vault trusting the Entra tenant, the app's object ID a secrets user.
+    let entra = entra_trusting(b, ns).await;
+    let vault = KeyVaultFake::start(TENANT, entra.access_token_check(), &b.ca).await.unwrap();
+    let vault_version = vault.set_secret("partner-api-key", vault_value, &[OBJECT_ID]);
+
+    // Google: Secret Manager readable by the federated principal of the gcs provider.
+    let wip = WorkloadIdentityProvider::new("123456789", "cloudpass-pool", "broker", &b.url);
+    let google = GoogleFake::start(
+        GoogleConfig { providers: vec![wip.clone()], service_accounts: vec![], issuer_ca_pem: b.ca.cert_pem() },
+        &b.ca,
+    )
+    .await
+    .unwrap();
+    let manager = SecretManagerFake::start(google.access_token_check(), &b.ca).await.unwrap();
+    let google_secret = "projects/orders-project/secrets/webhook-token";
+    manager.add_version(google_secret, google_value, &[&wip.principal(&sub("gcs"))]);
+
+    let sts = |_: ()| json!({"awsSts": {"roleArn": reader, "stsEndpoint": gate.url()}});
+    let sm = |reader: &str| {
+        json!({"awsSecretsManager": {"secretId": "prod/db", "endpoint": front.url(), "jsonKey": "password",
+               "refreshInterval": "10s", "credentialProviderRef": {"name": reader}}})
+    };
+    let http = |host: &str| json!({"kind": "http", "hosts": [host]});
+    let header = json!({"httpHeader": {"name": "Authorization", "format": "Bearer {token}"}});
+    apply_ready(
+        cp,
+        ns,
+        &[
+            K8S_TRUST.to_owned(),
+            credential_provider("aws", sts(())),
+            credential_provider("aws-no-secrets", json!({"awsSts": {"roleArn": outsider, "stsEndpoint": gate.url()}})),
+            credential_provider("db", sm("aws")),
+            credential_provider("db-refused", sm("aws-no-secrets")),
+            credential_provider("db-wrong-reader", sm("blob")),
+            credential_provider(
+                "blob",
+                json!({"azureWorkloadIdentity": {"tenantId": TENANT, "clientId": CLIENT_ID, "authorityHost": entra.url()}}),
+            ),
+            credential_provider(
+                "partner-key",
+                json!({"azureKeyVault": {"vaultUrl": vault.url(), "name": "partner-api-key", "credentialProviderRef": {"name": "blob"}}}),
+            ),
+            credential_provider(
+                "gcs",
+                json!({"gcpWorkloadIdentity": {"workloadIdentityProvider": wip.name(), "stsEndpoint": google.url()}}),
+            ),
+            credential_provider(
+                "webhook-token",
+                json!({"gcpSecretManager": {"secret": google_secret, "endpoint": manager.url(), "credentialProviderRef": {"name": "gcs"}}}),
+            ),
+            policy("db", "orders", "db", http("db.example.com"), header.clone(), None),
+            policy("db-refused", "orders", "db-refused", http("refused.example.com"), header.clone(), None),
+            policy("partner", "orders", "partner-key", http("partner.example.com"), header.clone(), None),
+            policy("webhooks", "orders", "webhook-token", http("hooks.example.com"), header.clone(), None),
+        ],
+        &["db", "db-refused", "partner", "webhooks"],
+    )
+    .await;
+
+    // A reader of another cloud's kind is refused in status, naming both kinds.
+    let wrong = cp
+        .wait_for_condition("credentialprovider", ns, "db-wrong-reader", "Ready", "False", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let ready = &wrong["status"]["conditions"][0];
+    assert_eq!(ready["reason"], "InvalidSpec", "{wrong}");
+    assert!(ready["message"].as_str().unwrap().contains("of kind awsSts; blob is of kind azureWorkloadIdentity"));
+
+    // Each store's secret, as an API key; the audit record names the secret and version.
+    let audited = |policy: &str| {
+        b.audit_records().into_iter().rev().find(|r| r["policy"] == policy && r["outcome"] == "allowed").unwrap()
+    };
+    for (policy, value, secret) in [
+        ("db", "Pw-v1-7d3c9a", format!("secretsmanager:prod/db version {v1}")),
+        ("partner", vault_value, format!("{}/secrets/partner-api-key version {vault_version}", vault.url())),
+        ("webhooks", google_value, format!("{google_secret} version 1")),
+    ] {
+        let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": policy})).await;
+        assert_eq!(status, 200, "{policy}: {answer}");
+        assert_eq!(
+            (answer["credential"]["type"].as_str(), answer["credential"]["key"].as_str()),
+            (Some("apiKey"), Some(value))
+        );
+        assert_eq!(audited(policy)["secret"], secret.as_str());
+    }
+    assert_eq!((vault.calls(), manager.calls()), (1, 1));
+
+    // The store's refusal reaches the caller with its code.
+    let (status, answer) = ask_when_loaded(b, &w.token, json!({"policy": "db-refused"})).await;
+    assert_eq!(status, 502, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("AWS Secrets Manager"), "{answer}");
+    // moto answers its XML `AccessDenied`, AWS the JSON `AccessDeniedException`: both are read.
+    assert!(answer["upstreamCode"].as_str().unwrap().starts_with("AccessDenied"), "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("not authorized to perform: secretsmanager:GetSecretValue"));
+
+    // A new version reaches callers within refreshInterval (10s), without a change here.
+    let (_, v2) = moto.put_secret("prod/db", db_v2, &admin_env).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = b.ask(Some(&w.token), json!({"policy": "db"})).await;
+        assert_eq!(status, 200, "{answer}");
+        if answer["credential"]["key"] == "Pw-v2-e81f04" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new version never came: {answer}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(audited("db")["secret"], format!("secretsmanager:prod/db version {v2}"));
+
+    // No value in the broker's log (trace level, the audit records included).
+    let log = b.log_text();
+    for value in ["Pw-v1-7d3c9a", "Pw-v2-e81f04", vault_value, google_value] {
+        assert!(!log.contains(value), "{value} in the broker's log");
+    }
+}

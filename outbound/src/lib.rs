@@ -1,10 +1,11 @@
 //! What the outbound calls of the agent (to the broker, to metadata services), the broker
 //! (to token services, JWKS) and the operator (to the apiserver) share: readable error
-//! chains, bounded answer bodies and the delays between retries.
+//! chains, bounded answer bodies, the delays between retries and AWS SigV4 signing.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod retry;
+pub mod sigv4;
 
 pub use retry::Retry;
 

@@ -13,15 +13,13 @@ use axum::{
 };
 use base64::Engine;
 use cloudpass_api::{broker::Credential, secret::SecretString};
+use cloudpass_outbound::sigv4::{SigningError, sign_v4, sigv4_scope_from_host};
 
 use super::{
     relay::refuse,
     route::{Action, ProxyRoute},
 };
-use crate::{
-    error::AgentError,
-    sigv4::{sign_v4, sigv4_scope_from_host},
-};
+use crate::error::AgentError;
 
 /// The header value for `format` with the credential substituted in one pass (so a
 /// credential containing `{basic}` is never expanded again): `{token}` is an access
@@ -133,7 +131,7 @@ pub(super) async fn add_credential(
                     format!("cannot derive the SigV4 service and region from host {host}; set them in the policy"),
                 ));
             };
-            let signing_error = |e: AgentError| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            let signing_error = |e: SigningError| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
             let sign_with = |headers: &mut HeaderMap, signable| {
                 sign_v4(
                     method.as_str(),
@@ -141,8 +139,8 @@ pub(super) async fn add_credential(
                     headers,
                     signable,
                     access_key_id,
-                    secret_access_key,
-                    Some(session_token),
+                    secret_access_key.expose(),
+                    Some(session_token.expose()),
                     &service,
                     &region,
                     now,

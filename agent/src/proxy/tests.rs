@@ -5,10 +5,12 @@ use axum::{body::Body, http::HeaderName};
 use cloudpass_api::{broker::Credential, secret::SecretString};
 
 use super::*;
-use crate::{
-    sigv4::tests::suite_time,
-    store::tests::{api_key, fetched},
-};
+use crate::store::tests::{api_key, fetched};
+
+/// 2015-08-30T12:36:00Z, the time of the AWS SigV4 test suite.
+fn suite_time() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_440_938_160)
+}
 
 fn route(policy: &str, hosts: &[&str], action: Action) -> ProxyRoute {
     ProxyRoute {

@@ -53,7 +53,11 @@ pub(crate) async fn send_json(builder: reqwest::RequestBuilder, url: &str, servi
         };
     }
     // Only the upstream's error code and description, bounded: never the body itself.
-    let (code, message) = json_error(&value);
+    // AWS answers some refusals of its JSON APIs in its XML error format.
+    let (code, message) = match json_error(&value) {
+        (None, None) => crate::aws::sts_error(&String::from_utf8_lossy(&body)),
+        found => found,
+    };
     Err(Refusal::upstream(
         format!(
             "{service} refused the request (HTTP {}): {}",

@@ -19,6 +19,7 @@ use kube::Api;
 use serde_json::{Value, json};
 
 mod answers;
+mod store;
 
 pub use answers::{
     MAX_UPSTREAM_LIFETIME, TokenAnswer, check_expiry, expires_in, parse_entra_answer, parse_google_iam_answer,
@@ -66,6 +67,9 @@ pub struct MintRequest<'a> {
     /// When the policy's time window that allows this request closes, if it has windows:
     /// no credential is asked for, cached or served past it.
     pub access_ends: Option<Timestamp>,
+    /// For the secret-store kinds: the CredentialProvider whose federated credential reads
+    /// the secret, by name, and its spec (`None` when it is not Ready).
+    pub reads_with: Option<(&'a str, &'a CredentialProviderSpec)>,
 }
 
 fn subject_of(format: SubjectFormat, req: &MintRequest<'_>) -> String {
@@ -158,6 +162,13 @@ impl<'a> CallerClaims<'a> {
 /// (OAuth2 client credentials, Secrets) share one credential per policy.
 pub fn cache_discriminator(req: &MintRequest<'_>) -> String {
     let spec = req.spec;
+    // A secret read with a federated credential is shared as that credential would be.
+    if spec.store().is_some() {
+        return match req.reads_with {
+            Some((provider, spec)) => cache_discriminator(&MintRequest { provider, spec, reads_with: None, ..*req }),
+            None => String::new(),
+        };
+    }
     let mut key = String::new();
     let format = if let Some(aws) = &spec.aws_sts {
         CallerClaims::of(req, subject_of(aws.subject, req)).write_key(&mut key);
@@ -231,7 +242,13 @@ fn expiry(issued_at: Timestamp, lifetime: SignedDuration, service: &str) -> Resu
 /// `serve_until` the end of the policy's time window when the credential outlives it.
 fn finish(req: &MintRequest<'_>, credential: Credential, issued_at: Timestamp, expires_at: Timestamp) -> Issued {
     let expires_at = bounded(req, issued_at, expires_at);
-    Issued { credential, issued_at, expires_at, serve_until: req.access_ends.filter(|end| *end < expires_at) }
+    Issued {
+        credential,
+        issued_at,
+        expires_at,
+        serve_until: req.access_ends.filter(|end| *end < expires_at),
+        source: None,
+    }
 }
 
 fn bounded(req: &MintRequest<'_>, issued_at: Timestamp, expires_at: Timestamp) -> Timestamp {
@@ -269,14 +286,24 @@ async fn aws_sts(ctx: &MintContext<'_>, req: &MintRequest<'_>, spec: &AwsStsCred
     Ok(finish(req, credential, issued_at, expires_at))
 }
 
+/// The Azure resource a policy's tokens are for.
+fn azure_resource<'a>(req: &MintRequest<'a>) -> Result<&'a str, Refusal> {
+    req.policy.server.resource.as_deref().ok_or_else(|| {
+        Refusal::bad_request(format!("policy {} names no Azure resource (server.resource)", req.policy.name))
+    })
+}
+
+/// The scopes a policy's Google tokens carry: `server.scopes`, else `cloud-platform`.
+fn google_scopes(req: &MintRequest<'_>) -> Vec<String> {
+    if req.policy.server.scopes.is_empty() { vec![CLOUD_PLATFORM.into()] } else { req.policy.server.scopes.clone() }
+}
+
 async fn azure(
     ctx: &MintContext<'_>,
     req: &MintRequest<'_>,
     spec: &AzureWorkloadIdentityCredential,
+    resource: &str,
 ) -> Result<Issued, Refusal> {
-    let resource = req.policy.server.resource.as_deref().ok_or_else(|| {
-        Refusal::bad_request(format!("policy {} names no Azure resource (server.resource)", req.policy.name))
-    })?;
     let audience = spec.audience();
     let issued_at = Timestamp::now();
     let assertion = sign(ctx, req, &subject_of(spec.subject, req), audience, issued_at, ASSERTION_LIFETIME)?;
@@ -316,17 +343,13 @@ async fn gcp(
     ctx: &MintContext<'_>,
     req: &MintRequest<'_>,
     spec: &GcpWorkloadIdentityCredential,
+    scopes: Vec<String>,
 ) -> Result<Issued, Refusal> {
     let provider = &spec.workload_identity_provider;
     let audience = spec.audience();
     let issued_at = Timestamp::now();
     let subject_token = sign(ctx, req, &subject_of(spec.subject, req), &audience, issued_at, ASSERTION_LIFETIME)?;
     let sts = spec.sts_endpoint.as_deref().unwrap_or("https://sts.googleapis.com").trim_end_matches('/');
-    let scopes: Vec<String> = if req.policy.server.scopes.is_empty() {
-        vec![CLOUD_PLATFORM.into()]
-    } else {
-        req.policy.server.scopes.clone()
-    };
     // With impersonation the federated token only needs to call IAM Credentials.
     let sts_scope = if spec.service_account_email.is_some() { CLOUD_PLATFORM.to_owned() } else { scopes.join(" ") };
     let sts_url = format!("{sts}/v1/token");
@@ -454,9 +477,11 @@ pub async fn obtain(ctx: &MintContext<'_>, req: &MintRequest<'_>) -> Result<Issu
     if let Some(s) = &spec.aws_sts {
         aws_sts(ctx, req, s).await
     } else if let Some(a) = &spec.azure_workload_identity {
-        azure(ctx, req, a).await
+        azure(ctx, req, a, azure_resource(req)?).await
     } else if let Some(g) = &spec.gcp_workload_identity {
-        gcp(ctx, req, g).await
+        gcp(ctx, req, g, google_scopes(req)).await
+    } else if let Some(s) = spec.store() {
+        store::read(ctx, req, s).await
     } else if let Some(o) = &spec.oauth2_client_credentials {
         oauth2(ctx, req, o).await
     } else if let Some(o) = &spec.oidc_token {

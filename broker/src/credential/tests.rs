@@ -24,7 +24,7 @@ fn policy() -> CompiledPolicy {
 }
 
 fn request<'a>(spec: &'a CredentialProviderSpec, policy: &'a CompiledPolicy, caller: &'a Caller) -> MintRequest<'a> {
-    MintRequest { provider: "p", spec, policy, caller, max_lifetime: None, access_ends: None }
+    MintRequest { provider: "p", spec, policy, caller, max_lifetime: None, access_ends: None, reads_with: None }
 }
 
 #[test]

@@ -146,6 +146,19 @@ impl EntraFake {
         format!("{}/{}/discovery/v2.0/keys", self.url(), self.state.config.tenant_id)
     }
 
+    /// How a resource (Key Vault) verifies the access tokens this tenant issues: the
+    /// signature with the tenant's key, the expiry and the v1 issuer; the claims.
+    pub fn access_token_check(&self) -> super::secret_stores::TokenCheck {
+        let (state, issuer) = (self.state.clone(), self.access_token_issuer());
+        std::sync::Arc::new(move |token: &str| {
+            let claims = state.key.verify(token)?;
+            if claims["iss"].as_str() != Some(issuer.as_str()) {
+                return Err(format!("Invalid issuer. Expected {issuer}."));
+            }
+            Ok(claims)
+        })
+    }
+
     /// The issuer of the v1 access tokens it mints, `https://sts.windows.net/<tenant>/`.
     pub fn access_token_issuer(&self) -> String {
         v1_issuer(&self.state.config.tenant_id)

@@ -229,6 +229,17 @@ impl GoogleFake {
         self.state.counters.fail_next(count, status)
     }
 
+    /// How a Google API (Secret Manager) knows the access tokens this fake issued: a
+    /// live token's `identity` and `scopes`.
+    pub fn access_token_check(&self) -> super::secret_stores::TokenCheck {
+        let state = self.state.clone();
+        Arc::new(move |token: &str| {
+            let issued = state.issued.lock().expect("issued lock").get(token).filter(|t| t.expires_at > now()).cloned();
+            let issued = issued.ok_or("not a live token of this fake")?;
+            Ok(serde_json::json!({"identity": issued.identity, "scopes": issued.scopes}))
+        })
+    }
+
     /// What `token` is, if this fake issued it and it has not expired.
     pub fn check_access_token(&self, token: &str) -> Option<GoogleAccessToken> {
         self.state.issued.lock().expect("issued lock").get(token).filter(|t| t.expires_at > now()).cloned()
@@ -492,7 +503,7 @@ async fn generate_access_token(
 }
 
 /// Whether an IAM policy member covers `identity`.
-fn member_matches(member: &str, identity: &str) -> bool {
+pub(crate) fn member_matches(member: &str, identity: &str) -> bool {
     match member.strip_prefix("principalSet://").and_then(|rest| rest.strip_suffix("/*")) {
         // principalSet://iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/*
         Some(pool) => identity

@@ -17,6 +17,7 @@
 //!   (Azure IMDS, the GKE metadata server, AWS IMDSv2, the EKS Pod Identity agent), plain
 //!   HTTP like the real ones;
 //! - [`oauth2`]: a plain OAuth 2.0 client-credentials token endpoint;
+//! - [`secret_stores`]: the Azure Key Vault and Google Secret Manager data planes;
 //! - [`test_issuer`]: an OIDC issuer to test the fakes without the broker.
 //!
 //! Tokens are never logged.
@@ -27,6 +28,7 @@ pub mod google;
 pub mod jwt;
 pub mod metadata;
 pub mod oauth2;
+pub mod secret_stores;
 pub mod test_issuer;
 
 use std::{
@@ -184,6 +186,15 @@ impl SigningKey {
     /// The public key as a JWK.
     pub fn jwk(&self) -> &Value {
         &self.jwk
+    }
+
+    /// Verifies a JWT this key signed: its claims, or why not (signature, expiry).
+    pub fn verify(&self, token: &str) -> Result<Value, String> {
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(self.jwk.clone()).map_err(|e| e.to_string())?;
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).map_err(|e| e.to_string())?;
+        let mut validation = jsonwebtoken::Validation::new(self.algorithm);
+        validation.validate_aud = false;
+        jsonwebtoken::decode::<Value>(token, &key, &validation).map(|d| d.claims).map_err(|e| e.to_string())
     }
 
     /// Signs `claims` (a JSON object) as a JWT with `kid` in the header.

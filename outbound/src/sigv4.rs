@@ -1,6 +1,7 @@
-//! AWS Signature Version 4 in header form, for the proxy's `awsSigV4` deliveries and
-//! the `GetCallerIdentity` request of AWS evidence: the signing itself (with S3's own
-//! rules) and the service and region an AWS host name implies.
+//! AWS Signature Version 4 in header form: the agent's `awsSigV4` deliveries and the
+//! `GetCallerIdentity` request of its AWS evidence, and the broker's calls to AWS
+//! Secrets Manager. The signing itself (with S3's own rules) and the service and region
+//! an AWS host name implies.
 
 use std::time::SystemTime;
 
@@ -9,10 +10,12 @@ use aws_sigv4::{
     http_request::{PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings, sign},
     sign::v4,
 };
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use cloudpass_api::secret::SecretString;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::error::AgentError;
+/// Why a request could not be signed.
+#[derive(Debug, thiserror::Error)]
+#[error("SigV4 signing: {0}")]
+pub struct SigningError(String);
 
 /// SigV4 signing name and region from an AWS host name: `<bucket>.s3.<region>`,
 /// `s3.<region>`, `s3` (us-east-1), `<svc>.<region>`, `<svc>` (global services, which
@@ -50,23 +53,18 @@ pub fn sign_v4(
     headers: &mut HeaderMap,
     body: SignableBody<'_>,
     access_key_id: &str,
-    secret_access_key: &SecretString,
-    session_token: Option<&SecretString>,
+    secret_access_key: &str,
+    session_token: Option<&str>,
     service: &str,
     region: &str,
     time: SystemTime,
-) -> Result<(), AgentError> {
+) -> Result<(), SigningError> {
     for name in ["authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"] {
         headers.remove(name);
     }
-    let identity = Credentials::new(
-        access_key_id,
-        secret_access_key.expose(),
-        session_token.map(|t| t.expose().to_owned()),
-        None,
-        "cloudpass-broker",
-    )
-    .into();
+    let identity =
+        Credentials::new(access_key_id, secret_access_key, session_token.map(str::to_owned), None, "cloudpass-broker")
+            .into();
     let mut settings = SigningSettings::default();
     if service == "s3" {
         settings.percent_encoding_mode = PercentEncodingMode::Single;
@@ -80,17 +78,16 @@ pub fn sign_v4(
         .time(time)
         .settings(settings)
         .build()
-        .map_err(|e| AgentError::Signing(e.to_string()))?
+        .map_err(|e| SigningError(e.to_string()))?
         .into();
     let signable_headers: Vec<(&str, &str)> =
         headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v))).collect();
     let request = SignableRequest::new(method, url, signable_headers.into_iter(), body)
-        .map_err(|e| AgentError::Signing(e.to_string()))?;
-    let (instructions, _signature) =
-        sign(request, &params).map_err(|e| AgentError::Signing(e.to_string()))?.into_parts();
+        .map_err(|e| SigningError(e.to_string()))?;
+    let (instructions, _signature) = sign(request, &params).map_err(|e| SigningError(e.to_string()))?.into_parts();
     let (new_headers, _params) = instructions.into_parts();
     for header in new_headers {
-        let mut value = HeaderValue::from_str(header.value()).map_err(|e| AgentError::Signing(e.to_string()))?;
+        let mut value = HeaderValue::from_str(header.value()).map_err(|e| SigningError(e.to_string()))?;
         value.set_sensitive(header.sensitive());
         headers.insert(HeaderName::from_static(header.name()), value);
     }
@@ -98,15 +95,15 @@ pub fn sign_v4(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
-    use axum::http::header::HOST;
+    use reqwest::header::HOST;
 
     use super::*;
 
     /// 2015-08-30T12:36:00Z, the time of the AWS SigV4 test suite.
-    pub(crate) fn suite_time() -> SystemTime {
+    fn suite_time() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_440_938_160)
     }
 
@@ -137,7 +134,7 @@ pub(crate) mod tests {
     fn sigv4_matches_the_aws_test_suite() {
         // get-vanilla and get-vanilla-with-session-token of the AWS SigV4 test suite
         // (shipped in the aws-sigv4 crate as aws-signing-test-suite/v4).
-        let secret = SecretString::new("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
+        let secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
         let mut headers = HeaderMap::new();
         headers.insert(HOST, HeaderValue::from_static("example.amazonaws.com"));
         let url = "https://example.amazonaws.com/";
@@ -147,7 +144,7 @@ pub(crate) mod tests {
             &mut headers,
             SignableBody::Bytes(&[]),
             "AKIDEXAMPLE",
-            &secret,
+            secret,
             None,
             "service",
             "us-east-1",
@@ -160,7 +157,7 @@ pub(crate) mod tests {
             "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host;x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
         );
 
-        let token = SecretString::new("6e86291e8372ff2a2260956d9b8aae1d763fbf315fa00fa31553b73ebf194267");
+        let token = "6e86291e8372ff2a2260956d9b8aae1d763fbf315fa00fa31553b73ebf194267";
         let mut headers = HeaderMap::new();
         headers.insert(HOST, HeaderValue::from_static("example.amazonaws.com"));
         // Whatever the app put there is replaced.
@@ -172,14 +169,14 @@ pub(crate) mod tests {
             &mut headers,
             SignableBody::Bytes(&[]),
             "AKIDEXAMPLE",
-            &secret,
-            Some(&token),
+            secret,
+            Some(token),
             "service",
             "us-east-1",
             suite_time(),
         )
         .unwrap();
-        assert_eq!(headers["x-amz-security-token"], token.expose());
+        assert_eq!(headers["x-amz-security-token"], token);
         assert!(headers["x-amz-security-token"].is_sensitive());
         assert_eq!(
             headers["authorization"],
