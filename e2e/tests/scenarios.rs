@@ -243,6 +243,34 @@ async fn http_apis_with_an_api_key_and_oauth2_through_the_header_proxy() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_from_azure_key_vault_through_the_header_proxy() {
+    use cloudpass_e2e::scenario::http_api::{HTTP_APP, HttpApiScenario};
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-key-vault";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = HttpApiScenario::key_vault(stack, ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+    // The webhook injects the agent; the app calls the API through its proxy; the broker
+    // reads the key from the vault with the pod's federated Entra token.
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let run = running.run_app("app", HTTP_APP).await.unwrap();
+    let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nagent:\n{}", running.agent_log_text()));
+    assert_eq!(result["body"]["caller"], "api-key", "{result}");
+    let (_, vault) = setup.key_vault.as_ref().unwrap();
+    assert_eq!(vault.calls(), 1, "one read of the vault");
+    let allowed = audited(stack, ns, &running.pod.name, "allowed").await;
+    assert!(allowed["secret"].as_str().unwrap().contains("/secrets/partner-api-key version "), "{allowed}");
+    // The key is in no log of the agent or the broker.
+    assert!(!running.agent_log_text().contains("pk-live-2c9e71b4"));
+    assert!(!stack.broker.log_text().contains("pk-live-2c9e71b4"));
+    running.stop();
+}
+
 /// Waits until the broker has audited a decision about `pod` matching `outcome`.
 async fn audited(stack: &Stack<'_>, ns: &str, pod: &str, outcome: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -1,6 +1,6 @@
 //! Plain HTTPS APIs behind the agent's header proxy: a weather API that wants an API key
-//! in `X-API-Key`, and a partner API that wants an OAuth 2.0 bearer token from the OAuth2
-//! fake's client-credentials endpoint. The app sends plain HTTP through `HTTP_PROXY`; the
+//! in `X-API-Key` (from a Secret, or from an Azure Key Vault), and a partner API that
+//! wants an OAuth 2.0 bearer token from the OAuth2 fake's client-credentials endpoint. The app sends plain HTTP through `HTTP_PROXY`; the
 //! agent adds the header and calls the API over HTTPS.
 //!
 //! The APIs listen on 127.0.0.2: still loopback, but not in the `NO_PROXY` list the webhook
@@ -35,7 +35,11 @@ use tokio_rustls::TlsAcceptor;
 use super::{Deployed, Example, example::App};
 use crate::{
     certs::TestCa,
-    fakes::oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
+    fakes::{
+        entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
+        oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
+        secret_stores::KeyVaultFake,
+    },
     tls::server_config,
 };
 
@@ -169,6 +173,8 @@ pub struct HttpApiScenario {
     pub api: HttpApi,
     /// The OAuth2 token endpoint, for the OAuth2 example.
     pub oauth2: Option<Arc<OAuth2Fake>>,
+    /// The Entra tenant and the Key Vault, for the Key Vault example.
+    pub key_vault: Option<(EntraFake, KeyVaultFake)>,
     /// The example.
     pub example: Example,
     /// The pod its Deployment would create.
@@ -210,7 +216,72 @@ impl HttpApiScenario {
             &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/forecast?city=berlin")],
         );
         let pod = example.app_pod(&app)?;
-        Ok(Self { namespace: namespace.to_owned(), api, oauth2: None, example, pod, app, policy: policy.into() })
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            api,
+            oauth2: None,
+            key_vault: None,
+            example,
+            pod,
+            app,
+            policy: policy.into(),
+        })
+    }
+
+    /// `examples/eks-to-key-vault-api-key.yaml`: the partner API's key lives in a Key
+    /// Vault; its Entra tenant trusts the cloudpass issuer for the reader provider's
+    /// subject, and the app registration may read that one secret. The vault, the tenant
+    /// and the policy's host point here.
+    pub async fn key_vault(stack: &dyn Deployed, namespace: &str) -> Result<Self> {
+        let key = "pk-live-2c9e71b4";
+        let mut example = Example::load("eks-to-key-vault-api-key")?;
+        let reader = example.get("CredentialProvider", "partner-vault-reader")?;
+        let tenant = reader["spec"]["azureWorkloadIdentity"]["tenantId"].as_str().context("tenantId")?.to_owned();
+        let client_id = reader["spec"]["azureWorkloadIdentity"]["clientId"].as_str().context("clientId")?.to_owned();
+        let object_id = "3e9d5c1b-7a28-4f46-b0e3-8c1d2a4b6f90";
+        let subject = format!("system:cloudpass:{namespace}:partner-vault-reader");
+        let entra = EntraFake::start(
+            EntraConfig {
+                tenant_id: tenant.clone(),
+                apps: vec![EntraApp {
+                    client_id,
+                    object_id: object_id.into(),
+                    federated_credentials: vec![FederatedCredential::new(stack.issuer_url(), &subject)],
+                }],
+                issuer_ca_pem: stack.issuer_ca_pem(),
+            },
+            stack.cloud_ca(),
+        )
+        .await?;
+        let vault = KeyVaultFake::start(&tenant, entra.access_token_check(), stack.cloud_ca()).await?;
+        vault.set_secret("partner-api-key", key, &[object_id]);
+        let reader = "partner-vault-reader";
+        example.set("CredentialProvider", reader, "/spec/azureWorkloadIdentity/authorityHost", json!(entra.url()))?;
+        example.set("CredentialProvider", "partner-api-key", "/spec/azureKeyVault/vaultUrl", json!(vault.url()))?;
+        let api =
+            HttpApi::start(ApiAuth::ApiKey { header: "X-API-Key".into(), key: key.into() }, stack.cloud_ca()).await?;
+        let policy = "invoicing-to-partner-api";
+        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
+        trust_api_ca(stack, namespace)?;
+        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
+        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
+        let app = App::new(
+            "invoicing",
+            "app",
+            "http_api.py",
+            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/invoices?status=open")],
+        );
+        let pod = example.app_pod(&app)?;
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            api,
+            oauth2: None,
+            key_vault: Some((entra, vault)),
+            example,
+            pod,
+            app,
+            policy: policy.into(),
+        })
     }
 
     /// `examples/oauth2-client-credentials.yaml`: the OAuth2 fake knows the example's
@@ -282,6 +353,7 @@ impl HttpApiScenario {
             namespace: namespace.to_owned(),
             api,
             oauth2: Some(oauth2),
+            key_vault: None,
             example,
             pod,
             app,
