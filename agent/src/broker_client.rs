@@ -13,7 +13,7 @@
 //! `serveUntil`. Only the broker's `Denied` drops the credential at once.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -43,7 +43,7 @@ use crate::{
 /// Largest broker answer read.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Never refresh more often than this, whatever the broker says.
-const MIN_REFRESH: Duration = Duration::from_secs(1);
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 
 /// A client of the broker's credential endpoint.
 pub struct BrokerClient {
@@ -249,10 +249,19 @@ pub async fn refresh_once(
     delivery: &AgentDelivery,
     shared: &Shared,
     retry: &mut Retry,
+    shared_dir: &Path,
 ) -> Duration {
     let policy = delivery.policy.as_str();
+    let file = match &delivery.endpoint {
+        AgentEndpoint::File { name, format } => Some((name.as_str(), *format)),
+        _ => None,
+    };
     let result = client.fetch(policy, &delivery.evidence).await.and_then(|answer| {
         check_credential(policy, &delivery.endpoint, &answer.credential)?;
+        // The file first: the policy counts as served (readiness) once its file is there.
+        if let Some((name, format)) = file {
+            crate::file::write(shared_dir, name, &crate::file::render(&answer.credential, format)?)?;
+        }
         let now = Timestamp::now();
         if answer.expires_at <= now {
             return Err(AgentError::BrokerResponse(format!("credential expired at {}", answer.expires_at)));
@@ -283,6 +292,11 @@ pub async fn refresh_once(
             shared.metrics.refresh_failed(policy, e.metric_label());
             if e.is_denial() {
                 shared.store.revoke(policy, &e);
+                if let Some((name, _)) = file
+                    && let Err(removal) = crate::file::remove(shared_dir, name)
+                {
+                    warn!(policy, error = %removal, "cannot remove the file of a refused credential");
+                }
             } else {
                 shared.store.record_error(policy, &e);
             }
@@ -314,12 +328,13 @@ pub async fn refresh_loop(
     delivery: AgentDelivery,
     shared: Shared,
     retry: RetrySettings,
+    shared_dir: PathBuf,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut retry = Retry::new(retry.initial, retry.max);
     loop {
         let delay = tokio::select! {
-            delay = refresh_once(&client, &delivery, &shared, &mut retry) => delay,
+            delay = refresh_once(&client, &delivery, &shared, &mut retry, &shared_dir) => delay,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         tokio::select! {

@@ -32,14 +32,15 @@ impl EndpointKind {
         }
     }
 
-    /// The listener kind serving an endpoint.
-    pub fn of(endpoint: &AgentEndpoint) -> Self {
-        match endpoint {
+    /// The listener kind serving an endpoint; `None` for a file, which has no listener.
+    pub fn of(endpoint: &AgentEndpoint) -> Option<Self> {
+        Some(match endpoint {
             AgentEndpoint::AwsContainerCredentials { .. } => Self::Aws,
             AgentEndpoint::AzureManagedIdentity { .. } => Self::Azure,
             AgentEndpoint::GcpMetadata { .. } => Self::Gcp,
             AgentEndpoint::HttpHeader { .. } | AgentEndpoint::AwsSigV4 { .. } => Self::Proxy,
-        }
+            AgentEndpoint::File { .. } => return None,
+        })
     }
 }
 

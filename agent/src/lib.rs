@@ -23,6 +23,7 @@ pub mod common;
 pub mod endpoint;
 pub mod error;
 pub mod evidence;
+pub mod file;
 pub mod gcp;
 pub mod health;
 pub mod metrics;

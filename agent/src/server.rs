@@ -64,9 +64,11 @@ impl Agent {
         );
 
         let mut groups: BTreeMap<(EndpointKind, u16), Vec<&AgentDelivery>> = BTreeMap::new();
+        // Files have no listener: their refresh loop writes them.
         for delivery in deliveries {
-            let kind = EndpointKind::of(&delivery.endpoint);
-            groups.entry((kind, delivery.endpoint.port())).or_default().push(delivery);
+            if let (Some(kind), Some(port)) = (EndpointKind::of(&delivery.endpoint), delivery.endpoint.port()) {
+                groups.entry((kind, port)).or_default().push(delivery);
+            }
         }
         let aws_token = if groups.keys().any(|(kind, _)| *kind == EndpointKind::Aws) {
             let (token, path) = aws::pod_authorization_token(&settings.shared_dir)?;
@@ -146,7 +148,14 @@ impl Agent {
         let refreshers = deliveries
             .iter()
             .map(|d| {
-                tokio::spawn(refresh_loop(client.clone(), d.clone(), shared.clone(), settings.retry, stopped.clone()))
+                tokio::spawn(refresh_loop(
+                    client.clone(),
+                    d.clone(),
+                    shared.clone(),
+                    settings.retry,
+                    settings.shared_dir.clone(),
+                    stopped.clone(),
+                ))
             })
             .collect();
         for (kind, addr) in &listeners {

@@ -25,7 +25,7 @@ use cloudpass_api::{
     broker::{Credential, ErrorCode},
 };
 use reqwest::StatusCode;
-use support::{FakeBroker, Files, Tls, aws_keys, err, eventually, ok, settings};
+use support::{FakeBroker, Files, Tls, api_key, aws_keys, err, eventually, ok, settings};
 use tokio::sync::watch;
 
 fn client(broker: &FakeBroker, files: &Files) -> BrokerClient {
@@ -133,6 +133,7 @@ fn start_loop(broker: &FakeBroker, files: &Files, policy: &str, endpoint: AgentE
         AgentDelivery { policy: policy.into(), endpoint, evidence: vec![] },
         shared.clone(),
         retry,
+        files.shared_dir(),
         stopped,
     ));
     Loop { shared, stop }
@@ -204,6 +205,38 @@ async fn a_denial_stops_serving_at_once_and_wrong_types_are_refused() {
             })
         })
         .await
+    );
+    l.stop.send(true).unwrap();
+}
+
+#[tokio::test]
+async fn a_file_delivery_is_written_replaced_on_rotation_and_removed_on_denial() {
+    use cloudpass_api::policy::FileFormat;
+    let broker = FakeBroker::start().await;
+    broker.script(
+        "db",
+        vec![
+            // Refresh times count from now: the second answer is due at 3 s.
+            ok("db", api_key("pw-1"), 3600, 1),
+            ok("db", api_key("pw-2"), 3600, 3),
+            err(403, ErrorCode::Denied, "AccessPolicy db was deleted"),
+        ],
+    );
+    let files = Files::new("t");
+    let endpoint = AgentEndpoint::File { name: "db.env".into(), format: FileFormat::Dotenv };
+    let l = start_loop(&broker, &files, "db", endpoint);
+    let path = files.shared_dir().join("db.env");
+    let holds = |text: &str| std::fs::read_to_string(&path).is_ok_and(|t| t == text);
+    assert!(eventually(Duration::from_secs(5), || holds("API_KEY='pw-1'\n")).await);
+    assert!(l.shared.store.valid("db").is_ok(), "served once written");
+    // Refreshes come at least MIN_REFRESH apart.
+    let refresh = cloudpass_agent::broker_client::MIN_REFRESH * 5;
+    assert!(eventually(refresh, || holds("API_KEY='pw-2'\n")).await, "rotated in place");
+    assert!(
+        eventually(refresh, || !path.exists()).await,
+        "removed when refused: {:?}, {} calls",
+        l.shared.store.valid("db").map(|_| ()),
+        broker.seen().len()
     );
     l.stop.send(true).unwrap();
 }

@@ -2,6 +2,7 @@
 //! (one JSON document in the agent container's environment) and the fixed paths and
 //! environment variables both sides use.
 
+use crate::policy::FileFormat;
 use serde::{Deserialize, Serialize};
 
 /// Name of the injected agent container (a native sidecar in `initContainers`).
@@ -196,17 +197,30 @@ pub enum AgentEndpoint {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ca_file: Option<String>,
     },
+    /// A file the agent writes to [`SHARED_DIR`]`/<name>` (no port).
+    File {
+        /// File name in [`SHARED_DIR`].
+        name: String,
+        /// How the credential is written.
+        #[serde(default, skip_serializing_if = "is_raw")]
+        format: FileFormat,
+    },
+}
+
+fn is_raw(format: &FileFormat) -> bool {
+    *format == FileFormat::Raw
 }
 
 impl AgentEndpoint {
-    /// The loopback port it is served on.
-    pub fn port(&self) -> u16 {
+    /// The loopback port it is served on; `None` for a file.
+    pub fn port(&self) -> Option<u16> {
         match self {
             Self::AwsContainerCredentials { port }
             | Self::AzureManagedIdentity { port, .. }
             | Self::GcpMetadata { port, .. }
             | Self::HttpHeader { port, .. }
-            | Self::AwsSigV4 { port, .. } => *port,
+            | Self::AwsSigV4 { port, .. } => Some(*port),
+            Self::File { .. } => None,
         }
     }
 }

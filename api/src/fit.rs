@@ -68,6 +68,8 @@ pub enum Delivery<'a> {
         /// The header's format, with `{token}` or `{basic}`.
         format: &'a str,
     },
+    /// `file`: a file in the pod's in-memory volume.
+    File,
 }
 
 /// A delivery that cannot carry a credential: the reason, which names no value.
@@ -85,6 +87,15 @@ fn accepted(delivery: Delivery<'_>) -> &'static [(&'static str, CredentialShape)
         Delivery::GcpMetadata => &[("gcpWorkloadIdentity", S::AccessToken), ("oidcToken", S::Jwt)],
         Delivery::NoSdkEndpoint => &[],
         Delivery::HttpHeader { format } if uses_basic(format) => &[("usernamePassword", S::UsernamePassword)],
+        Delivery::File => &[
+            ("apiKey", S::ApiKey),
+            ("usernamePassword", S::UsernamePassword),
+            ("oauth2ClientCredentials", S::AccessToken),
+            ("oidcToken", S::Jwt),
+            ("awsSecretsManager", S::ApiKey),
+            ("azureKeyVault", S::ApiKey),
+            ("gcpSecretManager", S::ApiKey),
+        ],
         Delivery::HttpHeader { .. } => &[
             ("azureWorkloadIdentity", S::AccessToken),
             ("gcpWorkloadIdentity", S::AccessToken),
@@ -125,6 +136,9 @@ impl<'a> Delivery<'a> {
         if let Some(header) = &spec.delivery.http_header {
             out.push(Self::HttpHeader { format: &header.format });
         }
+        if spec.delivery.file.is_some() {
+            out.push(Self::File);
+        }
         out
     }
 
@@ -136,6 +150,7 @@ impl<'a> Delivery<'a> {
             AgentEndpoint::GcpMetadata { .. } => Self::GcpMetadata,
             AgentEndpoint::AwsSigV4 { .. } => Self::AwsSigV4,
             AgentEndpoint::HttpHeader { format, .. } => Self::HttpHeader { format },
+            AgentEndpoint::File { .. } => Self::File,
         }
     }
 
@@ -149,6 +164,7 @@ impl<'a> Delivery<'a> {
             Self::AwsSigV4 => "delivery awsSigV4, which signs with AWS credentials,".into(),
             Self::HttpHeader { format } if uses_basic(format) => "httpHeader format with {basic}".into(),
             Self::HttpHeader { .. } => "httpHeader format with {token}".into(),
+            Self::File => "delivery file".into(),
         }
     }
 
@@ -229,6 +245,10 @@ mod tests {
             (header, "usernamePassword", false),
             (basic, "usernamePassword", true),
             (basic, "apiKey", false),
+            (Delivery::File, "apiKey", true),
+            (Delivery::File, "usernamePassword", true),
+            (Delivery::File, "oidcToken", true),
+            (Delivery::File, "awsSts", false),
         ] {
             let got = delivery.fits_provider("p", &provider(kind));
             assert_eq!(got.is_ok(), fits, "{delivery:?} {kind}: {got:?}");
@@ -238,6 +258,7 @@ mod tests {
     #[test]
     fn misfits_say_what_would_fit() {
         let said = |d: Delivery<'_>, kind| d.fits_provider("p", &provider(kind)).unwrap_err().to_string();
+        assert!(said(Delivery::File, "awsSts").starts_with("delivery file needs one of apiKey, usernamePassword"));
         assert_eq!(
             said(Delivery::AwsContainerCredentials, "apiKey"),
             "delivery sdkEndpoint for server kind aws needs an awsSts CredentialProvider, but p is apiKey"

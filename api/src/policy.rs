@@ -34,8 +34,8 @@ use crate::{
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.delivery.sdkEndpoint) || self.server.kind != 'http'", "message": "delivery sdkEndpoint serves cloud SDKs and needs server kind aws, azure or gcp; use httpHeader for an http server"},
     {"rule": "!has(self.delivery.awsSigV4) || self.server.kind == 'aws'", "message": "delivery awsSigV4 needs server kind aws"},
-    {"rule": "has(self.delivery.sdkEndpoint) || (has(self.server.hosts) && size(self.server.hosts) > 0)", "message": "server.hosts is required for the httpHeader and awsSigV4 deliveries: the agent's proxy serves only those hosts"},
-    {"rule": "!has(self.server.tls) || !has(self.delivery.sdkEndpoint)", "message": "server.tls is for the httpHeader and awsSigV4 deliveries, whose proxy connects to the server; with sdkEndpoint the SDK connects itself"}
+    {"rule": "has(self.delivery.sdkEndpoint) || has(self.delivery.file) || (has(self.server.hosts) && size(self.server.hosts) > 0)", "message": "server.hosts is required for the httpHeader and awsSigV4 deliveries: the agent's proxy serves only those hosts"},
+    {"rule": "!has(self.server.tls) || (!has(self.delivery.sdkEndpoint) && !has(self.delivery.file))", "message": "server.tls is for the httpHeader and awsSigV4 deliveries, whose proxy connects to the server; with sdkEndpoint or file the app connects itself"}
 ]))]
 pub struct AccessPolicySpec {
     /// Which pods of this namespace receive the credential.
@@ -156,7 +156,7 @@ pub struct Server {
     pub kind: ServerKind,
     /// Host names the workload calls; a leading `*.` matches any subdomain
     /// (`*.blob.core.windows.net`). Required for the proxy deliveries, which serve only
-    /// these hosts; informational for `sdkEndpoint`.
+    /// these hosts; informational for `sdkEndpoint` and `file`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 253), regex(pattern = HOST_PATTERN)))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
@@ -215,8 +215,8 @@ fn default_ca_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.sdkEndpoint) ? 1 : 0) + (has(self.httpHeader) ? 1 : 0) + (has(self.awsSigV4) ? 1 : 0) == 1",
-    "message": "exactly one of sdkEndpoint, httpHeader or awsSigV4 must be set"
+    "rule": "(has(self.sdkEndpoint) ? 1 : 0) + (has(self.httpHeader) ? 1 : 0) + (has(self.awsSigV4) ? 1 : 0) + (has(self.file) ? 1 : 0) == 1",
+    "message": "exactly one of sdkEndpoint, httpHeader, awsSigV4 or file must be set"
 }]))]
 pub struct Delivery {
     /// The cloud SDK's own credential endpoint, served by the agent on loopback: the AWS
@@ -230,12 +230,45 @@ pub struct Delivery {
     /// An HTTP proxy on loopback that signs requests for the server's hosts with AWS SigV4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws_sig_v4: Option<AwsSigV4Delivery>,
+    /// A file the agent writes into an in-memory volume mounted read-only into the
+    /// selected containers, at `/var/run/cloudpass/<name>`, replaced atomically when the
+    /// credential changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileDelivery>,
 }
 
 impl Default for Delivery {
     fn default() -> Self {
-        Self { sdk_endpoint: Some(SdkEndpointDelivery {}), http_header: None, aws_sig_v4: None }
+        Self { sdk_endpoint: Some(SdkEndpointDelivery {}), http_header: None, aws_sig_v4: None, file: None }
     }
+}
+
+/// How a file delivery writes the credential.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum FileFormat {
+    /// The secret alone, no newline: an API key, a token, or a password (of a username
+    /// and password).
+    #[default]
+    Raw,
+    /// A JSON object: `{"apiKey": ...}`, `{"username": ..., "password": ...}`,
+    /// `{"accessToken": ..., "tokenType": ..., "expiresAt": ...}`, `{"token": ...}`.
+    Json,
+    /// `KEY='value'` lines, for `source` or a dotenv loader: `API_KEY`, `USERNAME` and
+    /// `PASSWORD`, `ACCESS_TOKEN`, `TOKEN`.
+    Dotenv,
+}
+
+/// A file in the pod's in-memory credential volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileDelivery {
+    /// File name under `/var/run/cloudpass/` in the selected containers.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]*$"))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self != 'aws-token'", "message": "aws-token is the name of the AWS endpoint's token file"}]))]
+    pub name: String,
+    /// How the credential is written. Default: `Raw`.
+    #[serde(default)]
+    pub format: FileFormat,
 }
 
 /// Settings of the SDK-endpoint delivery (none yet).

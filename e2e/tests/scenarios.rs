@@ -271,6 +271,90 @@ async fn an_api_key_from_azure_key_vault_through_the_header_proxy() {
     running.stop();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_password_from_secrets_manager_as_a_file_follows_rotation() {
+    use cloudpass_e2e::{
+        fakes::aws_sts::AwsRoleTrust,
+        scenario::{Deployed, Example, aws::STS_AUDIENCE, example::App},
+    };
+    use serde_json::json;
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-db-file";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let aws = aws();
+    let secret = "prod/orders-db-scenario";
+    let (v1, v2) = ("Db-v1-4c2e71", "Db-v2-9a05d3");
+    aws.secret(secret, &json!({"username": "orders", "password": v1}).to_string()).await.unwrap();
+    let read = json!({"Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": "*"}]});
+    let role = aws.role("orders-db-reader", &read).await.unwrap();
+    let mut trust = AwsRoleTrust::new(&role, stack.issuer_url(), &format!("system:cloudpass:{ns}:orders-db-reader"));
+    trust.audiences = vec![STS_AUDIENCE.into()];
+    let gate = aws.gate(stack.issuer_url(), &stack.issuer_ca_pem(), stack.cloud_ca(), vec![trust]).await.unwrap();
+    let front = aws.moto.https_front(stack.cloud_ca()).await.unwrap();
+
+    let mut example = Example::load("aks-db-password-file").unwrap();
+    example
+        .set("CredentialProvider", "orders-db-reader", "/spec/awsSts/roleArn", json!(role))
+        .unwrap()
+        .set("CredentialProvider", "orders-db-reader", "/spec/awsSts/stsEndpoint", json!(gate.url()))
+        .unwrap()
+        // moto keeps its secrets in the region the admin wrote them to.
+        .set("CredentialProvider", "orders-db-reader", "/spec/awsSts/region", json!("us-east-1"))
+        .unwrap();
+    let store = "/spec/awsSecretsManager";
+    example
+        .set("CredentialProvider", "orders-db-password", &format!("{store}/endpoint"), json!(front.url()))
+        .unwrap()
+        .set("CredentialProvider", "orders-db-password", &format!("{store}/secretId"), json!(secret))
+        .unwrap()
+        .set("CredentialProvider", "orders-db-password", &format!("{store}/refreshInterval"), json!("10s"))
+        .unwrap();
+    stack.apply_example(ns, &example, "orders-db-password-file").await.unwrap();
+    let pod = example.app_pod(&App::new("orders-db-client", "app", "file", &[])).unwrap();
+    let pod = stack.create_pod(ns, &pod, true).await.unwrap();
+    let added = pod.injection_summary();
+    assert!(added.env_added.get("app").is_none_or(|vars| vars.is_empty()), "a file needs no variable: {added:?}");
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+
+    // The app reads the password where its own variable says; it is there before the app
+    // starts (the agent is ready once the file is written).
+    let script = "import os; print(open(os.environ['DB_PASSWORD_FILE']).read())";
+    let first = running.run_app("app", script).await.unwrap();
+    assert_eq!(first.stdout.trim(), v1, "{}", first.stderr);
+    // A new version in Secrets Manager reaches the running app's file within
+    // refreshInterval, without a restart.
+    aws.secret(secret, &json!({"username": "orders", "password": v2}).to_string()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let now = running.run_app("app", script).await.unwrap();
+        if now.stdout.trim() == v2 {
+            break;
+        }
+        assert_eq!(now.stdout.trim(), v1, "{}", now.stderr);
+        assert!(std::time::Instant::now() < deadline, "the rotated password never reached the file");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Neither the agent's nor the broker's log holds it.
+    for text in [running.agent_log_text(), stack.broker.log_text()] {
+        assert!(!text.contains(v1) && !text.contains(v2));
+    }
+    running.stop();
+
+    // A pod the policy does not select gets no agent, no volume, no file.
+    let mut other = example.app_pod(&App::new("orders-db-client", "app", "file", &[])).unwrap();
+    other["metadata"]["name"] = json!("not-selected");
+    other["metadata"]["labels"] = json!({"app": "reporting"});
+    let other = stack.create_pod(ns, &other, false).await.unwrap();
+    assert!(!other.is_injected(), "{}", other.stored);
+    assert!(
+        other.stored["spec"]["volumes"].as_array().is_none_or(|v| v.iter().all(|v| v["name"] != "cloudpass-shared"))
+    );
+}
+
 /// Waits until the broker has audited a decision about `pod` matching `outcome`.
 async fn audited(stack: &Stack<'_>, ns: &str, pod: &str, outcome: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -5,7 +5,10 @@
 
 use cloudpass_api::{
     AccessPolicy, INJECTION_ENABLED, INJECTION_LABEL,
-    agent::{AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, INJECTED_ANNOTATION, SKIPPED_ANNOTATION},
+    agent::{
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, AgentEndpoint, INJECTED_ANNOTATION, SHARED_DIR,
+        SKIPPED_ANNOTATION,
+    },
     policy::NotSelected,
 };
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
@@ -111,17 +114,33 @@ pub fn of(
                         .as_str()
                         .unwrap_or("?")
                         .to_owned();
-                    let port = d.endpoint.port();
-                    let needle = format!("127.0.0.1:{port}");
-                    let receiving = containers
-                        .iter()
-                        .filter(|c| c.name != AGENT_CONTAINER)
-                        .filter(|c| {
-                            c.env.iter().flatten().any(|e| e.value.as_deref().is_some_and(|v| v.contains(&needle)))
-                        })
-                        .map(|c| c.name.clone())
-                        .collect();
-                    Delivery { policy: d.policy.clone(), endpoint: format!("{kind} :{port}"), containers: receiving }
+                    let others = containers.iter().filter(|c| c.name != AGENT_CONTAINER);
+                    // A loopback endpoint reaches the containers whose variables name its
+                    // port; a file, those that mount the shared volume.
+                    let (endpoint, receiving) = match (d.endpoint.port(), &d.endpoint) {
+                        (Some(port), _) => {
+                            let needle = format!("127.0.0.1:{port}");
+                            let receiving = others
+                                .filter(|c| {
+                                    c.env
+                                        .iter()
+                                        .flatten()
+                                        .any(|e| e.value.as_deref().is_some_and(|v| v.contains(&needle)))
+                                })
+                                .map(|c| c.name.clone())
+                                .collect();
+                            (format!("{kind} :{port}"), receiving)
+                        }
+                        (None, AgentEndpoint::File { name, .. }) => {
+                            let receiving = others
+                                .filter(|c| c.volume_mounts.iter().flatten().any(|m| m.mount_path == SHARED_DIR))
+                                .map(|c| c.name.clone())
+                                .collect();
+                            (format!("{kind} {SHARED_DIR}/{name}"), receiving)
+                        }
+                        (None, _) => (kind, vec![]),
+                    };
+                    Delivery { policy: d.policy.clone(), endpoint, containers: receiving }
                 })
                 .collect()
         })

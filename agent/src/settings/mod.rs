@@ -16,7 +16,7 @@ use std::{
 
 use axum::http::HeaderName;
 use cloudpass_api::{
-    agent::{AgentConfig, AgentEndpoint, BROKER_CA_ENV},
+    agent::{AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, BROKER_CA_ENV},
     secret::SecretString,
 };
 
@@ -200,14 +200,15 @@ impl Settings {
         }
         let mut aws_ports = BTreeSet::new();
         let mut azure_resources = BTreeSet::new();
+        let mut file_names = BTreeSet::new();
         for delivery in &config.deliveries {
             let policy = &delivery.policy;
             if policy.is_empty() || !policies.insert(policy.as_str()) {
                 return bad(format!("policy {policy:?} is empty or listed twice"));
             }
-            let kind = EndpointKind::of(&delivery.endpoint);
-            let port = delivery.endpoint.port();
-            if port != 0 {
+            if let (Some(kind), Some(port)) = (EndpointKind::of(&delivery.endpoint), delivery.endpoint.port())
+                && port != 0
+            {
                 match port_kinds.insert(port, kind) {
                     Some(other) if other != kind => {
                         return bad(format!(
@@ -249,6 +250,16 @@ impl Settings {
                     }
                     if format.contains(['\r', '\n']) {
                         return bad(format!("policy {policy}: the header format contains a line break"));
+                    }
+                }
+                AgentEndpoint::File { name, .. } => {
+                    let plain = !name.is_empty()
+                        && !name.starts_with('.')
+                        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                    if !plain || name == AWS_TOKEN_FILE || !file_names.insert(name.as_str()) {
+                        return bad(format!(
+                            "policy {policy}: file {name:?} is not a plain file name, is {AWS_TOKEN_FILE}, or is used twice"
+                        ));
                     }
                 }
                 AgentEndpoint::AwsSigV4 { hosts, upstream_port, service, region, .. } => {

@@ -82,6 +82,14 @@ except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists
         self.admin_python(script, &[("BUCKET", name)]).await.map(drop)
     }
 
+    /// Stores `value` as the current version of Secrets Manager secret `name`; its
+    /// version ID.
+    pub async fn secret(&self, name: &str, value: &str) -> Result<String> {
+        let keys = self.admin.env();
+        let env: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Ok(self.moto.put_secret(name, value, &env).await?.1)
+    }
+
     /// Starts an STS gate that trusts the issuer `issuer` (an IAM OIDC provider with
     /// client ID `sts.amazonaws.com`) for `roles`, its certificate from `ca`.
     pub async fn gate(

@@ -27,7 +27,7 @@ pub(super) struct Delivered {
     pub warnings: Vec<String>,
     /// What is appended to each container (empty ones included).
     pub containers: Vec<ContainerAdditions>,
-    /// An AWS delivery needs the shared in-memory volume for its token file.
+    /// An AWS or file delivery needs the shared in-memory volume.
     pub needs_shared: bool,
     /// Policies whose proxied server has a private CA, and its ConfigMap.
     pub server_cas: Vec<(String, ConfigMapKey)>,
@@ -86,8 +86,9 @@ pub(super) fn deliver(
             let existing = target.env();
             let kinds = given.entry(container.name.clone()).or_default();
             if kinds.contains(&kind) {
-                // Azure (per resource) and the proxy (per host) share one endpoint.
-                if matches!(kind, DeliveryKind::Azure | DeliveryKind::Proxy) {
+                // Azure (per resource) and the proxy (per host) share one endpoint; files
+                // share the one volume.
+                if matches!(kind, DeliveryKind::Azure | DeliveryKind::Proxy | DeliveryKind::File) {
                     delivered = true;
                 } else {
                     warnings.push(format!(
@@ -104,8 +105,10 @@ pub(super) fn deliver(
                 ));
                 continue;
             }
+            let uses_shared = matches!(kind, DeliveryKind::Aws | DeliveryKind::File);
+            let has_shared = target.added.volume_mounts.iter().any(|m| m.name == shared_volume);
             let mounts_shared_dir = target.mounts().any(|m| m.mount_path.trim_end_matches('/') == SHARED_DIR);
-            if kind == DeliveryKind::Aws && mounts_shared_dir {
+            if uses_shared && mounts_shared_dir && !has_shared {
                 warnings.push(format!(
                     "cloudpass: container {} already mounts a volume at {SHARED_DIR}, where the credentials of AccessPolicy {} need their own; left unchanged",
                     container.name, policy.name
@@ -113,7 +116,7 @@ pub(super) fn deliver(
                 continue;
             }
             target.added.env.extend(app_env(kind, &settings.ports, identity_header, &existing));
-            if kind == DeliveryKind::Aws {
+            if uses_shared && !has_shared {
                 target.added.volume_mounts.push(VolumeMount {
                     name: shared_volume.to_owned(),
                     mount_path: SHARED_DIR.into(),
@@ -172,6 +175,7 @@ fn conflicting_vars(kind: &DeliveryKind) -> &'static [&'static str] {
         ],
         DeliveryKind::Gcp => &["GCE_METADATA_HOST", "GCE_METADATA_IP", "GOOGLE_APPLICATION_CREDENTIALS"],
         DeliveryKind::Proxy => &["HTTP_PROXY", "http_proxy"],
+        DeliveryKind::File => &[],
     }
 }
 
@@ -181,9 +185,13 @@ enum DeliveryKind {
     Azure,
     Gcp,
     Proxy,
+    File,
 }
 
 fn delivery_kind(policy: &CompiledPolicy) -> Option<DeliveryKind> {
+    if policy.delivery.file.is_some() {
+        return Some(DeliveryKind::File);
+    }
     if policy.delivery.sdk_endpoint.is_some() {
         return match policy.server.kind {
             ServerKind::Aws => Some(DeliveryKind::Aws),
@@ -222,6 +230,8 @@ fn app_env(kind: DeliveryKind, ports: &Ports, identity_header: &str, existing: &
             }
             vars
         }
+        // The file's place is the volume; the app reads it at SHARED_DIR/<name>.
+        DeliveryKind::File => vec![],
     }
 }
 
@@ -249,6 +259,10 @@ fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> Agent
                 policy.server.scopes.clone()
             },
         },
+        DeliveryKind::File => {
+            let file = policy.delivery.file.clone().unwrap_or_else(|| unreachable!("a file delivery"));
+            AgentEndpoint::File { name: file.name, format: file.format }
+        }
         DeliveryKind::Proxy => match (&policy.delivery.http_header, &policy.delivery.aws_sig_v4) {
             (Some(h), _) => AgentEndpoint::HttpHeader {
                 port: ports.proxy,

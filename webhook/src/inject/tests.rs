@@ -409,6 +409,33 @@ fn a_container_with_its_own_mount_at_the_shared_directory_keeps_it() {
 }
 
 #[test]
+fn a_file_delivery_mounts_the_shared_volume_read_only_once_and_adds_no_variable() {
+    let file = |name: &str, file: &str| {
+        policy(name, json!({"kind": "http"}), json!({"delivery": {"file": {"name": file, "format": "Dotenv"}}}))
+    };
+    let cfg = config(json!([file("db", "db.env"), file("api", "api-key"), policy("s3", aws(), json!({}))]));
+    let d = decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "x");
+    assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    let p = d.mutated.unwrap();
+    let spec = p.spec.as_ref().unwrap();
+    let web = &spec.containers[0];
+    let shared: Vec<_> = web.volume_mounts.iter().flatten().filter(|m| m.mount_path == SHARED_DIR).collect();
+    assert_eq!(shared.len(), 1, "one mount for both files and the AWS token: {shared:?}");
+    assert_eq!(shared[0].read_only, Some(true));
+    let env = env_of(&p, "web");
+    assert!(env.keys().all(|k| k.starts_with("AWS_")), "files add no variable: {env:?}");
+    let agent = &spec.init_containers.as_ref().unwrap()[0];
+    let config: serde_json::Value = serde_json::from_str(
+        agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.as_deref().unwrap(),
+    )
+    .unwrap();
+    let endpoints: Vec<&serde_json::Value> =
+        config["deliveries"].as_array().unwrap().iter().map(|d| &d["endpoint"]).collect();
+    assert!(endpoints.contains(&&json!({"type": "file", "name": "db.env", "format": "Dotenv"})), "{config}");
+    assert!(endpoints.contains(&&json!({"type": "file", "name": "api-key", "format": "Dotenv"})), "{config}");
+}
+
+#[test]
 fn reinjection_is_a_no_op() {
     let cfg = config(json!([policy("s3", aws(), json!({}))]));
     let once =
