@@ -244,6 +244,32 @@ async fn http_apis_with_an_api_key_and_oauth2_through_the_header_proxy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_from_google_secret_manager_through_the_header_proxy() {
+    use cloudpass_e2e::scenario::http_api::{HTTP_APP, HttpApiScenario};
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-secret-manager";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = HttpApiScenario::secret_manager(stack, ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let run = running.run_app("app", HTTP_APP).await.unwrap();
+    let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nagent:\n{}", running.agent_log_text()));
+    assert_eq!(result["body"]["caller"], "api-key", "{result}");
+    let (_, manager) = setup.secret_manager.as_ref().unwrap();
+    assert_eq!(manager.calls(), 1, "one access of the secret");
+    let allowed = audited(stack, ns, &running.pod.name, "allowed").await;
+    assert_eq!(allowed["secret"], "projects/my-project/secrets/webhook-signing-key version 1", "{allowed}");
+    for text in [running.agent_log_text(), stack.broker.log_text()] {
+        assert!(!text.contains("whsec-3f8a0c27d1"));
+    }
+    running.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_key_from_azure_key_vault_through_the_header_proxy() {
     use cloudpass_e2e::scenario::http_api::{HTTP_APP, HttpApiScenario};
     let _one = exclusive().await;

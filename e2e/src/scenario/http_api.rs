@@ -37,8 +37,9 @@ use crate::{
     certs::TestCa,
     fakes::{
         entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
+        google::{GoogleConfig, GoogleFake, WorkloadIdentityProvider},
         oauth2::{OAuth2Client, OAuth2Config, OAuth2Fake},
-        secret_stores::KeyVaultFake,
+        secret_stores::{KeyVaultFake, SecretManagerFake},
     },
     tls::server_config,
 };
@@ -175,6 +176,8 @@ pub struct HttpApiScenario {
     pub oauth2: Option<Arc<OAuth2Fake>>,
     /// The Entra tenant and the Key Vault, for the Key Vault example.
     pub key_vault: Option<(EntraFake, KeyVaultFake)>,
+    /// Google STS and Secret Manager, for the Secret Manager example.
+    pub secret_manager: Option<(GoogleFake, SecretManagerFake)>,
     /// The example.
     pub example: Example,
     /// The pod its Deployment would create.
@@ -221,6 +224,7 @@ impl HttpApiScenario {
             api,
             oauth2: None,
             key_vault: None,
+            secret_manager: None,
             example,
             pod,
             app,
@@ -277,6 +281,61 @@ impl HttpApiScenario {
             api,
             oauth2: None,
             key_vault: Some((entra, vault)),
+            secret_manager: None,
+            example,
+            pod,
+            app,
+            policy: policy.into(),
+        })
+    }
+
+    /// `examples/gke-to-secret-manager.yaml`: the webhook signing key lives in Secret
+    /// Manager, readable by the federated principal of the reader provider's subject in a
+    /// workload identity pool that trusts the cloudpass issuer.
+    pub async fn secret_manager(stack: &dyn Deployed, namespace: &str) -> Result<Self> {
+        let key = "whsec-3f8a0c27d1";
+        let mut example = Example::load("gke-to-secret-manager")?;
+        let reader = "webhook-secret-reader";
+        let wip = WorkloadIdentityProvider::new("123456789", "cloudpass", "cloudpass", stack.issuer_url());
+        let google = GoogleFake::start(
+            GoogleConfig {
+                providers: vec![wip.clone()],
+                service_accounts: vec![],
+                issuer_ca_pem: stack.issuer_ca_pem(),
+            },
+            stack.cloud_ca(),
+        )
+        .await?;
+        let manager = SecretManagerFake::start(google.access_token_check(), stack.cloud_ca()).await?;
+        let secret = "projects/my-project/secrets/webhook-signing-key";
+        manager.add_version(secret, key, &[&wip.principal(&format!("system:cloudpass:{namespace}:{reader}"))]);
+        example.set("CredentialProvider", reader, "/spec/gcpWorkloadIdentity/stsEndpoint", json!(google.url()))?;
+        example.set(
+            "CredentialProvider",
+            "webhook-signing-key",
+            "/spec/gcpSecretManager/endpoint",
+            json!(manager.url()),
+        )?;
+        let api = HttpApi::start(ApiAuth::ApiKey { header: "X-Signing-Key".into(), key: key.into() }, stack.cloud_ca())
+            .await?;
+        let policy = "notifier-to-hooks";
+        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
+        trust_api_ca(stack, namespace)?;
+        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
+        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
+        let app = App::new(
+            "notifier",
+            "app",
+            "http_api.py",
+            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/hooks")],
+        );
+        let pod = example.app_pod(&app)?;
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            api,
+            oauth2: None,
+            key_vault: None,
+            secret_manager: Some((google, manager)),
             example,
             pod,
             app,
@@ -354,6 +413,7 @@ impl HttpApiScenario {
             api,
             oauth2: Some(oauth2),
             key_vault: None,
+            secret_manager: None,
             example,
             pod,
             app,
