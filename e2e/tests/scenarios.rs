@@ -364,8 +364,12 @@ async fn a_database_password_from_secrets_manager_as_a_file_follows_rotation() {
         assert!(std::time::Instant::now() < deadline, "the rotated password never reached the file");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Neither the agent's nor the broker's log holds it.
-    for text in [running.agent_log_text(), stack.broker.log_text()] {
+    // No log, Event, status, metric or audit record holds it (the audit records are
+    // in the broker's log).
+    let events = stack.cp.kubectl_ok(&["get", "events", "-n", ns, "-o", "json"]).unwrap();
+    let status = stack.cp.kubectl_ok(&["get", "credentialproviders,accesspolicies", "-n", ns, "-o", "json"]).unwrap();
+    let metrics = stack.broker.metrics().await.unwrap();
+    for text in [running.agent_log_text(), stack.broker.log_text(), events, status, metrics] {
         assert!(!text.contains(v1) && !text.contains(v2));
     }
     running.stop();

@@ -2,12 +2,13 @@
 //! policy's patterns, the SigV4 scope derived from a host, and header formats.
 #![no_main]
 
-use cloudpass_agent::{proxy::header_value, sigv4::sigv4_scope_from_host};
+use cloudpass_agent::proxy::header_value;
 use cloudpass_api::{
     broker::Credential,
     secret::SecretString,
     selector::{glob_matches, host_matches},
 };
+use cloudpass_outbound::sigv4::sigv4_scope_from_host;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

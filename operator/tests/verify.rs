@@ -3,7 +3,8 @@
 //! exchange at the cloud fakes under `e2e/`, which refuse each way trust can be wrong
 //! with the cloud's own error code; the condition, the policy's mirror of it, the Event
 //! and the metric follow. The probe tokens are checked too: marked, short-lived, never
-//! accepted by the broker as a caller, and asking the clouds for nothing usable.
+//! accepted by the broker as a caller or by a data plane, and asking the clouds for
+//! nothing usable.
 //!
 //! One operator process serves the suite.
 
@@ -18,6 +19,7 @@ use cloudpass_e2e::{
         entra::{EntraApp, EntraConfig, EntraFake, FederatedCredential},
         google::{GoogleConfig, GoogleFake, ServiceAccount, WorkloadIdentityProvider},
         jwt::unverified_claims,
+        secret_stores::{KeyVaultFake, SecretManagerFake},
     },
     moto::MotoServer,
     net::free_port,
@@ -372,6 +374,27 @@ async fn each_cloud_accepts_or_refuses_with_its_own_code_and_the_probes_open_not
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(answer["message"].as_str().unwrap().contains("verification probe"), "{answer}");
+
+    // Nor is it a token the clouds' data planes take: Key Vault and Secret Manager, with
+    // the keys and records of the tenants that took the probes, refuse it.
+    let http = b.http();
+    let vault = KeyVaultFake::start(TENANT, entra.access_token_check(), &b.ca).await.unwrap();
+    vault.set_secret("anything", "value", &[OBJECT_ID]);
+    let answer = http
+        .get(format!("{}/secrets/anything?api-version=7.4", vault.url()))
+        .bearer_auth(&aws_probe)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 401);
+    let manager = SecretManagerFake::start(google.access_token_check(), &b.ca).await.unwrap();
+    let answer = http
+        .get(format!("{}/v1/projects/p/secrets/s/versions/latest:access", manager.url()))
+        .bearer_auth(&aws_probe)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 401);
 
     // No probe token, assertion or obtained credential in the operator's log.
     let log = b.log_text();
