@@ -103,7 +103,7 @@ fn one_of_rules_are_enforced_by_cel() {
         let wanted = match kind.as_str() {
             "TrustProvider" => "exactly one of kubernetesServiceAccount",
             "CredentialProvider" => "exactly one of awsSts",
-            "AccessPolicy" => "exactly one of sdkEndpoint, httpHeader or awsSigV4",
+            "AccessPolicy" => "exactly one of sdkEndpoint, httpHeader, awsSigV4 or file",
             other => panic!("unexpected kind {other}"),
         };
         assert!(rules.iter().any(|m| m.starts_with(wanted)), "{kind}: no one-of rule in {rules:?}");
