@@ -68,7 +68,7 @@ agent-static: ## Build the static (musl) operator, webhook and agent with images
 
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS = sts_xml broker_request agent_config namespace_config admission_pod hosts_and_formats durations_and_windows \
-  oauth2_token entra_token google_token
+  oauth2_token entra_token google_token secret_values
 
 .PHONY: fuzz
 fuzz: ## Run every fuzz target for FUZZ_SECONDS (default 60) each; needs nightly Rust, installs cargo-fuzz

@@ -258,10 +258,6 @@ pub async fn refresh_once(
     };
     let result = client.fetch(policy, &delivery.evidence).await.and_then(|answer| {
         check_credential(policy, &delivery.endpoint, &answer.credential)?;
-        // The file first: the policy counts as served (readiness) once its file is there.
-        if let Some((name, format)) = file {
-            crate::file::write(shared_dir, name, &crate::file::render(&answer.credential, format)?)?;
-        }
         let now = Timestamp::now();
         if answer.expires_at <= now {
             return Err(AgentError::BrokerResponse(format!("credential expired at {}", answer.expires_at)));
@@ -269,12 +265,18 @@ pub async fn refresh_once(
         if let Some(until) = answer.serve_until.filter(|until| *until <= now) {
             return Err(AgentError::BrokerResponse(format!("credential to be served only until {until}")));
         }
-        Ok(answer)
+        let fetched = Fetched::from_response(answer);
+        // The file before the store: the policy counts as served (readiness) once its
+        // file is there.
+        if let Some((name, format)) = file {
+            let content = crate::file::render(&fetched.credential, format, fetched.serve_until)?;
+            crate::file::write(shared_dir, name, &content)?;
+        }
+        Ok(fetched)
     });
     match result {
-        Ok(answer) => {
+        Ok(fetched) => {
             retry.succeeded();
-            let fetched = Fetched::from_response(answer);
             let delay = refresh_delay(&fetched, fetched.fetched_at, cloudpass_rand::fraction());
             info!(
                 policy,

@@ -247,14 +247,19 @@ impl Default for Delivery {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum FileFormat {
     /// The secret alone, no newline: an API key, a token, or a password (of a username
-    /// and password).
+    /// and password). AWS credentials: the SDKs' shared credentials file, one
+    /// `[default]` profile (for `AWS_SHARED_CREDENTIALS_FILE`).
     #[default]
     Raw,
     /// A JSON object: `{"apiKey": ...}`, `{"username": ..., "password": ...}`,
-    /// `{"accessToken": ..., "tokenType": ..., "expiresAt": ...}`, `{"token": ...}`.
+    /// `{"accessToken": ..., "tokenType": ..., "expiresAt": ...}`, `{"token": ...}`. AWS
+    /// credentials: a `credential_process` output (`Version`, `AccessKeyId`,
+    /// `SecretAccessKey`, `SessionToken`, `Expiration`), which the SDKs read again
+    /// before it expires.
     Json,
     /// `KEY='value'` lines, for `source` or a dotenv loader: `API_KEY`, `USERNAME` and
-    /// `PASSWORD`, `ACCESS_TOKEN`, `TOKEN`.
+    /// `PASSWORD`, `ACCESS_TOKEN`, `TOKEN`; AWS credentials as `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` and `AWS_CREDENTIAL_EXPIRATION`.
     Dotenv,
 }
 

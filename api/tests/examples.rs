@@ -73,6 +73,8 @@ fn parse(path: &Path) -> FileSet {
                 let c: CronJob = typed(doc, path);
                 set.pod_templates.push(c.spec.job_template.spec.unwrap().template);
             }
+            // The app's own configuration (an AWS config file, say).
+            "ConfigMap" => {}
             other => panic!("{name}: unexpected kind {other} in an example"),
         }
     }

@@ -18,7 +18,7 @@ use std::{
 use cloudpass_e2e::{
     cluster::Cluster,
     scenario::{
-        Deployed, Example,
+        AdmittedPod, Deployed, Example,
         aws::{AksToS3, AwsCloud, S3Direction},
         azure::{Azurite, EksToAzureBlob},
         example::App,
@@ -300,6 +300,33 @@ async fn aks_to_s3_runs_as_a_deployment_with_an_init_container_and_survives_a_ki
     );
     assert!(after.len() >= 2, "the app keeps calling: {lines:?}");
     assert!(after.iter().all(|(_, v)| v["ok"] == true), "after the restart every call succeeds: {after:?}");
+}
+
+/// The AWS credentials as files on the real kubelet: the agent (its own UID) writes them
+/// into the in-memory volume, the app's boto3 runs `cat` on the JSON file as its
+/// `credential_process` (the example's ConfigMap), the tool reads the shared credentials
+/// file, both through read-only mounts.
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_credentials_as_files_run_as_a_deployment() {
+    let installed = installed();
+    let clouds = clouds();
+    let ns = "node-aws-files";
+    installed.app_namespace(ns).await.unwrap();
+    let mut direction = S3Direction::credentials_file(installed, &clouds.aws, ns).await.unwrap();
+    direction.apply(installed).await.unwrap();
+    let both = ["reports-s3-process", "reports-s3-profile"];
+    AdmittedPod::wait_until_serving(installed.cp(), ns, &direction.pod, &both, ROLLOUT).await.unwrap();
+    let tool = direction.tool.clone().unwrap();
+    direction.example.run_app_on_node(&tool, installed.apps_image().unwrap(), Some(EVERY)).unwrap();
+    let app = direction.app.clone();
+    let results = deploy_and_check(installed, ns, &mut direction.example, &app, 1).await;
+    let (_, lines) = &results[0];
+    assert_eq!(lines[0].1["credentialSource"], "custom-process", "{:?}", lines[0]);
+    let selector = format!("app={}", app.workload);
+    let synced = installed.wait_results(ns, &selector, &tool.container, (1, 1), ROLLOUT).await.unwrap();
+    let (_, first) = &synced[0].1[0];
+    assert_eq!(first["ok"], true, "{first}");
+    assert_eq!(first["credentialSource"], "shared-credentials-file", "{first}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

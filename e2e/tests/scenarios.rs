@@ -385,6 +385,69 @@ async fn a_database_password_from_secrets_manager_as_a_file_follows_rotation() {
     );
 }
 
+/// Tools that read AWS credentials from files get them in the SDKs' own formats: the real
+/// boto3 through `credential_process` (the JSON file, which it runs again before
+/// `Expiration`) and through the shared credentials file, both written by the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_credentials_as_files_in_the_sdks_own_formats() {
+    use cloudpass_e2e::scenario::{AdmittedPod, aws::S3Direction};
+    let _one = exclusive().await;
+    let stack = Stack::shared();
+    let _logs = stack.cp.logs_on_panic();
+    let ns = "scenario-aws-files";
+    stack.opted_in_namespace(ns).await.unwrap();
+    let setup = S3Direction::credentials_file(stack, aws(), ns).await.unwrap();
+    setup.apply(stack).await.unwrap();
+    let profile = "accesspolicy/reports-s3-profile";
+    stack.cp.kubectl_ok(&["wait", "-n", ns, "--for=condition=Ready", profile, "--timeout=30s"]).unwrap();
+    // Both policies have reached the webhook.
+    let both = ["reports-s3-process", "reports-s3-profile"];
+    let timeout = Duration::from_secs(30);
+    AdmittedPod::wait_until_serving(stack.cp, ns, &setup.pod, &both, timeout).await.unwrap();
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let added = pod.injection_summary();
+    assert!(added.env_added.values().all(Vec::is_empty), "files need no variable: {added:?}");
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let shared = running.volume_dir("cloudpass-shared").unwrap().display().to_string();
+    let assumed = "arn:aws:sts::123456789012:assumed-role/aks-reports-s3/";
+
+    // The app's AWS config file (the example's ConfigMap) names the JSON file at its
+    // place in the pod; this node keeps the volume elsewhere, so the app moves the path.
+    let moved_config = format!(
+        "import os\nconfig = os.path.join(os.environ['HOME'], 'aws-config')\n\
+         text = open(os.environ['AWS_CONFIG_FILE']).read().replace('/var/run/cloudpass', {shared:?})\n\
+         open(config, 'w').write(text)\nos.environ['AWS_CONFIG_FILE'] = config\n"
+    );
+    let report = running.run_app("report", &format!("{moved_config}{S3_APP}")).await.unwrap();
+    let result = report.ok_json().unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["credentialSource"], "custom-process", "boto3 ran credential_process");
+    assert!(result["identity"].as_str().unwrap().starts_with(assumed), "{result}");
+    let sync = running.run_app("sync", S3_APP).await.unwrap();
+    let result = sync.ok_json().unwrap();
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["credentialSource"], "shared-credentials-file");
+    assert!(result["identity"].as_str().unwrap().starts_with(assumed), "{result}");
+
+    // The JSON file carries the expiry the agent serves until; no secret of it is in a
+    // log or in the apps' output.
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{shared}/aws-credentials.json")).unwrap()).unwrap();
+    let expiration: jiff::Timestamp = written["Expiration"].as_str().unwrap().parse().unwrap();
+    assert!(expiration > jiff::Timestamp::now(), "{}", written["Expiration"]);
+    let secrets = [written["SecretAccessKey"].as_str().unwrap(), written["SessionToken"].as_str().unwrap()];
+    for (text, what) in [
+        (running.agent_log_text(), "the agent's log"),
+        (stack.broker.log_text(), "the operator's log"),
+        (report.stdout.clone(), "the app's output"),
+        (sync.stdout.clone(), "the tool's output"),
+    ] {
+        assert_no_secret(&text, &secrets, what);
+    }
+    running.stop();
+}
+
 /// Waits until the broker has audited a decision about `pod` matching `outcome`.
 async fn audited(stack: &Stack<'_>, ns: &str, pod: &str, outcome: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

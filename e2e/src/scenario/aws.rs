@@ -3,7 +3,7 @@
 //! verifies `AssumeRoleWithWebIdentity` tokens against the cloudpass issuer as AWS does.
 //! The AKS → S3 example, pointed at them.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::{Deployed, Example, example::App};
@@ -129,6 +129,9 @@ pub struct S3Direction {
     pub pod: Value,
     /// Its app.
     pub app: App,
+    /// A second container running the same program with the app's settings, where the
+    /// example has one (a tool beside the app).
+    pub tool: Option<App>,
     /// The example's AccessPolicy.
     pub policy: String,
 }
@@ -148,6 +151,34 @@ impl S3Direction {
     pub async fn prepare(stack: &dyn Deployed, aws: &AwsCloud, namespace: &str) -> Result<Self> {
         let example = Example::load("aks-to-s3")?;
         Self::setup(stack, aws, namespace, example, ("orders-s3", "orders-to-s3"), ("orders", "api"), None).await
+    }
+
+    /// AKS → S3 with the credentials as files (`examples/aks-to-s3-credentials-file.yaml`)
+    /// for `namespace`: the pod's `report` container is the app; the subject is
+    /// `system:cloudpass:<namespace>:reports-s3`.
+    /// Its `sync` container is the [`S3Direction::tool`], with the app's settings.
+    pub async fn credentials_file(stack: &dyn Deployed, aws: &AwsCloud, namespace: &str) -> Result<Self> {
+        let example = Example::load("aks-to-s3-credentials-file")?;
+        let mut direction = Self::setup(
+            stack,
+            aws,
+            namespace,
+            example,
+            ("reports-s3", "reports-s3-process"),
+            ("reports", "report"),
+            None,
+        )
+        .await?;
+        let tool = App { container: "sync".into(), ..direction.app.clone() };
+        let containers = direction.pod["spec"]["containers"].as_array_mut().context("containers")?;
+        let sync = containers.iter_mut().find(|c| c["name"] == "sync").context("no container sync")?;
+        let env = sync["env"].as_array_mut().context("sync's env")?;
+        for (name, value) in &tool.env {
+            env.retain(|e| e["name"] != name.as_str());
+            env.push(json!({"name": name, "value": value}));
+        }
+        direction.tool = Some(tool);
+        Ok(direction)
     }
 
     /// GKE → S3 (`examples/gke-to-s3.yaml`) for `namespace`: the role moves to moto's
@@ -213,7 +244,16 @@ impl S3Direction {
             &[("AWS_ENDPOINT_URL", aws.moto.url()), ("AWS_DEFAULT_REGION", &region), ("BUCKET", BUCKET)],
         );
         let pod = example.app_pod(&app)?;
-        Ok(Self { namespace: namespace.to_owned(), gate, role_arn, example, pod, app, policy: policy.to_owned() })
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            gate,
+            role_arn,
+            example,
+            pod,
+            app,
+            tool: None,
+            policy: policy.to_owned(),
+        })
     }
 
     /// Applies the example's objects and waits until its policy is Ready.

@@ -93,6 +93,18 @@ impl AdmittedPod {
         manifest: &Value,
         timeout: Duration,
     ) -> Result<()> {
+        Self::wait_until_serving(cp, namespace, manifest, &[], timeout).await
+    }
+
+    /// [`AdmittedPod::wait_until_injectable`], until the injection serves every one of
+    /// `policies` too (policies applied together reach the webhook one by one).
+    pub async fn wait_until_serving(
+        cp: &ControlPlane,
+        namespace: &str,
+        manifest: &Value,
+        policies: &[&str],
+        timeout: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let out = cp.kubectl_output(
@@ -101,12 +113,22 @@ impl AdmittedPod {
             )?;
             if out.status.success() {
                 let pod: Value = serde_json::from_slice(&out.stdout)?;
-                if agent_of(&pod).is_some() {
+                let served = pod["metadata"]["annotations"][cloudpass_api::agent::POLICIES_ANNOTATION]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .collect::<Vec<_>>();
+                if agent_of(&pod).is_some() && policies.iter().all(|p| served.contains(p)) {
                     return Ok(());
                 }
-                let last = format!("not injected; warnings: {:?}", warnings(&String::from_utf8_lossy(&out.stderr)));
+                let last = format!(
+                    "injected {}, serving {served:?} of {policies:?}; warnings: {:?}",
+                    agent_of(&pod).is_some(),
+                    warnings(&String::from_utf8_lossy(&out.stderr))
+                );
                 if Instant::now() > deadline {
-                    bail!("the webhook did not inject the pod within {timeout:?}: {last}");
+                    bail!("the webhook did not serve the pod within {timeout:?}: {last}");
                 }
             } else if Instant::now() > deadline {
                 bail!(
