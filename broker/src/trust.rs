@@ -133,7 +133,7 @@ async fn check_azure(
     ctx: &TrustContext<'_>,
 ) -> Result<String, Error> {
     let token = token(evidence, name)?;
-    let authority = spec.authority_host.as_deref().unwrap_or("https://login.microsoftonline.com").trim_end_matches('/');
+    let authority = spec.authority_host.as_deref().unwrap_or(crate::credential::ENTRA_AUTHORITY).trim_end_matches('/');
     let tenant = &spec.tenant_id;
     // Managed-identity tokens are v1 tokens (iss sts.windows.net) unless the resource
     // asked for v2; both are signed by the tenant's keys.

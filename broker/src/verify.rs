@@ -20,9 +20,7 @@ use serde_json::{Value, json};
 
 use crate::{
     ErrorCode, Refusal, aws,
-    credential::{
-        answer_expiry, jti, parse_entra_answer, parse_google_iam_answer, parse_google_sts_answer, post_form, send_json,
-    },
+    credential::{answer_expiry, aws_sts_endpoint, entra_token, google_impersonate, google_sts, jti},
     egress::Egress,
     issuer::KeySet,
 };
@@ -170,11 +168,9 @@ impl Prober<'_> {
 
     async fn aws(&self, spec: &AwsStsCredential, subject: &ProbeSubject<'_>, sub: &str) -> Result<Verdict, Refusal> {
         let token = self.sign(subject, sub, spec.audience())?;
-        let endpoint =
-            spec.sts_endpoint.clone().unwrap_or_else(|| format!("https://sts.{}.amazonaws.com/", spec.region));
         let creds = aws::assume_role_with_web_identity(
             self.http,
-            &endpoint,
+            &aws_sts_endpoint(spec),
             &spec.role_arn,
             AWS_PROBE_SESSION,
             900,
@@ -193,28 +189,9 @@ impl Prober<'_> {
         sub: &str,
     ) -> Result<Verdict, Refusal> {
         let assertion = self.sign(subject, sub, spec.audience())?;
-        let authority =
-            spec.authority_host.as_deref().unwrap_or("https://login.microsoftonline.com").trim_end_matches('/');
-        let url = format!("{authority}/{}/oauth2/v2.0/token", spec.tenant_id);
         // A token for the application itself: it opens no other resource.
         let scope = format!("{}/.default", spec.client_id);
-        let issued_at = Timestamp::now();
-        let answer = post_form(
-            self.http,
-            &url,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_id", &spec.client_id),
-                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-                ("client_assertion", &assertion),
-                ("scope", &scope),
-            ],
-            None,
-            "Entra ID",
-        )
-        .await?;
-        let answer = parse_entra_answer(&answer)?;
-        let expires_at = answer_expiry(&answer, issued_at, SignedDuration::ZERO, "Entra ID")?;
+        let (_, expires_at) = entra_token(self.http, spec, &assertion, &scope, Timestamp::now()).await?;
         let obtained = format!("an Entra token of application {} in tenant {}", spec.client_id, spec.tenant_id);
         Ok(Verdict::Verified { obtained, expires_at: Some(expires_at) })
     }
@@ -227,25 +204,9 @@ impl Prober<'_> {
     ) -> Result<Verdict, Refusal> {
         let provider = &spec.workload_identity_provider;
         let token = self.sign(subject, sub, &spec.audience())?;
-        let sts = spec.sts_endpoint.as_deref().unwrap_or("https://sts.googleapis.com").trim_end_matches('/');
         let scope = if spec.service_account_email.is_some() { GOOGLE_IAM_SCOPE } else { GOOGLE_PROBE_SCOPE };
         let issued_at = Timestamp::now();
-        let answer = post_form(
-            self.http,
-            &format!("{sts}/v1/token"),
-            &[
-                ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-                ("audience", &format!("//iam.googleapis.com/{provider}")),
-                ("scope", scope),
-                ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token"),
-                ("subject_token", &token),
-                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ],
-            None,
-            "Google STS",
-        )
-        .await?;
-        let federated = parse_google_sts_answer(&answer)?;
+        let federated = google_sts(self.http, spec, &token, scope).await?;
         let pool = provider.split("/providers/").next().unwrap_or(provider);
         let principal = format!("principal://iam.googleapis.com/{pool}/subject/{sub}");
         let Some(email) = &spec.service_account_email else {
@@ -255,20 +216,9 @@ impl Prober<'_> {
                 expires_at: Some(expires_at),
             });
         };
-        let iam = spec
-            .iam_credentials_endpoint
-            .as_deref()
-            .unwrap_or("https://iamcredentials.googleapis.com")
-            .trim_end_matches('/');
-        let url = format!("{iam}/v1/projects/-/serviceAccounts/{email}:generateAccessToken");
-        let builder = self
-            .http
-            .post(&url)
-            .map_err(|e| Refusal::denied(e.to_string()))?
-            .bearer_auth(federated.access_token.expose())
-            .json(&json!({"scope": [GOOGLE_PROBE_SCOPE], "lifetime": "300s"}));
-        let answer = send_json(builder, &url, "Google IAM Credentials").await?;
-        let (_, expires_at) = parse_google_iam_answer(&answer, issued_at)?;
+        let scopes = [GOOGLE_PROBE_SCOPE.to_owned()];
+        let (_, expires_at) =
+            google_impersonate(self.http, spec, email, &federated.access_token, &scopes, 300, issued_at).await?;
         Ok(Verdict::Verified {
             obtained: format!("an access token of {email} for {principal}"),
             expires_at: Some(expires_at),

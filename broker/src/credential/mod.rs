@@ -19,6 +19,7 @@ use kube::Api;
 use serde_json::{Value, json};
 
 mod answers;
+mod exchange;
 mod store;
 
 pub use answers::{
@@ -26,6 +27,7 @@ pub use answers::{
     parse_google_sts_answer, parse_oauth2_answer,
 };
 pub(crate) use answers::{answer_expiry, post_form, send_json};
+pub(crate) use exchange::{ENTRA_AUTHORITY, aws_sts_endpoint, entra_token, google_impersonate, google_sts};
 
 use crate::issuer::KeySet;
 use crate::{Refusal, authn::Caller, aws, cache::Issued, egress::Egress};
@@ -262,7 +264,7 @@ async fn aws_sts(ctx: &MintContext<'_>, req: &MintRequest<'_>, spec: &AwsStsCred
     let audience = spec.audience();
     let issued_at = Timestamp::now();
     let token = sign(ctx, req, &subject_of(spec.subject, req), audience, issued_at, ASSERTION_LIFETIME)?;
-    let endpoint = spec.sts_endpoint.clone().unwrap_or_else(|| format!("https://sts.{}.amazonaws.com/", spec.region));
+    let endpoint = aws_sts_endpoint(spec);
     // STS refuses less than 15 minutes; a shorter maximum or window end is applied to
     // what the agent serves.
     let duration = lifetime_for(req, spec.session_duration.as_std(), issued_at, Duration::from_secs(900));
@@ -307,27 +309,10 @@ async fn azure(
     let audience = spec.audience();
     let issued_at = Timestamp::now();
     let assertion = sign(ctx, req, &subject_of(spec.subject, req), audience, issued_at, ASSERTION_LIFETIME)?;
-    let authority = spec.authority_host.as_deref().unwrap_or("https://login.microsoftonline.com").trim_end_matches('/');
-    let url = format!("{authority}/{}/oauth2/v2.0/token", spec.tenant_id);
     let scope = format!("{}/.default", resource.trim_end_matches('/'));
     // Entra's client_credentials grant takes no lifetime: a window end or maximum shorter
     // than its token is applied to what the agent serves.
-    let answer = post_form(
-        ctx.http,
-        &url,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", &spec.client_id),
-            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-            ("client_assertion", &assertion),
-            ("scope", &scope),
-        ],
-        None,
-        "Entra ID",
-    )
-    .await?;
-    let answer = parse_entra_answer(&answer)?;
-    let expires_at = answer_expiry(&answer, issued_at, SignedDuration::ZERO, "Entra ID")?;
+    let (answer, expires_at) = entra_token(ctx.http, spec, &assertion, &scope, issued_at).await?;
     let credential = Credential::AccessToken {
         access_token: answer.access_token,
         token_type: answer.token_type,
@@ -345,30 +330,12 @@ async fn gcp(
     spec: &GcpWorkloadIdentityCredential,
     scopes: Vec<String>,
 ) -> Result<Issued, Refusal> {
-    let provider = &spec.workload_identity_provider;
     let audience = spec.audience();
     let issued_at = Timestamp::now();
     let subject_token = sign(ctx, req, &subject_of(spec.subject, req), &audience, issued_at, ASSERTION_LIFETIME)?;
-    let sts = spec.sts_endpoint.as_deref().unwrap_or("https://sts.googleapis.com").trim_end_matches('/');
     // With impersonation the federated token only needs to call IAM Credentials.
     let sts_scope = if spec.service_account_email.is_some() { CLOUD_PLATFORM.to_owned() } else { scopes.join(" ") };
-    let sts_url = format!("{sts}/v1/token");
-    let answer = post_form(
-        ctx.http,
-        &sts_url,
-        &[
-            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-            ("audience", &format!("//iam.googleapis.com/{provider}")),
-            ("scope", &sts_scope),
-            ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token"),
-            ("subject_token", &subject_token),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-        ],
-        None,
-        "Google STS",
-    )
-    .await?;
-    let federated = parse_google_sts_answer(&answer)?;
+    let federated = google_sts(ctx.http, spec, &subject_token, &sts_scope).await?;
     let (token, expires_at) = match &spec.service_account_email {
         // A federated token's lifetime is Google's: a shorter window or maximum is
         // applied to what the agent serves.
@@ -377,21 +344,9 @@ async fn gcp(
             (federated.access_token, expires_at)
         }
         Some(email) => {
-            let iam = spec
-                .iam_credentials_endpoint
-                .as_deref()
-                .unwrap_or("https://iamcredentials.googleapis.com")
-                .trim_end_matches('/');
-            let url = format!("{iam}/v1/projects/-/serviceAccounts/{email}:generateAccessToken");
             let lifetime = lifetime_for(req, spec.token_lifetime.as_std(), issued_at, Duration::from_secs(1));
-            let builder = ctx
-                .http
-                .post(&url)
-                .map_err(|e| Refusal::denied(e.to_string()))?
-                .bearer_auth(federated.access_token.expose())
-                .json(&json!({"scope": scopes, "lifetime": format!("{}s", lifetime.as_secs())}));
-            let answer = send_json(builder, &url, "Google IAM Credentials").await?;
-            parse_google_iam_answer(&answer, issued_at)?
+            google_impersonate(ctx.http, spec, email, &federated.access_token, &scopes, lifetime.as_secs(), issued_at)
+                .await?
         }
     };
     let credential = Credential::AccessToken {
