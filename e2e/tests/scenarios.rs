@@ -243,57 +243,60 @@ async fn http_apis_with_an_api_key_and_oauth2_through_the_header_proxy() {
     }
 }
 
+/// Runs the app of `setup` (a key kept in a cloud's secret store) in `ns`: the webhook
+/// injects the agent, the app calls the API through its proxy, the broker reads the key
+/// with the pod's federated credential, and the API sees the key's caller. The key
+/// (`key`) is in no log of the agent or the broker. The running pod, and the broker's
+/// audit record of the allowed request.
+async fn a_stored_key_through_the_header_proxy(
+    stack: &Stack<'_>,
+    ns: &str,
+    setup: &cloudpass_e2e::scenario::http_api::HttpApiScenario,
+    key: &str,
+) -> (cloudpass_e2e::scenario::RunningPod, serde_json::Value) {
+    setup.apply(stack).await.unwrap();
+    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
+    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
+    running.wait_started(Duration::from_secs(30)).await.unwrap();
+    let run = running.run_app("app", cloudpass_e2e::scenario::http_api::HTTP_APP).await.unwrap();
+    let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nagent:\n{}", running.agent_log_text()));
+    assert_eq!(result["body"]["caller"], "api-key", "{result}");
+    let allowed = audited(stack, ns, &running.pod.name, "allowed").await;
+    for text in [running.agent_log_text(), stack.broker.log_text()] {
+        assert!(!text.contains(key));
+    }
+    (running, allowed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signing_key_from_google_secret_manager_through_the_header_proxy() {
-    use cloudpass_e2e::scenario::http_api::{HTTP_APP, HttpApiScenario};
+    use cloudpass_e2e::scenario::http_api::HttpApiScenario;
     let _one = exclusive().await;
     let stack = Stack::shared();
     let _logs = stack.cp.logs_on_panic();
     let ns = "scenario-secret-manager";
     stack.opted_in_namespace(ns).await.unwrap();
     let setup = HttpApiScenario::secret_manager(stack, ns).await.unwrap();
-    setup.apply(stack).await.unwrap();
-    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
-    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
-    running.wait_started(Duration::from_secs(30)).await.unwrap();
-    let run = running.run_app("app", HTTP_APP).await.unwrap();
-    let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nagent:\n{}", running.agent_log_text()));
-    assert_eq!(result["body"]["caller"], "api-key", "{result}");
+    let (mut running, allowed) = a_stored_key_through_the_header_proxy(stack, ns, &setup, "whsec-3f8a0c27d1").await;
     let (_, manager) = setup.secret_manager.as_ref().unwrap();
     assert_eq!(manager.calls(), 1, "one access of the secret");
-    let allowed = audited(stack, ns, &running.pod.name, "allowed").await;
     assert_eq!(allowed["secret"], "projects/my-project/secrets/webhook-signing-key version 1", "{allowed}");
-    for text in [running.agent_log_text(), stack.broker.log_text()] {
-        assert!(!text.contains("whsec-3f8a0c27d1"));
-    }
     running.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_key_from_azure_key_vault_through_the_header_proxy() {
-    use cloudpass_e2e::scenario::http_api::{HTTP_APP, HttpApiScenario};
+    use cloudpass_e2e::scenario::http_api::HttpApiScenario;
     let _one = exclusive().await;
     let stack = Stack::shared();
     let _logs = stack.cp.logs_on_panic();
     let ns = "scenario-key-vault";
     stack.opted_in_namespace(ns).await.unwrap();
     let setup = HttpApiScenario::key_vault(stack, ns).await.unwrap();
-    setup.apply(stack).await.unwrap();
-    // The webhook injects the agent; the app calls the API through its proxy; the broker
-    // reads the key from the vault with the pod's federated Entra token.
-    let pod = stack.create_pod(ns, &setup.pod, true).await.unwrap();
-    let mut running = stack.node.run(stack.cp, pod).await.unwrap();
-    running.wait_started(Duration::from_secs(30)).await.unwrap();
-    let run = running.run_app("app", HTTP_APP).await.unwrap();
-    let result = run.ok_json().unwrap_or_else(|e| panic!("{e:#}\nagent:\n{}", running.agent_log_text()));
-    assert_eq!(result["body"]["caller"], "api-key", "{result}");
+    let (mut running, allowed) = a_stored_key_through_the_header_proxy(stack, ns, &setup, "pk-live-2c9e71b4").await;
     let (_, vault) = setup.key_vault.as_ref().unwrap();
     assert_eq!(vault.calls(), 1, "one read of the vault");
-    let allowed = audited(stack, ns, &running.pod.name, "allowed").await;
     assert!(allowed["secret"].as_str().unwrap().contains("/secrets/partner-api-key version "), "{allowed}");
-    // The key is in no log of the agent or the broker.
-    assert!(!running.agent_log_text().contains("pk-live-2c9e71b4"));
-    assert!(!stack.broker.log_text().contains("pk-live-2c9e71b4"));
     running.stop();
 }
 

@@ -189,6 +189,43 @@ pub struct HttpApiScenario {
 }
 
 impl HttpApiScenario {
+    /// The scenario of `example`'s `policy` with `api` as its server: the policy's host
+    /// and port point at the local API, whose certificate comes from the test bed's CA as
+    /// an internal API's from a private one (the agent's proxy trusts it through
+    /// `server.tls`), and the app (`workload`, `container`) GETs `path` through the proxy.
+    /// No cloud fakes: the constructors that start some keep them.
+    fn serving(
+        stack: &dyn Deployed,
+        namespace: &str,
+        mut example: Example,
+        policy: &str,
+        api: HttpApi,
+        (workload, container, path): (&str, &str, &str),
+    ) -> Result<Self> {
+        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
+        trust_api_ca(stack, namespace)?;
+        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
+        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
+        let app = App::new(
+            workload,
+            container,
+            "http_api.py",
+            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", path)],
+        );
+        let pod = example.app_pod(&app)?;
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            api,
+            oauth2: None,
+            key_vault: None,
+            secret_manager: None,
+            example,
+            pod,
+            app,
+            policy: policy.into(),
+        })
+    }
+
     /// `examples/http-api-key.yaml`: the Secret `weather-api` holds the key (created here
     /// with kubectl, as its comment says to), the policy's host is the local API.
     pub async fn api_key(stack: &dyn Deployed, namespace: &str) -> Result<Self> {
@@ -204,32 +241,9 @@ impl HttpApiScenario {
         ])?;
         let api =
             HttpApi::start(ApiAuth::ApiKey { header: "X-API-Key".into(), key: key.into() }, stack.cloud_ca()).await?;
-        let mut example = Example::load("http-api-key")?;
+        let example = Example::load("http-api-key")?;
         let policy = "forecaster-to-weather-api";
-        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
-        // The local API's certificate comes from the test bed's CA, as an internal API's
-        // from a private one: the agent's proxy trusts it through server.tls.
-        trust_api_ca(stack, namespace)?;
-        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
-        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
-        let app = App::new(
-            "forecaster",
-            "app",
-            "http_api.py",
-            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/forecast?city=berlin")],
-        );
-        let pod = example.app_pod(&app)?;
-        Ok(Self {
-            namespace: namespace.to_owned(),
-            api,
-            oauth2: None,
-            key_vault: None,
-            secret_manager: None,
-            example,
-            pod,
-            app,
-            policy: policy.into(),
-        })
+        Self::serving(stack, namespace, example, policy, api, ("forecaster", "app", "/v1/forecast?city=berlin"))
     }
 
     /// `examples/eks-to-key-vault-api-key.yaml`: the partner API's key lives in a Key
@@ -265,28 +279,8 @@ impl HttpApiScenario {
         let api =
             HttpApi::start(ApiAuth::ApiKey { header: "X-API-Key".into(), key: key.into() }, stack.cloud_ca()).await?;
         let policy = "invoicing-to-partner-api";
-        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
-        trust_api_ca(stack, namespace)?;
-        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
-        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
-        let app = App::new(
-            "invoicing",
-            "app",
-            "http_api.py",
-            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/invoices?status=open")],
-        );
-        let pod = example.app_pod(&app)?;
-        Ok(Self {
-            namespace: namespace.to_owned(),
-            api,
-            oauth2: None,
-            key_vault: Some((entra, vault)),
-            secret_manager: None,
-            example,
-            pod,
-            app,
-            policy: policy.into(),
-        })
+        let app = ("invoicing", "app", "/v1/invoices?status=open");
+        Ok(Self { key_vault: Some((entra, vault)), ..Self::serving(stack, namespace, example, policy, api, app)? })
     }
 
     /// `examples/gke-to-secret-manager.yaml`: the webhook signing key lives in Secret
@@ -319,27 +313,10 @@ impl HttpApiScenario {
         let api = HttpApi::start(ApiAuth::ApiKey { header: "X-Signing-Key".into(), key: key.into() }, stack.cloud_ca())
             .await?;
         let policy = "notifier-to-hooks";
-        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
-        trust_api_ca(stack, namespace)?;
-        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
-        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
-        let app = App::new(
-            "notifier",
-            "app",
-            "http_api.py",
-            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/hooks")],
-        );
-        let pod = example.app_pod(&app)?;
+        let app = ("notifier", "app", "/v1/hooks");
         Ok(Self {
-            namespace: namespace.to_owned(),
-            api,
-            oauth2: None,
-            key_vault: None,
             secret_manager: Some((google, manager)),
-            example,
-            pod,
-            app,
-            policy: policy.into(),
+            ..Self::serving(stack, namespace, example, policy, api, app)?
         })
     }
 
@@ -394,31 +371,9 @@ impl HttpApiScenario {
             "/spec/oauth2ClientCredentials/tokenUrl",
             json!(oauth2.token_url()),
         )?;
-        example.set("AccessPolicy", policy, "/spec/server/hosts", json!([api_host()]))?;
-        // The local API's certificate comes from the test bed's CA, as an internal API's
-        // from a private one: the agent's proxy trusts it through server.tls.
-        trust_api_ca(stack, namespace)?;
-        example.set("AccessPolicy", policy, "/spec/server/tls", json!({"caConfigMap": {"name": API_CA_CONFIGMAP}}))?;
-        example.set("AccessPolicy", policy, "/spec/server/port", json!(api.port))?;
         example.set("AccessPolicy", policy, "/spec/conditions", json!({}))?;
-        let app = App::new(
-            "billing",
-            "billing",
-            "http_api.py",
-            &[("API_URL", &format!("http://{}", api_host())), ("API_PATH", "/v1/invoices?status=open")],
-        );
-        let pod = example.app_pod(&app)?;
-        Ok(Self {
-            namespace: namespace.to_owned(),
-            api,
-            oauth2: Some(oauth2),
-            key_vault: None,
-            secret_manager: None,
-            example,
-            pod,
-            app,
-            policy: policy.into(),
-        })
+        let app = ("billing", "billing", "/v1/invoices?status=open");
+        Ok(Self { oauth2: Some(oauth2), ..Self::serving(stack, namespace, example, policy, api, app)? })
     }
 
     /// Applies the example's objects and waits until its policy is Ready.
