@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::{
     ErrorCode, Refusal, aws,
-    credential::{answer_expiry, aws_sts_endpoint, entra_token, google_impersonate, google_sts, jti},
+    credential::{answer_expiry, aws_sts_endpoint, entra_token, google_impersonate, google_sts, sign_token},
     egress::Egress,
     issuer::KeySet,
 };
@@ -130,23 +130,15 @@ fn verdict_of(refusal: Refusal) -> Verdict {
 impl Prober<'_> {
     /// Signs a probe for `subject` with audience `audience`.
     fn sign(&self, subject: &ProbeSubject<'_>, sub: &str, audience: &str) -> Result<String, Refusal> {
-        let now = Timestamp::now().as_second();
-        let claims = json!({
-            "iss": self.issuer_url,
-            "sub": sub,
-            "aud": audience,
-            "iat": now,
-            "nbf": now,
-            "exp": now + PROBE_LIFETIME.as_secs() as i64,
-            "jti": jti(),
-            "cloudpass.dev": {
-                "namespace": subject.namespace,
-                "credentialProvider": subject.provider,
-                "serviceAccount": subject.service_account,
-                PROBE_CLAIM: true,
-            },
+        let marked = json!({
+            "namespace": subject.namespace,
+            "credentialProvider": subject.provider,
+            "serviceAccount": subject.service_account,
+            PROBE_CLAIM: true,
         });
-        self.keys.sign(&claims, now).map_err(|e| Refusal::unavailable(format!("cannot sign a probe: {e}")))
+        let claims = serde_json::Map::from_iter([("sub".into(), json!(sub)), ("cloudpass.dev".into(), marked)]);
+        sign_token(self.keys, self.issuer_url, claims, audience, Timestamp::now(), PROBE_LIFETIME)
+            .map_err(|e| Refusal::unavailable(format!("cannot sign a probe: {e}")))
     }
 
     /// Checks `spec`'s trust for `subject`; `None` for kinds with nothing to check in a

@@ -190,7 +190,7 @@ pub fn cache_discriminator(req: &MintRequest<'_>) -> String {
 }
 
 /// A random token ID.
-pub(crate) fn jti() -> String {
+fn jti() -> String {
     cloudpass_rand::hex(16)
 }
 
@@ -207,15 +207,30 @@ fn sign(
     issued_at: Timestamp,
     lifetime: Duration,
 ) -> Result<String, Refusal> {
+    let claims = CallerClaims::of(req, subject.to_owned()).to_claims();
+    sign_token(ctx.keys, ctx.issuer_url, claims, audience, issued_at, lifetime)
+        .map_err(|e| Refusal::unavailable(format!("cannot sign: {e}")))
+}
+
+/// Signs `claims` (`sub` and `cloudpass.dev`) as a broker-signed token: issuer
+/// `issuer_url`, audience `audience`, issued and valid from `issued_at`, expiring
+/// `lifetime` later, with a fresh `jti`.
+pub(crate) fn sign_token(
+    keys: &KeySet,
+    issuer_url: &str,
+    mut claims: serde_json::Map<String, Value>,
+    audience: &str,
+    issued_at: Timestamp,
+    lifetime: Duration,
+) -> Result<String, crate::issuer::IssuerError> {
     let now = issued_at.as_second();
-    let mut claims = CallerClaims::of(req, subject.to_owned()).to_claims();
-    claims.insert("iss".into(), json!(ctx.issuer_url));
+    claims.insert("iss".into(), json!(issuer_url));
     claims.insert("aud".into(), json!(audience));
     claims.insert("iat".into(), json!(now));
     claims.insert("nbf".into(), json!(now));
     claims.insert("exp".into(), json!(now.saturating_add(seconds(lifetime))));
     claims.insert("jti".into(), json!(jti()));
-    ctx.keys.sign(&Value::Object(claims), now).map_err(|e| Refusal::unavailable(format!("cannot sign: {e}")))
+    keys.sign(&Value::Object(claims), now)
 }
 
 /// The lifetime to ask for at `now`: `wanted`, shortened to `maxCredentialLifetime` and
