@@ -20,7 +20,10 @@ use std::{
 
 use cloudpass_api::{
     agent::{AgentDelivery, AgentEndpoint, EvidenceSource},
-    broker::{BrokerError, CREDENTIALS_PATH, Credential, CredentialRequest, CredentialResponse},
+    broker::{
+        AGENT_CONFIG_PATH, AgentDeliveries, BrokerError, CREDENTIALS_PATH, Credential, CredentialRequest,
+        CredentialResponse,
+    },
     fit::Delivery,
     secret::SecretString,
 };
@@ -49,6 +52,7 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 pub struct BrokerClient {
     http: BrokerHttp,
     endpoint: String,
+    config_endpoint: String,
     token_file: PathBuf,
     policy_namespace: Option<String>,
     evidence: EvidenceGatherer,
@@ -135,13 +139,21 @@ impl BrokerClient {
     /// A client trusting the configured broker CA (and, if asked, the system roots).
     pub fn new(settings: &BrokerClientSettings) -> Result<Self, AgentError> {
         let http = BrokerHttp::new(settings)?;
-        let endpoint = format!("{}{CREDENTIALS_PATH}", settings.url.trim_end_matches('/'));
+        let base = settings.url.trim_end_matches('/');
+        let (endpoint, config_endpoint) = (format!("{base}{CREDENTIALS_PATH}"), format!("{base}{AGENT_CONFIG_PATH}"));
         let mut evidence = settings.evidence.clone();
         if evidence.server_id.is_none() {
             evidence.server_id = server_id_of(&settings.url);
         }
         let evidence = EvidenceGatherer::new(evidence, settings.timeout);
-        Ok(Self { http, endpoint, token_file: settings.token_file.clone(), policy_namespace: None, evidence })
+        Ok(Self {
+            http,
+            endpoint,
+            config_endpoint,
+            token_file: settings.token_file.clone(),
+            policy_namespace: None,
+            evidence,
+        })
     }
 
     /// Names `namespace` in every request: for an agent in another cluster than the
@@ -174,30 +186,82 @@ impl BrokerClient {
             .header(AUTHORIZATION, format!("Bearer {}", token.expose()))
             .json(&body)
             .send()
-            .await
-            .map_err(|e| AgentError::BrokerUnreachable(chain(&e)))?;
-        let status = response.status();
-        let bytes = read_limited(response, MAX_RESPONSE_BYTES).await.map_err(|e| match e {
-            BodyError::Read(why) => AgentError::BrokerUnreachable(why),
-            BodyError::TooLarge(limit) => AgentError::BrokerResponse(format!("answer larger than {limit} bytes")),
-        })?;
-        if status != StatusCode::OK {
-            return Err(match serde_json::from_slice::<BrokerError>(&bytes) {
-                Ok(e) => AgentError::Broker {
-                    status: status.as_u16(),
-                    code: e.code,
-                    message: e.message,
-                    upstream_code: e.upstream_code,
-                },
-                Err(_) => AgentError::BrokerResponse(format!("HTTP {status} without a broker error body")),
-            });
-        }
-        let answer: CredentialResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| AgentError::BrokerResponse(format!("credential answer: {e}")))?;
+            .await;
+        let answer: CredentialResponse = answer(response, "credential answer").await?;
         if answer.policy != policy {
             return Err(AgentError::BrokerResponse(format!("asked for policy {policy}, got policy {}", answer.policy)));
         }
         Ok(answer)
+    }
+
+    /// Asks the broker what this pod's agent serves (the policies of its
+    /// `cloudpass.dev/policies` annotation).
+    pub async fn deliveries(&self) -> Result<AgentDeliveries, AgentError> {
+        let token = self.token().await?;
+        let response = self
+            .http
+            .client()
+            .await
+            .get(&self.config_endpoint)
+            .header(AUTHORIZATION, format!("Bearer {}", token.expose()))
+            .send()
+            .await;
+        answer(response, "deliveries answer").await
+    }
+}
+
+/// The broker's `200` answer as `T`, or its error as an [`AgentError`].
+async fn answer<T: serde::de::DeserializeOwned>(
+    response: reqwest::Result<reqwest::Response>,
+    what: &str,
+) -> Result<T, AgentError> {
+    let response = response.map_err(|e| AgentError::BrokerUnreachable(chain(&e)))?;
+    let status = response.status();
+    let bytes = read_limited(response, MAX_RESPONSE_BYTES).await.map_err(|e| match e {
+        BodyError::Read(why) => AgentError::BrokerUnreachable(why),
+        BodyError::TooLarge(limit) => AgentError::BrokerResponse(format!("answer larger than {limit} bytes")),
+    })?;
+    if status != StatusCode::OK {
+        return Err(match serde_json::from_slice::<BrokerError>(&bytes) {
+            Ok(e) => AgentError::Broker {
+                status: status.as_u16(),
+                code: e.code,
+                message: e.message,
+                upstream_code: e.upstream_code,
+            },
+            Err(_) => AgentError::BrokerResponse(format!("HTTP {status} without a broker error body")),
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(|e| AgentError::BrokerResponse(format!("{what}: {e}")))
+}
+
+/// Asks the broker for this pod's deliveries until it names every policy of the pod:
+/// a policy the webhook saw Ready may not have reached the replica asked yet. Each
+/// failure and each policy still missing is logged with the broker's reason.
+pub async fn deliveries_until_complete(client: &BrokerClient, retry: RetrySettings) -> Vec<AgentDelivery> {
+    let mut retry = Retry::new(retry.initial, retry.max);
+    loop {
+        let why = match client.deliveries().await {
+            Ok(answer) if answer.unavailable.is_empty() && !answer.deliveries.is_empty() => {
+                let policies: Vec<&str> = answer.deliveries.iter().map(|d| d.policy.as_str()).collect();
+                info!(policies = %policies.join(","), "deliveries from the broker");
+                return answer.deliveries;
+            }
+            Ok(answer) => {
+                for missing in &answer.unavailable {
+                    warn!(policy = %missing.policy, reason = %missing.message, "the broker cannot serve this policy yet");
+                }
+                if answer.unavailable.is_empty() {
+                    "the broker names no policy for this pod".to_owned()
+                } else {
+                    "policies missing".to_owned()
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        let delay = retry.failed(cloudpass_rand::fraction());
+        warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "no deliveries from the broker yet");
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -52,7 +52,8 @@ impl Agent {
     /// for tests), writes the AWS authorization token file, and starts serving and
     /// fetching. Returns once listening; credentials arrive in the background (see
     /// [`CredentialStore::not_ready`] or `/ready`).
-    pub async fn start(settings: Settings) -> Result<Self, AgentError> {
+    pub async fn start(mut settings: Settings) -> Result<Self, AgentError> {
+        settings.locate_server_cas();
         settings.validate()?;
         let deliveries = &settings.config.deliveries;
         let shared = Shared {
@@ -221,7 +222,15 @@ impl Agent {
 
 /// Runs an agent until `shutdown` completes (the binary passes SIGTERM/SIGINT), then
 /// stops it gracefully.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+pub async fn run(mut settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    if settings.config.deliveries_from_broker() {
+        let client = BrokerClient::new(&settings.broker)?;
+        settings.config.deliveries = tokio::select! {
+            deliveries = crate::broker_client::deliveries_until_complete(&client, settings.retry) => deliveries,
+            () = &mut shutdown => return Ok(()),
+        };
+    }
     let agent = Agent::start(settings).await?;
     shutdown.await;
     agent.shutdown().await;

@@ -202,6 +202,7 @@ fn settings(broker_url: &str, files: &PodFiles, identity_header: &str, deliverie
         retry: RetrySettings { initial: Duration::from_millis(100), max: Duration::from_secs(1) },
         sigv4_max_body_bytes: 1024 * 1024,
         shutdown_grace: Duration::from_secs(2),
+        server_ca_dir: cloudpass_api::agent::SERVER_CA_DIR.into(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The contract between the webhook and the agent it injects: the agent's configuration
-//! (one JSON document in the agent container's environment) and the fixed paths and
-//! environment variables both sides use.
+//! (one JSON document in the agent container's environment, left out when every field
+//! has its default) and the fixed paths and environment variables both sides use.
 
 use crate::policy::FileFormat;
 use serde::{Deserialize, Serialize};
@@ -48,11 +48,28 @@ pub const AZURE_TOKEN_PATH: &str = "/msi/token";
 pub const INJECTED_ANNOTATION: &str = "cloudpass.dev/injected";
 /// Pod annotation listing the policies the agent serves.
 pub const POLICIES_ANNOTATION: &str = "cloudpass.dev/policies";
+/// The policies a [`POLICIES_ANNOTATION`] value lists (comma-separated, in order).
+pub fn annotated_policies(value: &str) -> Vec<String> {
+    value.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect()
+}
+
 /// Pod annotation explaining what was not injected and why.
 pub const SKIPPED_ANNOTATION: &str = "cloudpass.dev/injection-skipped";
 
 /// The agent's health port unless the webhook says otherwise.
 pub const DEFAULT_HEALTH_PORT: u16 = 15020;
+
+/// The broker's URL unless the webhook says otherwise: the chart's default release
+/// (`cloudpass` in `cloudpass-system`).
+pub const DEFAULT_BROKER_URL: &str = "https://cloudpass-broker.cloudpass-system.svc:8443";
+
+fn default_broker_url() -> String {
+    DEFAULT_BROKER_URL.to_owned()
+}
+
+fn is_default_broker_url(url: &str) -> bool {
+    url == DEFAULT_BROKER_URL
+}
 
 fn default_health_port() -> u16 {
     DEFAULT_HEALTH_PORT
@@ -62,17 +79,25 @@ fn is_default_health_port(port: &u16) -> bool {
     *port == DEFAULT_HEALTH_PORT
 }
 
-/// Everything the agent needs, written by the webhook.
+/// Everything the agent needs, written by the webhook. Every byte of it is stored in
+/// every injected pod, so each field is left out at its default, and in the broker's own
+/// cluster the deliveries too: the agent asks the broker for them at start
+/// ([`AGENT_CONFIG_PATH`](crate::broker::AGENT_CONFIG_PATH)).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Base URL of the broker (`https://...`).
+    /// Base URL of the broker (`https://...`); left out when it is
+    /// [`DEFAULT_BROKER_URL`].
+    #[serde(default = "default_broker_url", skip_serializing_if = "is_default_broker_url")]
     pub broker_url: String,
     /// Port of `/ready`, `/healthz` and `/metrics` on loopback; left out of the JSON when
     /// it is [`DEFAULT_HEALTH_PORT`] (every byte here is stored in every injected pod).
     #[serde(default = "default_health_port", skip_serializing_if = "is_default_health_port")]
     pub health_port: u16,
-    /// What to serve, one entry per policy.
+    /// What to serve, one entry per policy. Empty: ask the broker, which answers for the
+    /// policies of the pod's `cloudpass.dev/policies` annotation (pods of the broker's
+    /// cluster); a remote cluster's webhook writes them here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deliveries: Vec<AgentDelivery>,
     /// Set when the pod runs in another cluster than the broker's: the namespace of the
     /// broker's cluster whose policies apply (sent as the credential request's
@@ -80,6 +105,26 @@ pub struct AgentConfig {
     /// broker takes from their token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_namespace: Option<String>,
+}
+
+impl Default for AgentConfig {
+    /// Everything at its default: the broker of the default release, the default health
+    /// port, the deliveries from the broker.
+    fn default() -> Self {
+        Self {
+            broker_url: default_broker_url(),
+            health_port: DEFAULT_HEALTH_PORT,
+            deliveries: Vec::new(),
+            policy_namespace: None,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Whether the agent asks the broker for its deliveries.
+    pub fn deliveries_from_broker(&self) -> bool {
+        self.deliveries.is_empty()
+    }
 }
 
 /// One policy and how its credential reaches the app.

@@ -5,6 +5,10 @@
 //! body naming the policy. The broker answers `200` with a [`CredentialResponse`] or an
 //! error status with a [`BrokerError`] body. The caller's namespace and pod come from the
 //! verified token, never from the body.
+//!
+//! An agent of the broker's own cluster first calls `GET /v1/agent-config` with the same
+//! token: the broker answers [`AgentDeliveries`], what the agent serves for the policies
+//! the webhook listed in its pod's `cloudpass.dev/policies` annotation.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +18,8 @@ use crate::secret::SecretString;
 
 /// Path of the credential endpoint.
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+/// Path of the agent's deliveries (`GET`), asked once at its start.
+pub const AGENT_CONFIG_PATH: &str = "/v1/agent-config";
 /// Largest request body the broker reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -73,6 +79,30 @@ pub struct SignedRequest {
     /// Request body.
     #[serde(default)]
     pub body: String,
+}
+
+/// The broker's answer to [`AGENT_CONFIG_PATH`]: what the calling pod's agent serves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentDeliveries {
+    /// One per policy of the pod's annotation that is Ready and selects the pod, in the
+    /// annotation's order.
+    pub deliveries: Vec<crate::agent::AgentDelivery>,
+    /// The policies of the annotation that cannot be served now, and why; the agent asks
+    /// again until none is left (a policy the webhook saw Ready may not have reached
+    /// this broker replica yet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<UnavailablePolicy>,
+}
+
+/// A policy the broker cannot give the agent, and why.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnavailablePolicy {
+    /// Name of the AccessPolicy.
+    pub policy: String,
+    /// Why, in words that name what to fix.
+    pub message: String,
 }
 
 /// A credential with its lifetime.

@@ -18,6 +18,7 @@ pub mod config;
 pub mod crd;
 pub mod credential;
 pub mod duration;
+pub mod endpoint;
 pub mod fit;
 pub mod jwt;
 pub mod policy;

@@ -23,6 +23,7 @@ use std::{
 
 use cloudpass_api::{
     BROKER_AUDIENCE,
+    agent::{POLICIES_ANNOTATION, annotated_policies},
     broker::ErrorCode,
     jwt::{unverified_claims, unverified_part},
     trust::JwtAlgorithm,
@@ -69,6 +70,9 @@ pub struct Caller {
     pub pod_uid: Option<String>,
     /// Pod labels (this cluster only).
     pub labels: BTreeMap<String, String>,
+    /// The policies the webhook lists in the pod's `cloudpass.dev/policies` annotation
+    /// (this cluster only): what its agent serves.
+    pub policies: Vec<String>,
     /// The token's audiences, which `kubernetesServiceAccount` trust providers match.
     pub audiences: Vec<String>,
     /// Where the token comes from.
@@ -257,9 +261,13 @@ impl TokenReviewer {
             .get_opt(&pod_name)
             .await
             .map_err(|e| Refusal::unavailable(format!("reading pod {namespace}/{pod_name} failed: {e}")))?;
-        let labels = match found {
+        let (labels, policies) = match found {
             Some(p) if p.metadata.uid == pod_uid && p.metadata.deletion_timestamp.is_none() => {
-                p.metadata.labels.unwrap_or_default()
+                let policies = (p.metadata.annotations.as_ref())
+                    .and_then(|a| a.get(POLICIES_ANNOTATION))
+                    .map(|v| annotated_policies(v))
+                    .unwrap_or_default();
+                (p.metadata.labels.unwrap_or_default(), policies)
             }
             _ => {
                 return Err(Refusal::unauthenticated(format!(
@@ -273,6 +281,7 @@ impl TokenReviewer {
             pod,
             pod_uid,
             labels,
+            policies,
             audiences: status.audiences.unwrap_or_default(),
             origin: Origin::ThisCluster,
         })
@@ -340,6 +349,7 @@ pub fn remote_caller(issuer: &str, claims: KubernetesClaims, namespace: &str) ->
         pod: pod.as_ref().map(|p| p.name.clone()),
         pod_uid: pod.map(|p| p.uid),
         labels: BTreeMap::new(),
+        policies: Vec::new(),
         audiences: claims.aud,
         origin: Origin::OtherCluster { issuer: issuer.to_owned(), namespace: remote_ns.to_owned() },
     })

@@ -36,8 +36,9 @@ use std::{
 };
 
 use cloudpass_api::{
-    broker::{BrokerError, CredentialRequest, CredentialResponse, ErrorCode},
+    broker::{AgentDeliveries, BrokerError, CredentialRequest, CredentialResponse, ErrorCode, UnavailablePolicy},
     config::{CompiledPolicy, NamespaceConfig},
+    endpoint::{AgentPorts, agent_delivery},
     policy::NotSelected,
 };
 use cloudpass_runtime::configs::Configs;
@@ -233,17 +234,60 @@ impl Broker {
         Answer { result, decision_id: record.decision_id }
     }
 
+    /// What the agent of the calling pod serves: for each policy of its
+    /// `cloudpass.dev/policies` annotation, the delivery the webhook's variables point
+    /// at (the same rule, [`agent_delivery`]), or why it cannot be served now. Pods of
+    /// this cluster only: another cluster's webhook writes the deliveries into its pods.
+    pub async fn agent_deliveries(&self, token: Option<&str>) -> Result<AgentDeliveries, Refusal> {
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Refusal::unauthenticated("no bearer token: send the projected service-account token"))?;
+        if !self.is_ready() {
+            return Err(Refusal::unavailable("the broker is starting: configs or signing keys not loaded yet"));
+        }
+        refuse_probe(token)?;
+        let (answer, cached) = self.reviewer.review(token, &self.verifier).await?;
+        self.metrics.cache_lookup("token_review", cached.as_str());
+        let caller = answer?;
+        let config = self.configs.get(&caller.namespace);
+        let ports = AgentPorts::default();
+        let mut answer = AgentDeliveries { deliveries: Vec::new(), unavailable: Vec::new() };
+        for name in &caller.policies {
+            let found = config.as_ref().and_then(|c| c.policy(name).map(|p| (c, p)));
+            let delivery = match found {
+                _ if self.configs.is_withdrawn(&caller.namespace, name) => Err(format!(
+                    "AccessPolicy {} in namespace {} is deleted or being deleted",
+                    sanitize(name),
+                    caller.namespace
+                )),
+                None => Err(format!("no Ready AccessPolicy {} in namespace {}", sanitize(name), caller.namespace)),
+                Some((config, policy)) => selects(policy, &caller).map_err(|r| r.message).and_then(|()| {
+                    agent_delivery(policy, Some(config), &ports)
+                        .ok_or_else(|| format!("AccessPolicy {name} has no delivery the agent serves"))
+                }),
+            };
+            match delivery {
+                Ok(delivery) => answer.deliveries.push(delivery),
+                Err(message) => answer.unavailable.push(UnavailablePolicy { policy: sanitize(name), message }),
+            }
+        }
+        tracing::debug!(
+            namespace = %caller.namespace,
+            pod = caller.pod.as_deref().unwrap_or_default(),
+            served = answer.deliveries.len(),
+            unavailable = answer.unavailable.len(),
+            "agent deliveries"
+        );
+        Ok(answer)
+    }
+
     async fn authenticate(
         &self,
         token: &str,
         request: &CredentialRequest,
         record: &mut AuditRecord,
     ) -> Result<Arc<Caller>, Refusal> {
-        if cloudpass_api::jwt::unverified_claims(token).is_some_and(|claims| verify::is_probe(&claims)) {
-            return Err(Refusal::unauthenticated(
-                "the token is a cloudpass verification probe, which identifies no workload",
-            ));
-        }
+        refuse_probe(token)?;
         // Another cluster's token is recognised by an issuer that a TrustProvider in the
         // named namespace trusts; everything else goes to TokenReview.
         if let Some(namespace) = &request.namespace
@@ -403,6 +447,16 @@ impl Broker {
             serve_until: issued.serve_until,
         })
     }
+}
+
+/// A verification probe identifies no workload: it gets nothing.
+fn refuse_probe(token: &str) -> Result<(), Refusal> {
+    if cloudpass_api::jwt::unverified_claims(token).is_some_and(|claims| verify::is_probe(&claims)) {
+        return Err(Refusal::unauthenticated(
+            "the token is a cloudpass verification probe, which identifies no workload",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the policy selects the caller; remote callers have no pod labels here, so

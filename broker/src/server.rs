@@ -1,5 +1,6 @@
-//! The broker's HTTP surface: `POST /v1/credentials` for agents, and the OIDC issuer's
-//! discovery document and JWKS for the clouds that trust cloudpass.
+//! The broker's HTTP surface: `POST /v1/credentials` and `GET /v1/agent-config` for
+//! agents, and the OIDC issuer's discovery document and JWKS for the clouds that trust
+//! cloudpass.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use cloudpass_api::broker::{BrokerError, CREDENTIALS_PATH, ErrorCode, MAX_REQUEST_BYTES};
+use cloudpass_api::broker::{AGENT_CONFIG_PATH, BrokerError, CREDENTIALS_PATH, ErrorCode, MAX_REQUEST_BYTES};
 
 use crate::Broker;
 use crate::issuer::{DISCOVERY_PATH, JWKS_PATH, discovery};
@@ -39,15 +40,24 @@ async fn credentials(State(broker): State<Arc<Broker>>, headers: HeaderMap, body
         }
     };
     let answer = broker.handle(bearer(&headers), &body).await;
-    let decision = [(header::HeaderName::from_static("x-cloudpass-decision"), answer.decision_id)];
-    match answer.result {
-        Ok(response) => {
-            (StatusCode::OK, [(header::CACHE_CONTROL, "no-store")], decision, Json(response)).into_response()
-        }
+    let mut response = respond(answer.result);
+    if let Ok(id) = header::HeaderValue::from_str(&answer.decision_id) {
+        response.headers_mut().insert(header::HeaderName::from_static("x-cloudpass-decision"), id);
+    }
+    response
+}
+
+async fn agent_config(State(broker): State<Arc<Broker>>, headers: HeaderMap) -> Response {
+    respond(broker.agent_deliveries(bearer(&headers)).await)
+}
+
+/// `200` with the answer as JSON, or the refusal's status and error body.
+fn respond<T: serde::Serialize>(result: Result<T, crate::Refusal>) -> Response {
+    match result {
+        Ok(answer) => (StatusCode::OK, [(header::CACHE_CONTROL, "no-store")], Json(answer)).into_response(),
         Err(refusal) => {
             let status = StatusCode::from_u16(refusal.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut response =
-                (status, [(header::CACHE_CONTROL, "no-store")], decision, Json(refusal.to_wire())).into_response();
+            let mut response = (status, [(header::CACHE_CONTROL, "no-store")], Json(refusal.to_wire())).into_response();
             if refusal.code == ErrorCode::Unauthenticated {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
             }
@@ -84,6 +94,7 @@ pub fn issuer_router(broker: Arc<Broker>) -> Router {
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
         .route(CREDENTIALS_PATH, post(credentials))
+        .route(AGENT_CONFIG_PATH, get(agent_config))
         .route(DISCOVERY_PATH, get(discovery_document))
         .route(JWKS_PATH, get(jwks))
         .fallback(not_found)

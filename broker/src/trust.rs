@@ -252,6 +252,7 @@ mod tests {
             pod: None,
             pod_uid: None,
             labels: BTreeMap::new(),
+            policies: vec![],
             audiences: vec!["cloudpass".into()],
             origin,
         }

@@ -30,7 +30,6 @@ use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, WatchEvent, WatchParams},
 };
-use serde_json::Value;
 
 const REVOCATIONS: usize = 10;
 const PODS: usize = 10;
@@ -63,19 +62,8 @@ async fn main() {
     for i in 0..=PODS {
         let pod = stack.create_pod(NS, &setup.pod, i == 0).await.unwrap();
         let admitted = Instant::now();
-        let config: Value = serde_json::from_str(
-            pod.agent().unwrap()["env"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|e| e["name"] == cloudpass_api::agent::AGENT_CONFIG_ENV)
-                .unwrap()["value"]
-                .as_str()
-                .unwrap(),
-        )
-        .unwrap();
-        let ready_url =
-            format!("http://127.0.0.1:{}{}", config["healthPort"].as_u64().unwrap(), cloudpass_api::agent::READY_PATH);
+        let health_port = pod.agent_config().unwrap().unwrap().health_port;
+        let ready_url = format!("http://127.0.0.1:{health_port}{}", cloudpass_api::agent::READY_PATH);
         let mut running = stack.node.run(&cp, pod).await.unwrap();
         let mut listen_at = None;
         let deadline = admitted + Duration::from_secs(30);

@@ -202,6 +202,18 @@ impl RunningBroker {
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
+    /// Asks what the agent of the token's pod serves (`GET /v1/agent-config`); the
+    /// status and body.
+    pub async fn agent_config(&self, token: Option<&str>) -> Result<(u16, Value)> {
+        let mut req = self.http().get(format!("{}{}", self.url, cloudpass_api::broker::AGENT_CONFIG_PATH));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
     /// `/metrics`.
     pub async fn metrics(&self) -> Result<String> {
         Ok(self.http().get(format!("{}/metrics", self.metrics_url)).send().await?.text().await?)
@@ -243,9 +255,21 @@ pub async fn pod_token(
     service_account: &str,
     labels: Value,
 ) -> Result<String> {
+    annotated_pod_token(cp, namespace, pod, service_account, labels, json!({})).await
+}
+
+/// [`pod_token`] of a pod with these annotations too.
+pub async fn annotated_pod_token(
+    cp: &ControlPlane,
+    namespace: &str,
+    pod: &str,
+    service_account: &str,
+    labels: Value,
+    annotations: Value,
+) -> Result<String> {
     let manifest = json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod, "namespace": namespace, "labels": labels},
+        "metadata": {"name": pod, "namespace": namespace, "labels": labels, "annotations": annotations},
         "spec": {"serviceAccountName": service_account, "automountServiceAccountToken": false,
                  "containers": [{"name": "app", "image": "example.com/app:1"}]}
     });

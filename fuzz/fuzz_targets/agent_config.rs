@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
         retry: RetrySettings { initial: Duration::from_secs(1), max: Duration::from_secs(2) },
         sigv4_max_body_bytes: 1024,
         shutdown_grace: Duration::from_secs(1),
+        server_ca_dir: cloudpass_api::agent::SERVER_CA_DIR.into(),
     };
     let _ = settings.validate();
 });

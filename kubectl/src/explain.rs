@@ -3,12 +3,15 @@
 //! deliveries each container has, and the broker's last decisions for it. The selection
 //! rule is the webhook's and the broker's own ([`ClientSelector::selects`]).
 
+use std::collections::BTreeMap;
+
 use cloudpass_api::{
     AccessPolicy, INJECTION_ENABLED, INJECTION_LABEL,
     agent::{
-        AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, AgentEndpoint, INJECTED_ANNOTATION, SHARED_DIR,
-        SKIPPED_ANNOTATION,
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, AgentDelivery, AgentEndpoint, INJECTED_ANNOTATION,
+        POLICIES_ANNOTATION, SHARED_DIR, SKIPPED_ANNOTATION, annotated_policies,
     },
+    endpoint::{AgentPorts, agent_endpoint},
     policy::NotSelected,
 };
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
@@ -103,10 +106,9 @@ pub fn of(
         })
         .collect();
     let containers: Vec<&Container> = spec.init_containers.iter().flatten().chain(spec.containers.iter()).collect();
-    let deliveries = agent_config(&containers)
-        .map(|config| {
-            config
-                .deliveries
+    let deliveries = agent_deliveries(&containers, annotations, policies)
+        .map(|deliveries| {
+            deliveries
                 .iter()
                 .map(|d| {
                     // The kind as the configuration spells it (its serde tag).
@@ -170,10 +172,34 @@ pub fn of(
     }
 }
 
-fn agent_config(containers: &[&Container]) -> Option<AgentConfig> {
+/// What the pod's agent serves: the deliveries in its configuration (a remote cluster's
+/// webhook writes them there), else those the broker gives it, by the same rule, for the
+/// policies of the `cloudpass.dev/policies` annotation. `None` without an agent.
+fn agent_deliveries(
+    containers: &[&Container],
+    annotations: &BTreeMap<String, String>,
+    policies: &[AccessPolicy],
+) -> Option<Vec<AgentDelivery>> {
     let agent = containers.iter().find(|c| c.name == AGENT_CONTAINER)?;
-    let json = agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV)?.value.clone()?;
-    serde_json::from_str(&json).ok()
+    let config = match agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV) {
+        Some(e) => serde_json::from_str(e.value.as_deref().unwrap_or_default()).ok()?,
+        None => AgentConfig::default(),
+    };
+    if !config.deliveries_from_broker() {
+        return Some(config.deliveries);
+    }
+    let listed = annotations.get(POLICIES_ANNOTATION).map(|v| annotated_policies(v)).unwrap_or_default();
+    let ports = AgentPorts::default();
+    Some(
+        listed
+            .iter()
+            .filter_map(|name| {
+                let policy = policies.iter().find(|p| &p.name_any() == name)?;
+                let endpoint = agent_endpoint(name, &policy.spec.server, &policy.spec.delivery, &ports)?;
+                Some(AgentDelivery { policy: name.clone(), endpoint, evidence: Vec::new() })
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -402,6 +402,62 @@ spec: {oidcToken: {audience: "https://partner.example.com", lifetime: 10m, subje
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_told_what_to_serve_for_the_policies_its_pod_lists() {
+    let b = broker();
+    let cp = b.cp;
+    let _logs = cp.logs_on_panic();
+    let ns = "broker-agent-config";
+    cp.create_namespace(ns, &[]).await.unwrap();
+    cp.create_service_account(ns, "orders").await.unwrap();
+    cp.kubectl_ok(&["create", "secret", "generic", "weather", "-n", ns, "--from-literal=api-key=wx-Key-2b8d"]).unwrap();
+    let http = json!({"kind": "http", "hosts": ["api.weather.example.com"], "port": 8443});
+    let header = json!({"httpHeader": {"name": "X-Api-Key", "format": "{token}"}});
+    let docs = [
+        K8S_TRUST.to_owned(),
+        credential_provider("weather-key", json!({"apiKey": {"secretRef": {"name": "weather", "key": "api-key"}}})),
+        policy("weather", "orders", "weather-key", http.clone(), header.clone(), None),
+        policy("billing-only", "billing", "weather-key", http, header, None),
+    ];
+    apply_ready(cp, ns, &docs, &["weather", "billing-only"]).await;
+    let listed = json!({"cloudpass.dev/policies": "weather,billing-only,gone"});
+    let token =
+        cloudpass_e2e::broker::annotated_pod_token(cp, ns, "orders-1", "orders", json!({"app": "orders"}), listed)
+            .await
+            .unwrap();
+
+    // The broker's config watch trails the policies' Ready condition slightly.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        let (status, answer) = b.agent_config(Some(&token)).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        if answer["deliveries"].as_array().is_some_and(|d| !d.is_empty()) || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        answer["deliveries"],
+        json!([{"policy": "weather", "endpoint": {"type": "httpHeader", "port": 15024,
+            "hosts": ["api.weather.example.com"], "upstreamPort": 8443, "name": "X-Api-Key", "format": "{token}"}}]),
+        "the endpoint the webhook pointed the app at: {answer}"
+    );
+    let unavailable = answer["unavailable"].as_array().unwrap();
+    assert_eq!(unavailable.len(), 2, "{answer}");
+    assert_eq!(unavailable[0]["policy"], "billing-only");
+    assert!(unavailable[0]["message"].as_str().unwrap().contains("does not select pod orders-1"), "{answer}");
+    assert_eq!(unavailable[1]["policy"], "gone");
+    assert!(unavailable[1]["message"].as_str().unwrap().contains("no Ready AccessPolicy gone"), "{answer}");
+    assert!(!answer.to_string().contains("wx-Key-2b8d"), "no credential in the answer");
+
+    let (status, refused) = b.agent_config(None).await.unwrap();
+    assert_eq!((status, refused["code"].as_str()), (401, Some("Unauthenticated")), "{refused}");
+    let (status, refused) = b.agent_config(Some("not-a-token")).await.unwrap();
+    assert_eq!(status, 401, "{refused}");
+    let logs = b.log_text();
+    assert!(!logs.contains(&token), "the token is never logged");
+}
+
 /// Applies a TrustProvider, CredentialProviders and policies, and waits until the
 /// policies are Ready.
 async fn apply_ready(cp: &ControlPlane, ns: &str, docs: &[String], policies: &[&str]) {

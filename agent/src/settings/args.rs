@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use cloudpass_api::{
-    agent::{AGENT_CONFIG_ENV, AgentConfig, BROKER_CA_ENV, BROKER_CA_FILE, SHARED_DIR, TOKEN_DIR, TOKEN_FILE},
+    agent::{
+        AGENT_CONFIG_ENV, AgentConfig, BROKER_CA_ENV, BROKER_CA_FILE, SERVER_CA_DIR, SHARED_DIR, TOKEN_DIR, TOKEN_FILE,
+    },
     duration::Duration as TextDuration,
     secret::SecretString,
 };
@@ -51,8 +53,9 @@ pub enum Command {
         #[arg(long, default_value = "2s")]
         timeout: TextDuration,
         /// Keep asking until ready for up to this long (the webhook's postStart hook: the
-        /// kubelet starts the app the moment it returns). Default: ask once.
-        #[arg(long, default_value = "0s")]
+        /// kubelet starts the app the moment it returns; on failure it restarts the
+        /// agent). `0s`: ask once.
+        #[arg(long, default_value = "60s")]
         wait: TextDuration,
     },
 }
@@ -61,7 +64,8 @@ pub enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// The agent configuration as JSON (broker URL, health port, deliveries), written by
-    /// the webhook.
+    /// the webhook where something differs from the defaults. Without it, or without
+    /// deliveries in it, the agent asks the broker what to serve.
     #[arg(long, env = AGENT_CONFIG_ENV, hide_env_values = true)]
     pub config: Option<String>,
     /// PEM certificate(s) of the CA that signed the broker's serving certificate. Only
@@ -104,6 +108,9 @@ pub struct RunArgs {
     /// S3 bodies stream with `UNSIGNED-PAYLOAD`).
     #[arg(long, env = "CLOUDPASS_SIGV4_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub sigv4_max_body_bytes: usize,
+    /// Directory of the server CA bundles the webhook mounts (`<dir>/<policy>/ca.crt`).
+    #[arg(long, env = "CLOUDPASS_SERVER_CA_DIR", default_value = SERVER_CA_DIR)]
+    pub server_ca_dir: PathBuf,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "CLOUDPASS_SHUTDOWN_GRACE", default_value = "5s")]
     pub shutdown_grace: TextDuration,
@@ -135,12 +142,10 @@ fn default_broker_ca_file() -> String {
 }
 
 impl RunArgs {
-    /// The parsed and checked agent configuration only (what `probe` needs).
+    /// The parsed agent configuration only (what `probe` needs); the defaults when none
+    /// is given.
     pub fn agent_config(&self) -> Result<AgentConfig, AgentError> {
-        let json = self
-            .config
-            .as_deref()
-            .ok_or_else(|| AgentError::Config(format!("no configuration: set {AGENT_CONFIG_ENV} or --config")))?;
+        let Some(json) = self.config.as_deref() else { return Ok(AgentConfig::default()) };
         serde_json::from_str(json).map_err(|e| AgentError::Config(format!("{AGENT_CONFIG_ENV} is not valid: {e}")))
     }
 
@@ -179,6 +184,7 @@ impl RunArgs {
             retry: RetrySettings { initial: self.retry_initial.as_std(), max: self.retry_max.as_std() },
             sigv4_max_body_bytes: self.sigv4_max_body_bytes,
             shutdown_grace: self.shutdown_grace.as_std(),
+            server_ca_dir: self.server_ca_dir,
         };
         settings.validate()?;
         Ok(settings)

@@ -16,7 +16,7 @@ use std::{
 
 use axum::http::HeaderName;
 use cloudpass_api::{
-    agent::{AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, BROKER_CA_ENV},
+    agent::{AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, BROKER_CA_ENV, SERVER_CA_DIR},
     secret::SecretString,
 };
 
@@ -166,9 +166,25 @@ pub struct Settings {
     pub sigv4_max_body_bytes: usize,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
+    /// Where the server CA bundles the webhook mounts are (`<dir>/<policy>/ca.crt`):
+    /// a delivery's `caFile` under [`SERVER_CA_DIR`] is read from here.
+    pub server_ca_dir: PathBuf,
 }
 
 impl Settings {
+    /// Moves each delivery's `caFile` under [`SERVER_CA_DIR`] to [`Settings::server_ca_dir`]
+    /// (the same place in a pod; elsewhere in tests that run the agent outside one).
+    pub fn locate_server_cas(&mut self) {
+        for delivery in &mut self.config.deliveries {
+            if let AgentEndpoint::HttpHeader { ca_file: Some(file), .. }
+            | AgentEndpoint::AwsSigV4 { ca_file: Some(file), .. } = &mut delivery.endpoint
+                && let Some(rest) = file.strip_prefix(SERVER_CA_DIR)
+            {
+                *file = format!("{}{rest}", self.server_ca_dir.display());
+            }
+        }
+    }
+
     /// Checks what the types cannot: the webhook's config must be servable as a whole.
     pub fn validate(&self) -> Result<(), AgentError> {
         let bad = |m: String| Err(AgentError::Config(m));
@@ -314,6 +330,7 @@ mod tests {
             retry: RetrySettings { initial: Duration::from_secs(1), max: Duration::from_secs(60) },
             sigv4_max_body_bytes: 1024,
             shutdown_grace: Duration::from_secs(1),
+            server_ca_dir: SERVER_CA_DIR.into(),
         }
     }
 

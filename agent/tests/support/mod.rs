@@ -288,6 +288,7 @@ pub fn settings(broker: &FakeBroker, files: &Files, deliveries: Vec<AgentDeliver
         retry: RetrySettings { initial: Duration::from_millis(50), max: Duration::from_millis(200) },
         sigv4_max_body_bytes: 1024 * 1024,
         shutdown_grace: Duration::from_secs(2),
+        server_ca_dir: cloudpass_api::agent::SERVER_CA_DIR.into(),
     }
 }
 

@@ -10,6 +10,7 @@ fn caller(pod: Option<&str>) -> Caller {
         pod: pod.map(str::to_owned),
         pod_uid: None,
         labels: BTreeMap::new(),
+        policies: vec![],
         audiences: vec![],
         origin: Origin::ThisCluster,
     }

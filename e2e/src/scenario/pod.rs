@@ -20,7 +20,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use cloudpass_api::agent::{AGENT_CONTAINER, BROKER_CA_FILE, SHARED_DIR, TOKEN_DIR, TOKEN_FILE};
+use cloudpass_api::agent::{
+    AGENT_CONFIG_ENV, AGENT_CONTAINER, AgentConfig, BROKER_CA_FILE, SERVER_CA_DIR, SHARED_DIR, TOKEN_DIR, TOKEN_FILE,
+};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -148,6 +150,18 @@ impl AdmittedPod {
     /// The injected agent container (an init container with `restartPolicy: Always`).
     pub fn agent(&self) -> Option<&Value> {
         agent_of(&self.stored)
+    }
+
+    /// The agent's configuration as the webhook wrote it (the defaults where it wrote
+    /// none), or `None` without an agent.
+    pub fn agent_config(&self) -> Option<Result<AgentConfig>> {
+        let agent = self.agent()?;
+        let env = agent["env"].as_array().into_iter().flatten();
+        Some(match env.into_iter().find(|e| e["name"] == AGENT_CONFIG_ENV) {
+            None => Ok(AgentConfig::default()),
+            Some(e) => serde_json::from_str(e["value"].as_str().unwrap_or_default())
+                .context("the agent's configuration is not an AgentConfig"),
+        })
     }
 
     /// The service account the pod runs as.
@@ -408,12 +422,7 @@ impl RunningPod {
                 (None, None) if e.get("valueFrom").is_none() => String::new(),
                 _ => bail!("env {name}: only values and fieldRefs of the pod's own metadata are supported"),
             };
-            let value = if name == cloudpass_api::agent::AGENT_CONFIG_ENV {
-                remap_agent_config(&value, &mounts)?
-            } else {
-                remap(&value, &mounts)
-            };
-            env.push((name, value));
+            env.push((name.clone(), if name == AGENT_CONFIG_ENV { value } else { remap(&value, &mounts) }));
         }
         Ok(env)
     }
@@ -421,11 +430,8 @@ impl RunningPod {
     fn start_agent(&mut self) -> Result<()> {
         let agent = self.pod.agent().context("no agent container")?.clone();
         // The agent's ports are fixed: on one "node" only one injected pod can run.
-        let config = self.env_of(&agent)?.into_iter().find(|(k, _)| k == cloudpass_api::agent::AGENT_CONFIG_ENV);
-        let health = config.and_then(|(_, v)| serde_json::from_str::<Value>(&v).ok()?["healthPort"].as_u64());
-        if let Some(port) = health
-            && std::net::TcpStream::connect(("127.0.0.1", port as u16)).is_ok()
-        {
+        let port = self.pod.agent_config().context("no agent container")??.health_port;
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             bail!("port {port} is taken, by another pod's agent? Stop that pod first: agents use fixed loopback ports");
         }
         let mounts = self.mounts(&agent);
@@ -440,6 +446,16 @@ impl RunningPod {
         args.push(format!("--token-file={}", remap(&format!("{TOKEN_DIR}/{TOKEN_FILE}"), &mounts)));
         args.push(format!("--broker-ca-file={}", remap(&format!("{TOKEN_DIR}/{BROKER_CA_FILE}"), &mounts)));
         args.push(format!("--shared-dir={}", remap(SHARED_DIR, &mounts)));
+        // The server CA bundles are one mount per policy under SERVER_CA_DIR: gathered
+        // under one folder, as in the container.
+        let server_cas = self.dir.path().join("server-ca");
+        std::fs::create_dir_all(&server_cas)?;
+        for (mount, host) in &mounts {
+            if let Some(policy) = mount.strip_prefix(&format!("{SERVER_CA_DIR}/")) {
+                std::os::unix::fs::symlink(host, server_cas.join(policy))?;
+            }
+        }
+        args.push(format!("--server-ca-dir={}", server_cas.display()));
         // ...and the node's metadata address, moved to its fake.
         if let Some(url) = &self.node.metadata_url {
             args.extend(["azure-imds-url", "gcp-metadata-url", "aws-imds-url"].map(|flag| format!("--{flag}={url}")));
@@ -580,16 +596,6 @@ impl Drop for RunningPod {
 /// `value` with a leading mount path replaced by the volume's host folder.
 /// The agent's configuration with the files it names under volume mounts (a policy's
 /// server CA bundle) moved like [`remap`] moves paths.
-fn remap_agent_config(config: &str, mounts: &[(String, PathBuf)]) -> Result<String> {
-    let mut config: Value = serde_json::from_str(config).context("the agent's configuration is not JSON")?;
-    for delivery in config["deliveries"].as_array_mut().into_iter().flatten() {
-        if let Some(file) = delivery["endpoint"]["caFile"].as_str() {
-            delivery["endpoint"]["caFile"] = Value::String(remap(file, mounts));
-        }
-    }
-    Ok(config.to_string())
-}
-
 fn remap(value: &str, mounts: &[(String, PathBuf)]) -> String {
     let (flag, path) = value.split_once('=').filter(|(f, _)| f.starts_with("--")).unwrap_or(("", value));
     for (mount, host) in mounts {

@@ -15,8 +15,8 @@ use cloudpass_api::{
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, ExecAction,
-        KeyToPath, Lifecycle, LifecycleHandler, Pod, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-        SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+        KeyToPath, Lifecycle, LifecycleHandler, Pod, PodSecurityContext, ProjectedVolumeSource, ResourceRequirements,
+        SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::api::resource::Quantity,
 };
@@ -32,8 +32,8 @@ pub(super) const TOKEN_VOLUME: &str = "cloudpass-token";
 pub(super) const SHARED_VOLUME: &str = "cloudpass-shared";
 /// Prefix of the volumes holding the CA bundles of policies' `server.tls`.
 pub(super) const SERVER_CA_VOLUME: &str = "cloudpass-server-ca";
-/// How long the agent's postStart hook waits for the first credential.
-const FIRST_CREDENTIAL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The UID and GID the agent image runs as (`USER 65532:65532` in the Dockerfile).
+const AGENT_UID_GID: i64 = 65532;
 /// Mode of the agent's projected token file (see where the volume is built).
 const TOKEN_FILE_MODE: i32 = 0o444;
 
@@ -76,6 +76,8 @@ impl AgentVolumes {
 }
 
 /// The agent container for what was `delivered`, and the volumes to append to the pod.
+/// `pod_security` is the pod's own security context, whose user and group would
+/// otherwise apply to the agent.
 pub(super) fn build(
     settings: &InjectSettings,
     config: Option<&NamespaceConfig>,
@@ -83,17 +85,24 @@ pub(super) fn build(
     names: AgentVolumes,
     volume_names: &mut VolumeNames,
     identity_header: &str,
+    pod_security: Option<&PodSecurityContext>,
 ) -> (Container, Vec<Volume>) {
     let Delivered { deliveries, needs_shared, server_cas, uses_azure, .. } = delivered;
     let AgentVolumes { token: token_volume, shared: shared_volume } = names;
     let agent_config = AgentConfig {
         broker_url: settings.broker_url.clone(),
         health_port: settings.ports.health,
-        deliveries,
+        // In the broker's cluster the broker reads the pod's policies annotation and
+        // answers the same deliveries (`cloudpass_api::endpoint`) when the agent starts:
+        // about 100 bytes per policy fewer in every stored pod. Another cluster's broker
+        // cannot read this cluster's pods.
+        deliveries: if settings.remote_cluster { deliveries } else { Vec::new() },
         policy_namespace: config.filter(|_| settings.remote_cluster).map(|c| c.namespace.clone()),
     };
-    let mut agent_env =
-        vec![env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes"))];
+    let mut agent_env = Vec::new();
+    if agent_config != AgentConfig::default() {
+        agent_env.push(env(AGENT_CONFIG_ENV, serde_json::to_string(&agent_config).expect("agent config serializes")));
+    }
     if let BrokerCa::Inline(pem) = &settings.broker_ca {
         agent_env.push(env(BROKER_CA_ENV, pem.get().to_string()));
     }
@@ -128,7 +137,7 @@ pub(super) fn build(
             ..Default::default()
         });
     }
-    let agent = agent_container(settings, agent_env, agent_mounts);
+    let agent = agent_container(settings, agent_env, agent_mounts, pod_security);
 
     let mut volumes = Vec::new();
     let mut sources = vec![VolumeProjection {
@@ -201,8 +210,18 @@ pub(super) fn build(
     (agent, volumes)
 }
 
-fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: Vec<VolumeMount>) -> Container {
+fn agent_container(
+    settings: &InjectSettings,
+    env: Vec<EnvVar>,
+    volume_mounts: Vec<VolumeMount>,
+    pod_security: Option<&PodSecurityContext>,
+) -> Container {
     let quantity = |q: &str| Quantity(q.into());
+    // The image runs as 65532:65532; only a pod-level user or group would override that
+    // for the agent (running it as the app, or as GID 0), so only then is it repeated
+    // here. `runAsNonRoot` makes the kubelet refuse an image that runs as root.
+    let pod_sets_identity = pod_security.is_some_and(|p| p.run_as_user.is_some() || p.run_as_group.is_some());
+    let agent_identity = pod_sets_identity.then_some(AGENT_UID_GID);
     Container {
         name: AGENT_CONTAINER.into(),
         image: Some(settings.image.clone()),
@@ -210,7 +229,7 @@ fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: V
         // A native sidecar: started before the app containers, stopped after them, and
         // it does not keep a Job from completing.
         restart_policy: Some("Always".into()),
-        env: Some(env),
+        env: (!env.is_empty()).then_some(env),
         volume_mounts: Some(volume_mounts),
         // The kubelet starts the next container once this hook returns, which it does the
         // moment the first credential is there (a startup probe would pass only at its
@@ -220,11 +239,8 @@ fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: V
         lifecycle: Some(Lifecycle {
             post_start: Some(LifecycleHandler {
                 exec: Some(ExecAction {
-                    command: Some(vec![
-                        settings.agent_path.clone(),
-                        "probe".into(),
-                        format!("--wait={}s", FIRST_CREDENTIAL_WAIT.as_secs()),
-                    ]),
+                    // `probe` waits 60 s by default.
+                    command: Some(vec![settings.agent_path.clone(), "probe".into()]),
                 }),
                 ..Default::default()
             }),
@@ -237,8 +253,8 @@ fn agent_container(settings: &InjectSettings, env: Vec<EnvVar>, volume_mounts: V
         }),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(65532),
-            run_as_group: Some(65532),
+            run_as_user: agent_identity,
+            run_as_group: agent_identity,
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),

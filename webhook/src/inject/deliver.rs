@@ -6,16 +6,14 @@
 use std::collections::BTreeMap;
 
 use cloudpass_api::{
-    agent::{
-        AWS_CREDENTIALS_PATH, AWS_TOKEN_FILE, AZURE_TOKEN_PATH, AgentDelivery, AgentEndpoint, EvidenceSource,
-        SHARED_DIR,
-    },
+    agent::{AWS_CREDENTIALS_PATH, AWS_TOKEN_FILE, AZURE_TOKEN_PATH, AgentDelivery, SHARED_DIR},
     config::{CompiledPolicy, NamespaceConfig},
-    policy::{ConfigMapKey, ServerKind},
+    endpoint::{AgentPorts, DeliveryKind, agent_delivery},
+    policy::ConfigMapKey,
 };
 use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, VolumeMount};
 
-use super::{ContainerAdditions, ContainerList, InjectSettings, Ports};
+use super::{ContainerAdditions, ContainerList, InjectSettings};
 
 /// What the selected policies deliver into one pod.
 pub(super) struct Delivered {
@@ -62,7 +60,7 @@ pub(super) fn deliver(
         .collect();
 
     for &policy in selected {
-        let Some(kind) = delivery_kind(policy) else { continue };
+        let Some(kind) = DeliveryKind::of(&policy.server, &policy.delivery) else { continue };
         let targets: Vec<usize> = containers
             .iter()
             .enumerate()
@@ -133,11 +131,7 @@ pub(super) fn deliver(
             if let (DeliveryKind::Proxy, Some(tls)) = (kind, &policy.server.tls) {
                 server_cas.push((policy.name.clone(), tls.ca_config_map.clone()));
             }
-            deliveries.push(AgentDelivery {
-                policy: policy.name.clone(),
-                endpoint: endpoint(policy, kind, &settings.ports),
-                evidence: evidence(policy, config),
-            });
+            deliveries.extend(agent_delivery(policy, config, &settings.ports));
             served.push(policy.name.clone());
         }
     }
@@ -179,35 +173,11 @@ fn conflicting_vars(kind: &DeliveryKind) -> &'static [&'static str] {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum DeliveryKind {
-    Aws,
-    Azure,
-    Gcp,
-    Proxy,
-    File,
-}
-
-fn delivery_kind(policy: &CompiledPolicy) -> Option<DeliveryKind> {
-    if policy.delivery.file.is_some() {
-        return Some(DeliveryKind::File);
-    }
-    if policy.delivery.sdk_endpoint.is_some() {
-        return match policy.server.kind {
-            ServerKind::Aws => Some(DeliveryKind::Aws),
-            ServerKind::Azure => Some(DeliveryKind::Azure),
-            ServerKind::Gcp => Some(DeliveryKind::Gcp),
-            ServerKind::Http => None,
-        };
-    }
-    Some(DeliveryKind::Proxy)
-}
-
 pub(super) fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
 }
 
-fn app_env(kind: DeliveryKind, ports: &Ports, identity_header: &str, existing: &[EnvVar]) -> Vec<EnvVar> {
+fn app_env(kind: DeliveryKind, ports: &AgentPorts, identity_header: &str, existing: &[EnvVar]) -> Vec<EnvVar> {
     let local = |port: u16| format!("127.0.0.1:{port}");
     match kind {
         DeliveryKind::Aws => vec![
@@ -232,55 +202,6 @@ fn app_env(kind: DeliveryKind, ports: &Ports, identity_header: &str, existing: &
         }
         // The file's place is the volume; the app reads it at SHARED_DIR/<name>.
         DeliveryKind::File => vec![],
-    }
-}
-
-/// The cloud evidence the agent gathers for `policy`: one source per trust provider that
-/// needs more than the pod's token. `oidc` evidence comes from outside any pod.
-fn evidence(policy: &CompiledPolicy, config: Option<&NamespaceConfig>) -> Vec<EvidenceSource> {
-    let Some(config) = config else { return vec![] };
-    policy.trust_providers.iter().filter_map(|name| config.trust_providers.get(name)?.evidence_source(name)).collect()
-}
-
-fn endpoint(policy: &CompiledPolicy, kind: DeliveryKind, ports: &Ports) -> AgentEndpoint {
-    let upstream_port = policy.server.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(443);
-    let ca_file = policy.server.tls.as_ref().map(|_| cloudpass_api::agent::server_ca_file(&policy.name));
-    match kind {
-        DeliveryKind::Aws => AgentEndpoint::AwsContainerCredentials { port: ports.aws },
-        DeliveryKind::Azure => AgentEndpoint::AzureManagedIdentity {
-            port: ports.azure,
-            resource: policy.server.resource.clone().unwrap_or_default(),
-        },
-        DeliveryKind::Gcp => AgentEndpoint::GcpMetadata {
-            port: ports.gcp,
-            scopes: if policy.server.scopes.is_empty() {
-                vec!["https://www.googleapis.com/auth/cloud-platform".into()]
-            } else {
-                policy.server.scopes.clone()
-            },
-        },
-        DeliveryKind::File => {
-            let file = policy.delivery.file.clone().unwrap_or_else(|| unreachable!("a file delivery"));
-            AgentEndpoint::File { name: file.name, format: file.format }
-        }
-        DeliveryKind::Proxy => match (&policy.delivery.http_header, &policy.delivery.aws_sig_v4) {
-            (Some(h), _) => AgentEndpoint::HttpHeader {
-                port: ports.proxy,
-                hosts: policy.server.hosts.clone(),
-                upstream_port,
-                name: h.name.clone(),
-                format: h.format.clone(),
-                ca_file,
-            },
-            (None, sig) => AgentEndpoint::AwsSigV4 {
-                port: ports.proxy,
-                hosts: policy.server.hosts.clone(),
-                upstream_port,
-                service: sig.as_ref().and_then(|s| s.service.clone()),
-                region: sig.as_ref().and_then(|s| s.region.clone()),
-                ca_file,
-            },
-        },
     }
 }
 

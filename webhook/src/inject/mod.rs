@@ -27,26 +27,7 @@ mod deliver;
 mod patch;
 mod select;
 
-/// Loopback ports of the agent's endpoints.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ports {
-    /// `/ready`, `/healthz`, `/metrics`.
-    pub health: u16,
-    /// AWS container credentials.
-    pub aws: u16,
-    /// Azure managed identity.
-    pub azure: u16,
-    /// GCP metadata server.
-    pub gcp: u16,
-    /// HTTP proxy (header and SigV4 deliveries).
-    pub proxy: u16,
-}
-
-impl Default for Ports {
-    fn default() -> Self {
-        Self { health: cloudpass_api::agent::DEFAULT_HEALTH_PORT, aws: 15021, azure: 15022, gcp: 15023, proxy: 15024 }
-    }
-}
+pub use cloudpass_api::endpoint::AgentPorts as Ports;
 
 /// How the agent is injected; set by the webhook's flags.
 #[derive(Clone, Debug)]
@@ -195,7 +176,15 @@ pub fn decide(
     let warnings = std::mem::take(&mut delivered.warnings);
     let served = std::mem::take(&mut delivered.served);
     let containers = std::mem::take(&mut delivered.containers);
-    let (agent, volumes) = agent::build(settings, config, delivered, names, &mut volume_names, identity_header);
+    let (agent, volumes) = agent::build(
+        settings,
+        config,
+        delivered,
+        names,
+        &mut volume_names,
+        identity_header,
+        spec.security_context.as_ref(),
+    );
 
     let mut annotations = BTreeMap::new();
     annotations.insert(INJECTED_ANNOTATION.into(), settings.version.clone());

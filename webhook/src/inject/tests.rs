@@ -4,10 +4,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cloudpass_api::{
     agent::{
-        AGENT_CONFIG_ENV, AGENT_CONTAINER, AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, BROKER_CA_ENV, BROKER_CA_FILE,
-        EvidenceSource, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR, SKIPPED_ANNOTATION, TOKEN_DIR,
+        AGENT_CONFIG_ENV, AGENT_CONTAINER, AWS_TOKEN_FILE, AgentConfig, AgentDelivery, AgentEndpoint, BROKER_CA_ENV,
+        BROKER_CA_FILE, DEFAULT_BROKER_URL, EvidenceSource, INJECTED_ANNOTATION, POLICIES_ANNOTATION, SHARED_DIR,
+        SKIPPED_ANNOTATION, TOKEN_DIR, annotated_policies,
     },
     config::{CompiledPolicy, NamespaceConfig},
+    endpoint::agent_delivery,
 };
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use serde_json::json;
@@ -117,6 +119,29 @@ fn aws() -> serde_json::Value {
     json!({"kind": "aws"})
 }
 
+/// The agent's configuration in `p` (the defaults where the webhook wrote none).
+fn agent_config_of(p: &Pod) -> AgentConfig {
+    let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == AGENT_CONFIG_ENV)
+        .map_or_else(AgentConfig::default, |e| serde_json::from_str(e.value.as_deref().unwrap()).unwrap())
+}
+
+/// What the agent of `p` serves: the deliveries in its configuration, else those the
+/// broker answers (the same rule, `agent_delivery`) for the policies the webhook listed
+/// in the pod's annotation.
+fn served_by_agent(p: &Pod, cfg: &NamespaceConfig) -> Vec<AgentDelivery> {
+    let config = agent_config_of(p);
+    if !config.deliveries.is_empty() {
+        return config.deliveries;
+    }
+    let listed = annotated_policies(&p.metadata.annotations.as_ref().unwrap()[POLICIES_ANNOTATION]);
+    listed.iter().filter_map(|n| agent_delivery(cfg.policy(n)?, Some(cfg), &Ports::default())).collect()
+}
+
 /// Where the kubelet would mount the pod's Kubernetes API token.
 const KUBE_API_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -135,6 +160,7 @@ fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
     assert_eq!(agent.restart_policy.as_deref(), Some("Always"));
     let sc = agent.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!((sc.run_as_user, sc.run_as_group), (None, None), "the image's 65532:65532 applies");
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
@@ -142,15 +168,21 @@ fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
     let hook = agent.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()).and_then(|h| h.exec.as_ref());
     assert_eq!(
         hook.and_then(|e| e.command.clone()).unwrap(),
-        ["/usr/local/bin/cloudpass-agent", "probe", "--wait=60s"],
+        ["/usr/local/bin/cloudpass-agent", "probe"],
         "the app starts once the agent's first credential is there"
     );
     assert!(agent.startup_probe.is_none(), "a probe's period would delay the app");
     let agent_env: BTreeMap<_, _> =
         agent.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap())).collect();
     let agent_config: AgentConfig = serde_json::from_str(&agent_env[AGENT_CONFIG_ENV]).unwrap();
-    assert_eq!(agent_config.deliveries[0].policy, "s3");
-    assert_eq!(agent_config.deliveries[0].endpoint, AgentEndpoint::AwsContainerCredentials { port: 15021 });
+    assert_eq!(
+        agent_config,
+        AgentConfig { broker_url: "https://broker".into(), ..AgentConfig::default() },
+        "only what differs from the defaults; the deliveries come from the broker"
+    );
+    let served = served_by_agent(&p, &cfg);
+    assert_eq!(served[0].policy, "s3");
+    assert_eq!(served[0].endpoint, AgentEndpoint::AwsContainerCredentials { port: 15021 });
     // The token volume is the agent's alone.
     let token_mounts: Vec<_> = spec
         .containers
@@ -180,6 +212,31 @@ fn injects_a_native_sidecar_first_with_env_volumes_and_annotations() {
     let ann = p.metadata.annotations.unwrap();
     assert_eq!(ann[INJECTED_ANNOTATION], "0.1.0");
     assert_eq!(ann[POLICIES_ANNOTATION], "s3");
+}
+
+#[test]
+fn with_every_default_the_agent_has_no_configuration_in_the_pod() {
+    let cfg = config(json!([policy("s3", aws(), json!({}))]));
+    let defaults = InjectSettings { broker_url: DEFAULT_BROKER_URL.into(), ..settings() };
+    let p = decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &defaults, "x").mutated.unwrap();
+    let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    assert_eq!(agent.env, None, "nothing the agent does not know already");
+    assert_eq!(served_by_agent(&p, &cfg)[0].endpoint, AgentEndpoint::AwsContainerCredentials { port: 15021 });
+}
+
+#[test]
+fn a_pod_level_user_or_group_is_overridden_for_the_agent_only() {
+    let cfg = config(json!([policy("s3", aws(), json!({}))]));
+    for security in
+        [json!({"runAsUser": 1000}), json!({"runAsGroup": 0}), json!({"runAsUser": 1000, "runAsGroup": 1000})]
+    {
+        let submitted = pod(json!({"securityContext": security, "containers": [app("web")]}));
+        let p = decide_and_patch(&submitted, Some(&cfg), &settings(), "x").mutated.unwrap();
+        let spec = p.spec.as_ref().unwrap();
+        let sc = spec.init_containers.as_ref().unwrap()[0].security_context.clone().unwrap();
+        assert_eq!((sc.run_as_user, sc.run_as_group), (Some(65532), Some(65532)), "{security}");
+        assert_eq!(spec.containers[0].security_context, None, "the app keeps the pod's: {security}");
+    }
 }
 
 #[test]
@@ -231,10 +288,8 @@ fn the_agent_is_told_which_cloud_evidence_each_policy_needs() {
     let cfg = NamespaceConfig::new("team", trust, cred, policies);
     let d = decide_and_patch(&pod(json!({"containers": [app("web")]})), Some(&cfg), &settings(), "proof");
     let p = d.mutated.unwrap();
-    let agent = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
-    let json = agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.clone().unwrap();
-    let agent_config: AgentConfig = serde_json::from_str(&json).unwrap();
-    let evidence = |policy: &str| agent_config.deliveries.iter().find(|d| d.policy == policy).unwrap().evidence.clone();
+    let served = served_by_agent(&p, &cfg);
+    let evidence = |policy: &str| served.iter().find(|d| d.policy == policy).unwrap().evidence.clone();
     assert_eq!(
         evidence("s3"),
         [
@@ -424,13 +479,8 @@ fn a_file_delivery_mounts_the_shared_volume_read_only_once_and_adds_no_variable(
     assert_eq!(shared[0].read_only, Some(true));
     let env = env_of(&p, "web");
     assert!(env.keys().all(|k| k.starts_with("AWS_")), "files add no variable: {env:?}");
-    let agent = &spec.init_containers.as_ref().unwrap()[0];
-    let config: serde_json::Value = serde_json::from_str(
-        agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.as_deref().unwrap(),
-    )
-    .unwrap();
-    let endpoints: Vec<&serde_json::Value> =
-        config["deliveries"].as_array().unwrap().iter().map(|d| &d["endpoint"]).collect();
+    let config = serde_json::to_value(served_by_agent(&p, &cfg)).unwrap();
+    let endpoints: Vec<&serde_json::Value> = config.as_array().unwrap().iter().map(|d| &d["endpoint"]).collect();
     assert!(endpoints.contains(&&json!({"type": "file", "name": "db.env", "format": "Dotenv"})), "{config}");
     assert!(endpoints.contains(&&json!({"type": "file", "name": "api-key", "format": "Dotenv"})), "{config}");
 }
@@ -463,10 +513,8 @@ fn a_private_server_ca_is_mounted_into_the_agent_and_named_in_its_config() {
     assert_eq!(source.optional, Some(false), "a missing CA stops the pod with an Event, not silently");
     let items = source.items.as_ref().unwrap();
     assert_eq!((items[0].key.as_str(), items[0].path.as_str()), ("bundle.pem", "ca.crt"));
-    let env: BTreeMap<_, _> = agent.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap())).collect();
-    let config: AgentConfig = serde_json::from_str(&env[AGENT_CONFIG_ENV]).unwrap();
-    let ca_files: Vec<_> = config
-        .deliveries
+    let served = served_by_agent(&p, &cfg);
+    let ca_files: Vec<_> = served
         .iter()
         .map(|d| match &d.endpoint {
             AgentEndpoint::HttpHeader { ca_file, .. } => (d.policy.as_str(), ca_file.clone()),
@@ -565,6 +613,9 @@ fn remote_cluster_agents_name_their_namespace_and_only_unlabelled_policies_apply
     let config_json = agent.env.iter().flatten().find(|e| e.name == AGENT_CONFIG_ENV).unwrap().value.clone().unwrap();
     let agent_config: AgentConfig = serde_json::from_str(&config_json).unwrap();
     assert_eq!(agent_config.policy_namespace.as_deref(), Some("team"));
+    // Another cluster's broker cannot read this pod: the deliveries are written here.
+    assert_eq!(agent_config.deliveries.len(), 1);
+    assert_eq!(agent_config.deliveries[0].policy, "any-pod");
 
     // In the broker's own cluster the namespace comes from the token, not the config.
     let d = decide_and_patch(
