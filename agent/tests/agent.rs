@@ -264,10 +264,11 @@ async fn the_binary_runs_from_the_webhooks_environment() {
     };
     let config = serde_json::to_string(&config).unwrap();
 
-    // The probe fails (exit 1) while nothing listens, and without configuration.
+    // The probe fails (exit 1) while nothing listens; without configuration it asks the
+    // default health port.
     let probe = |config: Option<&str>| {
         let mut command = Command::new(BIN);
-        command.arg("probe").env_clear();
+        command.args(["probe", "--wait=0s"]).env_clear();
         if let Some(c) = config {
             command.env("CLOUDPASS_AGENT_CONFIG", c);
         }
@@ -276,7 +277,7 @@ async fn the_binary_runs_from_the_webhooks_environment() {
     assert_eq!(probe(Some(&config)).status.code(), Some(1));
     let missing = probe(None);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("CLOUDPASS_AGENT_CONFIG"));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not ready"), "{missing:?}");
 
     let mut child = Command::new(BIN)
         .env_clear()
