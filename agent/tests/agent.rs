@@ -317,6 +317,55 @@ async fn the_binary_runs_from_the_webhooks_environment() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_deliveries_the_agent_serves_what_the_broker_names_once_it_names_every_policy() {
+    let broker = FakeBroker::start().await;
+    script(&broker);
+    let files = Files::new("pod-token");
+    let aws = free_port();
+    let served = serde_json::to_value(&deliveries(aws, 0, 0)[..1]).unwrap();
+    // First the policy has not reached the replica asked, then it has.
+    broker.script_agent_config(vec![
+        serde_json::json!({"deliveries": [], "unavailable": [{"policy": "s3", "message": "no Ready AccessPolicy s3"}]}),
+        serde_json::json!({"deliveries": served}),
+    ]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(cloudpass_agent::run(settings(&broker, &files, vec![]), async {
+        stopped.await.ok();
+    }));
+    let token_file = files.shared_dir().join(cloudpass_api::agent::AWS_TOKEN_FILE);
+    assert!(eventually(Duration::from_secs(10), || token_file.exists()).await, "the AWS endpoint never started");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let http = http();
+    let mut answer = (0, Value::Null);
+    for _ in 0..100 {
+        answer =
+            get_json(http.get(format!("http://127.0.0.1:{aws}/v1/aws/credentials")).header("Authorization", &token))
+                .await;
+        if answer.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer.0, 200, "{answer:?}");
+    assert_eq!(answer.1["AccessKeyId"], "ASIATESTKEY");
+    assert_eq!(broker.agent_config_asked(), 2, "asked again while a policy was missing, then no more");
+
+    // A broker that never names the pod's policies keeps the agent asking, serving
+    // nothing, until it is stopped.
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    let idle = FakeBroker::start().await;
+    idle.script_agent_config(vec![serde_json::json!({"deliveries": []})]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(cloudpass_agent::run(settings(&idle, &files, vec![]), async {
+        stopped.await.ok();
+    }));
+    assert!(eventually(Duration::from_secs(10), || idle.agent_config_asked() >= 3).await);
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
+
 #[test]
 fn help_lists_every_flag_with_its_environment_variable() {
     let output = Command::new(BIN).arg("--help").env_clear().env("IDENTITY_HEADER", "do-not-print").output().unwrap();

@@ -9,9 +9,6 @@ use crate::{
     policy::{Delivery, Server, ServerKind},
 };
 
-/// Scopes of a GCP metadata token when the policy names none.
-pub const DEFAULT_GCP_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
-
 /// Loopback ports of the agent's endpoints, the same for every injected pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentPorts {
@@ -98,10 +95,7 @@ pub fn agent_endpoint(name: &str, server: &Server, delivery: &Delivery, ports: &
             port: ports.azure,
             resource: server.resource.clone().unwrap_or_default(),
         },
-        DeliveryKind::Gcp => AgentEndpoint::GcpMetadata {
-            port: ports.gcp,
-            scopes: if server.scopes.is_empty() { vec![DEFAULT_GCP_SCOPE.into()] } else { server.scopes.clone() },
-        },
+        DeliveryKind::Gcp => AgentEndpoint::GcpMetadata { port: ports.gcp, scopes: server.google_scopes() },
         DeliveryKind::File => {
             let file = delivery.file.clone()?;
             AgentEndpoint::File { name: file.name, format: file.format }

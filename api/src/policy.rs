@@ -184,6 +184,16 @@ pub struct Server {
     pub tls: Option<ServerTls>,
 }
 
+/// The Google scope of a token when the policy names none.
+pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+impl Server {
+    /// The scopes its Google tokens carry: `scopes`, else [`CLOUD_PLATFORM_SCOPE`].
+    pub fn google_scopes(&self) -> Vec<String> {
+        if self.scopes.is_empty() { vec![CLOUD_PLATFORM_SCOPE.into()] } else { self.scopes.clone() }
+    }
+}
+
 /// TLS settings of the agent's connections to the server.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -228,8 +228,20 @@ async fn aks_to_s3_runs_as_a_deployment_with_an_init_container_and_survives_a_ki
         // The agent trusted the broker through the namespace's copy of its CA, which the
         // kubelet projected beside its token: no PEM in the pod spec.
         let agent = pod["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "cloudpass-agent");
-        let agent_env = agent.unwrap()["env"].as_array().unwrap();
-        assert!(!agent_env.iter().any(|e| e["name"] == "CLOUDPASS_BROKER_CA"), "{pod_name}: {agent_env:?}");
+        // Nor anything else: with the chart's defaults the agent's configuration is its
+        // own defaults, and its deliveries came from the broker.
+        let agent = agent.unwrap();
+        assert_eq!(agent.get("env"), None, "{pod_name}: {agent}");
+        assert_eq!(agent["securityContext"].get("runAsUser"), None, "{pod_name}: the image's user: {agent}");
+        let identities = agent_process_identities();
+        assert!(!identities.is_empty(), "no agent process on the node");
+        for (uid, gid) in identities {
+            assert_eq!(
+                (uid.as_str(), gid.as_str()),
+                ("65532", "65532"),
+                "every agent runs as the image's user and group"
+            );
+        }
         let volumes = pod["spec"]["volumes"].as_array().unwrap();
         let projected_ca = volumes
             .iter()
@@ -468,4 +480,29 @@ async fn a_deleted_policy_is_refused_at_the_agents_next_refresh() {
         assert!(Instant::now() < deadline, "the app kept succeeding: {lines:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The real UID and GID of every running agent on this host (`/proc/<pid>/status` of
+/// the processes whose command is the agent without a subcommand).
+fn agent_process_identities() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+        if args.len() != 1 || !args[0].ends_with(b"/cloudpass-agent") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .map(str::to_owned)
+        };
+        if let (Some(uid), Some(gid)) = (field("Uid:"), field("Gid:")) {
+            found.push((uid, gid));
+        }
+    }
+    found
 }

@@ -246,4 +246,35 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn without_deliveries_in_the_pod_they_are_its_listed_policies_by_the_brokers_rule() {
+        let pod: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "orders-1", "namespace": "team", "uid": "u-1",
+                         "annotations": {"cloudpass.dev/policies": "to-blob,gone"}},
+            "spec": {"serviceAccountName": "orders",
+                "initContainers": [{"name": "cloudpass-agent"}],
+                "containers": [
+                    {"name": "api", "env": [{"name": "IDENTITY_ENDPOINT", "value": "http://127.0.0.1:15022/msi/token"}]},
+                    {"name": "sidecar"}]}}))
+        .unwrap();
+        let policy: AccessPolicy = serde_json::from_value(json!({
+            "apiVersion": "cloudpass.dev/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": "to-blob", "namespace": "team"},
+            "spec": {"client": {"podSelector": {}}, "trustProviders": [{"name": "this-cluster"}],
+                     "server": {"kind": "azure", "resource": "https://storage.azure.com/"},
+                     "credentialProvider": {"name": "blob"}, "delivery": {"sdkEndpoint": {}}}}))
+        .unwrap();
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": "team"}})).unwrap();
+        let e = of(&pod, &namespace, &[policy], Ok(vec![]), 1);
+        assert_eq!(
+            e.deliveries,
+            [Delivery {
+                policy: "to-blob".into(),
+                endpoint: "azureManagedIdentity :15022".into(),
+                containers: vec!["api".into()]
+            }],
+            "a listed policy that no longer exists has no endpoint to show"
+        );
+    }
 }

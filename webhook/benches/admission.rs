@@ -18,7 +18,7 @@ use cloudpass_e2e::{
 use cloudpass_webhook::{
     admission::Admission,
     configs::Configs,
-    inject::{BrokerCa, InjectSettings, Ports},
+    inject::{AgentPorts, BrokerCa, InjectSettings},
     metrics::Metrics,
 };
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::LabelSelector};
@@ -62,7 +62,7 @@ fn review_body(policies: usize) -> (Admission, Vec<u8>) {
             agent_path: "/usr/local/bin/cloudpass-agent".into(),
             broker_url: "https://cloudpass-broker.cloudpass-system.svc:8443".into(),
             broker_ca: BrokerCa::ConfigMap("cloudpass-broker-ca".into()),
-            ports: Ports::default(),
+            ports: AgentPorts::default(),
             token_seconds: 3600,
             version: "bench".into(),
             remote_cluster: false,

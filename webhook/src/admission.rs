@@ -178,7 +178,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::inject::Ports;
+    use crate::inject::AgentPorts;
 
     fn admission() -> Admission {
         let configs = Arc::new(Configs::default());
@@ -204,7 +204,7 @@ mod tests {
                 agent_path: "/agent".into(),
                 broker_url: "https://broker".into(),
                 broker_ca: crate::inject::BrokerCa::ConfigMap("cloudpass-broker-ca".into()),
-                ports: Ports::default(),
+                ports: AgentPorts::default(),
                 token_seconds: 3600,
                 version: "test".into(),
                 remote_cluster: false,

@@ -11,7 +11,7 @@ use cloudpass_webhook::{
     certs::{CertManager, CertSettings},
     configs::{self, Configs},
     files::{WatchedText, validate_pem_certificates},
-    inject::{BrokerCa, InjectSettings, Ports},
+    inject::{AgentPorts, BrokerCa, InjectSettings},
     metrics::Metrics,
     server::{self, AppState},
     tls::{self, ReloadableCert, ServerLimits},
@@ -194,7 +194,7 @@ async fn main() -> ExitCode {
             .clone()
             .unwrap_or_else(|| format!("https://cloudpass-broker.{}.svc:8443", args.namespace)),
         broker_ca,
-        ports: Ports::default(),
+        ports: AgentPorts::default(),
         token_seconds: args.token_lifetime.as_secs().max(600) as i64,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         remote_cluster: args.remote_cluster,

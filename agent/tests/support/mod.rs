@@ -94,6 +94,9 @@ pub struct Minted {
 #[derive(Clone, Default)]
 struct BrokerState {
     replies: Arc<Mutex<Replies>>,
+    /// Answers of `GET /v1/agent-config`, in order; the last one repeats.
+    agent_configs: Arc<Mutex<VecDeque<Value>>>,
+    agent_config_asked: Arc<Mutex<usize>>,
     seen: Arc<Mutex<Vec<Seen>>>,
     minting: Arc<Mutex<BTreeMap<String, Minting>>>,
 }
@@ -145,14 +148,37 @@ async fn answer(State(state): State<BrokerState>, headers: HeaderMap, body: Stri
     }
 }
 
+async fn agent_config(State(state): State<BrokerState>) -> (StatusCode, Json<Value>) {
+    *state.agent_config_asked.lock().unwrap() += 1;
+    let mut answers = state.agent_configs.lock().unwrap();
+    let answer = if answers.len() > 1 { answers.pop_front() } else { answers.front().cloned() };
+    match answer {
+        Some(body) => (StatusCode::OK, Json(body)),
+        None => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"code": "Unavailable", "message": "not scripted"}))),
+    }
+}
+
 impl FakeBroker {
     /// Starts one.
     pub async fn start() -> Self {
         let tls = Tls::new();
         let state = BrokerState::default();
-        let router = Router::new().route("/v1/credentials", post(answer)).with_state(state.clone());
+        let router = Router::new()
+            .route("/v1/credentials", post(answer))
+            .route(cloudpass_api::broker::AGENT_CONFIG_PATH, axum::routing::get(agent_config))
+            .with_state(state.clone());
         let (addr, handle) = tls.serve(router).await;
         Self { url: format!("https://localhost:{}", addr.port()), ca_pem: tls.ca_pem, state, handle }
+    }
+
+    /// Sets the answers of `GET /v1/agent-config`, in order; the last one repeats.
+    pub fn script_agent_config(&self, answers: Vec<Value>) {
+        *self.state.agent_configs.lock().unwrap() = answers.into();
+    }
+
+    /// How often `GET /v1/agent-config` was asked.
+    pub fn agent_config_asked(&self) -> usize {
+        *self.state.agent_config_asked.lock().unwrap()
     }
 
     /// Sets the answers for `policy`, in order; the last one repeats.

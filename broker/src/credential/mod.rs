@@ -38,7 +38,7 @@ const ASSERTION_LIFETIME: Duration = Duration::from_secs(300);
 /// which is how fast a rotated Secret or a deleted policy takes effect.
 const SECRET_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(20 * 60);
 /// Default scope of Google tokens.
-pub(crate) const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+pub(crate) use cloudpass_api::policy::CLOUD_PLATFORM_SCOPE as CLOUD_PLATFORM;
 
 /// What obtaining a credential needs.
 pub struct MintContext<'a> {
@@ -310,11 +310,6 @@ fn azure_resource<'a>(req: &MintRequest<'a>) -> Result<&'a str, Refusal> {
     })
 }
 
-/// The scopes a policy's Google tokens carry: `server.scopes`, else `cloud-platform`.
-fn google_scopes(req: &MintRequest<'_>) -> Vec<String> {
-    if req.policy.server.scopes.is_empty() { vec![CLOUD_PLATFORM.into()] } else { req.policy.server.scopes.clone() }
-}
-
 async fn azure(
     ctx: &MintContext<'_>,
     req: &MintRequest<'_>,
@@ -449,7 +444,7 @@ pub async fn obtain(ctx: &MintContext<'_>, req: &MintRequest<'_>) -> Result<Issu
     } else if let Some(a) = &spec.azure_workload_identity {
         azure(ctx, req, a, azure_resource(req)?).await
     } else if let Some(g) = &spec.gcp_workload_identity {
-        gcp(ctx, req, g, google_scopes(req)).await
+        gcp(ctx, req, g, req.policy.server.google_scopes()).await
     } else if let Some(s) = spec.store() {
         store::read(ctx, req, s).await
     } else if let Some(o) = &spec.oauth2_client_credentials {

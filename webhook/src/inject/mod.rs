@@ -27,7 +27,7 @@ mod deliver;
 mod patch;
 mod select;
 
-pub use cloudpass_api::endpoint::AgentPorts as Ports;
+pub use cloudpass_api::endpoint::AgentPorts;
 
 /// How the agent is injected; set by the webhook's flags.
 #[derive(Clone, Debug)]
@@ -43,7 +43,7 @@ pub struct InjectSettings {
     /// Where agents find the broker's CA bundle.
     pub broker_ca: BrokerCa,
     /// Agent ports.
-    pub ports: Ports,
+    pub ports: AgentPorts,
     /// Lifetime of the projected token, seconds (the kubelet rotates it at 80%).
     pub token_seconds: i64,
     /// Version recorded in the `cloudpass.dev/injected` annotation.

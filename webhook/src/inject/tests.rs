@@ -27,7 +27,7 @@ fn settings() -> InjectSettings {
         agent_path: "/usr/local/bin/cloudpass-agent".into(),
         broker_url: "https://broker".into(),
         broker_ca: BrokerCa::ConfigMap("cloudpass-broker-ca".into()),
-        ports: Ports::default(),
+        ports: AgentPorts::default(),
         token_seconds: 3600,
         version: "0.1.0".into(),
         remote_cluster: false,
@@ -139,7 +139,7 @@ fn served_by_agent(p: &Pod, cfg: &NamespaceConfig) -> Vec<AgentDelivery> {
         return config.deliveries;
     }
     let listed = annotated_policies(&p.metadata.annotations.as_ref().unwrap()[POLICIES_ANNOTATION]);
-    listed.iter().filter_map(|n| agent_delivery(cfg.policy(n)?, Some(cfg), &Ports::default())).collect()
+    listed.iter().filter_map(|n| agent_delivery(cfg.policy(n)?, Some(cfg), &AgentPorts::default())).collect()
 }
 
 /// Where the kubelet would mount the pod's Kubernetes API token.
