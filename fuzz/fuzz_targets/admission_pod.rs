@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use cloudpass_api::config::NamespaceConfig;
-use cloudpass_webhook::inject::{BrokerCa, InjectSettings, Ports, decide};
+use cloudpass_webhook::inject::{AgentPorts, BrokerCa, InjectSettings, decide};
 use k8s_openapi::api::core::v1::Pod;
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
@@ -58,7 +58,7 @@ fn settings() -> &'static InjectSettings {
         agent_path: "/usr/local/bin/cloudpass-agent".into(),
         broker_url: "https://broker".into(),
         broker_ca: BrokerCa::ConfigMap("cloudpass-broker-ca".into()),
-        ports: Ports::default(),
+        ports: AgentPorts::default(),
         token_seconds: 3600,
         version: "0.0.0".into(),
         remote_cluster: false,
