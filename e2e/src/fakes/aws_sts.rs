@@ -285,8 +285,29 @@ fn without_scheme(url: &str) -> &str {
     url.strip_prefix("https://").unwrap_or(url).trim_end_matches('/')
 }
 
+/// The form as moto re-encodes it to check a signature (Python's `urlencode`: `quote_plus`,
+/// which escapes `*` and keeps `~`, unlike the form encoding of most HTTP clients): signed
+/// as sent, a parameter such as a session `Policy` with a `*` would not verify there.
+fn moto_canonical_form(form: &[u8]) -> Bytes {
+    let quote = |text: &str| {
+        let mut out = String::with_capacity(text.len());
+        for b in text.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' | b'~' => out.push(b as char),
+                b' ' => out.push('+'),
+                _ => out.push_str(&format!("%{b:02X}")),
+            }
+        }
+        out
+    };
+    let pairs: Vec<String> =
+        parse_form(form).iter().map(|(name, value)| format!("{}={}", quote(name), quote(value))).collect();
+    Bytes::from(pairs.join("&"))
+}
+
 /// Sends the accepted form to moto (signed, if configured) and relays its answer.
 async fn forward_assume_role(state: &GateState, form: Bytes) -> Response {
+    let form = moto_canonical_form(&form);
     let url = format!("{}/", state.config.moto_url.trim_end_matches('/'));
     let mut request =
         state.http.post(&url).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded; charset=utf-8");
