@@ -239,12 +239,7 @@ impl Broker {
     /// at (the same rule, [`agent_delivery`]), or why it cannot be served now. Pods of
     /// this cluster only: another cluster's webhook writes the deliveries into its pods.
     pub async fn agent_deliveries(&self, token: Option<&str>) -> Result<AgentDeliveries, Refusal> {
-        let token = token
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Refusal::unauthenticated("no bearer token: send the projected service-account token"))?;
-        if !self.is_ready() {
-            return Err(Refusal::unavailable("the broker is starting: configs or signing keys not loaded yet"));
-        }
+        let token = self.usable_token(token)?;
         refuse_probe(token)?;
         let (answer, cached) = self.reviewer.review(token, &self.verifier).await?;
         self.metrics.cache_lookup("token_review", cached.as_str());
@@ -253,22 +248,18 @@ impl Broker {
         let ports = AgentPorts::default();
         let mut answer = AgentDeliveries { deliveries: Vec::new(), unavailable: Vec::new() };
         for name in &caller.policies {
-            let found = config.as_ref().and_then(|c| c.policy(name).map(|p| (c, p)));
-            let delivery = match found {
-                _ if self.configs.is_withdrawn(&caller.namespace, name) => Err(format!(
-                    "AccessPolicy {} in namespace {} is deleted or being deleted",
-                    sanitize(name),
-                    caller.namespace
-                )),
-                None => Err(format!("no Ready AccessPolicy {} in namespace {}", sanitize(name), caller.namespace)),
-                Some((config, policy)) => selects(policy, &caller).map_err(|r| r.message).and_then(|()| {
+            let name = sanitize(name);
+            let delivery = self
+                .servable(config.as_deref(), &caller.namespace, &name)
+                .and_then(|(config, policy)| {
+                    selects(policy, &caller)?;
                     agent_delivery(policy, Some(config), &ports)
-                        .ok_or_else(|| format!("AccessPolicy {name} has no delivery the agent serves"))
-                }),
-            };
+                        .ok_or_else(|| Refusal::denied(format!("AccessPolicy {name} has no delivery the agent serves")))
+                })
+                .map_err(|refusal| refusal.message);
             match delivery {
                 Ok(delivery) => answer.deliveries.push(delivery),
-                Err(message) => answer.unavailable.push(UnavailablePolicy { policy: sanitize(name), message }),
+                Err(message) => answer.unavailable.push(UnavailablePolicy { policy: name, message }),
             }
         }
         tracing::debug!(
@@ -279,6 +270,36 @@ impl Broker {
             "agent deliveries"
         );
         Ok(answer)
+    }
+
+    /// The bearer token, if there is one and the broker can answer at all.
+    fn usable_token<'t>(&self, token: Option<&'t str>) -> Result<&'t str, Refusal> {
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Refusal::unauthenticated("no bearer token: send the projected service-account token"))?;
+        if !self.is_ready() {
+            return Err(Refusal::unavailable("the broker is starting: configs or signing keys not loaded yet"));
+        }
+        Ok(token)
+    }
+
+    /// Policy `name` of `namespace` from its compiled `config`, if it is Ready there and
+    /// not being deleted (the broker's own watch knows that before the config does).
+    fn servable<'c>(
+        &self,
+        config: Option<&'c NamespaceConfig>,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(&'c NamespaceConfig, &'c CompiledPolicy), Refusal> {
+        let Some((config, policy)) = config.and_then(|c| c.policy(name).map(|p| (c, p))) else {
+            return Err(Refusal::denied(format!("no Ready AccessPolicy {name} in namespace {namespace}")));
+        };
+        if self.configs.is_withdrawn(namespace, name) {
+            return Err(Refusal::denied(format!(
+                "AccessPolicy {name} in namespace {namespace} is deleted or being deleted"
+            )));
+        }
+        Ok((config, policy))
     }
 
     async fn authenticate(
@@ -348,12 +369,7 @@ impl Broker {
         let request: CredentialRequest = serde_json::from_slice(body)
             .map_err(|e| Refusal::bad_request(format!("request body is not a credential request: {e}")))?;
         record.policy = Some(request.policy.clone());
-        let token = token
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Refusal::unauthenticated("no bearer token: send the projected service-account token"))?;
-        if !self.is_ready() {
-            return Err(Refusal::unavailable("the broker is starting: configs or signing keys not loaded yet"));
-        }
+        let token = self.usable_token(token)?;
         let caller = self.authenticate(token, &request, record).await?;
         record.namespace = Some(caller.namespace.clone());
         record.pod = caller.pod.clone();
@@ -365,18 +381,7 @@ impl Broker {
         }
 
         let config = self.configs.get(&caller.namespace);
-        let Some((config, policy)) = config.as_ref().and_then(|c| c.policy(&request.policy).map(|p| (c, p))) else {
-            return Err(Refusal::denied(format!(
-                "no Ready AccessPolicy {} in namespace {}",
-                request.policy, caller.namespace
-            )));
-        };
-        if self.configs.is_withdrawn(&caller.namespace, &request.policy) {
-            return Err(Refusal::denied(format!(
-                "AccessPolicy {} in namespace {} is deleted or being deleted",
-                request.policy, caller.namespace
-            )));
-        }
+        let (config, policy) = self.servable(config.as_deref(), &caller.namespace, &request.policy)?;
         selects(policy, &caller)?;
 
         let ctx =
