@@ -45,6 +45,10 @@ use crate::{
 
 /// Largest broker answer read.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// How long a connection to the broker stays open unused: long enough for the requests
+/// of one refresh (the deliveries, then every policy's credential), shorter than the
+/// time until the next.
+const IDLE_CONNECTION: Duration = Duration::from_secs(10);
 /// Never refresh more often than this, whatever the broker says.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 
@@ -96,6 +100,9 @@ impl BrokerHttp {
             .redirect(Policy::none())
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
+            // No connection kept open between the agent's requests (at most a minute
+            // apart): the broker's connection slots are shared by every pod it serves.
+            .pool_idle_timeout(IDLE_CONNECTION)
             .user_agent(concat!("cloudpass-agent/", env!("CARGO_PKG_VERSION")));
         let builder =
             if settings.trust_system_roots { builder.tls_certs_merge(certs) } else { builder.tls_certs_only(certs) };

@@ -44,6 +44,11 @@ impl EndpointKind {
     }
 }
 
+/// The listener serving an endpoint, by kind and port; `None` for a file.
+pub fn listener(endpoint: &AgentEndpoint) -> Option<(EndpointKind, u16)> {
+    EndpointKind::of(endpoint).zip(endpoint.port())
+}
+
 /// An Azure resource in the form used for matching: without trailing slashes, ASCII
 /// lower case (Entra treats resource URIs case-insensitively; SDKs send the scope minus
 /// `/.default`, usually without the trailing slash the policy may have).

@@ -39,6 +39,13 @@ pub struct CodeLabels {
     pub code: &'static str,
 }
 
+/// Labels of a request for this pod's deliveries, after the start.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    /// `applied`, `unchanged`, `invalid` or `error` (the broker did not answer).
+    pub result: &'static str,
+}
+
 /// Labels of a per-policy credential gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
@@ -61,6 +68,11 @@ pub struct Metrics {
     pub age: Family<PolicyLabels, Gauge>,
     /// 1 when the held credential may be handed out (updated when scraped).
     pub valid: Family<PolicyLabels, Gauge>,
+    /// Requests for this pod's deliveries after the start, by result.
+    pub config_updates: Family<ConfigLabels, Counter>,
+    /// Policies whose new configuration from the broker only a pod restart can apply
+    /// (it moves the endpoint the app's variables name).
+    pub config_restart_required: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,6 +84,8 @@ impl Default for Metrics {
         let expiry = Family::default();
         let age = Family::default();
         let valid = Family::default();
+        let config_updates = Family::default();
+        let config_restart_required = Gauge::default();
         registry.register("requests", "Requests served, by endpoint and result", requests.clone());
         registry.register("refreshes", "Credential fetches from the broker, by policy and result", refreshes.clone());
         registry.register("broker_errors", "Failed credential fetches, by error code", broker_errors.clone());
@@ -82,7 +96,27 @@ impl Default for Metrics {
         );
         registry.register("credential_age_seconds", "Age of the credential held per policy", age.clone());
         registry.register("credential_valid", "1 when the credential held per policy may be served", valid.clone());
-        Self { registry, requests, refreshes, broker_errors, expiry, age, valid }
+        registry.register(
+            "config_updates",
+            "Requests for this pod's deliveries after the start, by result",
+            config_updates.clone(),
+        );
+        registry.register(
+            "config_restart_required",
+            "Policies whose new configuration only a pod restart can apply",
+            config_restart_required.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            refreshes,
+            broker_errors,
+            expiry,
+            age,
+            valid,
+            config_updates,
+            config_restart_required,
+        }
     }
 }
 
@@ -101,6 +135,11 @@ impl Metrics {
     pub fn refreshed(&self, policy: &str, expires_at: Timestamp) {
         self.refreshes.get_or_create(&RefreshLabels { policy: policy.into(), result: "ok" }).inc();
         self.expiry.get_or_create(&PolicyLabels { policy: policy.into() }).set(expires_at.as_second());
+    }
+
+    /// Counts a request for this pod's deliveries.
+    pub fn config_update(&self, result: &'static str) {
+        self.config_updates.get_or_create(&ConfigLabels { result }).inc();
     }
 
     /// Counts a failed fetch.

@@ -1,50 +1,166 @@
-//! Starting and stopping the agent: listeners on loopback, one per endpoint kind and
-//! port, the refresh loop of every delivery, and a graceful stop.
+//! Starting, reconfiguring and stopping the agent: listeners on loopback, one per
+//! endpoint kind and port, the refresh loop of every delivery, a new configuration from
+//! the broker applied behind the open listeners, and a graceful stop.
 
 use std::{
     collections::BTreeMap,
     future::Future,
     net::{Ipv4Addr, SocketAddr},
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, RwLock},
 };
 
-use axum::Router;
+use axum::{Router, extract::Request};
 use cloudpass_api::{
     agent::{AgentDelivery, AgentEndpoint},
     secret::SecretString,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tracing::{info, warn};
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
 
 use crate::{
     aws, azure,
     broker_client::{BrokerClient, refresh_loop},
     common::Shared,
-    endpoint::EndpointKind,
+    endpoint::{EndpointKind, listener},
     error::AgentError,
     gcp, health,
     metrics::Metrics,
     proxy,
-    settings::Settings,
+    settings::{Settings, locate_server_cas},
     store::CredentialStore,
 };
 
 /// A running agent: its listeners, credentials and refresh loops, until
-/// [`Agent::shutdown`].
+/// [`Agent::shutdown`]; [`Agent::reconfigure`] applies a changed configuration in place.
 pub struct Agent {
     listeners: Vec<(EndpointKind, SocketAddr)>,
     shared: Shared,
     aws_token: Option<SecretString>,
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
-    refreshers: Vec<JoinHandle<()>>,
-    grace: Duration,
+    live: Live,
+}
+
+/// What a new configuration replaces without closing a listener: the routes behind each
+/// one, and the refresh loop of each changed delivery.
+struct Live {
+    /// The settings, with the deliveries served now.
+    settings: Settings,
+    client: Arc<BrokerClient>,
+    routes: BTreeMap<(EndpointKind, u16), Arc<RwLock<Router>>>,
+    refreshers: BTreeMap<String, JoinHandle<()>>,
+    stopped: watch::Receiver<bool>,
+}
+
+/// What [`Agent::reconfigure`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconfigured {
+    /// Policies now served with their new configuration (their credential fetched again).
+    pub changed: Vec<String>,
+    /// Policies whose new configuration moves the listener or file the app's variables
+    /// name, or that the agent did not start with: still served as before, until the pod
+    /// restarts.
+    pub restart_required: Vec<String>,
 }
 
 async fn bind(port: u16) -> Result<TcpListener, AgentError> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     TcpListener::bind(addr).await.map_err(|source| AgentError::Bind { addr, source })
+}
+
+/// What the app's variables, fixed when the pod was admitted, name of a delivery: its
+/// listener, or its file. A new configuration may change anything else.
+fn place(endpoint: &AgentEndpoint) -> (Option<(EndpointKind, u16)>, Option<&str>) {
+    let file = match endpoint {
+        AgentEndpoint::File { name, .. } => Some(name.as_str()),
+        _ => None,
+    };
+    (listener(endpoint), file)
+}
+
+/// The routes of every listener but the health port, for the deliveries in `settings`.
+fn delivery_routes(
+    settings: &Settings,
+    shared: &Shared,
+    aws_token: Option<&SecretString>,
+) -> Result<BTreeMap<(EndpointKind, u16), Router>, AgentError> {
+    let mut groups: BTreeMap<(EndpointKind, u16), Vec<&AgentDelivery>> = BTreeMap::new();
+    // Files have no listener: their refresh loop writes them.
+    for delivery in &settings.config.deliveries {
+        if let Some(key) = listener(&delivery.endpoint) {
+            groups.entry(key).or_default().push(delivery);
+        }
+    }
+    let mut routes = BTreeMap::new();
+    for ((kind, port), group) in groups {
+        let router = match kind {
+            EndpointKind::Aws => {
+                let token = aws_token.cloned().ok_or_else(|| {
+                    AgentError::Config("an AWS delivery without the AWS authorization token file".into())
+                })?;
+                aws::router(group[0].policy.clone(), token, shared)
+            }
+            EndpointKind::Azure => {
+                let list = group
+                    .iter()
+                    .filter_map(|d| match &d.endpoint {
+                        AgentEndpoint::AzureManagedIdentity { resource, .. } => {
+                            Some(azure::AzureDelivery { policy: d.policy.clone(), resource: resource.clone() })
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let header = settings.identity_header.clone().expect("validated");
+                azure::router(list, header, shared)
+            }
+            EndpointKind::Gcp => {
+                let list = group
+                    .iter()
+                    .filter_map(|d| match &d.endpoint {
+                        AgentEndpoint::GcpMetadata { scopes, .. } => {
+                            Some(gcp::GcpDelivery { policy: d.policy.clone(), scopes: scopes.clone() })
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                gcp::router(list, shared)
+            }
+            EndpointKind::Proxy => {
+                let routes: Vec<_> =
+                    group.iter().filter_map(|d| proxy::ProxyRoute::from_endpoint(&d.policy, &d.endpoint)).collect();
+                let clients = proxy::upstream_clients(&routes, settings.upstream_ca_pem.as_deref())?;
+                proxy::router(routes, clients, settings.sigv4_max_body_bytes, shared)
+            }
+            EndpointKind::Health => unreachable!("no delivery is a health endpoint"),
+        };
+        routes.insert((kind, port), router);
+    }
+    Ok(routes)
+}
+
+/// A router that hands every request to the routes `current` holds at that moment.
+fn swappable(current: Arc<RwLock<Router>>) -> Router {
+    Router::new().fallback(move |request: Request| {
+        let router = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        router.oneshot(request)
+    })
+}
+
+impl Live {
+    fn spawn_refresher(&mut self, delivery: &AgentDelivery, shared: &Shared) {
+        let refresher = tokio::spawn(refresh_loop(
+            self.client.clone(),
+            delivery.clone(),
+            shared.clone(),
+            self.settings.retry,
+            self.settings.shared_dir.clone(),
+            self.stopped.clone(),
+        ));
+        if let Some(previous) = self.refreshers.insert(delivery.policy.clone(), refresher) {
+            previous.abort();
+        }
+    }
 }
 
 impl Agent {
@@ -64,64 +180,20 @@ impl Agent {
             BrokerClient::new(&settings.broker)?.with_policy_namespace(settings.config.policy_namespace.clone()),
         );
 
-        let mut groups: BTreeMap<(EndpointKind, u16), Vec<&AgentDelivery>> = BTreeMap::new();
-        // Files have no listener: their refresh loop writes them.
-        for delivery in deliveries {
-            if let (Some(kind), Some(port)) = (EndpointKind::of(&delivery.endpoint), delivery.endpoint.port()) {
-                groups.entry((kind, port)).or_default().push(delivery);
-            }
-        }
-        let aws_token = if groups.keys().any(|(kind, _)| *kind == EndpointKind::Aws) {
+        let aws_token = if deliveries.iter().any(|d| matches!(listener(&d.endpoint), Some((EndpointKind::Aws, _)))) {
             let (token, path) = aws::pod_authorization_token(&settings.shared_dir)?;
             info!(path = %path.display(), "AWS authorization token file ready");
             Some(token)
         } else {
             None
         };
-
+        let routes: BTreeMap<_, _> = delivery_routes(&settings, &shared, aws_token.as_ref())?
+            .into_iter()
+            .map(|(key, router)| (key, Arc::new(RwLock::new(router))))
+            .collect();
         let mut planned: Vec<(EndpointKind, u16, Router)> =
             vec![(EndpointKind::Health, settings.config.health_port, health::router(&shared))];
-        for ((kind, port), group) in &groups {
-            let router = match kind {
-                EndpointKind::Aws => {
-                    let token = aws_token.clone().expect("written above");
-                    aws::router(group[0].policy.clone(), token, &shared)
-                }
-                EndpointKind::Azure => {
-                    let list = group
-                        .iter()
-                        .filter_map(|d| match &d.endpoint {
-                            AgentEndpoint::AzureManagedIdentity { resource, .. } => {
-                                Some(azure::AzureDelivery { policy: d.policy.clone(), resource: resource.clone() })
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    let header = settings.identity_header.clone().expect("validated");
-                    azure::router(list, header, &shared)
-                }
-                EndpointKind::Gcp => {
-                    let list = group
-                        .iter()
-                        .filter_map(|d| match &d.endpoint {
-                            AgentEndpoint::GcpMetadata { scopes, .. } => {
-                                Some(gcp::GcpDelivery { policy: d.policy.clone(), scopes: scopes.clone() })
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    gcp::router(list, &shared)
-                }
-                EndpointKind::Proxy => {
-                    let routes: Vec<_> =
-                        group.iter().filter_map(|d| proxy::ProxyRoute::from_endpoint(&d.policy, &d.endpoint)).collect();
-                    let clients = proxy::upstream_clients(&routes, settings.upstream_ca_pem.as_deref())?;
-                    proxy::router(routes, clients, settings.sigv4_max_body_bytes, &shared)
-                }
-                EndpointKind::Health => unreachable!("no delivery is a health endpoint"),
-            };
-            planned.push((*kind, *port, router));
-        }
+        planned.extend(routes.iter().map(|((kind, port), current)| (*kind, *port, swappable(current.clone()))));
 
         // Bind everything before serving anything: a port in use fails the start.
         let mut bound = Vec::new();
@@ -146,19 +218,6 @@ impl Agent {
                 }
             }));
         }
-        let refreshers = deliveries
-            .iter()
-            .map(|d| {
-                tokio::spawn(refresh_loop(
-                    client.clone(),
-                    d.clone(),
-                    shared.clone(),
-                    settings.retry,
-                    settings.shared_dir.clone(),
-                    stopped.clone(),
-                ))
-            })
-            .collect();
         for (kind, addr) in &listeners {
             info!(endpoint = kind.label(), %addr, "listening");
         }
@@ -167,7 +226,95 @@ impl Agent {
             policies = %deliveries.iter().map(|d| d.policy.as_str()).collect::<Vec<_>>().join(","),
             "agent started"
         );
-        Ok(Self { listeners, shared, aws_token, stop, servers, refreshers, grace: settings.shutdown_grace })
+        let mut live = Live { settings, client, routes, refreshers: BTreeMap::new(), stopped };
+        for delivery in live.settings.config.deliveries.clone() {
+            live.spawn_refresher(&delivery, &shared);
+        }
+        Ok(Self { listeners, shared, aws_token, stop, servers, live })
+    }
+
+    /// Serves `offered` (the broker's deliveries for this pod) from now on, in place:
+    /// each changed delivery's routes are swapped behind its open listener and its
+    /// credential fetched again, while the one held stays served until the new one
+    /// arrives; unchanged deliveries keep their credential and refresh loop. A change the
+    /// app could not follow (another listener or file than its variables name) is not
+    /// applied, and reported. Policies the broker leaves out (it cannot serve them now)
+    /// stay as they are: their refresh loop hears the broker's refusal. Fails, changing
+    /// nothing, when the result could not be served.
+    pub fn reconfigure(&mut self, mut offered: Vec<AgentDelivery>) -> Result<Reconfigured, AgentError> {
+        locate_server_cas(&mut offered, &self.live.settings.server_ca_dir);
+        let mut next = self.live.settings.clone();
+        let mut outcome = Reconfigured::default();
+        for delivery in offered {
+            match next.config.deliveries.iter_mut().find(|d| d.policy == delivery.policy) {
+                Some(current) if *current == delivery => {}
+                Some(current) if place(&current.endpoint) == place(&delivery.endpoint) => {
+                    outcome.changed.push(delivery.policy.clone());
+                    *current = delivery;
+                }
+                _ => outcome.restart_required.push(delivery.policy),
+            }
+        }
+        self.shared.metrics.config_restart_required.set(outcome.restart_required.len() as i64);
+        if outcome.changed.is_empty() {
+            return Ok(outcome);
+        }
+        next.validate()?;
+        let routes = delivery_routes(&next, &self.shared, self.aws_token.as_ref())?;
+        for (key, router) in routes {
+            // Every listener exists: no change moved a delivery to another one.
+            if let Some(current) = self.live.routes.get(&key) {
+                *current.write().unwrap_or_else(|e| e.into_inner()) = router;
+            }
+        }
+        self.live.settings = next;
+        for policy in &outcome.changed {
+            if let Some(delivery) = self.live.settings.config.deliveries.iter().find(|d| &d.policy == policy).cloned() {
+                self.live.spawn_refresher(&delivery, &self.shared);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Asks the broker for this pod's deliveries and applies them ([`Agent::reconfigure`]),
+    /// logging and counting what happened; a failure keeps the configuration served.
+    pub async fn follow_broker(&mut self) {
+        let answer = match self.live.client.deliveries().await {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.shared.metrics.config_update("error");
+                warn!(error = %e, "cannot ask the broker for this pod's deliveries; serving them as they were");
+                return;
+            }
+        };
+        for missing in &answer.unavailable {
+            debug!(policy = %missing.policy, reason = %missing.message, "the broker cannot serve this policy now");
+        }
+        match self.reconfigure(answer.deliveries) {
+            Ok(outcome) => {
+                for policy in &outcome.restart_required {
+                    warn!(
+                        policy = %policy,
+                        "the policy's new delivery moves the endpoint or file the app was given; it applies when the pod restarts"
+                    );
+                }
+                if outcome.changed.is_empty() {
+                    self.shared.metrics.config_update("unchanged");
+                } else {
+                    self.shared.metrics.config_update("applied");
+                    info!(policies = %outcome.changed.join(","), "new configuration from the broker applied");
+                }
+            }
+            Err(e) => {
+                self.shared.metrics.config_update("invalid");
+                warn!(error = %e, "the broker's new configuration cannot be served; serving the previous one");
+            }
+        }
+    }
+
+    /// The deliveries served now.
+    pub fn deliveries(&self) -> &[AgentDelivery] {
+        &self.live.settings.config.deliveries
     }
 
     /// Every listener with its address.
@@ -200,20 +347,21 @@ impl Agent {
     /// period, then drops what is left.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        let grace = self.live.settings.shutdown_grace;
         let mut servers = self.servers;
-        let drained = tokio::time::timeout(self.grace, async {
+        let drained = tokio::time::timeout(grace, async {
             for server in servers.iter_mut() {
                 let _ = server.await;
             }
         })
         .await;
         if drained.is_err() {
-            warn!(grace_seconds = self.grace.as_secs_f64(), "requests still in flight after the grace period; closing");
+            warn!(grace_seconds = grace.as_secs_f64(), "requests still in flight after the grace period; closing");
             for server in &servers {
                 server.abort();
             }
         }
-        for refresher in self.refreshers {
+        for refresher in self.live.refreshers.into_values() {
             refresher.abort();
         }
         info!("agent stopped");
@@ -221,18 +369,29 @@ impl Agent {
 }
 
 /// Runs an agent until `shutdown` completes (the binary passes SIGTERM/SIGINT), then
-/// stops it gracefully.
+/// stops it gracefully. An agent whose configuration names no deliveries asks the broker
+/// for them before it starts, then again every `config_refresh`.
 pub async fn run(mut settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let mut shutdown = std::pin::pin!(shutdown);
-    if settings.config.deliveries_from_broker() {
+    let follow = settings.config.deliveries_from_broker().then_some(settings.config_refresh);
+    if follow.is_some() {
         let client = BrokerClient::new(&settings.broker)?;
         settings.config.deliveries = tokio::select! {
             deliveries = crate::broker_client::deliveries_until_complete(&client, settings.retry) => deliveries,
             () = &mut shutdown => return Ok(()),
         };
     }
-    let agent = Agent::start(settings).await?;
-    shutdown.await;
+    let mut agent = Agent::start(settings).await?;
+    if let Some(every) = follow {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => agent.follow_broker().await,
+                () = &mut shutdown => break,
+            }
+        }
+    } else {
+        shutdown.await;
+    }
     agent.shutdown().await;
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
 
 use cloudpass_agent::{Agent, EndpointKind};
 use cloudpass_api::{
-    agent::{AgentConfig, AgentDelivery, AgentEndpoint},
+    agent::{AgentConfig, AgentDelivery, AgentEndpoint, EvidenceSource},
     broker::Credential,
     secret::SecretString,
 };
@@ -383,4 +383,129 @@ fn help_lists_every_flag_with_its_environment_variable() {
         assert!(help.contains(flag), "{flag} missing:\n{help}");
     }
     assert!(!help.contains("do-not-print"), "secret environment values are not shown");
+}
+
+/// The agent's metric `name` (the sum over its label sets), from its health port.
+async fn metric(health: u16, name: &str) -> f64 {
+    let text = http().get(format!("http://127.0.0.1:{health}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// The status of an Azure SDK's token request; 0 before the agent listens.
+async fn azure_status(port: u16, resource: &str) -> u16 {
+    http()
+        .get(format!("http://127.0.0.1:{port}/msi/token?api-version=2019-08-01&resource={resource}"))
+        .header("X-IDENTITY-HEADER", "identity-proof")
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_policy_reaches_the_running_agent_without_a_restart() {
+    let broker = FakeBroker::start().await;
+    script(&broker);
+    let files = Files::new("pod-token");
+    let (health, aws, azure, gcp) = (free_port(), free_port(), free_port(), free_port());
+    let first = deliveries(aws, azure, gcp);
+    broker.script_agent_config(vec![serde_json::json!({"deliveries": first})]);
+    let mut s = settings(&broker, &files, vec![]);
+    s.config.health_port = health;
+    s.config_refresh = Duration::from_millis(100);
+    // Static keys sign the `GetCallerIdentity` evidence without any network.
+    s.broker.evidence.aws.static_keys =
+        Some(("AKIAPODKEY".into(), SecretString::new("pod-secret"), None::<SecretString>));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(cloudpass_agent::run(s, async {
+        stopped.await.ok();
+    }));
+    let storage = "https://storage.azure.com";
+    let vault = "https://vault.azure.net";
+    assert!(
+        eventually_async(Duration::from_secs(10), || async { azure_status(azure, storage).await == 200 }).await,
+        "the first configuration is never served"
+    );
+    let requests = |policy: &str| broker.seen().into_iter().filter(|s| s.request.policy == policy).collect::<Vec<_>>();
+    let before = (requests("s3").len(), requests("gcs").len());
+
+    // The blob policy now names another resource; the s3 policy's provider now also
+    // needs the pod's AWS identity. The gcs policy is unchanged.
+    let mut second = first.clone();
+    second[1].endpoint = AgentEndpoint::AzureManagedIdentity { port: azure, resource: format!("{vault}/") };
+    second[0].evidence = vec![EvidenceSource::AwsGetCallerIdentity { trust_provider: "aws-nodes".into() }];
+    broker.script("blob", vec![ok("blob", azure_token(), 3600, 3000)]);
+    broker.script_agent_config(vec![serde_json::json!({"deliveries": second})]);
+    assert!(
+        eventually_async(Duration::from_secs(10), || async { azure_status(azure, vault).await == 200 }).await,
+        "the new resource is never served"
+    );
+    assert_ne!(azure_status(azure, storage).await, 200, "the old resource is no longer served");
+    assert!(
+        eventually(Duration::from_secs(10), || requests("s3").last().is_some_and(|s| s
+            .request
+            .evidence
+            .aws_get_caller_identity
+            .is_some()))
+        .await,
+        "the s3 credential is fetched again with the new evidence"
+    );
+    assert_eq!(requests("s3").len(), before.0 + 1, "once");
+    assert_eq!(requests("gcs").len(), before.1, "the unchanged delivery keeps its credential");
+    assert!(metric(health, "cloudpass_agent_config_updates_total{result=\"applied\"}").await >= 1.0);
+
+    // A change the app could not follow (s3 on another port than its variable names) is
+    // not applied: the old endpoint keeps serving, and the metric says a restart is due.
+    let mut moved = second.clone();
+    moved[0].endpoint = AgentEndpoint::AwsContainerCredentials { port: free_port() };
+    broker.script_agent_config(vec![serde_json::json!({"deliveries": moved})]);
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            metric(health, "cloudpass_agent_config_restart_required").await == 1.0
+        })
+        .await
+    );
+    let token = std::fs::read_to_string(files.shared_dir().join(cloudpass_api::agent::AWS_TOKEN_FILE)).unwrap();
+    let (status, v) =
+        get_json(http().get(format!("http://127.0.0.1:{aws}/v1/aws/credentials")).header("Authorization", &token))
+            .await;
+    assert_eq!((status, &v["AccessKeyId"]), (200, &Value::from("ASIATESTKEY")), "{v}");
+
+    // A configuration that cannot be served is refused whole; the last one stays.
+    let mut broken = second.clone();
+    broken[1].endpoint = AgentEndpoint::AzureManagedIdentity { port: azure, resource: "/".into() };
+    broker.script_agent_config(vec![serde_json::json!({"deliveries": broken})]);
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            metric(health, "cloudpass_agent_config_updates_total{result=\"invalid\"}").await >= 1.0
+        })
+        .await
+    );
+    assert_eq!(azure_status(azure, vault).await, 200);
+
+    // An unreachable broker changes nothing either.
+    broker.stop();
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            metric(health, "cloudpass_agent_config_updates_total{result=\"error\"}").await >= 1.0
+        })
+        .await
+    );
+    assert_eq!(azure_status(azure, vault).await, 200);
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
+
+/// Awaits `check` every 20 ms until it is true, for at most `limit`.
+async fn eventually_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check().await
 }

@@ -367,6 +367,24 @@ async fn a_database_password_from_secrets_manager_as_a_file_follows_rotation() {
         assert!(std::time::Instant::now() < deadline, "the rotated password never reached the file");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // An edit of the policy's delivery reaches the running agent too (it asks the broker
+    // again, here every second): the same file, now in the dotenv format.
+    let patch = r#"{"spec":{"delivery":{"file":{"format":"Dotenv"}}}}"#;
+    let policy = "accesspolicy/orders-db-password-file";
+    stack.cp.kubectl_ok(&["patch", "-n", ns, policy, "--type=merge", "-p", patch]).unwrap();
+    // (the store's secret names one field of the JSON: a key)
+    let dotenv = format!("API_KEY='{v2}'");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = running.run_app("app", script).await.unwrap();
+        if now.stdout.trim() == dotenv {
+            break;
+        }
+        assert_eq!(now.stdout.trim(), v2, "{}", now.stderr);
+        assert!(std::time::Instant::now() < deadline, "the new format never reached the running pod's file");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(running.agent_log_text().contains("new configuration from the broker applied"));
     // No log, Event, status, metric or audit record holds it (the audit records are
     // in the broker's log).
     let events = stack.cp.kubectl_ok(&["get", "events", "-n", ns, "-o", "json"]).unwrap();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use cloudpass_e2e::{
     ControlPlane,
     bench::{BrokerBench, concurrent_load, percentile},
-    broker::{BrokerOptions, RunningBroker, pod_token},
+    broker::{BrokerOptions, RunningBroker, annotated_pod_token, pod_token},
 };
 use serde_json::{Value, json};
 
@@ -83,6 +83,33 @@ async fn run() {
     })
     .await;
     assert_eq!(gate.calls(), calls_before, "the hot path made upstream calls");
+
+    // What an agent asks every `--config-refresh` (1 min): its deliveries, answered from
+    // the cached TokenReview and pod annotation and the compiled policies.
+    let annotated = json!({(cloudpass_api::agent::POLICIES_ANNOTATION): "to-s3"});
+    let config_token =
+        annotated_pod_token(cp, NS, "hot-config", "orders", json!({"app": "orders"}), annotated).await.unwrap();
+    let (status, answer) = broker.agent_config(Some(&config_token)).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["deliveries"][0]["policy"], "to-s3", "{answer}");
+    let http = broker.http();
+    let url = format!("{}{}", broker.url, cloudpass_api::broker::AGENT_CONFIG_PATH);
+    let token = config_token.clone();
+    let (config_rate, config50, config99) = load(move || {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        async move { http.get(url).bearer_auth(token).send().await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
+    // The agent keeps no idle connection between its requests (the broker's connection
+    // slots are shared by every pod), so each ask is a new TLS connection.
+    let pem = reqwest::Certificate::from_pem(broker.ca.cert_pem().as_bytes()).unwrap();
+    let fresh = reqwest::Client::builder().tls_certs_only([pem]).pool_max_idle_per_host(0).build().unwrap();
+    let url = format!("{}{}", broker.url, cloudpass_api::broker::AGENT_CONFIG_PATH);
+    let (fresh_rate, fresh50, fresh99) = load(move || {
+        let (http, url, token) = (fresh.clone(), url.clone(), config_token.clone());
+        async move { http.get(url).bearer_auth(token).send().await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
 
     // Cold path: a fresh pod per request, against direct calls to the gate.
     let mut tokens = Vec::new();
@@ -168,6 +195,17 @@ async fn run() {
     println!("  GET JWKS (baseline):        {base_rate:>8.0} req/s   p50 {base50:>6.2} ms   p99 {base99:>6.2} ms");
     println!("  POST /v1/credentials:       {rate:>8.0} req/s   p50 {p50:>6.2} ms   p99 {p99:>6.2} ms");
     println!("  ratio to baseline:          {:>8.2}x throughput", rate / base_rate);
+    println!(
+        "  GET /v1/agent-config:       {config_rate:>8.0} req/s   p50 {config50:>6.2} ms   p99 {config99:>6.2} ms"
+    );
+    println!("  ratio to baseline:          {:>8.2}x throughput", config_rate / base_rate);
+    println!(
+        "  same, new TLS connection each: {fresh_rate:>5.0} req/s   p50 {fresh50:>6.2} ms   p99 {fresh99:>6.2} ms"
+    );
+    println!(
+        "  10,000 pods asking every minute (167 req/s, a new connection each): {:.1}% of this broker's capacity",
+        10_000.0 / 60.0 / fresh_rate * 100.0
+    );
     println!("broker cold path ({COLD_PODS} pods, sequential; STS gate + moto upstream):");
     println!("  direct STS call (baseline): p50 {d50:>6.2} ms   p99 {d99:>6.2} ms");
     println!("  first request of a pod:     p50 {c50:>6.2} ms   p99 {c99:>6.2} ms");

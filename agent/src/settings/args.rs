@@ -111,6 +111,11 @@ pub struct RunArgs {
     /// Directory of the server CA bundles the webhook mounts (`<dir>/<policy>/ca.crt`).
     #[arg(long, env = "CLOUDPASS_SERVER_CA_DIR", default_value = SERVER_CA_DIR)]
     pub server_ca_dir: PathBuf,
+    /// How often to ask the broker again for this pod's deliveries (when the
+    /// configuration names none), so that an AccessPolicy changed after the pod started
+    /// reaches its agent.
+    #[arg(long, env = "CLOUDPASS_CONFIG_REFRESH", default_value = "1m")]
+    pub config_refresh: TextDuration,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "CLOUDPASS_SHUTDOWN_GRACE", default_value = "5s")]
     pub shutdown_grace: TextDuration,
@@ -185,6 +190,7 @@ impl RunArgs {
             sigv4_max_body_bytes: self.sigv4_max_body_bytes,
             shutdown_grace: self.shutdown_grace.as_std(),
             server_ca_dir: self.server_ca_dir,
+            config_refresh: self.config_refresh.as_std(),
         };
         settings.validate()?;
         Ok(settings)

@@ -10,13 +10,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use axum::http::HeaderName;
 use cloudpass_api::{
-    agent::{AWS_TOKEN_FILE, AgentConfig, AgentEndpoint, BROKER_CA_ENV, SERVER_CA_DIR},
+    agent::{AWS_TOKEN_FILE, AgentConfig, AgentDelivery, AgentEndpoint, BROKER_CA_ENV, SERVER_CA_DIR},
     secret::SecretString,
 };
 
@@ -25,7 +25,7 @@ mod args;
 pub use args::{Args, Command, RunArgs};
 
 use crate::{
-    endpoint::{EndpointKind, normalize_resource},
+    endpoint::{EndpointKind, listener, normalize_resource},
     error::AgentError,
 };
 
@@ -169,20 +169,16 @@ pub struct Settings {
     /// Where the server CA bundles the webhook mounts are (`<dir>/<policy>/ca.crt`):
     /// a delivery's `caFile` under [`SERVER_CA_DIR`] is read from here.
     pub server_ca_dir: PathBuf,
+    /// How often an agent whose deliveries come from the broker asks it again, so that
+    /// a changed AccessPolicy reaches the running pod.
+    pub config_refresh: Duration,
 }
 
 impl Settings {
     /// Moves each delivery's `caFile` under [`SERVER_CA_DIR`] to [`Settings::server_ca_dir`]
     /// (the same place in a pod; elsewhere in tests that run the agent outside one).
     pub fn locate_server_cas(&mut self) {
-        for delivery in &mut self.config.deliveries {
-            if let AgentEndpoint::HttpHeader { ca_file: Some(file), .. }
-            | AgentEndpoint::AwsSigV4 { ca_file: Some(file), .. } = &mut delivery.endpoint
-                && let Some(rest) = file.strip_prefix(SERVER_CA_DIR)
-            {
-                *file = format!("{}{rest}", self.server_ca_dir.display());
-            }
-        }
+        locate_server_cas(&mut self.config.deliveries, &self.server_ca_dir);
     }
 
     /// Checks what the types cannot: the webhook's config must be servable as a whole.
@@ -208,6 +204,9 @@ impl Settings {
         if self.retry.initial.is_zero() || self.retry.max < self.retry.initial {
             return bad("retry delays must be positive and --retry-max at least --retry-initial".into());
         }
+        if self.config_refresh.is_zero() {
+            return bad("--config-refresh must be positive".into());
+        }
         let mut policies = BTreeSet::new();
         // Listener per port; port 0 (tests) gives every kind its own ephemeral port.
         let mut port_kinds: BTreeMap<u16, EndpointKind> = BTreeMap::new();
@@ -222,7 +221,7 @@ impl Settings {
             if policy.is_empty() || !policies.insert(policy.as_str()) {
                 return bad(format!("policy {policy:?} is empty or listed twice"));
             }
-            if let (Some(kind), Some(port)) = (EndpointKind::of(&delivery.endpoint), delivery.endpoint.port())
+            if let Some((kind, port)) = listener(&delivery.endpoint)
                 && port != 0
             {
                 match port_kinds.insert(port, kind) {
@@ -292,6 +291,18 @@ impl Settings {
     }
 }
 
+/// Moves each delivery's `caFile` under [`SERVER_CA_DIR`] to `server_ca_dir`.
+pub fn locate_server_cas(deliveries: &mut [AgentDelivery], server_ca_dir: &Path) {
+    for delivery in deliveries {
+        if let AgentEndpoint::HttpHeader { ca_file: Some(file), .. }
+        | AgentEndpoint::AwsSigV4 { ca_file: Some(file), .. } = &mut delivery.endpoint
+            && let Some(rest) = file.strip_prefix(SERVER_CA_DIR)
+        {
+            *file = format!("{}{rest}", server_ca_dir.display());
+        }
+    }
+}
+
 fn check_proxy(policy: &str, hosts: &[String], upstream_port: u16) -> Result<(), AgentError> {
     if hosts.is_empty() || hosts.iter().any(|h| h.is_empty()) {
         return Err(AgentError::Config(format!("proxy delivery of policy {policy} names no host")));
@@ -304,8 +315,6 @@ fn check_proxy(policy: &str, hosts: &[String], upstream_port: u16) -> Result<(),
 
 #[cfg(test)]
 mod tests {
-    use cloudpass_api::agent::AgentDelivery;
-
     use super::*;
 
     fn settings(deliveries: Vec<AgentDelivery>) -> Settings {
@@ -331,6 +340,7 @@ mod tests {
             sigv4_max_body_bytes: 1024,
             shutdown_grace: Duration::from_secs(1),
             server_ca_dir: SERVER_CA_DIR.into(),
+            config_refresh: Duration::from_secs(60),
         }
     }
 

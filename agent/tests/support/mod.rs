@@ -315,6 +315,7 @@ pub fn settings(broker: &FakeBroker, files: &Files, deliveries: Vec<AgentDeliver
         sigv4_max_body_bytes: 1024 * 1024,
         shutdown_grace: Duration::from_secs(2),
         server_ca_dir: cloudpass_api::agent::SERVER_CA_DIR.into(),
+        config_refresh: Duration::from_secs(60),
     }
 }
 

@@ -456,6 +456,8 @@ impl RunningPod {
             }
         }
         args.push(format!("--server-ca-dir={}", server_cas.display()));
+        // ...a policy edit reaching the running agent in a second rather than a minute...
+        args.push("--config-refresh=1s".into());
         // ...and the node's metadata address, moved to its fake.
         if let Some(url) = &self.node.metadata_url {
             args.extend(["azure-imds-url", "gcp-metadata-url", "aws-imds-url"].map(|flag| format!("--{flag}={url}")));
