@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         sigv4_max_body_bytes: 1024,
         shutdown_grace: Duration::from_secs(1),
         server_ca_dir: cloudpass_api::agent::SERVER_CA_DIR.into(),
+        config_refresh: Duration::from_secs(60),
     };
     let _ = settings.validate();
 });
