@@ -4,12 +4,14 @@
 //!     interleaved: into a namespace where the webhook injects, versus one it is not
 //!     called for (baseline), versus the injected pod resubmitted there (the cost of the
 //!     larger object without the call), versus the plain pod with the same added bytes
-//!     as an annotation (the cost of the bytes alone); and the stored pod's size, part
-//!     by part.
+//!     as an annotation (the cost of the bytes alone); the larger pod's cost split by
+//!     the apiserver's own stage histograms (admission plugins, etcd, the rest); and the
+//!     stored pod's size, part by part.
 //! (b) AdmissionReviews answered per second in process on one core, against parsing the
 //!     same AdmissionReview alone (baseline).
 
 use std::{
+    collections::BTreeMap,
     path::Path,
     time::{Duration, Instant},
 };
@@ -298,6 +300,7 @@ async fn through_apiserver() {
     diff("  the larger pod (no webhook call)", big_baseline, baseline);
     diff("  the webhook call", injected, big_baseline);
     diff("the same bytes alone (annotation)", padded_baseline, baseline);
+    larger_pod_by_stage(&client, &off, &plain, &big).await;
     let stored_plain = off.create(&PostParams::default(), &plain).await.unwrap();
     let stored_injected = on.create(&PostParams::default(), &plain).await.unwrap();
     sizes(&stored_plain, &stored_injected);
@@ -319,6 +322,129 @@ async fn through_apiserver() {
         value("cloudpass_webhook_requests_total{result=\"skipped\"}")
     );
     println!("  TLS connections accepted:      {}", value("cloudpass_webhook_connections_total"));
+}
+
+/// The labels of one Prometheus text-format sample, `name{k="v",...} value`.
+fn sample(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
+    let (name, rest) = line.split_once('{')?;
+    let (labels, value) = rest.rsplit_once("} ")?;
+    let mut map = BTreeMap::new();
+    for pair in labels.split("\",") {
+        let (k, v) = pair.split_once("=\"")?;
+        map.insert(k, v.trim_end_matches('"'));
+    }
+    Some((name, map, value.trim().parse().ok()?))
+}
+
+/// The apiserver's own timing of pod creates, stage by stage: (sum seconds, count) of
+/// each histogram that times one: the whole request, each admission plugin and webhook,
+/// and the etcd write.
+async fn apiserver_stages(client: &kube::Client) -> BTreeMap<String, (f64, f64)> {
+    let request = axum::http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap();
+    let mut stages: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, labels, value)) = sample(line) else { continue };
+        let (base, is_sum) = match (name.strip_suffix("_sum"), name.strip_suffix("_count")) {
+            (Some(base), _) => (base, true),
+            (_, Some(base)) => (base, false),
+            _ => continue,
+        };
+        let label = |k: &str| labels.get(k).copied().unwrap_or_default();
+        // Admission metrics carry no resource: while the stages are measured, the pod
+        // creates are the only creates (`larger_pod_by_stage`).
+        let create = label("operation") == "CREATE" && label("rejected") == "false";
+        let stage = match base {
+            "apiserver_request_duration_seconds"
+                if label("resource") == "pods" && label("verb") == "POST" && label("subresource").is_empty() =>
+            {
+                "the whole create".to_owned()
+            }
+            "apiserver_admission_controller_admission_duration_seconds" if create => {
+                format!("admission plugin {} ({})", label("name"), label("type"))
+            }
+            "apiserver_admission_webhook_admission_duration_seconds" if create => {
+                format!("admission webhook {}", label("name"))
+            }
+            "etcd_request_duration_seconds"
+                if label("operation") == "create"
+                    && (label("resource") == "pods" || label("type").contains("pods")) =>
+            {
+                "etcd write".to_owned()
+            }
+            _ => continue,
+        };
+        let entry = stages.entry(stage).or_default();
+        if is_sum {
+            entry.0 += value;
+        } else {
+            entry.1 += value;
+        }
+    }
+    stages
+}
+
+/// Milliseconds per pod create of each stage between two readings, `creates` apart.
+fn stage_means(
+    before: &BTreeMap<String, (f64, f64)>,
+    after: &BTreeMap<String, (f64, f64)>,
+    creates: usize,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .filter_map(|(stage, (sum, count))| {
+            let (sum0, count0) = before.get(stage).copied().unwrap_or_default();
+            (*count > count0).then(|| (stage.clone(), (sum - sum0) / creates as f64 * 1000.0))
+        })
+        .collect()
+}
+
+/// Where the apiserver spends the larger pod's extra time: `STAGE_CREATES` creates of
+/// the plain pod, then as many of the injected one (both where no webhook is called),
+/// each stage's time per create from the apiserver's own histograms.
+async fn larger_pod_by_stage(client: &kube::Client, pods: &Api<Pod>, plain: &Pod, big: &Pod) {
+    const STAGE_CREATES: usize = 300;
+    let mut means = Vec::new();
+    for pod in [plain, big] {
+        let before = apiserver_stages(client).await;
+        for _ in 0..STAGE_CREATES {
+            pods.create(&PostParams::default(), pod).await.unwrap();
+        }
+        means.push(stage_means(&before, &apiserver_stages(client).await, STAGE_CREATES));
+    }
+    let [plain, big] = &means[..] else { unreachable!() };
+    println!(
+        "the larger pod's cost by apiserver stage ({STAGE_CREATES} creates each, mean per create from its histograms):"
+    );
+    println!("  {:<62} {:>9} {:>9} {:>9}", "stage", "plain", "injected", "added");
+    let mut admission = (0.0, 0.0);
+    for (stage, b) in big {
+        let p = plain.get(stage).copied().unwrap_or_default();
+        if stage.starts_with("admission") {
+            admission = (admission.0 + p, admission.1 + b);
+            if (b - p).abs() < 0.005 {
+                continue;
+            }
+        }
+        println!("  {stage:<62} {p:>6.3} ms {b:>6.3} ms {:>+6.3} ms", b - p);
+    }
+    let etcd = |m: &BTreeMap<String, f64>| m.get("etcd write").copied().unwrap_or_default();
+    let whole = |m: &BTreeMap<String, f64>| m.get("the whole create").copied().unwrap_or_default();
+    let rest = (whole(plain) - admission.0 - etcd(plain), whole(big) - admission.1 - etcd(big));
+    println!(
+        "  {:<62} {:>6.3} ms {:>6.3} ms {:>+6.3} ms",
+        "every admission plugin",
+        admission.0,
+        admission.1,
+        admission.1 - admission.0
+    );
+    println!(
+        "  {:<62} {:>6.3} ms {:>6.3} ms {:>+6.3} ms",
+        "the rest (decoding, defaulting, validation, managedFields, encoding)",
+        rest.0,
+        rest.1,
+        rest.1 - rest.0
+    );
 }
 
 fn main() {
