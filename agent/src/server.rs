@@ -3,7 +3,7 @@
 //! the broker applied behind the open listeners, and a graceful stop.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, RwLock},
@@ -51,6 +51,8 @@ struct Live {
     routes: BTreeMap<(EndpointKind, u16), Arc<RwLock<Router>>>,
     refreshers: BTreeMap<String, JoinHandle<()>>,
     stopped: watch::Receiver<bool>,
+    /// Why the broker's last answer was not (wholly) followed, as logged.
+    reported: BTreeSet<String>,
 }
 
 /// What [`Agent::reconfigure`] did.
@@ -79,16 +81,18 @@ fn place(endpoint: &AgentEndpoint) -> (Option<(EndpointKind, u16)>, Option<&str>
     (listener(endpoint), file)
 }
 
-/// The routes of every listener but the health port, for the deliveries in `settings`.
+/// The routes of the listeners `wanted` (the health port aside), for the deliveries in
+/// `settings`.
 fn delivery_routes(
     settings: &Settings,
     shared: &Shared,
     aws_token: Option<&SecretString>,
+    wanted: impl Fn(&(EndpointKind, u16)) -> bool,
 ) -> Result<BTreeMap<(EndpointKind, u16), Router>, AgentError> {
     let mut groups: BTreeMap<(EndpointKind, u16), Vec<&AgentDelivery>> = BTreeMap::new();
     // Files have no listener: their refresh loop writes them.
     for delivery in &settings.config.deliveries {
-        if let Some(key) = listener(&delivery.endpoint) {
+        if let Some(key) = listener(&delivery.endpoint).filter(&wanted) {
             groups.entry(key).or_default().push(delivery);
         }
     }
@@ -187,7 +191,7 @@ impl Agent {
         } else {
             None
         };
-        let routes: BTreeMap<_, _> = delivery_routes(&settings, &shared, aws_token.as_ref())?
+        let routes: BTreeMap<_, _> = delivery_routes(&settings, &shared, aws_token.as_ref(), |_| true)?
             .into_iter()
             .map(|(key, router)| (key, Arc::new(RwLock::new(router))))
             .collect();
@@ -226,7 +230,8 @@ impl Agent {
             policies = %deliveries.iter().map(|d| d.policy.as_str()).collect::<Vec<_>>().join(","),
             "agent started"
         );
-        let mut live = Live { settings, client, routes, refreshers: BTreeMap::new(), stopped };
+        let mut live =
+            Live { settings, client, routes, refreshers: BTreeMap::new(), stopped, reported: BTreeSet::new() };
         for delivery in live.settings.config.deliveries.clone() {
             live.spawn_refresher(&delivery, &shared);
         }
@@ -260,9 +265,18 @@ impl Agent {
             return Ok(outcome);
         }
         next.validate()?;
-        let routes = delivery_routes(&next, &self.shared, self.aws_token.as_ref())?;
+        // Only the listeners of changed deliveries get new routes (a proxy's upstream
+        // clients, with their open connections, stay otherwise). Every one exists: no
+        // applied change moves a delivery to another listener.
+        let touched: BTreeSet<_> = next
+            .config
+            .deliveries
+            .iter()
+            .filter(|d| outcome.changed.contains(&d.policy))
+            .filter_map(|d| listener(&d.endpoint))
+            .collect();
+        let routes = delivery_routes(&next, &self.shared, self.aws_token.as_ref(), |key| touched.contains(key))?;
         for (key, router) in routes {
-            // Every listener exists: no change moved a delivery to another one.
             if let Some(current) = self.live.routes.get(&key) {
                 *current.write().unwrap_or_else(|e| e.into_inner()) = router;
             }
@@ -279,37 +293,50 @@ impl Agent {
     /// Asks the broker for this pod's deliveries and applies them ([`Agent::reconfigure`]),
     /// logging and counting what happened; a failure keeps the configuration served.
     pub async fn follow_broker(&mut self) {
-        let answer = match self.live.client.deliveries().await {
-            Ok(answer) => answer,
+        let mut problems = BTreeSet::new();
+        match self.live.client.deliveries().await {
             Err(e) => {
                 self.shared.metrics.config_update("error");
-                warn!(error = %e, "cannot ask the broker for this pod's deliveries; serving them as they were");
-                return;
+                problems.insert(format!(
+                    "cannot ask the broker for this pod's deliveries ({e}); serving them as they were"
+                ));
             }
-        };
-        for missing in &answer.unavailable {
-            debug!(policy = %missing.policy, reason = %missing.message, "the broker cannot serve this policy now");
-        }
-        match self.reconfigure(answer.deliveries) {
-            Ok(outcome) => {
-                for policy in &outcome.restart_required {
-                    warn!(
-                        policy = %policy,
-                        "the policy's new delivery moves the endpoint or file the app was given; it applies when the pod restarts"
-                    );
+            Ok(answer) => {
+                for missing in &answer.unavailable {
+                    debug!(policy = %missing.policy, reason = %missing.message, "the broker cannot serve this policy now");
                 }
-                if outcome.changed.is_empty() {
-                    self.shared.metrics.config_update("unchanged");
-                } else {
-                    self.shared.metrics.config_update("applied");
-                    info!(policies = %outcome.changed.join(","), "new configuration from the broker applied");
+                match self.reconfigure(answer.deliveries) {
+                    Ok(outcome) => {
+                        problems.extend(outcome.restart_required.iter().map(|policy| {
+                            format!(
+                                "policy {policy}: its new delivery moves the endpoint or file the app was given; it applies when the pod restarts"
+                            )
+                        }));
+                        if outcome.changed.is_empty() {
+                            self.shared.metrics.config_update("unchanged");
+                        } else {
+                            self.shared.metrics.config_update("applied");
+                            info!(policies = %outcome.changed.join(","), "new configuration from the broker applied");
+                        }
+                    }
+                    Err(e) => {
+                        self.shared.metrics.config_update("invalid");
+                        problems.insert(format!(
+                            "the broker's new configuration cannot be served ({e}); serving the previous one"
+                        ));
+                    }
                 }
             }
-            Err(e) => {
-                self.shared.metrics.config_update("invalid");
-                warn!(error = %e, "the broker's new configuration cannot be served; serving the previous one");
+        }
+        // Each problem is a warning when it appears, not again every period while it lasts.
+        for problem in &problems {
+            if self.live.reported.contains(problem) {
+                debug!(problem = %problem, "configuration not followed, as before");
+            } else {
+                warn!("{problem}");
             }
         }
+        self.live.reported = problems;
     }
 
     /// The deliveries served now.

@@ -509,3 +509,38 @@ async fn eventually_async<F: std::future::Future<Output = bool>>(
     }
     check().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_agent_cannot_follow_is_logged_once_not_every_period() {
+    let broker = FakeBroker::start().await;
+    script(&broker);
+    let files = Files::new("pod-token");
+    let (health, aws) = (free_port(), free_port());
+    let first = deliveries(aws, 0, 0)[..1].to_vec();
+    let mut moved = first.clone();
+    moved[0].endpoint = AgentEndpoint::AwsContainerCredentials { port: free_port() };
+    broker.script_agent_config(vec![serde_json::json!({"deliveries": first}), serde_json::json!({"deliveries": moved})]);
+    // No deliveries in the configuration: the binary asks the broker, every second here.
+    let config = serde_json::json!({"brokerUrl": broker.url, "healthPort": health}).to_string();
+    let child = Command::new(BIN)
+        .env_clear()
+        .env("CLOUDPASS_AGENT_CONFIG", &config)
+        .env("CLOUDPASS_BROKER_CA", &broker.ca_pem)
+        .env("CLOUDPASS_TOKEN_FILE", files.token_file())
+        .env("CLOUDPASS_SHARED_DIR", files.shared_dir())
+        .env("CLOUDPASS_CONFIG_REFRESH", "1s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let asked = eventually(Duration::from_secs(15), || broker.agent_config_asked() >= 4).await;
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let output = child.wait_with_output().unwrap();
+    let logs = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(asked, "the agent stopped asking:\n{logs}");
+    assert!(output.status.success(), "{output:?}");
+    let warned = logs.matches("its new delivery moves the endpoint or file the app was given").count();
+    assert_eq!(warned, 1, "one warning while the change waits for a restart, not one per period:\n{logs}");
+    assert!(logs.contains("policy s3"), "{logs}");
+}
