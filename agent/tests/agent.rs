@@ -519,7 +519,8 @@ async fn a_change_the_agent_cannot_follow_is_logged_once_not_every_period() {
     let first = deliveries(aws, 0, 0)[..1].to_vec();
     let mut moved = first.clone();
     moved[0].endpoint = AgentEndpoint::AwsContainerCredentials { port: free_port() };
-    broker.script_agent_config(vec![serde_json::json!({"deliveries": first}), serde_json::json!({"deliveries": moved})]);
+    broker
+        .script_agent_config(vec![serde_json::json!({"deliveries": first}), serde_json::json!({"deliveries": moved})]);
     // No deliveries in the configuration: the binary asks the broker, every second here.
     let config = serde_json::json!({"brokerUrl": broker.url, "healthPort": health}).to_string();
     let child = Command::new(BIN)

@@ -300,7 +300,30 @@ async fn through_apiserver() {
     diff("  the larger pod (no webhook call)", big_baseline, baseline);
     diff("  the webhook call", injected, big_baseline);
     diff("the same bytes alone (annotation)", padded_baseline, baseline);
-    larger_pod_by_stage(&client, &off, &plain, &big).await;
+    // The injected pod's parts alone: the agent container (without its mounts), the
+    // volumes (without the container), to tell which costs what.
+    let spec = big.spec.clone().unwrap_or_default();
+    let mut container_only = plain.clone();
+    if let Some(s) = container_only.spec.as_mut() {
+        let mut agent = spec.init_containers.clone().unwrap_or_default();
+        agent.iter_mut().for_each(|c| c.volume_mounts = None);
+        s.init_containers = Some(agent);
+    }
+    let mut volumes_only = plain.clone();
+    if let Some(s) = volumes_only.spec.as_mut() {
+        s.volumes = spec.volumes.clone();
+    }
+    larger_pod_by_stage(
+        &client,
+        &off,
+        &[
+            ("plain pod (baseline)", &plain),
+            ("+ the agent container, no mounts", &container_only),
+            ("+ the injected volumes, no container", &volumes_only),
+            ("the injected pod", &big),
+        ],
+    )
+    .await;
     let stored_plain = off.create(&PostParams::default(), &plain).await.unwrap();
     let stored_injected = on.create(&PostParams::default(), &plain).await.unwrap();
     sizes(&stored_plain, &stored_injected);
@@ -384,67 +407,76 @@ async fn apiserver_stages(client: &kube::Client) -> BTreeMap<String, (f64, f64)>
     stages
 }
 
-/// Milliseconds per pod create of each stage between two readings, `creates` apart.
-fn stage_means(
-    before: &BTreeMap<String, (f64, f64)>,
-    after: &BTreeMap<String, (f64, f64)>,
-    creates: usize,
-) -> BTreeMap<String, f64> {
+/// Seconds spent in each stage between two readings (stages that timed something).
+fn stage_seconds(before: &BTreeMap<String, (f64, f64)>, after: &BTreeMap<String, (f64, f64)>) -> Vec<(String, f64)> {
     after
         .iter()
         .filter_map(|(stage, (sum, count))| {
             let (sum0, count0) = before.get(stage).copied().unwrap_or_default();
-            (*count > count0).then(|| (stage.clone(), (sum - sum0) / creates as f64 * 1000.0))
+            (*count > count0).then(|| (stage.clone(), sum - sum0))
         })
         .collect()
 }
 
-/// Where the apiserver spends the larger pod's extra time: `STAGE_CREATES` creates of
-/// the plain pod, then as many of the injected one (both where no webhook is called),
-/// each stage's time per create from the apiserver's own histograms.
-async fn larger_pod_by_stage(client: &kube::Client, pods: &Api<Pod>, plain: &Pod, big: &Pod) {
-    const STAGE_CREATES: usize = 300;
-    let mut means = Vec::new();
-    for pod in [plain, big] {
-        let before = apiserver_stages(client).await;
-        for _ in 0..STAGE_CREATES {
-            pods.create(&PostParams::default(), pod).await.unwrap();
-        }
-        means.push(stage_means(&before, &apiserver_stages(client).await, STAGE_CREATES));
-    }
-    let [plain, big] = &means[..] else { unreachable!() };
-    println!(
-        "the larger pod's cost by apiserver stage ({STAGE_CREATES} creates each, mean per create from its histograms):"
-    );
-    println!("  {:<62} {:>9} {:>9} {:>9}", "stage", "plain", "injected", "added");
-    let mut admission = (0.0, 0.0);
-    for (stage, b) in big {
-        let p = plain.get(stage).copied().unwrap_or_default();
-        if stage.starts_with("admission") {
-            admission = (admission.0 + p, admission.1 + b);
-            if (b - p).abs() < 0.005 {
-                continue;
+/// Where the apiserver spends the larger pod's extra time: blocks of creates of each of
+/// `series` (all where no webhook is called; the first is the baseline), alternating so
+/// that a slower phase of the machine weighs on each alike; each stage's time per create
+/// from the apiserver's own histograms, read around every block.
+async fn larger_pod_by_stage(client: &kube::Client, pods: &Api<Pod>, series: &[(&str, &Pod)]) {
+    const ROUNDS: usize = 10;
+    const BLOCK: usize = 30;
+    let mut totals: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); series.len()];
+    for _ in 0..ROUNDS {
+        for ((_, pod), total) in series.iter().zip(totals.iter_mut()) {
+            let before = apiserver_stages(client).await;
+            for _ in 0..BLOCK {
+                pods.create(&PostParams::default(), pod).await.unwrap();
+            }
+            for (stage, seconds) in stage_seconds(&before, &apiserver_stages(client).await) {
+                *total.entry(stage).or_default() += seconds;
             }
         }
-        println!("  {stage:<62} {p:>6.3} ms {b:>6.3} ms {:>+6.3} ms", b - p);
     }
-    let etcd = |m: &BTreeMap<String, f64>| m.get("etcd write").copied().unwrap_or_default();
-    let whole = |m: &BTreeMap<String, f64>| m.get("the whole create").copied().unwrap_or_default();
-    let rest = (whole(plain) - admission.0 - etcd(plain), whole(big) - admission.1 - etcd(big));
+    // Milliseconds per create: (whole, every admission plugin, etcd write, each plugin).
+    let creates = (ROUNDS * BLOCK) as f64;
+    let means: Vec<BTreeMap<String, f64>> =
+        totals.iter().map(|t| t.iter().map(|(stage, s)| (stage.clone(), s / creates * 1000.0)).collect()).collect();
+    let part = |m: &BTreeMap<String, f64>, prefix: &str| -> f64 {
+        m.iter().filter(|(stage, _)| stage.starts_with(prefix)).map(|(_, ms)| ms).sum()
+    };
+    let split = |m: &BTreeMap<String, f64>| {
+        let (whole, admission, etcd) = (part(m, "the whole"), part(m, "admission"), part(m, "etcd"));
+        [whole, admission, etcd, whole - admission - etcd]
+    };
+    let base = split(&means[0]);
     println!(
-        "  {:<62} {:>6.3} ms {:>6.3} ms {:>+6.3} ms",
-        "every admission plugin",
-        admission.0,
-        admission.1,
-        admission.1 - admission.0
+        "the larger pod's cost by apiserver stage ({} creates each, ms per create over the baseline, from its histograms):",
+        ROUNDS * BLOCK
     );
+    println!("  {:<38} {:>8} {:>10} {:>8} {:>22}", "pod", "whole", "admission", "etcd", "the rest (decode, default,");
+    println!("  {:<38} {:>8} {:>10} {:>8} {:>22}", "", "", "plugins", "write", "validate, managedFields)");
     println!(
-        "  {:<62} {:>6.3} ms {:>6.3} ms {:>+6.3} ms",
-        "the rest (decoding, defaulting, validation, managedFields, encoding)",
-        rest.0,
-        rest.1,
-        rest.1 - rest.0
+        "  {:<38} {:>8.3} {:>10.3} {:>8.3} {:>22.3}   (absolute)",
+        series[0].0, base[0], base[1], base[2], base[3]
     );
+    for ((name, _), m) in series.iter().zip(&means).skip(1) {
+        let d = split(m);
+        println!(
+            "  {name:<38} {:>+8.3} {:>+10.3} {:>+8.3} {:>+22.3}",
+            d[0] - base[0],
+            d[1] - base[1],
+            d[2] - base[2],
+            d[3] - base[3]
+        );
+    }
+    // The plugins whose time grew with the injected pod.
+    let (first, last) = (&means[0], &means[series.len() - 1]);
+    for (stage, ms) in last.iter().filter(|(stage, _)| stage.starts_with("admission")) {
+        let grew = ms - first.get(stage).copied().unwrap_or_default();
+        if grew.abs() >= 0.005 {
+            println!("    {stage}: {grew:+.3} ms");
+        }
+    }
 }
 
 fn main() {
