@@ -12,6 +12,7 @@ use std::{
 use axum::{Router, extract::Request};
 use cloudpass_api::{
     agent::{AgentDelivery, AgentEndpoint},
+    broker::AgentDeliveries,
     secret::SecretString,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -293,42 +294,16 @@ impl Agent {
     /// Asks the broker for this pod's deliveries and applies them ([`Agent::reconfigure`]),
     /// logging and counting what happened; a failure keeps the configuration served.
     pub async fn follow_broker(&mut self) {
-        let mut problems = BTreeSet::new();
-        match self.live.client.deliveries().await {
-            Err(e) => {
-                self.shared.metrics.config_update("error");
-                problems.insert(format!(
-                    "cannot ask the broker for this pod's deliveries ({e}); serving them as they were"
-                ));
-            }
-            Ok(answer) => {
-                for missing in &answer.unavailable {
-                    debug!(policy = %missing.policy, reason = %missing.message, "the broker cannot serve this policy now");
-                }
-                match self.reconfigure(answer.deliveries) {
-                    Ok(outcome) => {
-                        problems.extend(outcome.restart_required.iter().map(|policy| {
-                            format!(
-                                "policy {policy}: its new delivery moves the endpoint or file the app was given; it applies when the pod restarts"
-                            )
-                        }));
-                        if outcome.changed.is_empty() {
-                            self.shared.metrics.config_update("unchanged");
-                        } else {
-                            self.shared.metrics.config_update("applied");
-                            info!(policies = %outcome.changed.join(","), "new configuration from the broker applied");
-                        }
-                    }
-                    Err(e) => {
-                        self.shared.metrics.config_update("invalid");
-                        problems.insert(format!(
-                            "the broker's new configuration cannot be served ({e}); serving the previous one"
-                        ));
-                    }
-                }
-            }
-        }
+        let (result, problems) = match self.live.client.deliveries().await {
+            Err(e) => (
+                "error",
+                vec![format!("cannot ask the broker for this pod's deliveries ({e}); serving them as they were")],
+            ),
+            Ok(answer) => self.apply(answer),
+        };
+        self.shared.metrics.config_update(result);
         // Each problem is a warning when it appears, not again every period while it lasts.
+        let problems: BTreeSet<String> = problems.into_iter().collect();
         for problem in &problems {
             if self.live.reported.contains(problem) {
                 debug!(problem = %problem, "configuration not followed, as before");
@@ -339,9 +314,34 @@ impl Agent {
         self.live.reported = problems;
     }
 
-    /// The deliveries served now.
-    pub fn deliveries(&self) -> &[AgentDelivery] {
-        &self.live.settings.config.deliveries
+    /// Applies the broker's answer: the metric label of the outcome, and what was not
+    /// followed.
+    fn apply(&mut self, answer: AgentDeliveries) -> (&'static str, Vec<String>) {
+        for missing in &answer.unavailable {
+            debug!(policy = %missing.policy, reason = %missing.message, "the broker cannot serve this policy now");
+        }
+        let outcome = match self.reconfigure(answer.deliveries) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                return (
+                    "invalid",
+                    vec![format!("the broker's new configuration cannot be served ({e}); serving the previous one")],
+                );
+            }
+        };
+        if !outcome.changed.is_empty() {
+            info!(policies = %outcome.changed.join(","), "new configuration from the broker applied");
+        }
+        let problems = outcome
+            .restart_required
+            .iter()
+            .map(|policy| {
+                format!(
+                    "policy {policy}: its new delivery moves the endpoint or file the app was given; it applies when the pod restarts"
+                )
+            })
+            .collect();
+        (if outcome.changed.is_empty() { "unchanged" } else { "applied" }, problems)
     }
 
     /// Every listener with its address.

@@ -17,7 +17,7 @@ use cloudpass_api::{
 };
 use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
-use support::{FakeBroker, Files, aws_keys, eventually, ok, ok_until, settings};
+use support::{FakeBroker, Files, aws_keys, eventually, eventually_async, ok, ok_until, settings};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudpass-agent");
 
@@ -493,21 +493,6 @@ async fn a_changed_policy_reaches_the_running_agent_without_a_restart() {
     assert_eq!(azure_status(azure, vault).await, 200);
     stop.send(()).unwrap();
     agent.await.unwrap().unwrap();
-}
-
-/// Awaits `check` every 20 ms until it is true, for at most `limit`.
-async fn eventually_async<F: std::future::Future<Output = bool>>(
-    limit: Duration,
-    mut check: impl FnMut() -> F,
-) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    check().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,6 +300,28 @@ async fn an_api_key_from_azure_key_vault_through_the_header_proxy() {
     running.stop();
 }
 
+/// Runs `script` in the pod's app container every half second until it prints `want`,
+/// for at most `limit` (else fails saying `never`); until then it must print `before`.
+async fn until_app_prints(
+    running: &cloudpass_e2e::scenario::RunningPod,
+    script: &str,
+    want: &str,
+    before: &str,
+    limit: Duration,
+    never: &str,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let now = running.run_app("app", script).await.unwrap();
+        if now.stdout.trim() == want {
+            return;
+        }
+        assert_eq!(now.stdout.trim(), before, "{}", now.stderr);
+        assert!(std::time::Instant::now() < deadline, "{never}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_password_from_secrets_manager_as_a_file_follows_rotation() {
     use cloudpass_e2e::{
@@ -357,16 +379,8 @@ async fn a_database_password_from_secrets_manager_as_a_file_follows_rotation() {
     // A new version in Secrets Manager reaches the running app's file within
     // refreshInterval, without a restart.
     aws.secret(secret, &json!({"username": "orders", "password": v2}).to_string()).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    loop {
-        let now = running.run_app("app", script).await.unwrap();
-        if now.stdout.trim() == v2 {
-            break;
-        }
-        assert_eq!(now.stdout.trim(), v1, "{}", now.stderr);
-        assert!(std::time::Instant::now() < deadline, "the rotated password never reached the file");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let never = "the rotated password never reached the file";
+    until_app_prints(&running, script, v2, v1, Duration::from_secs(40), never).await;
     // An edit of the policy's delivery reaches the running agent too (it asks the broker
     // again, here every second): the same file, now in the dotenv format.
     let patch = r#"{"spec":{"delivery":{"file":{"format":"Dotenv"}}}}"#;
@@ -374,16 +388,8 @@ async fn a_database_password_from_secrets_manager_as_a_file_follows_rotation() {
     stack.cp.kubectl_ok(&["patch", "-n", ns, policy, "--type=merge", "-p", patch]).unwrap();
     // (the store's secret names one field of the JSON: a key)
     let dotenv = format!("API_KEY='{v2}'");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = running.run_app("app", script).await.unwrap();
-        if now.stdout.trim() == dotenv {
-            break;
-        }
-        assert_eq!(now.stdout.trim(), v2, "{}", now.stderr);
-        assert!(std::time::Instant::now() < deadline, "the new format never reached the running pod's file");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let never = "the new format never reached the running pod's file";
+    until_app_prints(&running, script, &dotenv, v2, Duration::from_secs(30), never).await;
     assert!(running.agent_log_text().contains("new configuration from the broker applied"));
     // No log, Event, status, metric or audit record holds it (the audit records are
     // in the broker's log).

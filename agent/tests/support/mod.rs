@@ -321,12 +321,20 @@ pub fn settings(broker: &FakeBroker, files: &Files, deliveries: Vec<AgentDeliver
 
 /// Polls `check` every 20 ms until it is true, for at most `limit`.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    eventually_async(limit, || std::future::ready(check())).await
+}
+
+/// Awaits `check` every 20 ms until it is true, for at most `limit`.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
-        if check() {
+        if check().await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    check()
+    check().await
 }
